@@ -1,0 +1,1107 @@
+#!/usr/bin/env python3
+"""dummyLLM: a deterministic HTTP simulator of an LLM job backend.
+
+Point a task runner, agent system or CI pipeline at it instead of a real
+model to test its timeouts, retries, cancellation and polling.  It simulates
+execution behaviour (state transitions, latency, failures, hangs,
+cancellation), not language.
+
+Run it::
+
+    python3 dummyllm.py --port 8787
+
+Embed it in a test suite::
+
+    with dummyllm.start_server(latency_ms=20, seed=1337) as server:
+        ...  # talk to server.url
+
+One file, Python 3.9+ standard library only.  MIT licensed.
+"""
+
+import argparse
+import collections
+import email.utils
+import functools
+import hashlib
+import heapq
+import itertools
+import json
+import math
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+__version__ = "1.0.0"
+__all__ = ["DummyLLMServer", "start_server", "main"]
+
+
+# --- Configuration and validation ---------------------------------------------
+
+ACTIVE_STATES = ("queued", "running")
+TERMINAL_STATES = ("ok", "fail", "timeout", "cancelled")
+
+MAX_LATENCY_MS = 3_600_000
+MAX_TIMEOUT_MS = 86_400_000
+MAX_TRACE_ID_CHARS = 256
+
+DEFAULT_RANDOM_WEIGHTS = {"ok": 70, "echo": 10, "slow": 10, "fail": 5, "hang": 3, "timeout": 2}
+DEFAULT_FLAKY_WEIGHTS = {"ok": 3, "fail": 5, "hang": 2}
+
+
+class ApiError(Exception):
+    """An answer that is not a success: status, machine code, message, field.
+
+    Raised anywhere below the HTTP layer and turned into JSON in one place,
+    ``{"error": {"code": ..., "message": ..., "field": ...}}``.
+    """
+
+    def __init__(self, status, code, message, field=None, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = tuple(headers)
+
+    def to_json(self):
+        error = {"code": self.code, "message": self.message}
+        if self.field:
+            error["field"] = self.field
+        return {"error": error}
+
+
+class ValidationError(ApiError, ValueError):
+    """A value that breaks a rule: 422 for a request, exit status 2 for a flag."""
+
+    def __init__(self, field, reason):
+        message = f"{field} {reason}" if field else reason
+        super().__init__(422, "VALIDATION_ERROR", message, field)
+        self.reason = reason
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _check_int(value, field, lo, hi):
+    if not _is_int(value) or not lo <= value <= hi:
+        raise ValidationError(field, f"must be an integer from {lo} to {hi}")
+    return value
+
+
+def _check_number(value, field, lo, hi):
+    if not _is_number(value) or not lo <= value <= hi:
+        raise ValidationError(field, f"must be a number from {lo} to {hi}")
+    return value
+
+
+def _check_seed(value, field):
+    if value is not None and not _is_int(value):
+        raise ValidationError(field, "must be an integer or null")
+    return value
+
+
+def _check_text(value, field, max_chars=None, empty=True):
+    if not isinstance(value, str) or (not empty and not value):
+        raise ValidationError(field, "must be a string" if empty else "must be a non-empty string")
+    if max_chars is not None and len(value) > max_chars:
+        raise ValidationError(field, f"must be at most {max_chars} characters")
+    return value
+
+
+def _check_optional_text(value, field):
+    return None if value is None else _check_text(value, field)
+
+
+def _check_mode(value, field):
+    if value not in _MODE_NAMES:
+        raise ValidationError(field, "must be one of " + ", ".join(_MODE_NAMES))
+    return value
+
+
+def _check_weights(value, field, allowed=None):
+    """Weights are {mode: non-negative number}, at least one of them positive."""
+    allowed = allowed or _DRAWABLE_MODES
+    if not isinstance(value, dict):
+        raise ValidationError(field, "must map modes to weights, e.g. ok=3, fail=1")
+    for mode, weight in value.items():
+        if mode not in allowed:
+            raise ValidationError(f"{field}.{mode}", f"names {mode!r}, not a mode that can be "
+                                  "drawn here: " + ", ".join(allowed))
+        if not _is_number(weight) or weight < 0:
+            raise ValidationError(f"{field}.{mode}", f"gives {mode!r} a weight that is not "
+                                  "a non-negative number")
+    if not any(value.values()):
+        raise ValidationError(field, "must give at least one mode a positive weight")
+    return dict(value)
+
+
+def _check_host(value, field):
+    return _check_text(value, field, empty=False)
+
+
+# The create request.  A job's settings after defaults are filled in.
+JobSpec = collections.namedtuple("JobSpec", [
+    "op", "args", "timeout_ms", "trace_id",
+    "mode", "latency_ms", "queue_ms", "seed", "fail_message", "ok_text", "weights",
+])
+
+# Every key allowed inside "simulate", with its check; null means "not given".
+_SIMULATE_FIELDS = {
+    "mode": _check_mode,
+    "latency_ms": functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS),
+    "queue_ms": functools.partial(_check_int, lo=0, hi=MAX_TIMEOUT_MS),
+    "seed": _check_seed,
+    "fail_message": _check_optional_text,
+    "ok_text": _check_optional_text,
+    "weights": _check_weights,
+}
+
+
+def parse_job_request(body, config):
+    """Check a decoded create body and fill in the server's defaults."""
+    if not isinstance(body, dict):
+        raise ValidationError(None, "request body must be a JSON object")
+    op = _check_text(body.get("op"), "op", empty=False)
+    args = body.get("args")
+    if args is None:
+        args = {}
+    elif not isinstance(args, dict):
+        raise ValidationError("args", "must be an object")
+    timeout_ms = body.get("timeout_ms")
+    timeout_ms = config.timeout_ms if timeout_ms is None else _check_int(
+        timeout_ms, "timeout_ms", 1, MAX_TIMEOUT_MS)
+    trace_id = body.get("trace_id")
+    if trace_id is not None:
+        _check_text(trace_id, "trace_id", MAX_TRACE_ID_CHARS)
+
+    simulate = body.get("simulate")
+    if simulate is None:
+        simulate = {}
+    elif not isinstance(simulate, dict):
+        raise ValidationError("simulate", "must be an object or null")
+    given = {}
+    for key, value in simulate.items():
+        check = _SIMULATE_FIELDS.get(key)
+        if check is None:
+            raise ValidationError(f"simulate.{key}", "is not a simulate setting; use "
+                                  + ", ".join(_SIMULATE_FIELDS))
+        if value is not None:
+            given[key] = check(value, f"simulate.{key}")
+
+    mode = given.get("mode", config.mode)
+    weights = given.get("weights")
+    if weights is not None and mode in _DRAWN_MODES:
+        _check_weights(weights, "simulate.weights", _DRAWN_MODES[mode][0])
+    return JobSpec(
+        op=op, args=args, timeout_ms=timeout_ms, trace_id=trace_id, mode=mode,
+        latency_ms=given.get("latency_ms", config.latency_ms),
+        queue_ms=given.get("queue_ms", 0),
+        seed=given.get("seed", config.seed),
+        fail_message=given.get("fail_message"),
+        ok_text=given.get("ok_text"),
+        weights=weights,
+    )
+
+
+# Server options: one row each for the command line, the environment and
+# start_server().  `text` turns a command-line string into a value, `check`
+# validates a value whatever its source.
+_Option = collections.namedtuple("_Option", "name flag env default text check help")
+
+
+def _int_text(text):
+    return int(text) if re.fullmatch(r"-?[0-9]+", text.strip()) else text
+
+
+def _float_text(text):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _seed_text(text):
+    return None if text.strip().lower() in ("", "none", "null") else _int_text(text)
+
+
+def _weights_text(text):
+    """'ok=70,fail=30' -> {"ok": 70.0, "fail": 30.0}; anything else stays text."""
+    weights = {}
+    for item in text.split(","):
+        mode, sep, weight = item.partition("=")
+        weight = _float_text(weight.strip())
+        if not sep or not isinstance(weight, float):
+            return text
+        weights[mode.strip()] = int(weight) if weight.is_integer() else weight
+    return weights
+
+
+_OPTIONS = (
+    _Option("host", "--host", "DUMMYLLM_HOST", "127.0.0.1", str, _check_host,
+            "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"),
+    _Option("port", "--port", "DUMMYLLM_PORT", 8787, _int_text,
+            functools.partial(_check_int, lo=0, hi=65535), "TCP port, 0 for any free one (8787)"),
+    _Option("mode", "--mode", "DUMMYLLM_MODE", "ok", str, _check_mode,
+            "mode for jobs that name none (ok)"),
+    _Option("latency_ms", "--latency-ms", "DUMMYLLM_LATENCY_MS", 250, _int_text,
+            functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS),
+            "latency for jobs that give none (250)"),
+    _Option("seed", "--seed", "DUMMYLLM_SEED", None, _seed_text, _check_seed,
+            "seed for jobs that give none (none: random)"),
+    _Option("weights", "--weights", "DUMMYLLM_RANDOM_WEIGHTS", DEFAULT_RANDOM_WEIGHTS,
+            _weights_text, _check_weights,
+            "weights of mode random (ok=70,echo=10,slow=10,fail=5,hang=3,timeout=2)"),
+    _Option("timeout_ms", "--timeout-ms", "DUMMYLLM_TIMEOUT_MS", 8000, _int_text,
+            functools.partial(_check_int, lo=1, hi=MAX_TIMEOUT_MS),
+            "deadline for jobs that give no timeout_ms (8000)"),
+    _Option("slow_factor", "--slow-factor", "DUMMYLLM_SLOW_FACTOR", 6, _float_text,
+            functools.partial(_check_number, lo=1, hi=1000), "latency multiplier of mode slow (6)"),
+    _Option("max_jobs", "--max-jobs", "DUMMYLLM_MAX_JOBS", 10000, _int_text,
+            functools.partial(_check_int, lo=1, hi=10_000_000), "jobs kept in memory (10000)"),
+    _Option("max_body_bytes", "--max-body-bytes", "DUMMYLLM_MAX_BODY_BYTES", 1 << 20, _int_text,
+            functools.partial(_check_int, lo=1, hi=1 << 30), "largest request body (1048576)"),
+    _Option("quiet", "--quiet", None, False, None, None, "no access log on stderr"),
+)
+
+Config = collections.namedtuple("Config", [option.name for option in _OPTIONS])
+
+
+def make_config(**options):
+    """A Config from keyword options; missing ones take their defaults.
+
+    Raises ValidationError (a ValueError) naming the option at fault.
+    """
+    known = {option.name: option for option in _OPTIONS}
+    unknown = set(options) - set(known)
+    if unknown:
+        raise TypeError("unknown option(s): " + ", ".join(sorted(unknown)))
+    values = {}
+    for option in _OPTIONS:
+        value = options.get(option.name, option.default)
+        values[option.name] = option.check(value, option.name) if option.check else bool(value)
+    return Config(**values)
+
+
+# --- Simulation -----------------------------------------------------------------
+# Pure functions: given a job's settings and its place in a seeded sequence,
+# what happens to it and when.  No I/O, no clock.
+
+Plan = collections.namedtuple("Plan", [
+    "mode",          # the mode that runs, after flaky or random made their draw
+    "weights",       # the weights that draw used, or None
+    "latency_ms",    # the latency that mode used (slow multiplies it)
+    "running_at_ms", # when the job leaves "queued", or None if it never does
+    "ends_at_ms",    # when it reaches `state`, or None: it never ends by itself
+    "state", "result", "error",
+])
+
+_TIMEOUT_ERROR = {"code": "TIMEOUT", "message": "job passed its timeout_ms deadline"}
+
+
+def tokens(text):
+    """The usage estimate: one token per started group of four characters."""
+    return math.ceil(len(text) / 4)
+
+
+def _messages(spec):
+    messages = spec.args.get("messages")
+    return messages if isinstance(messages, list) else []
+
+
+def _content_text(content):
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return " ".join(part["text"] for part in content
+                        if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def _reply_text(spec):
+    if spec.ok_text is not None:
+        return spec.ok_text
+    if spec.op == "llm.chat":
+        for message in reversed(_messages(spec)):
+            if isinstance(message, dict) and message.get("role") == "user":
+                return "Simulated reply to: " + _content_text(message.get("content"))[:200]
+    return f"ok :: op={spec.op}"
+
+
+def _echo_text(spec):
+    return json.dumps(spec.args.get("messages", []), separators=(",", ":"), ensure_ascii=False)
+
+
+def _result(spec, text):
+    prompt = sum(tokens(message["content"]) for message in _messages(spec)
+                 if isinstance(message, dict) and isinstance(message.get("content"), str))
+    return {"text": text, "usage": {"prompt_tokens": prompt, "completion_tokens": tokens(text)}}
+
+
+# How each mode ends: (state, latency_ms it used, ends_at_ms or None, result, error).
+def _end_ok(spec, slow_factor):
+    return "ok", spec.latency_ms, spec.queue_ms + spec.latency_ms, _result(spec, _reply_text(spec)), None
+
+
+def _end_echo(spec, slow_factor):
+    return "ok", spec.latency_ms, spec.queue_ms + spec.latency_ms, _result(spec, _echo_text(spec)), None
+
+
+def _end_slow(spec, slow_factor):
+    latency_ms = round(spec.latency_ms * slow_factor)
+    return "ok", latency_ms, spec.queue_ms + latency_ms, _result(spec, _reply_text(spec)), None
+
+
+def _end_fail(spec, slow_factor):
+    error = {"code": "SIM_FAIL", "message": spec.fail_message or "simulated error"}
+    return "fail", spec.latency_ms, spec.queue_ms + spec.latency_ms, None, error
+
+
+def _end_hang(spec, slow_factor):
+    return "running", spec.latency_ms, None, None, None
+
+
+def _end_timeout(spec, slow_factor):
+    return "timeout", spec.latency_ms, spec.timeout_ms, None, _TIMEOUT_ERROR
+
+
+# The modes that end a job directly.  A new mode is one entry here.
+_ENDINGS = {
+    "ok": _end_ok,
+    "echo": _end_echo,
+    "slow": _end_slow,
+    "fail": _end_fail,
+    "hang": _end_hang,
+    "timeout": _end_timeout,
+}
+_DRAWABLE_MODES = tuple(_ENDINGS)
+
+# The modes that draw one of the above: (modes they may draw, default weights;
+# None means the server's --weights).
+_DRAWN_MODES = {
+    "flaky": (("ok", "fail", "hang"), DEFAULT_FLAKY_WEIGHTS),
+    "random": (_DRAWABLE_MODES, None),
+}
+_MODE_NAMES = _DRAWABLE_MODES + tuple(_DRAWN_MODES)
+
+
+def unit_draw(seed, trace_id, n, purpose):
+    """A number in [0, 1) that depends only on its arguments.
+
+    The first 8 bytes of SHA-256 of the JSON text ``[seed, trace_id, n,
+    purpose]``, read big-endian, divided by 2**64: stable across Python
+    versions and machines, unlike random.Random methods or hash().
+    """
+    text = json.dumps([seed, trace_id, n, purpose])
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def weighted_choice(weights, u):
+    """The mode whose share of the cumulative weights, in table order, holds u."""
+    modes = [mode for mode in _MODE_NAMES if weights.get(mode, 0) > 0]
+    total = sum(weights[mode] for mode in modes)
+    point = u * total
+    for mode in modes:
+        point -= weights[mode]
+        if point < 0:
+            return mode
+    return modes[-1]
+
+
+def plan_job(spec, n, seed, server_weights, slow_factor):
+    """What happens to a job, and when (in ms after its creation).
+
+    `seed` and `n` feed every draw: the job's seed and its index among jobs
+    with that seed and trace_id, or any fresh number for an unseeded job.
+    """
+    mode, weights = spec.mode, None
+    if mode in _DRAWN_MODES:
+        weights = spec.weights or _DRAWN_MODES[mode][1] or server_weights
+        mode = weighted_choice(weights, unit_draw(seed, spec.trace_id or "", n, spec.mode))
+    state, latency_ms, ends_at_ms, result, error = _ENDINGS[mode](spec, slow_factor)
+    if ends_at_ms is not None and ends_at_ms > spec.timeout_ms:
+        state, ends_at_ms, result, error = "timeout", spec.timeout_ms, None, _TIMEOUT_ERROR
+    running_at_ms = spec.queue_ms if ends_at_ms is None or spec.queue_ms < ends_at_ms else None
+    return Plan(mode, weights, latency_ms, running_at_ms, ends_at_ms, state, result, error)
+
+
+# --- Job store --------------------------------------------------------------------
+# One dict behind one lock.  Transitions are driven by _Timers: one timer
+# thread over a heap of due times, so a pending job costs a heap entry, not
+# a thread, and a hanging job costs nothing at all.
+
+class _Timers:
+    """Run callbacks at monotonic times on one daemon thread (like sched)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._heap = []                 # [due, seq, callback or None, args]
+        self._seq = itertools.count()
+        self._cancelled = 0             # cancelled entries still in the heap
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="dummyllm-timers", daemon=True)
+        self._thread.start()
+
+    def call_at(self, due, callback, *args):
+        entry = [due, next(self._seq), callback, args]
+        with self._cond:
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._cond.notify()
+        return entry
+
+    def cancel(self, entry):
+        with self._cond:
+            if entry[2] is None:
+                return
+            entry[2] = None
+            self._cancelled += 1
+            # Cancelled entries wait in the heap for their due time; purge them
+            # when they are the majority so cancelled day-long timeouts cannot pile up.
+            if self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
+                self._heap = [e for e in self._heap if e[2] is not None]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._cond.notify()
+        self._thread.join(1)
+
+    def _run(self):
+        while True:
+            due = []
+            with self._cond:
+                while not self._closed:
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        break
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                if self._closed:
+                    return
+                while self._heap and self._heap[0][0] <= now:
+                    entry = heapq.heappop(self._heap)
+                    if entry[2] is None:
+                        self._cancelled -= 1
+                    else:
+                        due.append((entry[2], entry[3]))
+                        entry[2] = None
+            for callback, args in due:
+                try:
+                    callback(*args)
+                except Exception as exc:  # a bad callback must not stop the clock
+                    _log_line(f"dummyLLM: timer callback failed: {exc!r}")
+
+
+class _Job:
+    __slots__ = ("id", "spec", "plan", "n", "state", "created_ms", "updated_ms",
+                 "created_mono", "result", "error", "timer")
+
+    def to_json(self):
+        return {
+            "id": self.id, "state": self.state, "op": self.spec.op, "trace_id": self.spec.trace_id,
+            "created_at": self.created_ms // 1000, "updated_at": self.updated_ms // 1000,
+            "created_at_ms": self.created_ms, "updated_at_ms": self.updated_ms,
+            "result": self.result, "error": self.error,
+        }
+
+
+def _now_ms():
+    return time.time_ns() // 1_000_000
+
+
+class JobStore:
+    """Jobs by id, their transitions, eviction and the seeded sequences."""
+
+    MAX_SEQUENCES = 100_000  # (seed, trace_id) counters kept; least recently used go first
+
+    def __init__(self, config):
+        self.config = config
+        self._lock = threading.Lock()
+        self._jobs = {}                                 # id -> _Job, oldest first
+        self._finished = collections.OrderedDict()      # ids of ended jobs, first ended first
+        self._sequences = collections.OrderedDict()     # (seed, trace_id) -> jobs created
+        self._timers = _Timers()
+        self._ids = random.Random()
+
+    def create(self, spec):
+        """Store a new job and schedule its transitions; returns its JSON."""
+        with self._lock:
+            if len(self._jobs) >= self.config.max_jobs:
+                self._evict_one()
+            if spec.seed is None:
+                seed, n = self._ids.getrandbits(64), 0
+            else:
+                seed, n = spec.seed, self._next_in_sequence((spec.seed, spec.trace_id or ""))
+            job = _Job()
+            job.id = self._new_id()
+            job.spec = spec
+            job.plan = plan_job(spec, n, seed, self.config.weights, self.config.slow_factor)
+            job.n = None if spec.seed is None else n
+            job.state, job.result, job.error, job.timer = "queued", None, None, None
+            job.created_ms = job.updated_ms = _now_ms()
+            job.created_mono = time.monotonic()
+            self._jobs[job.id] = job
+            self._schedule_next(job)
+            return {"id": job.id, "state": job.state, "created_at": job.created_ms // 1000}
+
+    def get(self, job_id):
+        with self._lock:
+            return self._job(job_id).to_json()
+
+    def cancel(self, job_id):
+        """End an active job as cancelled; an ended job is left as it is."""
+        with self._lock:
+            job = self._job(job_id)
+            if job.state in ACTIVE_STATES:
+                self._finish(job, "cancelled", None,
+                             {"code": "CANCELLED", "message": "job was cancelled by the client"})
+            return {"id": job.id, "state": job.state}
+
+    def request_view(self, job_id):
+        """What the server received for a job and what it decided."""
+        with self._lock:
+            job = self._job(job_id)
+        spec, plan = job.spec, job.plan
+        return {
+            "id": job.id, "op": spec.op, "args": spec.args, "timeout_ms": spec.timeout_ms,
+            "trace_id": spec.trace_id, "created_at_ms": job.created_ms,
+            "simulate": {
+                "mode": plan.mode, "requested_mode": spec.mode,
+                "latency_ms": plan.latency_ms, "queue_ms": spec.queue_ms,
+                "seed": spec.seed, "n": job.n, "weights": plan.weights,
+                "fail_message": spec.fail_message, "ok_text": spec.ok_text,
+            },
+            "outcome": {"state": plan.state, "at_ms": plan.ends_at_ms},
+        }
+
+    def counts(self):
+        with self._lock:
+            return {"stored": len(self._jobs), "active": len(self._jobs) - len(self._finished)}
+
+    def close(self):
+        self._timers.close()
+
+    # Everything below runs with self._lock held.
+
+    def _job(self, job_id):
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, "NOT_FOUND", f"no job with id {job_id!r}", "id")
+        return job
+
+    def _new_id(self):
+        while True:
+            job_id = f"job_{self._ids.getrandbits(48):012x}"
+            if job_id not in self._jobs:
+                return job_id
+
+    def _next_in_sequence(self, key):
+        n = self._sequences.pop(key, 0)
+        self._sequences[key] = n + 1
+        if len(self._sequences) > self.MAX_SEQUENCES:
+            self._sequences.popitem(last=False)
+        return n
+
+    def _evict_one(self):
+        if not self._finished:
+            raise ApiError(503, "CAPACITY",
+                           f"all {self.config.max_jobs} stored jobs are still active; retry later",
+                           headers=[("Retry-After", "1")])
+        job_id, _ = self._finished.popitem(last=False)
+        del self._jobs[job_id]
+
+    def _schedule_next(self, job):
+        plan = job.plan
+        if job.state == "queued" and plan.running_at_ms is not None:
+            at_ms = plan.running_at_ms
+        elif plan.ends_at_ms is not None:
+            at_ms = plan.ends_at_ms
+        else:
+            return  # a hanging job: nothing will ever happen to it by itself
+        job.timer = self._timers.call_at(job.created_mono + at_ms / 1000, self._advance, job)
+
+    def _advance(self, job):
+        with self._lock:
+            if job.state not in ACTIVE_STATES:
+                return  # cancelled after its timer was taken off the heap
+            job.timer = None
+            if job.state == "queued" and job.plan.running_at_ms is not None:
+                job.state = "running"
+                job.updated_ms = max(job.updated_ms, _now_ms())
+                self._schedule_next(job)
+            else:
+                self._finish(job, job.plan.state, job.plan.result, job.plan.error)
+
+    def _finish(self, job, state, result, error):
+        if job.timer is not None:
+            self._timers.cancel(job.timer)
+            job.timer = None
+        job.state, job.result, job.error = state, result, error
+        job.updated_ms = max(job.updated_ms, _now_ms())
+        self._finished[job.id] = None
+
+
+# --- HTTP layer ---------------------------------------------------------------------
+
+Request = collections.namedtuple("Request", "method path query headers body params")
+
+
+def _json_bytes(payload):
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json_body(request):
+    """The request body as a JSON object, or the error that says why not."""
+    if not request.body.strip():
+        raise ApiError(400, "INVALID_JSON", "request body is empty; send a JSON object")
+    try:
+        value = json.loads(request.body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "INVALID_JSON", "request body nests too deeply") from None
+    except ValueError as exc:
+        raise ApiError(400, "INVALID_JSON", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValidationError(None, "request body must be a JSON object")
+    return value
+
+
+# Handlers: (server, request) -> (status, payload, extra headers).
+
+def _health(server, request):
+    config = server.config
+    return 200, {
+        "ok": True, "name": "dummyLLM", "time": int(time.time()), "version": __version__,
+        "defaults": {"mode": config.mode, "latency_ms": config.latency_ms, "seed": config.seed,
+                     "weights": config.weights, "timeout_ms": config.timeout_ms,
+                     "slow_factor": config.slow_factor},
+        "jobs": server.store.counts(),
+    }, ()
+
+
+def _create_job(server, request):
+    spec = parse_job_request(_json_body(request), server.config)
+    job = server.store.create(spec)
+    return 201, job, [("Location", "/v1/jobs/" + job["id"])]
+
+
+def _get_job(server, request):
+    return 200, server.store.get(request.params["id"]), ()
+
+
+def _cancel_job(server, request):
+    return 200, server.store.cancel(request.params["id"]), ()
+
+
+def _job_request(server, request):
+    return 200, server.store.request_view(request.params["id"]), ()
+
+
+# The routing table.  A new endpoint is one entry here and one handler above.
+ROUTES = (
+    ("GET", "/health", _health),
+    ("POST", "/v1/jobs", _create_job),
+    ("GET", "/v1/jobs/{id}", _get_job),
+    ("POST", "/v1/jobs/{id}/cancel", _cancel_job),
+    ("GET", "/v1/jobs/{id}/request", _job_request),
+)
+
+
+class Router:
+    """Match a method and path to a handler; 404 and 405 come from here."""
+
+    def __init__(self, routes):
+        self._routes = [(method, re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + r"\Z"),
+                         handler) for method, path, handler in routes]
+
+    def match(self, method, path):
+        allowed = []
+        for route_method, pattern, handler in self._routes:
+            found = pattern.match(path)
+            if found:
+                if route_method == method or (method == "HEAD" and route_method == "GET"):
+                    return handler, found.groupdict()
+                allowed.append(route_method)
+        if not allowed:
+            raise ApiError(404, "NOT_FOUND", f"no endpoint at {path}")
+        if "GET" in allowed:
+            allowed.append("HEAD")
+        raise ApiError(405, "METHOD_NOT_ALLOWED", f"{path} does not answer {method}",
+                       headers=[("Allow", ", ".join(allowed))])
+
+
+_ERROR_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+                408: "REQUEST_TIMEOUT", 413: "PAYLOAD_TOO_LARGE", 414: "URI_TOO_LONG",
+                431: "HEADERS_TOO_LARGE", 500: "INTERNAL", 501: "NOT_IMPLEMENTED",
+                505: "HTTP_VERSION_NOT_SUPPORTED"}
+
+
+def _too_large(limit):
+    return ApiError(413, "PAYLOAD_TOO_LARGE", f"request body is larger than {limit} bytes")
+
+
+def _bad_request(message):
+    return ApiError(400, "BAD_REQUEST", message)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One connection: parse, read the body, route, answer in one send."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "dummyLLM/" + __version__
+    timeout = 30  # idle keep-alive connections let go of their thread after this
+
+    def setup(self):
+        super().setup()
+        self._started = time.perf_counter()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        # http.server looks up do_<METHOD>; every method goes through the router,
+        # so an unsupported one is a 405 with Allow, not a 501.
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
+
+    def _dispatch(self):
+        self._started = time.perf_counter()
+        try:
+            body = self._read_body()
+            path, _, query = self.path.partition("?")
+            handler, params = self.server.router.match(self.command, path)
+            status, payload, headers = handler(
+                self.server, Request(self.command, path, query, self.headers, body, params))
+        except ApiError as error:
+            status, payload, headers = error.status, error.to_json(), error.headers
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+            return
+        except Exception as exc:  # the answer is a 500, never a traceback
+            self.server.log(f"dummyLLM: internal error on {self.command} {self.path}: {exc!r}")
+            status, payload, headers = 500, ApiError(500, "INTERNAL", "internal error").to_json(), ()
+        self._send(status, payload, headers)
+
+    def _read_body(self):
+        limit = self.server.config.max_body_bytes
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked(limit)
+        length = self._content_length()
+        if length is None:
+            return b""
+        if length > limit:
+            self.close_connection = True  # the rest of the body is never read
+            raise _too_large(limit)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise ConnectionError("client closed the connection mid-body")
+        return body
+
+    def _content_length(self):
+        text = self.headers.get("Content-Length")
+        if text is None:
+            return None
+        if not (text.isascii() and text.isdigit()):
+            self.close_connection = True
+            raise _bad_request("Content-Length must be a decimal number of bytes")
+        return int(text)
+
+    def _read_chunked(self, limit):
+        parts, size_so_far = [], 0
+        while True:
+            line = self.rfile.readline(1026)
+            if not line:
+                raise ConnectionError("client closed the connection mid-body")
+            size_text = line.split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size_text):
+                self.close_connection = True
+                raise _bad_request("malformed chunk size in chunked request body")
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            size_so_far += size
+            if size_so_far > limit:
+                self.close_connection = True
+                raise _too_large(limit)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(3)  # the CRLF that ends the chunk
+        while self.rfile.readline(1026) not in (b"\r\n", b"\n", b""):
+            pass  # trailer fields, ignored
+        return b"".join(parts)
+
+    def handle_expect_100(self):
+        # Refuse an oversized body before the client sends it.
+        text = self.headers.get("Content-Length", "")
+        limit = self.server.config.max_body_bytes
+        if text.isascii() and text.isdigit() and int(text) > limit:
+            self.close_connection = True
+            error = _too_large(limit)
+            self._send(error.status, error.to_json(), ())
+            return False
+        return super().handle_expect_100()
+
+    def send_error(self, code, message=None, explain=None):
+        # Malformed request lines and headers, reported by http.server itself.
+        self.close_connection = True
+        reason = message or self.responses.get(code, ("error",))[0]
+        self._send(code, ApiError(code, _ERROR_CODES.get(code, "BAD_REQUEST"), reason).to_json(), ())
+
+    def _send(self, status, payload, headers):
+        body = b"" if payload is None else _json_bytes(payload)
+        lines = [
+            f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
+            "Server: " + self.server_version,
+            "Date: " + _http_date(),
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+        ]
+        lines.extend(f"{name}: {value}" for name, value in headers)
+        if self.close_connection:
+            lines.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        # One send: headers and body written apart stall on Nagle plus delayed ACK.
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+        if not self.server.config.quiet:
+            elapsed_ms = (time.perf_counter() - self._started) * 1000
+            self.server.log(f"{self.command} {self.path} {status} {elapsed_ms:.1f}ms")
+
+    def log_message(self, format, *args):
+        if not self.server.config.quiet:
+            self.server.log(f"{self.address_string()} {format % args}")
+
+
+_date_cache = (0, "")
+
+
+def _http_date():
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+def _log_line(line):
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class _LogWriter:
+    """Write log lines from one thread, so a parent that never reads our
+    stderr blocks only this thread; lines beyond the backlog are dropped."""
+
+    def __init__(self, backlog=10_000):
+        self._lines = queue.Queue(backlog)
+        self._thread = threading.Thread(target=self._run, name="dummyllm-log", daemon=True)
+        self._thread.start()
+
+    def write(self, line):
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            pass
+
+    def flush(self, timeout=0.5):
+        deadline = time.monotonic() + timeout
+        while not self._lines.empty() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def _run(self):
+        while True:
+            _log_line(self._lines.get())
+
+
+class DummyLLMServer(ThreadingHTTPServer):
+    """The dummyLLM HTTP server: ``DummyLLMServer(port=0, mode="fail", ...)``.
+
+    Takes the options of the command line as keywords (or a ready Config).
+    ``start()`` serves from a background thread, ``stop()`` ends it; the
+    server is also a context manager that stops on exit.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128   # the default 5 makes bursts of connections wait seconds
+    allow_reuse_address = True
+
+    def __init__(self, config=None, **options):
+        self.config = config if config is not None else make_config(**options)
+        if ":" in self.config.host:
+            self.address_family = socket.AF_INET6
+        self.router = Router(ROUTES)
+        self._log_writer = None if self.config.quiet else _LogWriter()
+        self._thread = None
+        super().__init__((self.config.host, self.config.port), _Handler)
+        self.store = JobStore(self.config)
+
+    def server_bind(self):
+        # HTTPServer.server_bind also calls socket.getfqdn(), a reverse DNS
+        # lookup that has taken 30 s on CI machines; the name is never used.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def log(self, line):
+        if self._log_writer is not None:
+            self._log_writer.write(line)
+
+    def serve_forever(self, poll_interval=0.05):
+        super().serve_forever(poll_interval)
+
+    def start(self):
+        """Serve from a daemon thread; returns self."""
+        self._thread = threading.Thread(target=self.serve_forever, name="dummyllm-server",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """Stop serving (if started) and release the port and the timers."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.server_close()
+
+    def server_close(self):
+        super().server_close()
+        if hasattr(self, "store"):
+            self.store.close()
+        if self._log_writer is not None:
+            self._log_writer.flush()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def handle_error(self, request, client_address):
+        # Clients that vanish mid-answer are normal; anything else is one line.
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, (ConnectionError, socket.timeout)):
+            self.log(f"dummyLLM: error serving {client_address[0]}: {exc!r}")
+
+
+def start_server(**options):
+    """Start a server on a free loopback port in a background thread.
+
+    Options are those of the command line (``mode``, ``latency_ms``,
+    ``seed``...); ``port`` defaults to 0 and ``quiet`` to True.  Use it as a
+    context manager, or call ``stop()``::
+
+        with start_server(latency_ms=10) as server:
+            urllib.request.urlopen(server.url + "/health")
+    """
+    options.setdefault("port", 0)
+    options.setdefault("quiet", True)
+    return DummyLLMServer(**options).start()
+
+
+# --- Command line ---------------------------------------------------------------------
+
+class _UsageError(Exception):
+    pass
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(message)
+
+
+def _argument_parser():
+    parser = _ArgumentParser(
+        prog="dummyllm.py",
+        description="dummyLLM: a deterministic HTTP simulator of an LLM job backend.",
+        epilog="Each option can also be set by the environment variable shown; the flag wins.")
+    for option in _OPTIONS:
+        if option.text is None:
+            parser.add_argument(option.flag, action="store_true", default=None, help=option.help)
+        else:
+            parser.add_argument(option.flag, metavar=option.name.upper(),
+                                help=f"{option.help}; ${option.env}")
+    parser.add_argument("--version", action="version", version=f"dummyLLM {__version__}")
+    return parser
+
+
+def config_from_command_line(argv, environ):
+    """A Config from flags, then environment variables, then defaults."""
+    flags = vars(_argument_parser().parse_args(argv))
+    values = {}
+    for option in _OPTIONS:
+        given, source = flags[option.name], option.flag
+        if given is None and option.env and option.env in environ:
+            given, source = environ[option.env], option.env
+        if given is None:
+            continue
+        value = option.text(given) if option.text else given
+        try:
+            values[option.name] = option.check(value, source) if option.check else value
+        except ValidationError as error:
+            raise _UsageError(f"{source} {error.reason} (got {given!r})") from None
+    return make_config(**values)
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGINT or SIGTERM."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop
+
+
+def main(argv=None, environ=None):
+    """Run the server until SIGINT or SIGTERM; returns the exit status."""
+    try:
+        config = config_from_command_line(argv, os.environ if environ is None else environ)
+    except _UsageError as error:
+        print(f"dummyllm.py: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        server = DummyLLMServer(config)
+    except OSError as error:
+        print(f"dummyllm.py: error: cannot listen on {config.host}:{config.port}: "
+              f"{error.strerror or error}", file=sys.stderr)
+        return 1
+    try:
+        signal.signal(signal.SIGTERM, _raise_stop)
+        signal.signal(signal.SIGINT, _raise_stop)
+        print(f"dummyLLM listening on {server.url}", flush=True)
+        server.serve_forever()
+    except _Stop:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,706 @@
+"""Tests for dummyllm.py, standard library only: ``python3 -m unittest -v``.
+
+They follow the sections of dummyllm.py: configuration, simulation, the job
+store seen through the HTTP API, the HTTP layer itself, the command line.
+Servers run in-process on port 0 (or as a subprocess for the command line).
+"""
+
+import ast
+import http.client
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import unittest
+
+import dummyllm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "dummyllm.py")
+TERMINAL = ("ok", "fail", "timeout", "cancelled")
+JOB_KEYS = {"id", "state", "op", "trace_id", "created_at", "updated_at",
+            "created_at_ms", "updated_at_ms", "result", "error"}
+
+
+def spec(**settings):
+    """A JobSpec with test defaults, for the pure simulation functions."""
+    fields = dict(op="llm.chat", args={}, timeout_ms=8000, trace_id=None, mode="ok",
+                  latency_ms=100, queue_ms=0, seed=None, fail_message=None, ok_text=None,
+                  weights=None)
+    fields.update(settings)
+    return dummyllm.JobSpec(**fields)
+
+
+def plan(n=0, seed=1, **settings):
+    return dummyllm.plan_job(spec(**settings), n, seed, dummyllm.DEFAULT_RANDOM_WEIGHTS, 6)
+
+
+class ServerTestCase(unittest.TestCase):
+    """Starts a server on a free port for each test; `options` are its flags."""
+
+    options = {}
+
+    def setUp(self):
+        self.server = self.start({"latency_ms": 20, **self.options})
+        self.conn = self.connect(self.server)
+
+    def start(self, options):
+        server = dummyllm.start_server(**options)
+        self.addCleanup(server.stop)
+        return server
+
+    def connect(self, server):
+        host, port = server.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        self.addCleanup(conn.close)
+        return conn
+
+    def call(self, method, path, body=None, headers=None, conn=None):
+        """(status, decoded JSON body or None, response) for one request."""
+        conn = conn or self.conn
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        self.assertEqual(response.getheader("Content-Type"), "application/json")
+        return response.status, (json.loads(data) if data else None), response
+
+    def create(self, conn=None, **body):
+        body.setdefault("op", "llm.chat")
+        status, job, _ = self.call("POST", "/v1/jobs", body, conn=conn)
+        self.assertEqual(status, 201, job)
+        return job["id"]
+
+    def job(self, job_id, conn=None):
+        status, job, _ = self.call("GET", "/v1/jobs/" + job_id, conn=conn)
+        self.assertEqual(status, 200, job)
+        return job
+
+    def wait_for(self, job_id, states=TERMINAL, timeout=5.0, conn=None):
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id, conn)
+            if job["state"] in states:
+                return job
+            if time.monotonic() > deadline:
+                self.fail(f"job {job_id} still {job['state']} after {timeout} s")
+            time.sleep(0.005)
+
+    def assert_error(self, status, body, expected_status, code, field=None):
+        self.assertEqual(status, expected_status, body)
+        self.assertEqual(body["error"]["code"], code)
+        self.assertIsInstance(body["error"]["message"], str)
+        self.assertEqual(body["error"].get("field"), field)
+
+
+# --- Configuration and validation -------------------------------------------------
+
+class ConfigurationTest(unittest.TestCase):
+
+    def test_defaults(self):
+        config = dummyllm.make_config()
+        self.assertEqual((config.host, config.port, config.mode, config.latency_ms, config.seed,
+                          config.timeout_ms, config.max_jobs, config.max_body_bytes),
+                         ("127.0.0.1", 8787, "ok", 250, None, 8000, 10000, 1 << 20))
+        self.assertEqual(config.weights, {"ok": 70, "echo": 10, "slow": 10, "fail": 5,
+                                          "hang": 3, "timeout": 2})
+
+    def test_bad_values_name_the_option(self):
+        for options, name in [({"mode": "fast"}, "mode"), ({"latency_ms": -1}, "latency_ms"),
+                              ({"latency_ms": True}, "latency_ms"), ({"seed": 1.5}, "seed"),
+                              ({"weights": {"ok": -1}}, "weights.ok"),
+                              ({"weights": {"nope": 1}}, "weights.nope"),
+                              ({"weights": {"ok": 0}}, "weights"), ({"port": 70000}, "port")]:
+            with self.subTest(options=options):
+                with self.assertRaises(ValueError) as caught:
+                    dummyllm.make_config(**options)
+                self.assertEqual(caught.exception.field, name)
+
+    def test_unknown_option_is_a_type_error(self):
+        with self.assertRaises(TypeError):
+            dummyllm.make_config(latency=5)
+
+    def test_command_line_then_environment_then_default(self):
+        config = dummyllm.config_from_command_line(
+            ["--latency-ms", "7", "--weights", "ok=1,fail=2.5"],
+            {"DUMMYLLM_LATENCY_MS": "9", "DUMMYLLM_MODE": "fail", "DUMMYLLM_SEED": "42"})
+        self.assertEqual((config.latency_ms, config.mode, config.seed), (7, "fail", 42))
+        self.assertEqual(config.weights, {"ok": 1, "fail": 2.5})
+
+    def test_command_line_errors_name_the_flag_or_variable(self):
+        for argv, environ, named in [(["--latency-ms", "-5"], {}, "--latency-ms"),
+                                     (["--latency-ms", "1_000"], {}, "--latency-ms"),
+                                     ([], {"DUMMYLLM_MODE": "nope"}, "DUMMYLLM_MODE"),
+                                     (["--weights", "ok70"], {}, "--weights"),
+                                     (["--bogus"], {}, "--bogus")]:
+            with self.subTest(argv=argv, environ=environ):
+                with self.assertRaises(dummyllm._UsageError) as caught:
+                    dummyllm.config_from_command_line(argv, environ)
+                self.assertIn(named, str(caught.exception))
+
+
+# --- Simulation ---------------------------------------------------------------------
+
+class SimulationTest(unittest.TestCase):
+
+    def test_ok_runs_after_queue_and_ends_after_latency(self):
+        p = plan(mode="ok", latency_ms=100, queue_ms=30)
+        self.assertEqual((p.mode, p.running_at_ms, p.ends_at_ms, p.state), ("ok", 30, 130, "ok"))
+        self.assertIsNone(p.error)
+
+    def test_replies(self):
+        chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant",
+                                                                  "content": "Yo"}]}
+        self.assertEqual(plan(args=chat).result["text"], "Simulated reply to: Hi")
+        self.assertEqual(plan(op="embed").result["text"], "ok :: op=embed")
+        self.assertEqual(plan(ok_text="fixed", args=chat).result["text"], "fixed")
+        self.assertEqual(plan(mode="echo", args=chat).result["text"],
+                         '[{"role":"user","content":"Hi"},{"role":"assistant","content":"Yo"}]')
+
+    def test_usage_counts_a_token_per_started_four_characters(self):
+        args = {"messages": [{"role": "user", "content": "12345"},      # 2
+                             {"role": "user", "content": "1234"},       # 1
+                             {"role": "user", "content": [{"text": "ignored"}]}]}
+        usage = plan(args=args, ok_text="123456789").result["usage"]
+        self.assertEqual(usage, {"prompt_tokens": 3, "completion_tokens": 3})
+
+    def test_slow_multiplies_latency(self):
+        p = plan(mode="slow", latency_ms=50)
+        self.assertEqual((p.latency_ms, p.ends_at_ms, p.state), (300, 300, "ok"))
+
+    def test_fail(self):
+        p = plan(mode="fail", fail_message="boom")
+        self.assertEqual((p.state, p.ends_at_ms, p.result), ("fail", 100, None))
+        self.assertEqual(p.error, {"code": "SIM_FAIL", "message": "boom"})
+        self.assertEqual(plan(mode="fail").error["message"], "simulated error")
+
+    def test_hang_never_ends_and_ignores_the_deadline(self):
+        p = plan(mode="hang", timeout_ms=50, queue_ms=10)
+        self.assertEqual((p.state, p.running_at_ms, p.ends_at_ms), ("running", 10, None))
+
+    def test_timeout_ends_at_the_deadline(self):
+        p = plan(mode="timeout", timeout_ms=700)
+        self.assertEqual((p.state, p.ends_at_ms, p.error["code"]), ("timeout", 700, "TIMEOUT"))
+
+    def test_server_deadline_cuts_long_jobs(self):
+        p = plan(mode="ok", latency_ms=600, queue_ms=500, timeout_ms=1000)
+        self.assertEqual((p.state, p.ends_at_ms, p.result), ("timeout", 1000, None))
+        exact = plan(mode="ok", latency_ms=500, queue_ms=500, timeout_ms=1000)
+        self.assertEqual(exact.state, "ok")
+        never_runs = plan(mode="fail", queue_ms=2000, timeout_ms=1000)
+        self.assertEqual((never_runs.running_at_ms, never_runs.state), (None, "timeout"))
+
+    def test_unit_draw_is_a_fixed_function(self):
+        # Pinned: changing the hash breaks every user's recorded sequence.
+        self.assertEqual(dummyllm.unit_draw(1337, "X", 0, "flaky"), 0.38226001581694646)
+
+    def test_weighted_choice_walks_modes_in_table_order(self):
+        weights = {"fail": 1, "ok": 1}
+        self.assertEqual(dummyllm.weighted_choice(weights, 0.0), "ok")
+        self.assertEqual(dummyllm.weighted_choice(weights, 0.49), "ok")
+        self.assertEqual(dummyllm.weighted_choice(weights, 0.5), "fail")
+        self.assertEqual(dummyllm.weighted_choice(weights, 0.999999), "fail")
+        self.assertEqual(dummyllm.weighted_choice({"ok": 0, "hang": 2}, 0.0), "hang")
+
+    def test_seeded_sequences_are_fixed(self):
+        flaky = [plan(n, 1337, mode="flaky", trace_id="X").mode for n in range(6)]
+        self.assertEqual(flaky, ["fail", "hang", "hang", "ok", "fail", "fail"])
+        drawn = [plan(n, 1337, mode="random", trace_id="X").mode for n in range(5)]
+        self.assertEqual(drawn, ["slow", "fail", "fail", "ok", "ok"])
+
+    def test_request_weights_override_the_defaults(self):
+        p = plan(mode="flaky", weights={"hang": 1})
+        self.assertEqual((p.mode, p.weights), ("hang", {"hang": 1}))
+        self.assertEqual(plan(mode="random", weights={"echo": 1}).mode, "echo")
+
+
+# --- Job store, through the API -------------------------------------------------------
+
+class HealthTest(ServerTestCase):
+    options = {"seed": 5, "mode": "flaky"}
+
+    def test_health(self):
+        status, body, _ = self.call("GET", "/health")
+        self.assertEqual(status, 200)
+        self.assertIs(body["ok"], True)
+        self.assertEqual((body["name"], body["version"]), ("dummyLLM", dummyllm.__version__))
+        self.assertAlmostEqual(body["time"], time.time(), delta=2)
+        self.assertEqual(body["defaults"]["mode"], "flaky")
+        self.assertEqual(body["defaults"]["seed"], 5)
+        self.assertEqual(body["defaults"]["latency_ms"], 20)
+        self.assertEqual(body["defaults"]["timeout_ms"], 8000)
+        self.assertEqual(body["defaults"]["weights"]["ok"], 70)
+        self.assertEqual(body["jobs"], {"stored": 0, "active": 0})
+        self.create(simulate={"mode": "hang"})
+        self.assertEqual(self.call("GET", "/health")[1]["jobs"], {"stored": 1, "active": 1})
+
+
+class JobLifecycleTest(ServerTestCase):
+
+    def test_create_answers_queued_with_location(self):
+        status, body, response = self.call("POST", "/v1/jobs", {"op": "llm.chat"})
+        self.assertEqual(status, 201)
+        self.assertRegex(body["id"], r"\Ajob_[0-9a-f]{12}\Z")
+        self.assertEqual(body["state"], "queued")
+        self.assertAlmostEqual(body["created_at"], time.time(), delta=2)
+        self.assertEqual(response.getheader("Location"), "/v1/jobs/" + body["id"])
+
+    def test_ok_job_goes_queued_running_ok(self):
+        started = time.monotonic()
+        job_id = self.create(op="llm.chat", trace_id="t-1",
+                             args={"messages": [{"role": "user", "content": "Hello"}]},
+                             simulate={"mode": "ok", "latency_ms": 150, "queue_ms": 50})
+        self.assertEqual(self.job(job_id)["state"], "queued")
+        running = self.wait_for(job_id, ("running",) + TERMINAL)
+        self.assertEqual(running["state"], "running")
+        self.assertGreaterEqual(time.monotonic() - started, 0.05)
+        done = self.wait_for(job_id)
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 0.2)
+        self.assertLess(elapsed, 1.5)
+        self.assertEqual(set(done), JOB_KEYS)
+        self.assertEqual(done["state"], "ok")
+        self.assertEqual(done["trace_id"], "t-1")
+        self.assertEqual(done["result"], {"text": "Simulated reply to: Hello",
+                                          "usage": {"prompt_tokens": 2, "completion_tokens": 7}})
+        self.assertIsNone(done["error"])
+        self.assertGreaterEqual(done["updated_at_ms"] - done["created_at_ms"], 200)
+        self.assertEqual(done["created_at"], done["created_at_ms"] // 1000)
+
+    def test_active_job_has_null_result_and_error(self):
+        job = self.job(self.create(simulate={"mode": "hang"}))
+        self.assertEqual(set(job), JOB_KEYS)
+        self.assertIsNone(job["result"])
+        self.assertIsNone(job["error"])
+
+    def test_fail(self):
+        job = self.wait_for(self.create(simulate={"mode": "fail", "fail_message": "nope"}))
+        self.assertEqual(job["state"], "fail")
+        self.assertEqual(job["error"], {"code": "SIM_FAIL", "message": "nope"})
+        self.assertIsNone(job["result"])
+
+    def test_echo(self):
+        messages = [{"role": "user", "content": "é"}]
+        job = self.wait_for(self.create(args={"messages": messages}, simulate={"mode": "echo"}))
+        self.assertEqual(job["result"]["text"], '[{"role":"user","content":"é"}]')
+
+    def test_slow_takes_six_times_the_latency(self):
+        started = time.monotonic()
+        job = self.wait_for(self.create(simulate={"mode": "slow", "latency_ms": 50}))
+        self.assertEqual(job["state"], "ok")
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+
+    def test_timeout_ends_at_timeout_ms(self):
+        started = time.monotonic()
+        job = self.wait_for(self.create(timeout_ms=150, simulate={"mode": "timeout"}))
+        self.assertGreaterEqual(time.monotonic() - started, 0.15)
+        self.assertEqual(job["state"], "timeout")
+        self.assertEqual(job["error"]["code"], "TIMEOUT")
+
+    def test_deadline_turns_a_long_job_into_a_timeout(self):
+        job = self.wait_for(self.create(timeout_ms=100, simulate={"latency_ms": 5000}))
+        self.assertEqual(job["state"], "timeout")
+
+    def test_hang_outlives_its_timeout_until_cancelled(self):
+        job_id = self.create(timeout_ms=30, simulate={"mode": "hang", "latency_ms": 0})
+        time.sleep(0.15)
+        self.assertEqual(self.job(job_id)["state"], "running")
+        self.assertEqual(self.call("POST", f"/v1/jobs/{job_id}/cancel")[1],
+                         {"id": job_id, "state": "cancelled"})
+        job = self.job(job_id)
+        self.assertEqual(job["state"], "cancelled")
+        self.assertEqual(job["error"]["code"], "CANCELLED")
+
+    def test_cancel_is_idempotent_and_leaves_ended_jobs_alone(self):
+        job_id = self.create(simulate={"mode": "hang"})
+        for _ in range(2):
+            status, body, _ = self.call("POST", f"/v1/jobs/{job_id}/cancel")
+            self.assertEqual((status, body), (200, {"id": job_id, "state": "cancelled"}))
+        done = self.wait_for(self.create(simulate={"latency_ms": 0}))
+        status, body, _ = self.call("POST", f"/v1/jobs/{done['id']}/cancel")
+        self.assertEqual((status, body), (200, {"id": done["id"], "state": "ok"}))
+        self.assertEqual(self.job(done["id"]), done)
+
+    def test_cancel_queued_job(self):
+        job_id = self.create(simulate={"queue_ms": 5000})
+        self.assertEqual(self.call("POST", f"/v1/jobs/{job_id}/cancel")[1]["state"], "cancelled")
+
+    def test_cancel_racing_completion_reaches_one_final_state(self):
+        ids = [self.create(simulate={"latency_ms": i % 4}) for i in range(60)]
+        answers = {job_id: self.call("POST", f"/v1/jobs/{job_id}/cancel")[1]["state"]
+                   for job_id in ids}
+        time.sleep(0.05)
+        for job_id in ids:
+            job = self.job(job_id)
+            self.assertIn(answers[job_id], ("ok", "cancelled"))
+            self.assertEqual(job["state"], answers[job_id])
+            self.assertGreaterEqual(job["updated_at_ms"], job["created_at_ms"])
+
+    def test_request_view_shows_the_decision(self):
+        job_id = self.create(op="llm.chat", args={"model": "m"}, timeout_ms=9000, trace_id="T",
+                             simulate={"mode": "flaky", "seed": 7, "latency_ms": 30,
+                                       "weights": {"fail": 1}})
+        status, view, _ = self.call("GET", f"/v1/jobs/{job_id}/request")
+        self.assertEqual(status, 200)
+        self.assertEqual((view["op"], view["args"], view["timeout_ms"], view["trace_id"]),
+                         ("llm.chat", {"model": "m"}, 9000, "T"))
+        simulate = view["simulate"]
+        self.assertEqual((simulate["mode"], simulate["requested_mode"], simulate["latency_ms"],
+                          simulate["seed"], simulate["n"], simulate["weights"]),
+                         ("fail", "flaky", 30, 7, 0, {"fail": 1}))
+        self.assertEqual(view["outcome"], {"state": "fail", "at_ms": 30})
+
+
+class CapacityTest(ServerTestCase):
+    options = {"max_jobs": 3}
+
+    def test_full_of_active_jobs_is_503_with_retry_after(self):
+        for _ in range(3):
+            self.create(simulate={"mode": "hang"})
+        status, body, response = self.call("POST", "/v1/jobs", {"op": "x"})
+        self.assert_error(status, body, 503, "CAPACITY")
+        self.assertEqual(response.getheader("Retry-After"), "1")
+
+    def test_the_oldest_finished_job_is_evicted(self):
+        first = self.wait_for(self.create(simulate={"latency_ms": 0}))["id"]
+        second = self.wait_for(self.create(simulate={"latency_ms": 0}))["id"]
+        self.create(simulate={"mode": "hang"})
+        self.create(simulate={"mode": "hang"})
+        self.assertEqual(self.call("GET", "/v1/jobs/" + first)[0], 404)
+        self.assertEqual(self.job(second)["state"], "ok")
+        self.assertEqual(self.call("GET", "/health")[1]["jobs"], {"stored": 3, "active": 2})
+
+
+class DeterminismTest(ServerTestCase):
+    options = {"seed": 1337}
+
+    def modes(self, server, trace_id, count, interleave=False):
+        conn = self.connect(server)
+        modes = []
+        for _ in range(count):
+            if interleave:
+                self.create(conn=conn, trace_id="someone-else", simulate={"mode": "flaky"})
+            job_id = self.create(conn=conn, trace_id=trace_id,
+                                 simulate={"mode": "flaky", "latency_ms": 0})
+            modes.append(self.call("GET", f"/v1/jobs/{job_id}/request", conn=conn)[1]
+                         ["simulate"]["mode"])
+        return modes
+
+    def test_same_seed_and_trace_id_give_the_same_sequence_on_fresh_servers(self):
+        first = self.modes(self.server, "X", 6)
+        second = self.modes(self.start({"seed": 1337}), "X", 6, interleave=True)
+        self.assertEqual(first, ["fail", "hang", "hang", "ok", "fail", "fail"])
+        self.assertEqual(second, first)
+
+    def test_the_request_seed_wins_and_outcomes_follow_the_draw(self):
+        conn_modes = []
+        for _ in range(12):
+            job_id = self.create(trace_id="Y", simulate={"mode": "flaky", "seed": 99,
+                                                         "latency_ms": 0})
+            job = self.wait_for(job_id, TERMINAL + ("running",))
+            mode = self.call("GET", f"/v1/jobs/{job_id}/request")[1]["simulate"]["mode"]
+            self.assertEqual(job["state"], {"ok": "ok", "fail": "fail", "hang": "running"}[mode])
+            conn_modes.append(mode)
+        expected = [plan(n, 99, mode="flaky", trace_id="Y").mode for n in range(12)]
+        self.assertEqual(conn_modes, expected)
+
+    def test_sequence_counters_are_bounded(self):
+        store = self.server.store
+        store.MAX_SEQUENCES = 10
+        for i in range(50):
+            self.create(trace_id=f"t{i}", simulate={"latency_ms": 0})
+        self.assertEqual(len(store._sequences), 10)
+
+
+# --- HTTP layer -----------------------------------------------------------------------
+
+class ErrorTest(ServerTestCase):
+
+    def test_unknown_id_and_path_are_404(self):
+        for method, path in [("GET", "/v1/jobs/job_000000000000"),
+                             ("POST", "/v1/jobs/job_000000000000/cancel"),
+                             ("GET", "/v1/jobs/job_000000000000/request"), ("GET", "/nope")]:
+            with self.subTest(path=path):
+                status, body, _ = self.call(method, path)
+                self.assertEqual(status, 404)
+                self.assertEqual(body["error"]["code"], "NOT_FOUND")
+
+    def test_wrong_method_is_405_with_allow(self):
+        for method, path, allow in [("DELETE", "/health", "GET, HEAD"),
+                                    ("GET", "/v1/jobs/job_x/cancel", "POST"),
+                                    ("PATCH", "/v1/jobs", "POST"),
+                                    ("BREW", "/v1/jobs/job_x", "GET, HEAD")]:
+            with self.subTest(method=method, path=path):
+                status, body, response = self.call(method, path)
+                self.assert_error(status, body, 405, "METHOD_NOT_ALLOWED")
+                self.assertEqual(response.getheader("Allow"), allow)
+
+    def test_head(self):
+        self.conn.request("HEAD", "/health")
+        response = self.conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertGreater(int(response.getheader("Content-Length")), 0)
+        self.assertEqual(response.read(), b"")
+        self.assertEqual(self.call("GET", "/health")[0], 200)
+
+    def test_bodies_that_are_not_json_are_400(self):
+        for body in [b"", b"{", b"op=llm.chat", b"\xff\xfe{}", b"[" * 100000,
+                     b'{"op": "x", "timeout_ms": NaN}']:
+            with self.subTest(body=body[:20]):
+                status, error, _ = self.call("POST", "/v1/jobs", body)
+                self.assert_error(status, error, 400, "INVALID_JSON")
+
+    def test_bad_fields_are_422_naming_the_field(self):
+        cases = [
+            ([1, 2], None),
+            ({}, "op"), ({"op": ""}, "op"), ({"op": 5}, "op"),
+            ({"op": "x", "args": []}, "args"),
+            ({"op": "x", "timeout_ms": 0}, "timeout_ms"),
+            ({"op": "x", "timeout_ms": 86_400_001}, "timeout_ms"),
+            ({"op": "x", "timeout_ms": True}, "timeout_ms"),
+            ({"op": "x", "timeout_ms": 100.5}, "timeout_ms"),
+            ({"op": "x", "trace_id": 7}, "trace_id"),
+            ({"op": "x", "trace_id": "t" * 257}, "trace_id"),
+            ({"op": "x", "simulate": "ok"}, "simulate"),
+            ({"op": "x", "simulate": {"mode": "fast"}}, "simulate.mode"),
+            ({"op": "x", "simulate": {"latency": 5}}, "simulate.latency"),
+            ({"op": "x", "simulate": {"latency_ms": -1}}, "simulate.latency_ms"),
+            ({"op": "x", "simulate": {"latency_ms": 3_600_001}}, "simulate.latency_ms"),
+            ({"op": "x", "simulate": {"latency_ms": "5"}}, "simulate.latency_ms"),
+            ({"op": "x", "simulate": {"queue_ms": -1}}, "simulate.queue_ms"),
+            ({"op": "x", "simulate": {"seed": False}}, "simulate.seed"),
+            ({"op": "x", "simulate": {"fail_message": 3}}, "simulate.fail_message"),
+            ({"op": "x", "simulate": {"ok_text": []}}, "simulate.ok_text"),
+            ({"op": "x", "simulate": {"weights": [1]}}, "simulate.weights"),
+            ({"op": "x", "simulate": {"weights": {"ok": -1}}}, "simulate.weights.ok"),
+            ({"op": "x", "simulate": {"weights": {"ok": "1"}}}, "simulate.weights.ok"),
+            ({"op": "x", "simulate": {"weights": {"ok": 0}}}, "simulate.weights"),
+            ({"op": "x", "simulate": {"mode": "flaky", "weights": {"echo": 1}}},
+             "simulate.weights.echo"),
+        ]
+        for body, field in cases:
+            with self.subTest(body=body):
+                status, error, _ = self.call("POST", "/v1/jobs", body)
+                self.assert_error(status, error, 422, "VALIDATION_ERROR", field)
+        self.assertEqual(self.call("GET", "/health")[1]["jobs"]["stored"], 0)
+
+    def test_nulls_and_unknown_top_level_keys_take_defaults(self):
+        job_id = self.create(op="x", args=None, timeout_ms=None, trace_id=None, extra=1,
+                             simulate={"mode": None, "seed": None, "latency_ms": None})
+        view = self.call("GET", f"/v1/jobs/{job_id}/request")[1]
+        self.assertEqual((view["args"], view["timeout_ms"], view["simulate"]["mode"],
+                          view["simulate"]["latency_ms"]), ({}, 8000, "ok", 20))
+
+
+class BodyTest(ServerTestCase):
+    options = {"max_body_bytes": 1000}
+
+    def raw(self, data, read_until=b"}"):
+        """Send raw bytes on a fresh socket; return everything answered."""
+        sock = socket.create_connection(self.server.server_address[:2], timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(data)
+        answer = b""
+        while read_until not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+    def test_too_large_is_413_without_reading_the_body(self):
+        answer = self.raw(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n"
+                          + b"{" * 100)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertIn(b'"PAYLOAD_TOO_LARGE"', answer)
+        self.assertIn(b"Connection: close", answer)
+
+    def test_too_large_with_expect_100_is_refused_before_the_body(self):
+        answer = self.raw(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+                          b"Expect: 100-continue\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+
+    def test_expect_100_continue(self):
+        body = json.dumps({"op": "x"}).encode()
+        sock = socket.create_connection(self.server.server_address[:2], timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+        self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 100 Continue"))
+        sock.sendall(body)
+        answer = b""
+        while b"}" not in answer:
+            answer += sock.recv(65536)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
+
+    def test_chunked_body(self):
+        body = json.dumps({"op": "chunked.op"}).encode()
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:5], body[5:]))
+        answer = self.raw(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          + chunks + b"0\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
+
+    def test_chunked_body_over_the_limit_is_413(self):
+        chunk = b"a" * 600
+        answer = self.raw(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          + (b"258\r\n" + chunk + b"\r\n") * 2 + b"0\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+
+    def test_malformed_content_length_is_400(self):
+        for value in (b"1_0", b" 12 ", b"-1", b"\xd9\xa1"):
+            with self.subTest(value=value):
+                answer = self.raw(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: " + value
+                                  + b"\r\n\r\n{}")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+                self.assertIn(b'"BAD_REQUEST"', answer)
+
+    def test_malformed_request_line_is_a_json_400(self):
+        answer = self.raw(b"GARBAGE\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.assertIn(b"Content-Type: application/json", answer)
+
+    def test_keep_alive_survives_errors_with_bodies(self):
+        self.assertEqual(self.call("POST", "/nope", {"op": "x"})[0], 404)
+        self.assertEqual(self.call("PUT", "/v1/jobs", {"op": "x"})[0], 405)
+        self.assertEqual(self.call("POST", "/v1/jobs", b"{bad")[0], 400)
+        self.assertEqual(self.call("POST", "/v1/jobs", {"op": ""})[0], 422)
+        self.assertEqual(self.call("POST", "/v1/jobs", {"op": "x"})[0], 201)
+
+    def test_every_response_is_one_send_with_content_length(self):
+        answer = self.raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        self.assertEqual(len(body), length)
+
+
+class EmbeddingTest(unittest.TestCase):
+
+    def test_start_server_is_a_context_manager_that_frees_its_port(self):
+        with dummyllm.start_server(mode="fail", latency_ms=0) as server:
+            self.assertRegex(server.url, r"\Ahttp://127\.0\.0\.1:\d+\Z")
+            host, port = server.server_address[:2]
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+            conn.request("GET", "/health")
+            self.assertEqual(json.loads(conn.getresponse().read())["defaults"]["mode"], "fail")
+            conn.close()
+        with self.assertRaises(OSError):
+            socket.create_connection((host, port), timeout=1).close()
+
+
+# --- Command line ---------------------------------------------------------------------
+
+class CommandLineTest(unittest.TestCase):
+
+    def run_cli(self, *args, env=None):
+        return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                              timeout=20, env={**os.environ, **(env or {})})
+
+    def start_cli(self, *args, env=None):
+        """Run `dummyllm.py --port 0 ARGS`; (process, port) once it listens."""
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--port", "0", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **(env or {})})
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        line = proc.stdout.readline()
+        match = re.fullmatch(r"dummyLLM listening on http://127\.0\.0\.1:(\d+)\n", line)
+        self.assertTrue(match, line)
+        return proc, int(match.group(1))
+
+    def test_bad_values_exit_2_with_one_line(self):
+        for args, env, named in [(["--mode", "nope"], {}, "--mode"),
+                                 (["--latency-ms", "-1"], {}, "--latency-ms"),
+                                 (["--weights", "ok=x"], {}, "--weights"),
+                                 ([], {"DUMMYLLM_LATENCY_MS": "abc"}, "DUMMYLLM_LATENCY_MS"),
+                                 (["--no-such-flag"], {}, "--no-such-flag")]:
+            with self.subTest(args=args, env=env):
+                result = self.run_cli(*args, env=env)
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(result.stdout, "")
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn(named, result.stderr)
+
+    def test_version(self):
+        result = self.run_cli("--version")
+        self.assertEqual((result.returncode, result.stdout.strip()),
+                         (0, f"dummyLLM {dummyllm.__version__}"))
+
+    def test_port_in_use_is_one_line_not_a_traceback(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            result = self.run_cli("--port", str(taken.getsockname()[1]))
+        self.assertEqual(result.returncode, 1)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIn("cannot listen", result.stderr)
+
+    def stop_quickly(self, sig):
+        proc, port = self.start_cli("--latency-ms", "60000")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        for simulate in ({"mode": "hang"}, {"mode": "ok"}, {"mode": "timeout"}):
+            conn.request("POST", "/v1/jobs", json.dumps({"op": "x", "simulate": simulate}))
+            self.assertEqual(conn.getresponse().read()[:7], b'{"id":"')
+        idle = socket.create_connection(("127.0.0.1", port))  # connected, never speaks
+        self.addCleanup(idle.close)
+        started = time.monotonic()
+        proc.send_signal(sig)
+        returncode = proc.wait(5)
+        elapsed = time.monotonic() - started
+        conn.close()
+        stderr = proc.stderr.read()
+        self.assertEqual(returncode, 0)
+        self.assertLess(elapsed, 1.0)
+        self.assertNotIn("Traceback", stderr)
+        self.assertIn("POST /v1/jobs 201", stderr)  # the access log
+
+    def test_sigterm_exits_0_within_a_second(self):
+        self.stop_quickly(signal.SIGTERM)
+
+    def test_sigint_exits_0_within_a_second(self):
+        self.stop_quickly(signal.SIGINT)
+
+    def test_environment_sets_defaults_and_flags_win(self):
+        proc, port = self.start_cli("--latency-ms", "7", "--quiet",
+                                    env={"DUMMYLLM_MODE": "fail", "DUMMYLLM_LATENCY_MS": "5"})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/health")
+        defaults = json.loads(conn.getresponse().read())["defaults"]
+        conn.close()
+        proc.terminate()
+        self.assertEqual(proc.wait(5), 0)
+        self.assertEqual((defaults["mode"], defaults["latency_ms"]), ("fail", 7))
+        self.assertEqual(proc.stderr.read(), "")  # --quiet
+
+
+class StandardLibraryOnlyTest(unittest.TestCase):
+
+    def test_dummyllm_imports_only_the_standard_library(self):
+        with open(SCRIPT, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                self.assertEqual(node.level, 0)
+                names.add(node.module.split(".")[0])
+        stdlib = {os.path.realpath(sysconfig.get_paths()[key]) for key in ("stdlib", "platstdlib")}
+        for name in sorted(names):
+            with self.subTest(module=name):
+                origin = importlib.util.find_spec(name).origin
+                self.assertTrue(origin in ("built-in", "frozen") or any(
+                    os.path.realpath(origin).startswith(path) for path in stdlib), origin)
+                self.assertNotIn("site-packages", origin)
+
+
+if __name__ == "__main__":
+    unittest.main()
