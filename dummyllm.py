@@ -1070,14 +1070,6 @@ def config_from_command_line(argv, environ):
     return make_config(**values)
 
 
-class _Stop(Exception):
-    """Raised in the main thread by SIGINT or SIGTERM."""
-
-
-def _raise_stop(signum, frame):
-    raise _Stop
-
-
 def main(argv=None, environ=None):
     """Run the server until SIGINT or SIGTERM; returns the exit status."""
     try:
@@ -1091,13 +1083,16 @@ def main(argv=None, environ=None):
         print(f"dummyllm.py: error: cannot listen on {config.host}:{config.port}: "
               f"{error.strerror or error}", file=sys.stderr)
         return 1
+    def stop(signum, frame):
+        # shutdown() waits for serve_forever() to return, so it cannot run in
+        # the thread that serves; raising here instead could land anywhere.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
-        signal.signal(signal.SIGTERM, _raise_stop)
-        signal.signal(signal.SIGINT, _raise_stop)
         print(f"dummyLLM listening on {server.url}", flush=True)
         server.serve_forever()
-    except _Stop:
-        pass
     finally:
         server.server_close()
     return 0
