@@ -222,7 +222,47 @@ class SimulationTest(unittest.TestCase):
         self.assertEqual(plan(mode="random", weights={"echo": 1}).mode, "echo")
 
 
-# --- Job store, through the API -------------------------------------------------------
+# --- Job store ------------------------------------------------------------------------
+
+class StoreWithoutTimerThread(dummyllm.JobStore):
+    def _run_timer(self):
+        pass  # only the operations themselves move jobs on
+
+
+class JobStoreTest(unittest.TestCase):
+
+    def store(self, timer_thread=True, **options):
+        store = (dummyllm.JobStore if timer_thread else StoreWithoutTimerThread)(
+            dummyllm.make_config(**options))
+        self.addCleanup(store.close)
+        return store
+
+    def test_answers_do_not_wait_for_the_timer_thread(self):
+        store = self.store(timer_thread=False, max_jobs=2)
+        ids = [store.create(spec(latency_ms=0))["id"] for _ in range(5)]  # evicts, never 503
+        self.assertEqual(store.get(ids[-1])["state"], "ok")
+        self.assertEqual(store.counts(), {"stored": 2, "active": 0})
+
+    def test_the_timer_thread_moves_jobs_on_by_itself(self):
+        store = self.store()
+        job_id = store.create(spec(latency_ms=20))["id"]
+        time.sleep(0.2)
+        self.assertEqual(store._jobs[job_id].state, "ok")
+
+    def test_cancelled_transitions_do_not_pile_up(self):
+        store = self.store()
+        for _ in range(1000):
+            store.cancel(store.create(spec(mode="timeout", timeout_ms=86_400_000))["id"])
+        self.assertLess(len(store._due), 200)
+
+    def test_close_stops_the_timer_thread(self):
+        store = dummyllm.JobStore(dummyllm.make_config())
+        store.create(spec(latency_ms=60_000))
+        store.close()
+        self.assertFalse(store._timer.is_alive())
+
+
+# --- The job API ----------------------------------------------------------------------
 
 class HealthTest(ServerTestCase):
     options = {"seed": 5, "mode": "flaky"}
@@ -555,7 +595,7 @@ class BodyTest(ServerTestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
 
     def test_malformed_content_length_is_400(self):
-        for value in (b"1_0", b" 12 ", b"-1", b"\xd9\xa1"):
+        for value in (b"1_0", b"1 2", b"+2", b"-1", b"0x2", b"\xd9\xa1"):
             with self.subTest(value=value):
                 answer = self.raw(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: " + value
                                   + b"\r\n\r\n{}")
@@ -566,6 +606,29 @@ class BodyTest(ServerTestCase):
         answer = self.raw(b"GARBAGE\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
         self.assertIn(b"Content-Type: application/json", answer)
+
+    def test_malformed_headers(self):
+        for request, status in [
+                (b"GET /health HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", b"400"),
+                (b"GET /health HTTP/1.1\r\nNo colon here\r\n\r\n", b"400"),
+                (b"GET /health HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+                (b"GET /health HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", b"431"),
+                (b"GET /health HTTP/2.0\r\n\r\n", b"505"),
+                (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414")]:
+            with self.subTest(request=request[:40], status=status):
+                answer = self.raw(request)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), answer[:200])
+                self.assertIn(b"Content-Type: application/json", answer)
+                self.assertIn(b"Connection: close", answer)
+
+    def test_header_names_are_case_insensitive_and_http_1_0_closes(self):
+        body = b'{"op": "x"}'
+        answer = self.raw(b"POST /v1/jobs HTTP/1.0\r\ncOnTeNt-LeNgTh: %d\r\n\r\n%s"
+                          % (len(body), body))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer)
+        self.assertIn(b"Connection: close", answer)
+        answer = self.raw(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        self.assertIn(b"Connection: keep-alive", answer)
 
     def test_keep_alive_survives_errors_with_bodies(self):
         self.assertEqual(self.call("POST", "/nope", {"op": "x"})[0], 404)
