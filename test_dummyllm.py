@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -637,6 +638,15 @@ class BodyTest(ServerTestCase):
         self.assertEqual(self.call("POST", "/v1/jobs", {"op": ""})[0], 422)
         self.assertEqual(self.call("POST", "/v1/jobs", {"op": "x"})[0], 201)
 
+    def test_idle_connections_are_closed(self):
+        self.addCleanup(setattr, dummyllm._Handler, "timeout", dummyllm._Handler.timeout)
+        dummyllm._Handler.timeout = 0.2  # 30 s in real life
+        sock = socket.create_connection(self.server.server_address[:2], timeout=5)
+        self.addCleanup(sock.close)
+        started = time.monotonic()
+        self.assertEqual(sock.recv(100), b"")
+        self.assertLess(time.monotonic() - started, 2)
+
     def test_every_response_is_one_send_with_content_length(self):
         answer = self.raw(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -714,6 +724,11 @@ class CommandLineTest(unittest.TestCase):
             self.assertEqual(conn.getresponse().read()[:7], b'{"id":"')
         idle = socket.create_connection(("127.0.0.1", port))  # connected, never speaks
         self.addCleanup(idle.close)
+        with socket.create_connection(("127.0.0.1", port)) as rude:  # half a request, then RST
+            rude.sendall(b"POST /v1/jobs HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.request("GET", "/health")
+        self.assertEqual(conn.getresponse().status, 200)
         started = time.monotonic()
         proc.send_signal(sig)
         returncode = proc.wait(5)
