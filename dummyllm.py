@@ -24,6 +24,7 @@ import email.utils
 import functools
 import hashlib
 import heapq
+import hmac
 import itertools
 import json
 import math
@@ -31,6 +32,7 @@ import os
 import queue
 import random
 import re
+import secrets
 import signal
 import socket
 import socketserver
@@ -76,6 +78,28 @@ class ApiError(Exception):
         if self.field:
             error["field"] = self.field
         return {"error": error}
+
+    def to_openai(self):
+        """(status, body) as OpenAI's API would answer this error."""
+        kind, code, status = _OPENAI_ERRORS.get(self.code, ("server_error", None, None))
+        return status or self.status, {"error": {"message": self.message, "type": kind,
+                                                 "param": self.field, "code": code}}
+
+
+# How each error looks to an OpenAI client: (type, code, status where it differs).
+_OPENAI_ERRORS = {
+    "INVALID_JSON": ("invalid_request_error", None, None),
+    "BAD_REQUEST": ("invalid_request_error", None, None),
+    "VALIDATION_ERROR": ("invalid_request_error", None, 400),
+    "NOT_FOUND": ("invalid_request_error", "not_found", None),
+    "METHOD_NOT_ALLOWED": ("invalid_request_error", None, None),
+    "PAYLOAD_TOO_LARGE": ("invalid_request_error", None, None),
+    "UNAUTHORIZED": ("invalid_request_error", "invalid_api_key", None),
+    "RATE_LIMITED": ("requests", "rate_limit_exceeded", None),
+    "OVERLOADED": ("service_unavailable_error", "server_is_overloaded", None),
+    "SIM_FAIL": ("server_error", None, None),
+    "TIMEOUT": ("server_error", "timeout", None),
+}
 
 
 class ValidationError(ApiError, ValueError):
@@ -153,13 +177,23 @@ def _check_host(value, field):
     return _check_text(value, field, empty=False)
 
 
-# The create request.  A job's settings after defaults are filled in.
-JobSpec = collections.namedtuple("JobSpec", [
-    "op", "args", "timeout_ms", "trace_id",
-    "mode", "latency_ms", "queue_ms", "seed", "fail_message", "ok_text", "weights",
-])
+def _check_stream(value, field):
+    """A stream failure: exactly one of {"cut_after": N}, {"stall_after": N}, {"error_after": N}."""
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValidationError(field, "must be an object with one of " + ", ".join(STREAM_FAILURES)
+                              + ', e.g. {"cut_after": 3}')
+    (kind, count), = value.items()
+    if kind not in STREAM_FAILURES:
+        raise ValidationError(f"{field}.{kind}", "is not a stream failure; use "
+                              + ", ".join(STREAM_FAILURES))
+    _check_int(count, f"{field}.{kind}", 0, 1_000_000)
+    return dict(value)
+
+
+STREAM_FAILURES = ("cut_after", "stall_after", "error_after")
 
 # Every key allowed inside "simulate", with its check; null means "not given".
+# A new setting is one entry here and one in _simulate_defaults.
 _SIMULATE_FIELDS = {
     "mode": _check_mode,
     "latency_ms": functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS),
@@ -168,7 +202,49 @@ _SIMULATE_FIELDS = {
     "fail_message": _check_optional_text,
     "ok_text": _check_optional_text,
     "weights": _check_weights,
+    "retry_after_ms": functools.partial(_check_int, lo=0, hi=MAX_TIMEOUT_MS),
+    "status": functools.partial(_check_int, lo=500, hi=599),
+    "ttft_ms": functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS),
+    "token_ms": functools.partial(_check_int, lo=0, hi=60_000),
+    "stream": _check_stream,
 }
+
+
+def _simulate_defaults(config):
+    return {"mode": config.mode, "latency_ms": config.latency_ms, "queue_ms": 0,
+            "seed": config.seed, "fail_message": None, "ok_text": None, "weights": None,
+            "retry_after_ms": 1000, "status": None, "ttft_ms": None, "token_ms": 20,
+            "stream": None}
+
+
+# A request's settings, after the server's defaults are filled in.
+JobSpec = collections.namedtuple("JobSpec", ["op", "args", "timeout_ms", "trace_id",
+                                             *_SIMULATE_FIELDS])
+
+
+def parse_simulate(simulate, config, field="simulate"):
+    """Check a "simulate" object (or None) and fill in the server's defaults."""
+    if simulate is None:
+        simulate = {}
+    elif not isinstance(simulate, dict):
+        raise ValidationError(field, "must be an object or null")
+    settings = _simulate_defaults(config)
+    for key, value in simulate.items():
+        check = _SIMULATE_FIELDS.get(key)
+        if check is None:
+            raise ValidationError(f"{field}.{key}", "is not a simulate setting; use "
+                                  + ", ".join(_SIMULATE_FIELDS))
+        if value is not None:
+            settings[key] = check(value, f"{field}.{key}")
+    weights, mode = settings["weights"], settings["mode"]
+    if weights is not None and mode in _DRAWN_MODES:
+        _check_weights(weights, f"{field}.weights", _DRAWN_MODES[mode][0])
+    return settings
+
+
+def _check_timeout_ms(value, config):
+    return config.timeout_ms if value is None else _check_int(
+        value, "timeout_ms", 1, MAX_TIMEOUT_MS)
 
 
 def parse_job_request(body, config):
@@ -181,40 +257,68 @@ def parse_job_request(body, config):
         args = {}
     elif not isinstance(args, dict):
         raise ValidationError("args", "must be an object")
-    timeout_ms = body.get("timeout_ms")
-    timeout_ms = config.timeout_ms if timeout_ms is None else _check_int(
-        timeout_ms, "timeout_ms", 1, MAX_TIMEOUT_MS)
     trace_id = body.get("trace_id")
     if trace_id is not None:
         _check_text(trace_id, "trace_id", MAX_TRACE_ID_CHARS)
+    return JobSpec(op=op, args=args, timeout_ms=_check_timeout_ms(body.get("timeout_ms"), config),
+                   trace_id=trace_id, **parse_simulate(body.get("simulate"), config))
 
-    simulate = body.get("simulate")
-    if simulate is None:
-        simulate = {}
-    elif not isinstance(simulate, dict):
-        raise ValidationError("simulate", "must be an object or null")
-    given = {}
-    for key, value in simulate.items():
-        check = _SIMULATE_FIELDS.get(key)
-        if check is None:
-            raise ValidationError(f"simulate.{key}", "is not a simulate setting; use "
-                                  + ", ".join(_SIMULATE_FIELDS))
-        if value is not None:
-            given[key] = check(value, f"simulate.{key}")
 
-    mode = given.get("mode", config.mode)
-    weights = given.get("weights")
-    if weights is not None and mode in _DRAWN_MODES:
-        _check_weights(weights, "simulate.weights", _DRAWN_MODES[mode][0])
-    return JobSpec(
-        op=op, args=args, timeout_ms=timeout_ms, trace_id=trace_id, mode=mode,
-        latency_ms=given.get("latency_ms", config.latency_ms),
-        queue_ms=given.get("queue_ms", 0),
-        seed=given.get("seed", config.seed),
-        fail_message=given.get("fail_message"),
-        ok_text=given.get("ok_text"),
-        weights=weights,
-    )
+ChatRequest = collections.namedtuple("ChatRequest", "spec model stream include_usage max_tokens")
+
+
+def _check_optional(check, value, field, *args):
+    return None if value is None else check(value, field, *args)
+
+
+def _check_bool(value, field):
+    if not isinstance(value, bool):
+        raise ValidationError(field, "must be true or false")
+    return value
+
+
+def parse_chat_request(body, header_simulate, header_trace_id, config):
+    """Check an OpenAI chat completion request.
+
+    The simulate settings come from the body's "simulate", else from the
+    X-DummyLLM-Simulate header, else the server's defaults.  The key of seeded
+    sequences is the X-Trace-Id header, else "user", else "".
+    """
+    if not isinstance(body, dict):
+        raise ValidationError(None, "request body must be a JSON object")
+    model = _check_text(body.get("model"), "model", empty=False)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValidationError("messages", "must be a non-empty array of messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValidationError(f"messages[{index}]", "must be an object with a string role")
+    stream = bool(_check_optional(_check_bool, body.get("stream"), "stream"))
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ValidationError("stream_options", "must be an object or null")
+    include_usage = bool(_check_optional(_check_bool, (options or {}).get("include_usage"),
+                                         "stream_options.include_usage"))
+    max_tokens = None
+    for name in ("max_tokens", "max_completion_tokens"):
+        max_tokens = _check_optional(_check_int, body.get(name), name, 1, 10_000_000) or max_tokens
+    if body.get("n") not in (None, 1):
+        raise ValidationError("n", "must be 1: dummyLLM answers with one choice")
+    user = _check_optional(_check_text, body.get("user"), "user", MAX_TRACE_ID_CHARS)
+    trace_id = _check_optional(_check_text, header_trace_id, "X-Trace-Id", MAX_TRACE_ID_CHARS)
+
+    if body.get("simulate") is not None:
+        settings = parse_simulate(body["simulate"], config)
+    else:
+        settings = parse_simulate(header_simulate, config, "X-DummyLLM-Simulate")
+    if settings["ttft_ms"] is not None:
+        settings["latency_ms"] = settings["ttft_ms"]
+    if settings["stream"] is not None and not stream:
+        raise ValidationError("simulate.stream", 'applies only with "stream": true')
+    spec = JobSpec(op="llm.chat", args={"model": model, "messages": messages},
+                   timeout_ms=_check_timeout_ms(body.get("timeout_ms"), config),
+                   trace_id=trace_id or user, **settings)
+    return ChatRequest(spec, model, stream, include_usage, max_tokens)
 
 
 # Server options: one row each for the command line, the environment and
@@ -274,6 +378,8 @@ _OPTIONS = (
             functools.partial(_check_int, lo=1, hi=10_000_000), "jobs kept in memory (10000)"),
     _Option("max_body_bytes", "--max-body-bytes", "DUMMYLLM_MAX_BODY_BYTES", 1 << 20, _int_text,
             functools.partial(_check_int, lo=1, hi=1 << 30), "largest request body (1048576)"),
+    _Option("api_key", "--api-key", "DUMMYLLM_API_KEY", None, str, _check_optional_text,
+            "require 'Authorization: Bearer KEY' on the OpenAI endpoints (none)"),
     _Option("quiet", "--quiet", None, False, None, None, "no access log on stderr"),
 )
 
@@ -378,6 +484,16 @@ def _end_timeout(spec, slow_factor):
     return "timeout", spec.latency_ms, spec.timeout_ms, None, _TIMEOUT_ERROR
 
 
+def _end_rate_limit(spec, slow_factor):
+    error = {"code": "RATE_LIMITED", "message": "simulated rate limit: too many requests"}
+    return "rate_limited", 0, 0, None, error
+
+
+def _end_overloaded(spec, slow_factor):
+    error = {"code": "OVERLOADED", "message": "simulated overload: the server is too busy"}
+    return "overloaded", 0, 0, None, error
+
+
 # The modes that end a job directly.  A new mode is one entry here.
 _ENDINGS = {
     "ok": _end_ok,
@@ -386,7 +502,11 @@ _ENDINGS = {
     "fail": _end_fail,
     "hang": _end_hang,
     "timeout": _end_timeout,
+    "rate_limit": _end_rate_limit,
+    "overloaded": _end_overloaded,
 }
+# The states of requests refused at once: no job is created, the answer is an error.
+REFUSED_STATES = ("rate_limited", "overloaded")
 _DRAWABLE_MODES = tuple(_ENDINGS)
 
 # The modes that draw one of the above: (modes they may draw, default weights;
@@ -439,6 +559,87 @@ def plan_job(spec, n, seed, server_weights, slow_factor):
     return Plan(mode, weights, latency_ms, running_at_ms, ends_at_ms, state, result, error)
 
 
+def _duration_text(ms):
+    """OpenAI's style for x-ratelimit-reset-*: "20ms", "1s", "1.5s"."""
+    return f"{ms}ms" if ms < 1000 else f"{ms / 1000:g}s"
+
+
+def refusal(spec, plan):
+    """The error that answers a refused request, with its retry headers."""
+    retry_ms = spec.retry_after_ms
+    headers = [("retry-after", str(math.ceil(retry_ms / 1000))), ("retry-after-ms", str(retry_ms))]
+    if plan.state == "rate_limited":
+        status = 429
+        headers += [("x-ratelimit-limit-requests", "60"), ("x-ratelimit-remaining-requests", "0"),
+                    ("x-ratelimit-reset-requests", _duration_text(retry_ms))]
+    else:
+        status = spec.status or 503
+    return ApiError(status, plan.error["code"], plan.error["message"], headers=headers)
+
+
+def chat_answer(chat, plan):
+    """The text, finish reason and usage of a chat completion that succeeds."""
+    text, finish_reason = plan.result["text"], "stop"
+    if chat.max_tokens is not None and tokens(text) > chat.max_tokens:
+        text, finish_reason = text[:chat.max_tokens * 4], "length"
+    usage = dict(_result(chat.spec, text)["usage"])
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return text, finish_reason, usage
+
+
+def chat_completion(chat, plan, completion_id, created):
+    """The body of a non-streamed chat completion."""
+    text, finish_reason, usage = chat_answer(chat, plan)
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created,
+        "model": chat.model, "system_fingerprint": "dummyllm",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
+                                             "refusal": None},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+
+
+def chat_stream(chat, plan, completion_id, created):
+    """A streamed chat completion: ([(ms after the first token, data)], ending).
+
+    data is a chunk object or "[DONE]".  The text goes out four characters
+    (one token) per chunk, token_ms apart.  ending is "done", or for a
+    simulate.stream failure: "cut" (close without [DONE]), "stall" (hold the
+    connection, silent) or "close" (after an error event).
+    """
+    text, finish_reason, usage = chat_answer(chat, plan)
+    token_ms = chat.spec.token_ms
+
+    def chunk(delta, finish_reason=None):
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": chat.model, "system_fingerprint": "dummyllm",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": finish_reason}]}
+        if chat.include_usage:
+            body["usage"] = None
+        return body
+
+    pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+    failure, count = next(iter((chat.spec.stream or {"": len(pieces)}).items()))
+    events = [(0, chunk({"role": "assistant", "content": ""}))]
+    events += [(i * token_ms, chunk({"content": piece})) for i, piece in enumerate(pieces[:count])]
+    last_ms = events[-1][0]
+    if failure == "cut_after":
+        return events, "cut"
+    if failure == "stall_after":
+        return events, "stall"
+    if failure == "error_after":
+        error = ApiError(500, "SIM_FAIL", chat.spec.fail_message or "simulated stream error")
+        return events + [(last_ms + token_ms, error.to_openai()[1])], "close"
+    events.append((last_ms, chunk({}, finish_reason)))
+    if chat.include_usage:
+        final = chunk({})
+        final["choices"], final["usage"] = [], usage
+        events.append((last_ms, final))
+    return events + [(last_ms, "[DONE]")], "done"
+
+
 # --- Job store --------------------------------------------------------------------
 # One dict behind one lock.  Pending transitions wait in a heap of due times
 # that one timer thread serves, so a pending job costs a heap entry, not a
@@ -483,26 +684,37 @@ class JobStore:
         self._timer.start()
 
     def create(self, spec):
-        """Store a new job and schedule its transitions; returns its JSON."""
+        """Store a new job and schedule its transitions; returns its JSON.
+
+        Raises CAPACITY when full of active jobs, or the refusal its mode draws.
+        """
         with self._lock:
             self._apply_due()
-            if len(self._jobs) >= self.config.max_jobs:
-                self._evict_one()
-            if spec.seed is None:
-                seed, n = self._ids.getrandbits(64), 0
-            else:
-                seed, n = spec.seed, self._next_in_sequence((spec.seed, spec.trace_id or ""))
+            full = len(self._jobs) >= self.config.max_jobs
+            if full and not self._finished:
+                raise ApiError(503, "CAPACITY", f"all {self.config.max_jobs} stored jobs are "
+                               "still active; retry later", headers=[("Retry-After", "1")])
+            plan, n = self._plan(spec)
+            if plan.state in REFUSED_STATES:
+                raise refusal(spec, plan)
+            if full:
+                del self._jobs[self._finished.popitem(last=False)[0]]
             job = _Job()
             job.id = self._new_id()
             job.spec = spec
-            job.plan = plan_job(spec, n, seed, self.config.weights, self.config.slow_factor)
-            job.n = None if spec.seed is None else n
+            job.plan = plan
+            job.n = n
             job.state, job.result, job.error, job.due_seq = "queued", None, None, None
             job.created_ms = job.updated_ms = _now_ms()
             job.created_mono = time.monotonic()
             self._jobs[job.id] = job
             self._schedule_next(job)
             return {"id": job.id, "state": job.state, "created_at": job.created_ms // 1000}
+
+    def plan(self, spec):
+        """The plan of a request that is answered at once, not stored (chat)."""
+        with self._lock:
+            return self._plan(spec)[0]
 
     def get(self, job_id):
         with self._lock:
@@ -577,13 +789,14 @@ class JobStore:
             self._sequences.popitem(last=False)
         return n
 
-    def _evict_one(self):
-        if not self._finished:
-            raise ApiError(503, "CAPACITY",
-                           f"all {self.config.max_jobs} stored jobs are still active; retry later",
-                           headers=[("Retry-After", "1")])
-        job_id, _ = self._finished.popitem(last=False)
-        del self._jobs[job_id]
+    def _plan(self, spec):
+        """Draw the request's plan; n is its place in its seeded sequence, or None."""
+        if spec.seed is None:
+            seed, n = self._ids.getrandbits(64), None
+        else:
+            seed, n = spec.seed, self._next_in_sequence((spec.seed, spec.trace_id or ""))
+        plan = plan_job(spec, n or 0, seed, self.config.weights, self.config.slow_factor)
+        return plan, n
 
     def _schedule_next(self, job):
         plan = job.plan
@@ -632,7 +845,24 @@ class JobStore:
 
 # --- HTTP layer ---------------------------------------------------------------------
 
-Request = collections.namedtuple("Request", "method path query headers body params")
+Request = collections.namedtuple("Request", "method path query headers body params received")
+
+
+class Answer:
+    """What a handler answers, and when.
+
+    `payload` is a JSON value or an ApiError (drawn in the style of the path);
+    `at` is the monotonic time to answer (None: now); `events` makes it a
+    text/event-stream of (ms after `at`, data) that ends as `ending` says
+    (see chat_stream).  A status of None sends nothing: the connection is
+    held until the client or the server closes it.
+    """
+
+    __slots__ = ("status", "payload", "headers", "at", "events", "ending")
+
+    def __init__(self, status=200, payload=None, headers=(), at=None, events=None, ending="done"):
+        self.status, self.payload, self.headers = status, payload, tuple(headers)
+        self.at, self.events, self.ending = at, events, ending
 
 
 def _json_bytes(payload):
@@ -643,68 +873,119 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _json_value(data, what, field=None):
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "INVALID_JSON", f"{what} nests too deeply", field) from None
+    except ValueError as exc:
+        raise ApiError(400, "INVALID_JSON", f"{what} is not valid JSON: {exc}", field) from None
+
+
 def _json_body(request):
     """The request body as a JSON object, or the error that says why not."""
     if not request.body.strip():
         raise ApiError(400, "INVALID_JSON", "request body is empty; send a JSON object")
-    try:
-        value = json.loads(request.body, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ApiError(400, "INVALID_JSON", "request body nests too deeply") from None
-    except ValueError as exc:
-        raise ApiError(400, "INVALID_JSON", f"request body is not valid JSON: {exc}") from None
+    value = _json_value(request.body, "request body")
     if not isinstance(value, dict):
         raise ValidationError(None, "request body must be a JSON object")
     return value
 
 
-# Handlers: (server, request) -> (status, payload, extra headers).
+# Handlers: (server, request) -> Answer.  Errors are raised as ApiError.
 
 def _health(server, request):
     config = server.config
-    return 200, {
+    return Answer(200, {
         "ok": True, "name": "dummyLLM", "time": int(time.time()), "version": __version__,
         "defaults": {"mode": config.mode, "latency_ms": config.latency_ms, "seed": config.seed,
                      "weights": config.weights, "timeout_ms": config.timeout_ms,
                      "slow_factor": config.slow_factor},
         "jobs": server.store.counts(),
-    }, ()
+    })
 
 
 def _create_job(server, request):
     spec = parse_job_request(_json_body(request), server.config)
     job = server.store.create(spec)
-    return 201, job, [("Location", "/v1/jobs/" + job["id"])]
+    return Answer(201, job, [("Location", "/v1/jobs/" + job["id"])])
 
 
 def _get_job(server, request):
-    return 200, server.store.get(request.params["id"]), ()
+    return Answer(200, server.store.get(request.params["id"]))
 
 
 def _cancel_job(server, request):
-    return 200, server.store.cancel(request.params["id"]), ()
+    return Answer(200, server.store.cancel(request.params["id"]))
 
 
 def _job_request(server, request):
-    return 200, server.store.request_view(request.params["id"]), ()
+    return Answer(200, server.store.request_view(request.params["id"]))
+
+
+def _chat_completions(server, request):
+    header = request.headers.get("x-dummyllm-simulate")
+    chat = parse_chat_request(
+        _json_body(request),
+        None if header is None else _json_value(header, "X-DummyLLM-Simulate",
+                                                "X-DummyLLM-Simulate"),
+        request.headers.get("x-trace-id"), server.config)
+    plan = server.store.plan(chat.spec)
+    if plan.state in REFUSED_STATES:
+        raise refusal(chat.spec, plan)
+    if plan.ends_at_ms is None:
+        return Answer(status=None)  # hang
+    at = request.received + plan.ends_at_ms / 1000
+    if plan.state != "ok":
+        status = 504 if plan.state == "timeout" else 500
+        return Answer(payload=ApiError(status, plan.error["code"], plan.error["message"]), at=at)
+    completion_id, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+    if not chat.stream:
+        return Answer(200, chat_completion(chat, plan, completion_id, created), at=at)
+    events, ending = chat_stream(chat, plan, completion_id, created)
+    return Answer(200, at=at, events=events, ending=ending)
+
+
+def _model(model_id):
+    return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "dummyllm"}
+
+
+def _list_models(server, request):
+    return Answer(200, {"object": "list", "data": [_model("dummyllm")]})
+
+
+def _get_model(server, request):
+    return Answer(200, _model(request.params["id"]))  # every model name is served
 
 
 # The routing table.  A new endpoint is one entry here and one handler above.
+# {name} matches one path segment, {name+} the rest of the path.
 ROUTES = (
     ("GET", "/health", _health),
     ("POST", "/v1/jobs", _create_job),
     ("GET", "/v1/jobs/{id}", _get_job),
     ("POST", "/v1/jobs/{id}/cancel", _cancel_job),
     ("GET", "/v1/jobs/{id}/request", _job_request),
+    ("POST", "/v1/chat/completions", _chat_completions),
+    ("GET", "/v1/models", _list_models),
+    ("GET", "/v1/models/{id+}", _get_model),
 )
+
+# Paths under these answer errors in OpenAI's shape, and need --api-key if set.
+OPENAI_PATHS = ("/v1/chat/", "/v1/models")
 
 
 class Router:
     """Match a method and path to a handler; 404 and 405 come from here."""
 
     def __init__(self, routes):
-        self._routes = [(method, re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + r"\Z"),
-                         handler) for method, path, handler in routes]
+        self._routes = [(method, re.compile(self._pattern(path)), handler)
+                        for method, path, handler in routes]
+
+    @staticmethod
+    def _pattern(path):
+        path = re.sub(r"\{(\w+)\+\}", r"(?P<\1>.+)", path)
+        return re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + r"\Z"
 
     def match(self, method, path):
         allowed = []
@@ -811,21 +1092,94 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         self._started = time.perf_counter()
+        received = time.monotonic()
+        path, _, query = self.path.partition("?")
+        self._openai = path.startswith(OPENAI_PATHS)
         try:
             body = self._read_body()
-            path, _, query = self.path.partition("?")
             handler, params = self.server.router.match(self.command, path)
-            status, payload, headers = handler(
-                self.server, Request(self.command, path, query, self.headers, body, params))
+            if self._openai:
+                self._check_api_key()
+            answer = handler(self.server, Request(self.command, path, query, self.headers,
+                                                  body, params, received))
         except ApiError as error:
-            status, payload, headers = error.status, error.to_json(), error.headers
+            answer = Answer(payload=error)
         except (ConnectionError, socket.timeout):
             self.close_connection = True
             return
         except Exception as exc:  # the answer is a 500, never a traceback
             self.server.log(f"dummyLLM: internal error on {self.command} {self.path}: {exc!r}")
-            status, payload, headers = 500, ApiError(500, "INTERNAL", "internal error").to_json(), ()
-        self._send(status, payload, headers)
+            answer = Answer(payload=ApiError(500, "INTERNAL", "internal error"))
+        try:
+            self._deliver(answer)
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True  # the client left mid-answer
+
+    def _check_api_key(self):
+        key = self.server.config.api_key
+        given = self.headers.get("authorization", "")
+        if key is not None and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "UNAUTHORIZED", "incorrect or missing API key; send "
+                           "'Authorization: Bearer <key>' with the key given to --api-key")
+
+    def _deliver(self, answer):
+        if answer.at is not None and not self._wait_until(answer.at):
+            return
+        if answer.status is None:
+            self._log(None)
+            self._hold()
+            return
+        status, payload, headers = answer.status, answer.payload, answer.headers
+        if isinstance(payload, ApiError):
+            if self._openai:
+                status, payload = payload.to_openai()
+            else:
+                status, payload = payload.status, payload.to_json()
+            headers = answer.payload.headers
+        if answer.events is None:
+            self._send(status, payload, headers)
+            return
+        self.wfile.write(self._head(status, headers, "text/event-stream", None))
+        chunked = self.request_version != "HTTP/1.0"
+        start = time.monotonic() if answer.at is None else answer.at
+        for due_ms, group in itertools.groupby(answer.events, key=lambda event: event[0]):
+            if not self._wait_until(start + due_ms / 1000):
+                return
+            data = b"".join(b"data: " + (b"[DONE]" if data == "[DONE]" else _json_bytes(data))
+                            + b"\n\n" for _, data in group)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+        self._log(status)
+        if answer.ending == "stall":
+            self._hold()
+        elif answer.ending == "cut":
+            self.close_connection = True  # the chunked body never ends: a broken stream
+        elif chunked:
+            self.wfile.write(b"0\r\n\r\n")
+            self.close_connection = self.close_connection or answer.ending == "close"
+
+    def _wait_until(self, due):
+        """Sleep until a monotonic time; False if the server stops meanwhile."""
+        delay = due - time.monotonic()
+        if delay > 0 and self.server.stopping.wait(delay):
+            self.close_connection = True
+            return False
+        return True
+
+    def _hold(self):
+        """Send nothing more; keep the connection until the client closes it
+        or the server stops.  Blocked in recv, the thread costs no CPU."""
+        self.close_connection = True
+        sock = self.connection
+        self.server.held.add(sock)
+        try:
+            if not self.server.stopping.is_set():
+                sock.settimeout(None)
+                while sock.recv(65536):
+                    pass  # whatever the client still sends is read and dropped
+        except OSError:
+            pass
+        finally:
+            self.server.held.discard(sock)
 
     def _read_body(self):
         limit = self.server.config.max_body_bytes
@@ -891,26 +1245,38 @@ class _Handler(BaseHTTPRequestHandler):
         reason = message or self.responses.get(code, ("error",))[0]
         self._send(code, ApiError(code, _ERROR_CODES.get(code, "BAD_REQUEST"), reason).to_json(), ())
 
-    def _send(self, status, payload, headers):
-        body = b"" if payload is None else _json_bytes(payload)
+    def _head(self, status, headers, content_type, length):
+        """The status line and header fields; length None: a chunked stream."""
         lines = [
             f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
             "Server: " + self.server_version,
             "Date: " + _http_date(),
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
+            "Content-Type: " + content_type,
         ]
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
+        elif self.request_version == "HTTP/1.0":
+            self.close_connection = True  # no chunked encoding: the end of the body is the close
+        else:
+            lines += ["Transfer-Encoding: chunked", "Cache-Control: no-cache"]
         lines.extend(f"{name}: {value}" for name, value in headers)
         if self.close_connection:
             lines.append("Connection: close")
         elif self.request_version == "HTTP/1.0":
             lines.append("Connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _send(self, status, payload, headers):
+        body = b"" if payload is None else _json_bytes(payload)
+        head = self._head(status, headers, "application/json", len(body))
         # One send: headers and body written apart stall on Nagle plus delayed ACK.
         self.wfile.write(head if self.command == "HEAD" else head + body)
+        self._log(status)
+
+    def _log(self, status):
         if not self.server.config.quiet:
             elapsed_ms = (time.perf_counter() - self._started) * 1000
-            self.server.log(f"{self.command} {self.path} {status} {elapsed_ms:.1f}ms")
+            self.server.log(f"{self.command} {self.path} {status or 'held'} {elapsed_ms:.1f}ms")
 
     def log_message(self, format, *args):
         if not self.server.config.quiet:
@@ -978,6 +1344,8 @@ class DummyLLMServer(ThreadingHTTPServer):
         self.router = Router(ROUTES)
         self._log_writer = None if self.config.quiet else _LogWriter()
         self._thread = None
+        self.stopping = threading.Event()   # wakes handlers that wait to answer
+        self.held = set()                   # sockets of connections held open (hang, stall)
         super().__init__((self.config.host, self.config.port), _Handler)
         self.store = JobStore(self.config)
 
@@ -1015,6 +1383,12 @@ class DummyLLMServer(ThreadingHTTPServer):
         self.server_close()
 
     def server_close(self):
+        self.stopping.set()
+        for sock in list(self.held):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in its recv
+            except OSError:
+                pass
         super().server_close()
         if hasattr(self, "store"):
             self.store.close()

@@ -32,9 +32,8 @@ JOB_KEYS = {"id", "state", "op", "trace_id", "created_at", "updated_at",
 
 def spec(**settings):
     """A JobSpec with test defaults, for the pure simulation functions."""
-    fields = dict(op="llm.chat", args={}, timeout_ms=8000, trace_id=None, mode="ok",
-                  latency_ms=100, queue_ms=0, seed=None, fail_message=None, ok_text=None,
-                  weights=None)
+    fields = dict(op="llm.chat", args={}, timeout_ms=8000, trace_id=None,
+                  **dummyllm._simulate_defaults(dummyllm.make_config(latency_ms=100)))
     fields.update(settings)
     return dummyllm.JobSpec(**fields)
 
