@@ -253,7 +253,7 @@ class JobStoreTest(unittest.TestCase):
         store = self.store()
         for _ in range(1000):
             store.cancel(store.create(spec(mode="timeout", timeout_ms=86_400_000))["id"])
-        self.assertLess(len(store._due), 200)
+        self.assertLess(len(store._due._heap), 200)
 
     def test_close_stops_the_timer_thread(self):
         store = dummyllm.JobStore(dummyllm.make_config())
