@@ -667,6 +667,375 @@ class EmbeddingTest(unittest.TestCase):
             socket.create_connection((host, port), timeout=1).close()
 
 
+# --- The OpenAI-compatible chat endpoint ------------------------------------------------
+
+HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+
+
+class ChatTestCase(ServerTestCase):
+    """Helpers that talk to /v1/chat/completions as any OpenAI client would."""
+
+    def chat(self, headers=None, conn=None, **body):
+        body.setdefault("model", "gpt-test")
+        body.setdefault("messages", HELLO)
+        return self.call("POST", "/v1/chat/completions", body, headers=headers, conn=conn)
+
+    def open_stream(self, headers=None, **body):
+        """Send a streaming request; returns the response to read events from."""
+        body.setdefault("model", "gpt-test")
+        body.setdefault("messages", HELLO)
+        self.conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                          headers=headers or {})
+        response = self.conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
+        return response
+
+    def events(self, response, timed=False):
+        """The data of each server-sent event, as JSON (or "[DONE]")."""
+        events = []
+        for line in iter(response.readline, b""):
+            if line.startswith(b"data: "):
+                data = line[6:].strip()
+                event = "[DONE]" if data == b"[DONE]" else json.loads(data)
+                events.append((time.monotonic(), event) if timed else event)
+        return events
+
+    def assert_openai_error(self, status, body, expected_status, kind, param=None, code=None):
+        self.assertEqual(status, expected_status, body)
+        self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
+        self.assertEqual((body["error"]["type"], body["error"]["param"], body["error"]["code"]),
+                         (kind, param, code))
+
+
+class ChatCompletionTest(ChatTestCase):
+
+    def test_completion(self):
+        started = time.monotonic()
+        status, body, _ = self.chat(simulate={"latency_ms": 100})
+        self.assertGreaterEqual(time.monotonic() - started, 0.1)
+        self.assertEqual(status, 200)
+        self.assertRegex(body["id"], r"\Achatcmpl-[0-9a-f]{24}\Z")
+        self.assertEqual((body["object"], body["model"]), ("chat.completion", "gpt-test"))
+        self.assertAlmostEqual(body["created"], time.time(), delta=2)
+        choice = body["choices"][0]
+        self.assertEqual(choice["message"]["role"], "assistant")
+        self.assertEqual(choice["message"]["content"], "Simulated reply to: Hello")
+        self.assertEqual(choice["finish_reason"], "stop")
+        self.assertEqual(body["usage"], {"prompt_tokens": 5, "completion_tokens": 7,
+                                         "total_tokens": 12})
+
+    def test_max_tokens_cuts_the_text(self):
+        for field in ("max_tokens", "max_completion_tokens"):
+            with self.subTest(field=field):
+                body = self.chat(**{field: 2}, simulate={"ok_text": "0123456789"})[1]
+                self.assertEqual(body["choices"][0]["message"]["content"], "01234567")
+                self.assertEqual(body["choices"][0]["finish_reason"], "length")
+                self.assertEqual(body["usage"]["completion_tokens"], 2)
+
+    def test_echo_and_slow(self):
+        body = self.chat(simulate={"mode": "echo", "latency_ms": 0})[1]
+        self.assertEqual(json.loads(body["choices"][0]["message"]["content"]), HELLO)
+        started = time.monotonic()
+        self.assertEqual(self.chat(simulate={"mode": "slow", "latency_ms": 30})[0], 200)
+        self.assertGreaterEqual(time.monotonic() - started, 0.18)
+
+    def test_fail_is_a_500_after_the_latency(self):
+        started = time.monotonic()
+        status, body, _ = self.chat(simulate={"mode": "fail", "latency_ms": 60,
+                                              "fail_message": "boom"})
+        self.assertGreaterEqual(time.monotonic() - started, 0.06)
+        self.assert_openai_error(status, body, 500, "server_error")
+        self.assertEqual(body["error"]["message"], "boom")
+
+    def test_timeout_is_a_504_at_the_deadline(self):
+        started = time.monotonic()
+        status, body, _ = self.chat(timeout_ms=120, simulate={"mode": "timeout"})
+        self.assertGreaterEqual(time.monotonic() - started, 0.12)
+        self.assert_openai_error(status, body, 504, "server_error", code="timeout")
+        status, body, _ = self.chat(timeout_ms=50, simulate={"latency_ms": 5000})
+        self.assertEqual(status, 504)
+
+    def test_rate_limit_is_a_429_with_retry_headers(self):
+        status, body, response = self.chat(simulate={"mode": "rate_limit", "retry_after_ms": 1500})
+        self.assert_openai_error(status, body, 429, "requests", code="rate_limit_exceeded")
+        self.assertEqual([response.getheader(name) for name in (
+            "retry-after", "retry-after-ms", "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")],
+            ["2", "1500", "60", "0", "1.5s"])
+
+    def test_overloaded_is_a_503_or_529(self):
+        status, body, response = self.chat(simulate={"mode": "overloaded"})
+        self.assert_openai_error(status, body, 503, "service_unavailable_error",
+                                 code="server_is_overloaded")
+        self.assertEqual(response.getheader("retry-after-ms"), "1000")
+        self.assertEqual(self.chat(simulate={"mode": "overloaded", "status": 529})[0], 529)
+
+    def test_hang_holds_the_connection_without_cpu_until_the_server_stops(self):
+        socks = []
+        request = json.dumps({"model": "m", "messages": HELLO, "simulate": {"mode": "hang"}})
+        for _ in range(30):
+            sock = socket.create_connection(self.server.server_address[:2], timeout=5)
+            self.addCleanup(sock.close)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(request), request.encode()))
+            socks.append(sock)
+        time.sleep(0.1)
+        cpu = time.process_time()
+        time.sleep(0.5)
+        self.assertLess(time.process_time() - cpu, 0.1)
+        socks[0].settimeout(0.2)
+        with self.assertRaises(socket.timeout):
+            socks[0].recv(100)
+        started = time.monotonic()
+        self.server.stop()
+        for sock in socks:
+            sock.settimeout(2)
+            self.assertEqual(sock.recv(100), b"")  # closed, nothing ever answered
+        self.assertLess(time.monotonic() - started, 1)
+
+    def test_seeded_choices_follow_the_trace_id_header_or_user(self):
+        def modes(**headers_and_user):
+            found = []
+            for _ in range(6):
+                status, _, _ = self.chat(headers=headers_and_user.get("headers"),
+                                         user=headers_and_user.get("user"),
+                                         simulate={"mode": "random", "seed": 3, "latency_ms": 0,
+                                                   "weights": {"ok": 1, "rate_limit": 1}})
+                found.append("ok" if status == 200 else "rate_limit")
+            return found
+        expected = [plan(n, 3, mode="random", trace_id="abc",
+                         weights={"ok": 1, "rate_limit": 1}).mode for n in range(6)]
+        self.assertEqual(modes(headers={"X-Trace-Id": "abc"}), expected)
+        self.assertEqual(modes(user="abc"), [plan(n, 3, mode="random", trace_id="abc",
+                                                  weights={"ok": 1, "rate_limit": 1}).mode
+                                             for n in range(6, 12)])
+
+    def test_simulate_header_and_body(self):
+        header = {"X-DummyLLM-Simulate": json.dumps({"mode": "fail", "latency_ms": 0})}
+        self.assertEqual(self.chat(headers=header)[0], 500)
+        self.assertEqual(self.chat(headers=header, simulate={"latency_ms": 0})[0], 200)
+        status, body, _ = self.chat(headers={"X-DummyLLM-Simulate": "{nope"})
+        self.assert_openai_error(status, body, 400, "invalid_request_error",
+                                 param="X-DummyLLM-Simulate")
+        status, body, _ = self.chat(headers={"X-DummyLLM-Simulate": '{"mode": "nope"}'})
+        self.assert_openai_error(status, body, 400, "invalid_request_error",
+                                 param="X-DummyLLM-Simulate.mode")
+
+    def test_bad_requests_are_400_naming_the_param(self):
+        for body, param in [({"model": ""}, "model"), ({"model": 5}, "model"),
+                            ({"messages": []}, "messages"), ({"messages": [{"content": "x"}]},
+                                                             "messages[0]"),
+                            ({"stream": "yes"}, "stream"), ({"n": 2}, "n"),
+                            ({"max_tokens": 0}, "max_tokens"), ({"user": 5}, "user"),
+                            ({"stream_options": {"include_usage": 1}},
+                             "stream_options.include_usage"),
+                            ({"simulate": {"mode": "nope"}}, "simulate.mode"),
+                            ({"simulate": {"stream": {"cut_after": 1}}}, "simulate.stream"),
+                            ({"stream": True, "simulate": {"stream": {"cut": 1}}},
+                             "simulate.stream.cut"),
+                            ({"stream": True, "simulate": {"stream": {"cut_after": -1}}},
+                             "simulate.stream.cut_after"),
+                            ({"simulate": {"status": 200}}, "simulate.status"),
+                            ({"simulate": {"token_ms": -1}}, "simulate.token_ms")]:
+            with self.subTest(body=body):
+                status, error, _ = self.chat(**body)
+                self.assert_openai_error(status, error, 400, "invalid_request_error", param)
+        status, error, _ = self.call("POST", "/v1/chat/completions", b"{oops")
+        self.assert_openai_error(status, error, 400, "invalid_request_error")
+
+    def test_unknown_paths_and_methods_answer_in_openai_shape(self):
+        status, body, _ = self.call("POST", "/v1/chat/nope", {})
+        self.assert_openai_error(status, body, 404, "invalid_request_error", code="not_found")
+        status, body, response = self.call("GET", "/v1/chat/completions")
+        self.assert_openai_error(status, body, 405, "invalid_request_error")
+        self.assertEqual(response.getheader("Allow"), "POST")
+
+    def test_models(self):
+        status, body, _ = self.call("GET", "/v1/models")
+        self.assertEqual((status, body["object"]), (200, "list"))
+        self.assertEqual(body["data"][0]["object"], "model")
+        status, body, _ = self.call("GET", "/v1/models/meta-llama/Llama-3.1-8B")
+        self.assertEqual((status, body["id"], body["object"]),
+                         (200, "meta-llama/Llama-3.1-8B", "model"))
+
+    def test_refusing_modes_on_the_job_api_create_no_job(self):
+        status, body, response = self.call("POST", "/v1/jobs", {
+            "op": "x", "simulate": {"mode": "rate_limit", "retry_after_ms": 250}})
+        self.assert_error(status, body, 429, "RATE_LIMITED")
+        self.assertEqual(response.getheader("retry-after-ms"), "250")
+        self.assertEqual(response.getheader("x-ratelimit-remaining-requests"), "0")
+        status, body, _ = self.call("POST", "/v1/jobs", {
+            "op": "x", "simulate": {"mode": "overloaded", "status": 529}})
+        self.assert_error(status, body, 529, "OVERLOADED")
+        self.assertEqual(self.call("GET", "/health")[1]["jobs"]["stored"], 0)
+
+
+class ChatStreamTest(ChatTestCase):
+
+    def test_stream_events(self):
+        response = self.open_stream(stream_options={"include_usage": True},
+                                    simulate={"latency_ms": 0, "token_ms": 0})
+        events = self.events(response)
+        self.assertEqual(events[-1], "[DONE]")
+        chunks = events[:-1]
+        self.assertEqual({chunk["object"] for chunk in chunks}, {"chat.completion.chunk"})
+        self.assertEqual(len({chunk["id"] for chunk in chunks}), 1)
+        self.assertEqual(chunks[0]["choices"][0]["delta"], {"role": "assistant", "content": ""})
+        text = "".join(chunk["choices"][0]["delta"].get("content", "")
+                       for chunk in chunks if chunk["choices"])
+        self.assertEqual(text, "Simulated reply to: Hello")
+        self.assertEqual(chunks[-2]["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(chunks[-1]["choices"], [])
+        self.assertEqual(chunks[-1]["usage"], {"prompt_tokens": 5, "completion_tokens": 7,
+                                               "total_tokens": 12})
+        self.assertEqual(self.call("GET", "/health")[0], 200)  # the connection is reusable
+
+    def test_stream_really_streams_at_token_ms(self):
+        started = time.monotonic()
+        response = self.open_stream(simulate={"ttft_ms": 100, "token_ms": 40,
+                                              "ok_text": "a" * 24})  # 6 content chunks
+        events = self.events(response, timed=True)
+        contents = [at for at, event in events if event != "[DONE]" and event["choices"]
+                    and event["choices"][0]["delta"].get("content")]
+        self.assertEqual(len(contents), 6)
+        self.assertGreaterEqual(contents[0] - started, 0.1)
+        self.assertLess(contents[0] - started, 0.1 + 0.15)  # not held back to the end
+        self.assertGreaterEqual(contents[-1] - contents[0], 5 * 0.04 - 0.005)
+        self.assertLess(contents[-1] - contents[0], 5 * 0.04 + 0.3)
+
+    def test_stream_without_usage_has_no_usage_keys(self):
+        events = self.events(self.open_stream(simulate={"latency_ms": 0, "token_ms": 0}))
+        self.assertTrue(all("usage" not in event for event in events[:-1]))
+
+    def test_cut_after(self):
+        response = self.open_stream(simulate={"latency_ms": 0, "token_ms": 0,
+                                              "stream": {"cut_after": 3}})
+        with self.assertRaises(http.client.IncompleteRead) as caught:
+            response.read()
+        data = caught.exception.partial
+        self.assertEqual(data.count(b'"content"'), 4)  # the role chunk's "" and 3 pieces
+        self.assertNotIn(b"[DONE]", data)
+
+    def test_stall_after(self):
+        response = self.open_stream(simulate={"latency_ms": 0, "token_ms": 0,
+                                              "stream": {"stall_after": 2}})
+        self.conn.sock.settimeout(0.3)
+        events = []
+        with self.assertRaises(socket.timeout):
+            for line in iter(response.readline, b""):
+                if line.startswith(b"data: "):
+                    events.append(json.loads(line[6:]))
+        self.assertEqual(len(events), 3)  # the role chunk and 2 pieces, then silence
+
+    def test_error_after(self):
+        response = self.open_stream(simulate={"latency_ms": 0, "token_ms": 0,
+                                              "fail_message": "mid-stream",
+                                              "stream": {"error_after": 1}})
+        events = self.events(response)
+        self.assertEqual(len(events), 3)
+        self.assertEqual(events[-1], {"error": {"message": "mid-stream", "type": "server_error",
+                                                "param": None, "code": None}})
+
+    def test_failing_modes_answer_before_streaming(self):
+        for simulate, status in [({"mode": "fail", "latency_ms": 0}, 500),
+                                 ({"mode": "rate_limit"}, 429)]:
+            with self.subTest(simulate=simulate):
+                self.assertEqual(self.chat(stream=True, simulate=simulate)[0], status)
+
+    def test_hang_while_streaming_sends_nothing(self):
+        self.conn.sock = None
+        self.conn.timeout = 0.3
+        self.conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "m", "messages": HELLO, "stream": True, "simulate": {"mode": "hang"}}))
+        with self.assertRaises(socket.timeout):
+            self.conn.getresponse()
+
+
+class ApiKeyTest(ChatTestCase):
+    options = {"api_key": "sk-test"}
+
+    def test_openai_endpoints_need_the_key(self):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-test"}):
+            with self.subTest(headers=headers):
+                status, body, _ = self.chat(headers=headers)
+                self.assert_openai_error(status, body, 401, "invalid_request_error",
+                                         code="invalid_api_key")
+        self.assertEqual(self.call("GET", "/v1/models")[0], 401)
+        self.assertEqual(self.chat(headers={"Authorization": "Bearer sk-test"})[0], 200)
+        self.assertEqual(self.call("GET", "/health")[0], 200)  # the job API is open
+
+
+try:
+    import openai
+except ImportError:
+    openai = None
+
+
+@unittest.skipIf(openai is None, "the openai package is not installed (.ci/run installs it)")
+class OpenAISDKTest(ChatTestCase):
+    """The real openai SDK, unchanged, pointed at dummyLLM."""
+
+    def client(self, **options):
+        options.setdefault("max_retries", 0)
+        client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="x", **options)
+        self.addCleanup(client.close)
+        return client
+
+    def test_completion_and_extra_body(self):
+        completion = self.client().chat.completions.create(
+            model="gpt-4o-mini", messages=HELLO, extra_body={"simulate": {"ok_text": "hi!"}})
+        self.assertEqual(completion.choices[0].message.content, "hi!")
+        self.assertEqual(completion.usage.completion_tokens, 1)
+
+    def test_streaming(self):
+        stream = self.client().chat.completions.create(
+            model="m", messages=HELLO, stream=True, stream_options={"include_usage": True},
+            extra_body={"simulate": {"token_ms": 1}})
+        chunks = list(stream)
+        self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+                         "Simulated reply to: Hello")
+        self.assertEqual(chunks[-1].usage.total_tokens, 12)
+
+    def test_sdk_retries_429_honouring_retry_after_ms(self):
+        attempts = []
+        plan_of = self.server.store.plan
+        self.server.store.plan = lambda spec: (attempts.append(time.monotonic()), plan_of(spec))[1]
+        with self.assertRaises(openai.RateLimitError):
+            self.client(max_retries=2).chat.completions.create(
+                model="m", messages=HELLO,
+                extra_body={"simulate": {"mode": "rate_limit", "retry_after_ms": 150}})
+        self.assertEqual(len(attempts), 3)
+        for earlier, later in zip(attempts, attempts[1:]):
+            self.assertGreaterEqual(later - earlier, 0.15)
+            self.assertLess(later - earlier, 0.35)  # the SDK's own back-off starts near 0.5 s
+
+    def test_sdk_times_out_on_hang(self):
+        started = time.monotonic()
+        with self.assertRaises(openai.APITimeoutError):
+            self.client(timeout=0.3).chat.completions.create(
+                model="m", messages=HELLO, extra_body={"simulate": {"mode": "hang"}})
+        self.assertLess(time.monotonic() - started, 2)
+
+    def test_sdk_fails_on_a_cut_stream(self):
+        stream = self.client().chat.completions.create(
+            model="m", messages=HELLO, stream=True,
+            extra_body={"simulate": {"token_ms": 0, "stream": {"cut_after": 2}}})
+        received = []
+        with self.assertRaises(Exception) as caught:
+            for chunk in stream:
+                received.append(chunk)
+        self.assertNotIsInstance(caught.exception, AssertionError)
+        self.assertEqual(len(received), 3)
+
+    def test_sdk_raises_the_error_event(self):
+        stream = self.client().chat.completions.create(
+            model="m", messages=HELLO, stream=True,
+            extra_body={"simulate": {"token_ms": 0, "stream": {"error_after": 1}}})
+        with self.assertRaises(openai.APIError):
+            list(stream)
+
+
 # --- Command line ---------------------------------------------------------------------
 
 class CommandLineTest(unittest.TestCase):
