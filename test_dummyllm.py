@@ -1095,6 +1095,11 @@ class CommandLineTest(unittest.TestCase):
         with socket.create_connection(("127.0.0.1", port)) as rude:  # half a request, then RST
             rude.sendall(b"POST /v1/jobs HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
             rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        hung = socket.create_connection(("127.0.0.1", port))  # a chat call that hangs
+        self.addCleanup(hung.close)
+        body = json.dumps({"model": "m", "messages": HELLO, "simulate": {"mode": "hang"}})
+        hung.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body.encode()))
         conn.request("GET", "/health")
         self.assertEqual(conn.getresponse().status, 200)
         started = time.monotonic()
