@@ -28,6 +28,7 @@ import hmac
 import itertools
 import json
 import math
+import operator
 import os
 import queue
 import random
@@ -36,9 +37,11 @@ import secrets
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "1.0.0"
@@ -99,6 +102,7 @@ _OPENAI_ERRORS = {
     "OVERLOADED": ("service_unavailable_error", "server_is_overloaded", None),
     "SIM_FAIL": ("server_error", None, None),
     "TIMEOUT": ("server_error", "timeout", None),
+    "IDEMPOTENCY_CONFLICT": ("invalid_request_error", "idempotency_conflict", None),
 }
 
 
@@ -195,35 +199,151 @@ def _check_stream(value, field):
 
 
 STREAM_FAILURES = ("cut_after", "stall_after", "error_after")
+FAULTS = ("reset", "disconnect", "empty", "malformed", "dribble")  # and status:N
 
-# Every key allowed inside "simulate", with its check; null means "not given".
-# A new setting is one entry here and one in _simulate_defaults.
+
+class Fault(collections.namedtuple("Fault", "kind status retry_after_ms state")):
+    """A transport fault: one of FAULTS, "status" (with status and
+    retry_after_ms), or "unknown_state" (a poll answered with `state`)."""
+
+    def to_json(self):
+        if self.kind == "status":
+            return {"status": self.status, "retry_after_ms": self.retry_after_ms}
+        if self.kind == "unknown_state":
+            return {"unknown_state": self.state}
+        return self.kind
+
+
+def _plain(value):
+    """Settings as JSON values: faults in their request form, tuples as lists."""
+    if isinstance(value, Fault):
+        return value.to_json()
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def _check_fault(value, field, poll=False):
+    """A fault: "reset", ..., "status:503", {"status": 503, "retry_after_ms": 1000},
+    or, for polls only, {"unknown_state": "paused"}."""
+    if isinstance(value, str):
+        kind, _, status = value.partition(":")
+        if value in FAULTS:
+            return Fault(value, None, None, None)
+        if kind == "status" and status.isascii() and status.isdigit():
+            value = {"status": int(status)}
+    if poll and isinstance(value, dict) and set(value) == {"unknown_state"}:
+        state = _check_text(value["unknown_state"], f"{field}.unknown_state", 64, empty=False)
+        return Fault("unknown_state", None, None, state)
+    if isinstance(value, dict) and "status" in value and set(value) <= {"status",
+                                                                        "retry_after_ms"}:
+        status = _check_int(value["status"], f"{field}.status", 400, 599)
+        retry_ms = value.get("retry_after_ms")
+        if retry_ms is not None:
+            _check_int(retry_ms, f"{field}.retry_after_ms", 0, MAX_TIMEOUT_MS)
+        return Fault("status", status, retry_ms, None)
+    raise ValidationError(field, "must be one of " + ", ".join(FAULTS) + ', "status:N", '
+                          '{"status": N, "retry_after_ms": M}'
+                          + (', {"unknown_state": "..."}' if poll else "") + " or null")
+
+
+def _check_fault_list(value, field):
+    """Faults as "reset,status:503" or a list of faults."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValidationError(field, "must list faults, e.g. reset,status:503,dribble")
+    return tuple(_check_fault(item.strip() if isinstance(item, str) else item, field)
+                 for item in items)
+
+
+def _check_poll_faults(value, field):
+    if not isinstance(value, list) or len(value) > 10_000:
+        raise ValidationError(field, "must be a list of faults (null for a normal answer)")
+    return tuple(None if fault is None else _check_fault(fault, f"{field}[{index}]", poll=True)
+                 for index, fault in enumerate(value))
+
+
+def _check_choice(value, field, choices):
+    if value not in choices:
+        raise ValidationError(field, "must be one of " + ", ".join(choices))
+    return value
+
+
+def _check_script(value, field):
+    """A non-empty list of steps, each a mode name or a partial simulate object."""
+    if not isinstance(value, list) or not value:
+        raise ValidationError(field, "must be a non-empty list of steps: mode names or "
+                              "simulate objects")
+    steps = []
+    for index, step in enumerate(value):
+        step_field = f"{field}[{index}]"
+        if isinstance(step, str):
+            steps.append({"mode": _check_mode(step, step_field)})
+        elif isinstance(step, dict):
+            if "script" in step:
+                raise ValidationError(f"{step_field}.script", "is not allowed inside a step")
+            steps.append(_given_simulate(step, step_field))
+        else:
+            raise ValidationError(step_field, "must be a mode name or a simulate object")
+    return tuple(steps)
+
+
+_from_config = operator.attrgetter
+
+# Every key allowed inside "simulate": its check, and its default (a value, or
+# a function of the server's Config).  A new setting is one entry here.
 _SIMULATE_FIELDS = {
-    "mode": _check_mode,
-    "latency_ms": functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS),
-    "queue_ms": functools.partial(_check_int, lo=0, hi=MAX_TIMEOUT_MS),
-    "seed": _check_seed,
-    "fail_message": _check_optional_text,
-    "ok_text": _check_optional_text,
-    "weights": _check_weights,
-    "retry_after_ms": functools.partial(_check_int, lo=0, hi=MAX_TIMEOUT_MS),
-    "status": functools.partial(_check_int, lo=500, hi=599),
-    "ttft_ms": functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS),
-    "token_ms": functools.partial(_check_int, lo=0, hi=60_000),
-    "stream": _check_stream,
+    "mode": (_check_mode, _from_config("mode")),
+    "latency_ms": (functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS),
+                   _from_config("latency_ms")),
+    "queue_ms": (functools.partial(_check_int, lo=0, hi=MAX_TIMEOUT_MS), 0),
+    "seed": (_check_seed, _from_config("seed")),
+    "fail_message": (_check_optional_text, None),
+    "ok_text": (_check_optional_text, None),
+    "weights": (_check_weights, None),
+    "jitter_ms": (functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS), 0),
+    "retry_after_ms": (functools.partial(_check_int, lo=0, hi=MAX_TIMEOUT_MS), 1000),
+    "status": (functools.partial(_check_int, lo=500, hi=599), None),
+    "ttft_ms": (functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS), None),
+    "token_ms": (functools.partial(_check_int, lo=0, hi=60_000), 20),
+    "stream": (_check_stream, None),
+    "script": (_check_script, None),
+    "fault": (_check_fault, None),
+    "fault_phase": (functools.partial(_check_choice, choices=("before", "after")), "before"),
+    "dribble_ms": (functools.partial(_check_int, lo=0, hi=60_000), 50),
+    "poll_faults": (_check_poll_faults, None),
 }
 
 
 def _simulate_defaults(config):
-    return {"mode": config.mode, "latency_ms": config.latency_ms, "queue_ms": 0,
-            "seed": config.seed, "fail_message": None, "ok_text": None, "weights": None,
-            "retry_after_ms": 1000, "status": None, "ttft_ms": None, "token_ms": 20,
-            "stream": None}
+    return {key: default(config) if callable(default) else default
+            for key, (_, default) in _SIMULATE_FIELDS.items()}
 
 
 # A request's settings, after the server's defaults are filled in.
 JobSpec = collections.namedtuple("JobSpec", ["op", "args", "timeout_ms", "trace_id",
                                              *_SIMULATE_FIELDS])
+
+
+def _given_simulate(simulate, field):
+    """The checked settings a simulate object gives (null means "not given")."""
+    given = {}
+    for key, value in simulate.items():
+        check = _SIMULATE_FIELDS.get(key, (None,))[0]
+        if check is None:
+            raise ValidationError(f"{field}.{key}", "is not a simulate setting; use "
+                                  + ", ".join(_SIMULATE_FIELDS))
+        if value is not None:
+            given[key] = check(value, f"{field}.{key}")
+    return given
+
+
+def _check_combination(settings, field):
+    weights, mode = settings["weights"], settings["mode"]
+    if weights is not None and mode in _DRAWN_MODES:
+        _check_weights(weights, f"{field}.weights", _DRAWN_MODES[mode][0])
 
 
 def parse_simulate(simulate, config, field="simulate"):
@@ -232,17 +352,10 @@ def parse_simulate(simulate, config, field="simulate"):
         simulate = {}
     elif not isinstance(simulate, dict):
         raise ValidationError(field, "must be an object or null")
-    settings = _simulate_defaults(config)
-    for key, value in simulate.items():
-        check = _SIMULATE_FIELDS.get(key)
-        if check is None:
-            raise ValidationError(f"{field}.{key}", "is not a simulate setting; use "
-                                  + ", ".join(_SIMULATE_FIELDS))
-        if value is not None:
-            settings[key] = check(value, f"{field}.{key}")
-    weights, mode = settings["weights"], settings["mode"]
-    if weights is not None and mode in _DRAWN_MODES:
-        _check_weights(weights, f"{field}.weights", _DRAWN_MODES[mode][0])
+    settings = {**_simulate_defaults(config), **_given_simulate(simulate, field)}
+    _check_combination(settings, field)
+    for step in settings["script"] or ():
+        _check_combination({**settings, **step}, field + ".script")
     return settings
 
 
@@ -382,6 +495,14 @@ _OPTIONS = (
             functools.partial(_check_int, lo=1, hi=10_000_000), "jobs kept in memory (10000)"),
     _Option("max_body_bytes", "--max-body-bytes", "DUMMYLLM_MAX_BODY_BYTES", 1 << 20, _int_text,
             functools.partial(_check_int, lo=1, hi=1 << 30), "largest request body (1048576)"),
+    _Option("chaos", "--chaos", "DUMMYLLM_CHAOS", 0, _float_text,
+            functools.partial(_check_number, lo=0, hi=1),
+            "fraction of requests that meet a random --chaos-faults fault (0)"),
+    _Option("chaos_faults", "--chaos-faults", "DUMMYLLM_CHAOS_FAULTS",
+            "reset,status:503,status:429,dribble", str, _check_fault_list,
+            "faults chaos chooses from (reset,status:503,status:429,dribble)"),
+    _Option("journal_size", "--journal-size", "DUMMYLLM_JOURNAL_SIZE", 1000, _int_text,
+            functools.partial(_check_int, lo=0, hi=1_000_000), "requests the journal keeps (1000)"),
     _Option("api_key", "--api-key", "DUMMYLLM_API_KEY", None, str, _check_optional_text,
             "require 'Authorization: Bearer KEY' on the OpenAI endpoints (none)"),
     _Option("quiet", "--quiet", None, False, None, None, "no access log on stderr"),
@@ -420,6 +541,8 @@ Plan = collections.namedtuple("Plan", [
 ])
 
 _TIMEOUT_ERROR = {"code": "TIMEOUT", "message": "job passed its timeout_ms deadline"}
+_CANCELLED_ERROR = {"code": "CANCELLED", "message": "job was cancelled by the client"}
+_RESET_ERROR = {"code": "CANCELLED", "message": "job was cancelled by a server reset"}
 
 
 def tokens(text):
@@ -552,10 +675,14 @@ def plan_job(spec, n, seed, server_weights, slow_factor):
     `seed` and `n` feed every draw: the job's seed and its index among jobs
     with that seed and trace_id, or any fresh number for an unseeded job.
     """
+    key = spec.trace_id or ""
+    if spec.jitter_ms:
+        shift = round((2 * unit_draw(seed, key, n, "jitter") - 1) * spec.jitter_ms)
+        spec = spec._replace(latency_ms=max(0, spec.latency_ms + shift))
     mode, weights = spec.mode, None
     if mode in _DRAWN_MODES:
         weights = spec.weights or _DRAWN_MODES[mode][1] or server_weights
-        mode = weighted_choice(weights, unit_draw(seed, spec.trace_id or "", n, spec.mode))
+        mode = weighted_choice(weights, unit_draw(seed, key, n, spec.mode))
     state, latency_ms, ends_at_ms, result, error = _ENDINGS[mode](spec, slow_factor)
     if ends_at_ms is not None and ends_at_ms > spec.timeout_ms:
         state, ends_at_ms, result, error = "timeout", spec.timeout_ms, None, _TIMEOUT_ERROR
@@ -563,15 +690,32 @@ def plan_job(spec, n, seed, server_weights, slow_factor):
     return Plan(mode, weights, latency_ms, running_at_ms, ends_at_ms, state, result, error)
 
 
+def script_step(spec, n):
+    """The settings of the n-th request carrying spec's script: that step's
+    settings over the others (past the end, the last step repeats)."""
+    return spec._replace(**spec.script[min(n, len(spec.script) - 1)])
+
+
+def chaos_fault(seed, i, rate, faults):
+    """The fault server-wide chaos gives the i-th request it sees, or None."""
+    if unit_draw(seed, "", i, "chaos") >= rate:
+        return None
+    return faults[int(unit_draw(seed, "", i, "chaos-fault") * len(faults))]
+
+
 def _duration_text(ms):
     """OpenAI's style for x-ratelimit-reset-*: "20ms", "1s", "1.5s"."""
     return f"{ms}ms" if ms < 1000 else f"{ms / 1000:g}s"
 
 
+def _retry_headers(retry_ms):
+    return [("retry-after", str(math.ceil(retry_ms / 1000))), ("retry-after-ms", str(retry_ms))]
+
+
 def refusal(spec, plan):
     """The error that answers a refused request, with its retry headers."""
     retry_ms = spec.retry_after_ms
-    headers = [("retry-after", str(math.ceil(retry_ms / 1000))), ("retry-after-ms", str(retry_ms))]
+    headers = _retry_headers(retry_ms)
     if plan.state == "rate_limited":
         status = 429
         headers += [("x-ratelimit-limit-requests", "60"), ("x-ratelimit-remaining-requests", "0"),
@@ -579,6 +723,14 @@ def refusal(spec, plan):
     else:
         status = spec.status or 503
     return ApiError(status, plan.error["code"], plan.error["message"], headers=headers)
+
+
+def fault_error(fault):
+    """The error that answers a "status" fault."""
+    code = {429: "RATE_LIMITED", 503: "OVERLOADED", 529: "OVERLOADED"}.get(
+        fault.status, "INJECTED_FAULT")
+    headers = () if fault.retry_after_ms is None else _retry_headers(fault.retry_after_ms)
+    return ApiError(fault.status, code, f"simulated HTTP {fault.status} fault", headers=headers)
 
 
 def chat_answer(chat, plan):
@@ -711,8 +863,11 @@ class _Schedule:
 
 
 class _Job:
-    __slots__ = ("id", "spec", "plan", "n", "state", "created_ms", "updated_ms",
-                 "created_mono", "result", "error", "timer")
+    __slots__ = ("id", "spec", "plan", "n", "step", "state", "created_ms", "updated_ms",
+                 "created_mono", "result", "error", "timer", "polls", "idempotency")
+
+    def created_json(self):
+        return {"id": self.id, "state": self.state, "created_at": self.created_ms // 1000}
 
     def to_json(self):
         return {
@@ -738,20 +893,40 @@ class JobStore:
         self._timer_wakeup = threading.Condition(self._lock)
         self._jobs = {}                                 # id -> _Job, oldest first
         self._finished = collections.OrderedDict()      # ids of ended jobs, first ended first
-        self._sequences = collections.OrderedDict()     # (seed, trace_id) -> jobs created
+        self._sequences = collections.OrderedDict()     # (seed, trace_id) -> requests seen
+        self._scripts = collections.OrderedDict()       # script key -> attempts seen
+        self._idempotency = {}                          # Idempotency-Key -> job id
         self._due = _Schedule()                         # jobs by their next transition
         self._closed = False
         self._ids = random.Random()
         self._timer = threading.Thread(target=self._run_timer, name="dummyllm-timer", daemon=True)
         self._timer.start()
 
-    def create(self, spec):
-        """Store a new job and schedule its transitions; returns its JSON.
+    def take_script_step(self, spec):
+        """(the spec of this attempt, its step number): a script's next step
+        applied, counted per trace_id; (spec, None) without a script."""
+        if spec.script is None:
+            return spec, None
+        with self._lock:
+            n = self._count(self._scripts, spec.trace_id or "")
+        return script_step(spec, n), n
 
-        Raises CAPACITY when full of active jobs, or the refusal its mode draws.
+    def create(self, spec, idempotency=None, step=None):
+        """Store a new job and schedule its transitions: (its JSON, replayed).
+
+        `idempotency` is (key, fingerprint of the request) or None.  A key
+        seen before with the same fingerprint answers that job again, with
+        replayed True; with another, IDEMPOTENCY_CONFLICT.  Raises CAPACITY
+        when full of active jobs, or the refusal the job's mode draws.
         """
         with self._lock:
             self._apply_due()
+            if idempotency is not None and idempotency[0] in self._idempotency:
+                job = self._jobs[self._idempotency[idempotency[0]]]
+                if job.idempotency != idempotency:
+                    raise ApiError(409, "IDEMPOTENCY_CONFLICT", "this Idempotency-Key was used "
+                                   "with a different request", "Idempotency-Key")
+                return job.created_json(), True
             full = len(self._jobs) >= self.config.max_jobs
             if full and not self._finished:
                 raise ApiError(503, "CAPACITY", f"all {self.config.max_jobs} stored jobs are "
@@ -760,28 +935,31 @@ class JobStore:
             if plan.state in REFUSED_STATES:
                 raise refusal(spec, plan)
             if full:
-                del self._jobs[self._finished.popitem(last=False)[0]]
+                self._forget(self._finished.popitem(last=False)[0])
             job = _Job()
             job.id = self._new_id()
-            job.spec = spec
-            job.plan = plan
-            job.n = n
-            job.state, job.result, job.error, job.timer = "queued", None, None, None
+            job.spec, job.plan, job.n, job.step, job.idempotency = spec, plan, n, step, idempotency
+            job.state, job.result, job.error, job.timer, job.polls = "queued", None, None, None, 0
             job.created_ms = job.updated_ms = _now_ms()
             job.created_mono = time.monotonic()
             self._jobs[job.id] = job
+            if idempotency is not None:
+                self._idempotency[idempotency[0]] = job.id
             self._schedule_next(job)
-            return {"id": job.id, "state": job.state, "created_at": job.created_ms // 1000}
+            return job.created_json(), False
 
     def plan(self, spec):
         """The plan of a request that is answered at once, not stored (chat)."""
         with self._lock:
             return self._plan(spec)[0]
 
-    def get(self, job_id):
+    def poll(self, job_id):
+        """(a job's JSON, the fault simulate.poll_faults gives this poll of it)."""
         with self._lock:
             self._apply_due()
-            return self._job(job_id).to_json()
+            job = self._job(job_id)
+            faults, job.polls = job.spec.poll_faults or (), job.polls + 1
+            return job.to_json(), faults[job.polls - 1] if job.polls <= len(faults) else None
 
     def cancel(self, job_id):
         """End an active job as cancelled; an ended job is left as it is."""
@@ -789,8 +967,7 @@ class JobStore:
             self._apply_due()
             job = self._job(job_id)
             if job.state in ACTIVE_STATES:
-                self._finish(job, "cancelled", None,
-                             {"code": "CANCELLED", "message": "job was cancelled by the client"})
+                self._finish(job, "cancelled", None, _CANCELLED_ERROR)
             return {"id": job.id, "state": job.state}
 
     def request_view(self, job_id):
@@ -798,17 +975,40 @@ class JobStore:
         with self._lock:
             job = self._job(job_id)
         spec, plan = job.spec, job.plan
+        settings = {key: _plain(value) for key, value in spec._asdict().items()
+                    if key in _SIMULATE_FIELDS}
+        settings.update(mode=plan.mode, requested_mode=spec.mode, latency_ms=plan.latency_ms,
+                        weights=plan.weights, n=job.n, script_step=job.step)
         return {
             "id": job.id, "op": spec.op, "args": spec.args, "timeout_ms": spec.timeout_ms,
             "trace_id": spec.trace_id, "created_at_ms": job.created_ms,
-            "simulate": {
-                "mode": plan.mode, "requested_mode": spec.mode,
-                "latency_ms": plan.latency_ms, "queue_ms": spec.queue_ms,
-                "seed": spec.seed, "n": job.n, "weights": plan.weights,
-                "fail_message": spec.fail_message, "ok_text": spec.ok_text,
-            },
+            "idempotency_key": job.idempotency and job.idempotency[0], "polls": job.polls,
+            "simulate": settings,
             "outcome": {"state": plan.state, "at_ms": plan.ends_at_ms},
         }
+
+    def reset(self):
+        """Cancel every active job and forget every job, timer, seeded sequence,
+        script counter and idempotency key; answers how many of each went."""
+        with self._lock:
+            self._apply_due()
+            removed = {"jobs": len(self._jobs),
+                       "active_jobs_cancelled": len(self._jobs) - len(self._finished),
+                       "script_counters": len(self._scripts),
+                       "sequences": len(self._sequences),
+                       "idempotency_keys": len(self._idempotency)}
+            for job in list(self._jobs.values()):
+                if job.state in ACTIVE_STATES:
+                    self._finish(job, "cancelled", None, _RESET_ERROR)
+            for table in (self._jobs, self._finished, self._scripts, self._sequences,
+                          self._idempotency):
+                table.clear()
+            self._due.clear()
+            return removed
+
+    def scripts(self):
+        with self._lock:
+            return [{"key": key, "attempts": n} for key, n in self._scripts.items()]
 
     def counts(self):
         with self._lock:
@@ -844,19 +1044,26 @@ class JobStore:
             if job_id not in self._jobs:
                 return job_id
 
-    def _next_in_sequence(self, key):
-        n = self._sequences.pop(key, 0)
-        self._sequences[key] = n + 1
-        if len(self._sequences) > self.MAX_SEQUENCES:
-            self._sequences.popitem(last=False)
+    def _count(self, counters, key):
+        """Count one more for key; returns the count before.  Bounded: the
+        least recently used keys are forgotten first."""
+        n = counters.pop(key, 0)
+        counters[key] = n + 1
+        if len(counters) > self.MAX_SEQUENCES:
+            counters.popitem(last=False)
         return n
+
+    def _forget(self, job_id):
+        job = self._jobs.pop(job_id)
+        if job.idempotency is not None:
+            del self._idempotency[job.idempotency[0]]
 
     def _plan(self, spec):
         """Draw the request's plan; n is its place in its seeded sequence, or None."""
         if spec.seed is None:
             seed, n = self._ids.getrandbits(64), None
         else:
-            seed, n = spec.seed, self._next_in_sequence((spec.seed, spec.trace_id or ""))
+            seed, n = spec.seed, self._count(self._sequences, (spec.seed, spec.trace_id or ""))
         plan = plan_job(spec, n or 0, seed, self.config.weights, self.config.slow_factor)
         return plan, n
 
@@ -896,9 +1103,38 @@ class JobStore:
         self._finished[job.id] = None
 
 
+class RequestJournal:
+    """The last `size` requests the server answered, oldest first."""
+
+    def __init__(self, size):
+        self._entries = collections.deque(maxlen=size)
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+
+    def record(self, entry):
+        with self._lock:
+            entry["seq"] = next(self._seq)
+            self._entries.append(entry)
+
+    def find(self, trace_id=None, path=None, limit=None):
+        """The newest `limit` entries that match, oldest first."""
+        with self._lock:
+            found = [entry for entry in self._entries
+                     if (trace_id is None or entry["trace_id"] == trace_id)
+                     and (path is None or entry["path"] == path)]
+        return found[-limit:] if limit else found
+
+    def clear(self):
+        with self._lock:
+            removed = len(self._entries)
+            self._entries.clear()
+            return removed
+
+
 # --- HTTP layer ---------------------------------------------------------------------
 
-Request = collections.namedtuple("Request", "method path query headers body params received")
+# `note` is where handlers tell the journal what they learnt: job_id, trace_id.
+Request = collections.namedtuple("Request", "method path query headers body params received note")
 
 
 class Answer:
@@ -908,14 +1144,17 @@ class Answer:
     `at` is the monotonic time to answer (None: now); `events` makes it a
     text/event-stream of (ms after `at`, data) that ends as `ending` says
     (see chat_stream).  A status of None sends nothing: the connection is
-    held until the client or the server closes it.
+    held until the client or the server closes it.  A `fault` spoils the
+    answer as it goes out (see FAULTS).
     """
 
-    __slots__ = ("status", "payload", "headers", "at", "events", "ending")
+    __slots__ = ("status", "payload", "headers", "at", "events", "ending", "fault", "dribble_ms")
 
-    def __init__(self, status=200, payload=None, headers=(), at=None, events=None, ending="done"):
+    def __init__(self, status=200, payload=None, headers=(), at=None, events=None, ending="done",
+                 fault=None, dribble_ms=50):
         self.status, self.payload, self.headers = status, payload, tuple(headers)
         self.at, self.events, self.ending = at, events, ending
+        self.fault, self.dribble_ms = fault, dribble_ms
 
 
 def _reject_constant(name):
@@ -951,17 +1190,38 @@ def _health(server, request):
                      "weights": config.weights, "timeout_ms": config.timeout_ms,
                      "slow_factor": config.slow_factor},
         "jobs": server.store.counts(),
+        "chaos": {"rate": config.chaos, "faults": _plain(config.chaos_faults)},
     })
 
 
+# Faults that lose the answer honour fault_phase "before" (nothing is created);
+# the others are answers about a job, so the job is created first.
+_PHASED_FAULTS = ("reset", "disconnect", "status")
+
+
 def _create_job(server, request):
-    spec = parse_job_request(_json_body(request), server.config)
-    job = server.store.create(spec)
-    return Answer(201, job, [("Location", "/v1/jobs/" + job["id"])])
+    body = _json_body(request)
+    spec, step = server.store.take_script_step(parse_job_request(body, server.config))
+    request.note["trace_id"] = spec.trace_id
+    fault = spec.fault
+    if fault is not None and fault.kind in _PHASED_FAULTS and spec.fault_phase == "before":
+        return Answer(fault=fault)
+    key = request.headers.get("idempotency-key")
+    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    job, replayed = server.store.create(spec, None if key is None else (key, fingerprint), step)
+    request.note["job_id"] = job["id"]
+    headers = [("Location", "/v1/jobs/" + job["id"])]
+    if replayed:  # the answer that was lost the first time, without its fault
+        return Answer(200, job, headers + [("Idempotent-Replayed", "true")])
+    return Answer(201, job, headers, fault=fault, dribble_ms=spec.dribble_ms)
 
 
 def _get_job(server, request):
-    return Answer(200, server.store.get(request.params["id"]))
+    job, fault = server.store.poll(request.params["id"])
+    request.note["job_id"] = job["id"]
+    if fault is not None and fault.kind == "unknown_state":
+        return Answer(200, {**job, "state": fault.state})
+    return Answer(200, job, fault=fault)
 
 
 def _cancel_job(server, request):
@@ -979,20 +1239,61 @@ def _chat_completions(server, request):
         None if header is None else _json_value(header, "X-DummyLLM-Simulate",
                                                 "X-DummyLLM-Simulate"),
         request.headers.get("x-trace-id"), server.config)
-    plan = server.store.plan(chat.spec)
+    spec, _ = server.store.take_script_step(chat.spec)
+    chat = chat._replace(spec=spec)
+    request.note["trace_id"] = spec.trace_id
+    if chat.stream and spec.fault is not None and spec.fault.kind == "dribble":
+        raise ValidationError("simulate.fault", "dribble applies to JSON answers; a stream "
+                              "is paced by token_ms")
+    plan = server.store.plan(spec)
     if plan.state in REFUSED_STATES:
-        raise refusal(chat.spec, plan)
+        raise refusal(spec, plan)
     if plan.ends_at_ms is None:
         return Answer(status=None)  # hang
     at = request.received + plan.ends_at_ms / 1000
     if plan.state != "ok":
         status = 504 if plan.state == "timeout" else 500
-        return Answer(payload=ApiError(status, plan.error["code"], plan.error["message"]), at=at)
+        payload = ApiError(status, plan.error["code"], plan.error["message"])
+        return Answer(payload=payload, at=at, fault=spec.fault, dribble_ms=spec.dribble_ms)
     completion_id, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-    if not chat.stream:
-        return Answer(200, chat_completion(chat, plan, completion_id, created), at=at)
-    events, ending = chat_stream(chat, plan, completion_id, created)
-    return Answer(200, at=at, events=events, ending=ending)
+    if chat.stream and spec.fault is None:
+        events, ending = chat_stream(chat, plan, completion_id, created)
+        return Answer(200, at=at, events=events, ending=ending)
+    return Answer(200, chat_completion(chat, plan, completion_id, created), at=at,
+                  fault=spec.fault, dribble_ms=spec.dribble_ms)
+
+
+def _list_scripts(server, request):
+    return Answer(200, {"scripts": server.store.scripts()})
+
+
+def _reset(server, request):
+    return Answer(200, {"removed": server.reset()})
+
+
+def _query(request, name, check=None):
+    """One query parameter (None if absent), checked."""
+    values = urllib.parse.parse_qs(request.query).get(name)
+    if values is None:
+        return None
+    return check(values[-1], name) if check else values[-1]
+
+
+def _limit(text, field):
+    if not (text.isascii() and text.isdigit()):
+        raise ValidationError(field, "must be a positive integer")
+    return _check_int(int(text), field, 1, 1_000_000)
+
+
+def _list_requests(server, request):
+    entries = server.journal.find(trace_id=_query(request, "trace_id"),
+                                  path=_query(request, "path"),
+                                  limit=_query(request, "limit", _limit))
+    return Answer(200, {"requests": entries})
+
+
+def _clear_requests(server, request):
+    return Answer(200, {"removed": {"journal_entries": server.journal.clear()}})
 
 
 def _model(model_id):
@@ -1018,10 +1319,17 @@ ROUTES = (
     ("POST", "/v1/chat/completions", _chat_completions),
     ("GET", "/v1/models", _list_models),
     ("GET", "/v1/models/{id+}", _get_model),
+    ("GET", "/v1/scripts", _list_scripts),
+    ("POST", "/v1/reset", _reset),
+    ("GET", "/v1/requests", _list_requests),
+    ("DELETE", "/v1/requests", _clear_requests),
 )
 
 # Paths under these answer errors in OpenAI's shape, and need --api-key if set.
 OPENAI_PATHS = ("/v1/chat/", "/v1/models")
+# Requests to these are not journaled; chaos spares them and the control endpoints.
+UNJOURNALED_PATHS = ("/health", "/v1/requests")
+CHAOS_FREE_PATHS = UNJOURNALED_PATHS + ("/v1/scripts", "/v1/reset")
 
 
 class Router:
@@ -1168,6 +1476,9 @@ class _Headers(dict):
         return dict.get(self, name.lower(), default)
 
 
+DRIBBLE_PIECES = 8
+JOURNAL_BODY_BYTES = 4096
+JOURNAL_HEADERS = ("Idempotency-Key", "X-Trace-Id", "User-Agent")
 _REQUEST_LINE = re.compile(r"(\S+) (\S+) HTTP/([0-9])\.([0-9])\Z")
 MAX_HEADER_FIELDS = 100
 MAX_LINE_BYTES = 65536
@@ -1179,11 +1490,13 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "dummyLLM/" + __version__
     timeout = 30  # idle keep-alive connections let go of their thread after this
+    _request = _fault = None  # the request being answered, and the fault it meets
 
     def parse_request(self):
         # Replaces http.server's, which parses headers with the email package:
         # half the CPU time of a small request.  Sets what it sets.
         self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
+        self._request, self._fault = None, None
         self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
         line = _REQUEST_LINE.match(self.requestline)
         if not line:
@@ -1239,13 +1552,20 @@ class _Handler(BaseHTTPRequestHandler):
         received = time.monotonic()
         path, _, query = self.path.partition("?")
         self._openai = path.startswith(OPENAI_PATHS)
+        self._request = request = Request(self.command, path, query, self.headers, b"", {},
+                                          received, {})
         try:
             body = self._read_body()
             handler, params = self.server.router.match(self.command, path)
+            self._request = request = request._replace(body=body, params=params)
             if self._openai:
                 self._check_api_key()
-            answer = handler(self.server, Request(self.command, path, query, self.headers,
-                                                  body, params, received))
+            chaos = None if path in CHAOS_FREE_PATHS else self.server.chaos_fault()
+            if chaos is not None and chaos.kind != "dribble":
+                answer = Answer(fault=chaos)  # the request is lost before it is served
+            else:
+                answer = handler(self.server, request)
+                answer.fault = answer.fault or chaos
         except ApiError as error:
             answer = Answer(payload=error)
         except (ConnectionError, socket.timeout):
@@ -1273,15 +1593,55 @@ class _Handler(BaseHTTPRequestHandler):
         if answer.at is not None and not self._wait_until(answer.at):
             return
         if answer.status is None:
-            self._log(None)
+            self._answered(None)
             self._hold()
             return
         status, payload, headers = answer.status, answer.payload, answer.headers
         if isinstance(payload, ApiError):
-            status, payload = payload.to_openai() if self._openai else (
-                payload.status, payload.to_json())
-            headers = answer.payload.headers
-        self._send(status, payload, headers)
+            status, payload, headers = self._render(payload)
+        if answer.fault is None:
+            self._send(status, payload, headers)
+        else:
+            self._send_faulty(answer, status, payload, headers)
+
+    def _render(self, error):
+        """(status, body, headers) of an error, in the style of the path."""
+        status, body = error.to_openai() if self._openai else (error.status, error.to_json())
+        return status, body, error.headers
+
+    def _send_faulty(self, answer, status, payload, headers):
+        """Answer through a transport fault (see FAULTS)."""
+        fault = answer.fault
+        self._fault = fault
+        if fault.kind == "reset":
+            self._answered(None)
+            self._reset()
+        elif fault.kind == "disconnect":
+            self._answered(None)
+            self.close_connection = True  # closed cleanly, nothing said
+        elif fault.kind == "status":
+            self._send(*self._render(fault_error(fault)))
+        elif fault.kind == "empty":
+            self._send_bytes(200, headers, b"")
+        elif fault.kind == "malformed":
+            body = _json_bytes(payload)
+            self._send_bytes(200, headers, body[:len(body) // 2])
+        else:  # dribble: the right answer, in DRIBBLE_PIECES pieces dribble_ms apart
+            body = _json_bytes(payload)
+            data = self._head(status, headers, "application/json", len(body)) + body
+            self._answered(status)
+            start, size = time.monotonic(), -(-len(data) // DRIBBLE_PIECES)
+            for index in range(DRIBBLE_PIECES):
+                if not self._wait_until(start + index * answer.dribble_ms / 1000):
+                    return
+                self.wfile.write(data[index * size:(index + 1) * size])
+
+    def _reset(self):
+        """Close the connection with a TCP RST: SO_LINGER 0, then close at once."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.rfile.close()  # it holds a reference that would put the close off
+        self.connection.close()
 
     def _deliver_stream(self, answer):
         # Every chunk is encoded now, before the first is due; the stream writer
@@ -1295,10 +1655,10 @@ class _Handler(BaseHTTPRequestHandler):
             frames.append((start + due_ms / 1000,
                            b"%x\r\n%s\r\n" % (len(data), data) if chunked else data))
         frames[0] = (frames[0][0], head + frames[0][1])
+        self._answered(answer.status)
         if not self.server.streams.write(self.connection, frames):
             self.close_connection = True
             return
-        self._log(answer.status)
         if answer.ending == "stall":
             self._hold()
         elif answer.ending == "cut":
@@ -1417,16 +1777,35 @@ class _Handler(BaseHTTPRequestHandler):
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _send(self, status, payload, headers):
-        body = b"" if payload is None else _json_bytes(payload)
+        self._send_bytes(status, headers, b"" if payload is None else _json_bytes(payload))
+
+    def _send_bytes(self, status, headers, body):
         head = self._head(status, headers, "application/json", len(body))
+        self._answered(status)
         # One send: headers and body written apart stall on Nagle plus delayed ACK.
         self.wfile.write(head if self.command == "HEAD" else head + body)
-        self._log(status)
 
-    def _log(self, status):
+    def _answered(self, status):
+        """Log and journal the answer now going out (status None: none at all)."""
         if not self.server.config.quiet:
             elapsed_ms = (time.perf_counter() - self._started) * 1000
-            self.server.log(f"{self.command} {self.path} {status or 'held'} {elapsed_ms:.1f}ms")
+            self.server.log(f"{self.command} {self.path} {status or '-'} {elapsed_ms:.1f}ms"
+                            + (f" fault={self._fault.to_json()}" if self._fault else ""))
+        request = self._request
+        if request is None or request.path in UNJOURNALED_PATHS:
+            return
+        text = request.body[:JOURNAL_BODY_BYTES].decode("utf-8", "replace")
+        self.server.journal.record({
+            "at_ms": _now_ms() - round((time.monotonic() - request.received) * 1000),
+            "monotonic_ms": round(request.received * 1000, 3),
+            "method": request.method, "path": request.path, "query": request.query,
+            "headers": {name: request.headers.get(name) for name in JOURNAL_HEADERS
+                        if request.headers.get(name) is not None},
+            "body": text, "body_truncated": len(request.body) > JOURNAL_BODY_BYTES,
+            "status": status, "fault": self._fault and self._fault.to_json(),
+            "job_id": request.note.get("job_id"),
+            "trace_id": request.note.get("trace_id") or request.headers.get("x-trace-id"),
+        })
 
     def log_message(self, format, *args):
         if not self.server.config.quiet:
@@ -1495,6 +1874,8 @@ class DummyLLMServer(ThreadingHTTPServer):
         self._log_writer = None if self.config.quiet else _LogWriter()
         self._thread = None
         self.stopping = threading.Event()   # wakes handlers that wait to answer
+        self.journal = RequestJournal(self.config.journal_size)
+        self._chaos_count = itertools.count()
         self.streams = _StreamWriter()
         self.held = set()                   # sockets of connections held open (hang, stall)
         super().__init__((self.config.host, self.config.port), _Handler)
@@ -1510,6 +1891,22 @@ class DummyLLMServer(ThreadingHTTPServer):
     def url(self):
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def reset(self):
+        """Start clean: cancel and forget every job, forget every counter,
+        idempotency key and journal entry.  Returns how many of each went."""
+        removed = self.store.reset()
+        removed["journal_entries"] = self.journal.clear()
+        self._chaos_count = itertools.count()
+        return removed
+
+    def chaos_fault(self):
+        """The fault --chaos gives the next request, or None."""
+        if not self.config.chaos:
+            return None
+        seed = self.config.seed if self.config.seed is not None else random.getrandbits(64)
+        return chaos_fault(seed, next(self._chaos_count), self.config.chaos,
+                           self.config.chaos_faults)
 
     def log(self, line):
         if self._log_writer is not None:

@@ -239,20 +239,20 @@ class JobStoreTest(unittest.TestCase):
 
     def test_answers_do_not_wait_for_the_timer_thread(self):
         store = self.store(timer_thread=False, max_jobs=2)
-        ids = [store.create(spec(latency_ms=0))["id"] for _ in range(5)]  # evicts, never 503
-        self.assertEqual(store.get(ids[-1])["state"], "ok")
+        ids = [store.create(spec(latency_ms=0))[0]["id"] for _ in range(5)]  # evicts, never 503
+        self.assertEqual(store.poll(ids[-1])[0]["state"], "ok")
         self.assertEqual(store.counts(), {"stored": 2, "active": 0})
 
     def test_the_timer_thread_moves_jobs_on_by_itself(self):
         store = self.store()
-        job_id = store.create(spec(latency_ms=20))["id"]
+        job_id = store.create(spec(latency_ms=20))[0]["id"]
         time.sleep(0.2)
         self.assertEqual(store._jobs[job_id].state, "ok")
 
     def test_cancelled_transitions_do_not_pile_up(self):
         store = self.store()
         for _ in range(1000):
-            store.cancel(store.create(spec(mode="timeout", timeout_ms=86_400_000))["id"])
+            store.cancel(store.create(spec(mode="timeout", timeout_ms=86_400_000))[0]["id"])
         self.assertLess(len(store._due._heap), 200)
 
     def test_close_stops_the_timer_thread(self):
