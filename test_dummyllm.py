@@ -1036,6 +1036,322 @@ class OpenAISDKTest(ChatTestCase):
             list(stream)
 
 
+# --- The retry-testing toolkit -----------------------------------------------------------
+
+class RetryTestCase(ServerTestCase):
+    options = {"seed": 1}
+
+    def raw(self, method, path, body=None, headers=(), timeout=5):
+        """Send one request on a fresh socket; returns the socket, unread."""
+        data = b"" if body is None else json.dumps(body).encode()
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        sock = socket.create_connection(self.server.server_address[:2], timeout=timeout)
+        self.addCleanup(sock.close)
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(data)}"
+                     f"\r\n\r\n".encode() + data)
+        return sock
+
+    def read_all(self, sock):
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+    def stored(self):
+        return self.call("GET", "/health")[1]["jobs"]["stored"]
+
+    def journal(self, query=""):
+        status, body, _ = self.call("GET", "/v1/requests" + query)
+        self.assertEqual(status, 200)
+        return body["requests"]
+
+
+class ScriptTest(RetryTestCase):
+
+    def modes(self, server, count, script, trace_id="T"):
+        conn = self.connect(server)
+        found = []
+        for _ in range(count):
+            status, body, _ = self.call("POST", "/v1/jobs", {
+                "op": "x", "trace_id": trace_id, "simulate": {"latency_ms": 0, "script": script}},
+                conn=conn)
+            if status != 201:
+                found.append(status)
+                continue
+            view = self.call("GET", f"/v1/jobs/{body['id']}/request", conn=conn)[1]
+            found.append((view["simulate"]["mode"], view["simulate"]["latency_ms"],
+                          view["simulate"]["script_step"]))
+        return found
+
+    def test_fail_twice_then_succeed_on_every_fresh_server(self):
+        script = ["fail", {"mode": "fail", "latency_ms": 50}, "rate_limit", "ok"]
+        expected = [("fail", 0, 0), ("fail", 50, 1), 429, ("ok", 0, 3), ("ok", 0, 4)]
+        self.assertEqual(self.modes(self.server, 5, script), expected)
+        self.assertEqual(self.modes(self.start({"seed": 1}), 5, script), expected)
+
+    def test_counters_are_per_key_listed_and_reset(self):
+        self.modes(self.server, 3, ["fail", "ok"], trace_id="A")
+        self.modes(self.server, 1, ["fail", "ok"], trace_id="B")
+        self.assertEqual(self.call("GET", "/v1/scripts")[1]["scripts"],
+                         [{"key": "A", "attempts": 3}, {"key": "B", "attempts": 1}])
+        status, body, _ = self.call("POST", "/v1/reset")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["removed"]["script_counters"], 2)
+        self.assertEqual(self.call("GET", "/v1/scripts")[1]["scripts"], [])
+        self.assertEqual(self.modes(self.server, 1, ["fail", "ok"], trace_id="A"),
+                         [("fail", 0, 0)])
+
+    def test_chat_scripts_follow_the_trace_id_header(self):
+        statuses = [self.call("POST", "/v1/chat/completions", {
+            "model": "m", "messages": HELLO,
+            "simulate": {"latency_ms": 0, "script": ["rate_limit", "overloaded", "ok"]}},
+            headers={"X-Trace-Id": "c1"})[0] for _ in range(4)]
+        self.assertEqual(statuses, [429, 503, 200, 200])
+
+    def test_bad_scripts_are_422(self):
+        for script, field in [("fail", "simulate.script"), ([], "simulate.script"),
+                              (["nope"], "simulate.script[0]"), ([3], "simulate.script[0]"),
+                              ([{"mode": "nope"}], "simulate.script[0].mode"),
+                              ([{"script": ["ok"]}], "simulate.script[0].script"),
+                              ([{"latency": 1}], "simulate.script[0].latency")]:
+            with self.subTest(script=script):
+                status, body, _ = self.call("POST", "/v1/jobs", {"op": "x",
+                                                                 "simulate": {"script": script}})
+                self.assert_error(status, body, 422, "VALIDATION_ERROR", field)
+
+
+class FaultTest(RetryTestCase):
+
+    def create_with(self, **simulate):
+        return self.raw("POST", "/v1/jobs", {"op": "x", "simulate": simulate},
+                        [("Connection", "close")])
+
+    def test_reset_is_a_tcp_rst(self):
+        sock = self.create_with(fault="reset")
+        with self.assertRaises(ConnectionResetError):
+            self.read_all(sock)
+
+    def test_disconnect_closes_cleanly_without_an_answer(self):
+        self.assertEqual(self.read_all(self.create_with(fault="disconnect")), b"")
+
+    def test_empty_is_a_200_without_a_body(self):
+        self.conn.request("POST", "/v1/jobs", json.dumps({"op": "x", "simulate": {
+            "fault": "empty"}}))
+        response = self.conn.getresponse()
+        self.assertEqual((response.status, response.read()), (200, b""))
+
+    def test_malformed_is_a_200_with_half_a_json_body(self):
+        self.conn.request("POST", "/v1/jobs", json.dumps({"op": "x", "simulate": {
+            "fault": "malformed"}}))
+        response = self.conn.getresponse()
+        self.assertEqual(response.status, 200)
+        body = response.read()
+        self.assertTrue(body.startswith(b'{"id":"job_'), body)
+        with self.assertRaises(ValueError):
+            json.loads(body)
+
+    def test_dribble_sends_the_right_answer_slowly(self):
+        started = time.monotonic()
+        sock = self.create_with(fault="dribble", dribble_ms=40)
+        first = sock.recv(65536)
+        data = first + self.read_until(sock, b"}")
+        self.assertLess(len(first), len(data))
+        self.assertGreaterEqual(time.monotonic() - started, 7 * 0.04)
+        self.assertTrue(data.startswith(b"HTTP/1.1 201 "), data)
+        self.assertEqual(json.loads(data.partition(b"\r\n\r\n")[2])["state"], "queued")
+
+    def read_until(self, sock, end):
+        data = b""
+        while not data.endswith(end):
+            data += sock.recv(65536)
+        return data
+
+    def test_status_faults(self):
+        status, body, response = self.call("POST", "/v1/jobs", {"op": "x", "simulate": {
+            "fault": {"status": 502, "retry_after_ms": 2500}}})
+        self.assert_error(status, body, 502, "INJECTED_FAULT")
+        self.assertEqual((response.getheader("retry-after"), response.getheader("retry-after-ms")),
+                         ("3", "2500"))
+        status, body, _ = self.call("POST", "/v1/jobs", {"op": "x", "simulate": {
+            "fault": "status:529"}})
+        self.assert_error(status, body, 529, "OVERLOADED")
+
+    def test_fault_phase_before_creates_nothing_and_after_creates_the_job(self):
+        for fault in ("reset", "disconnect", {"status": 503}):
+            with self.subTest(fault=fault):
+                self.call("POST", "/v1/reset")
+                self.read_all_quietly(self.create_with(fault=fault))
+                self.assertEqual(self.stored(), 0)
+                self.read_all_quietly(self.create_with(fault=fault, fault_phase="after"))
+                self.assertEqual(self.stored(), 1)
+
+    def read_all_quietly(self, sock):
+        try:
+            self.read_all(sock)
+        except ConnectionResetError:
+            pass
+
+    def test_a_lost_acknowledgement_with_and_without_an_idempotency_key(self):
+        body = {"op": "charge", "simulate": {"latency_ms": 0, "script": [
+            {"fault": "reset", "fault_phase": "after"}, "ok"]}}
+        key = [("Idempotency-Key", "pay-1")]
+        with self.assertRaises(ConnectionResetError):
+            self.read_all(self.raw("POST", "/v1/jobs", body, key))
+        status, job, response = self.call("POST", "/v1/jobs", body, headers=dict(key))
+        self.assertEqual((status, response.getheader("Idempotent-Replayed")), (200, "true"))
+        self.assertEqual(self.stored(), 1)  # the work ran once
+        self.assertEqual(self.journal("?path=/v1/jobs")[0]["job_id"], job["id"])
+        status, error, _ = self.call("POST", "/v1/jobs", {"op": "other"}, headers=dict(key))
+        self.assert_error(status, error, 409, "IDEMPOTENCY_CONFLICT", "Idempotency-Key")
+
+        self.call("POST", "/v1/reset")
+        with self.assertRaises(ConnectionResetError):
+            self.read_all(self.raw("POST", "/v1/jobs", body))
+        self.assertEqual(self.call("POST", "/v1/jobs", body)[0], 201)
+        self.assertEqual(self.stored(), 2)  # without a key, the work ran twice
+
+    def test_poll_faults_hit_the_kth_poll(self):
+        job_id = self.create(simulate={"mode": "hang", "poll_faults": [
+            None, "reset", {"unknown_state": "paused"}, {"status": 503}]})
+        path = "/v1/jobs/" + job_id
+        self.assertEqual(self.job(job_id)["state"], "running")
+        with self.assertRaises(ConnectionResetError):
+            self.read_all(self.raw("GET", path))
+        self.assertEqual(self.job(job_id)["state"], "paused")
+        self.assertEqual(self.call("GET", path)[0], 503)
+        self.assertEqual(self.job(job_id)["state"], "running")
+        self.assertEqual(self.call("GET", path + "/request")[1]["polls"], 5)
+
+    def test_chat_faults(self):
+        with self.assertRaises(ConnectionResetError):
+            self.read_all(self.raw("POST", "/v1/chat/completions", {
+                "model": "m", "messages": HELLO, "simulate": {"fault": "reset"}}))
+        status, body, _ = self.call("POST", "/v1/chat/completions", {
+            "model": "m", "messages": HELLO, "simulate": {"fault": "status:429"}})
+        self.assertEqual((status, body["error"]["code"]), (429, "rate_limit_exceeded"))
+
+    def test_bad_faults_are_422(self):
+        for simulate, field in [({"fault": "explode"}, "simulate.fault"),
+                                ({"fault": {"status": 200}}, "simulate.fault.status"),
+                                ({"fault": {"unknown_state": "x"}}, "simulate.fault"),
+                                ({"fault": "status:abc"}, "simulate.fault"),
+                                ({"fault_phase": "during"}, "simulate.fault_phase"),
+                                ({"dribble_ms": -1}, "simulate.dribble_ms"),
+                                ({"jitter_ms": -1}, "simulate.jitter_ms"),
+                                ({"poll_faults": "reset"}, "simulate.poll_faults"),
+                                ({"poll_faults": [None, "boom"]}, "simulate.poll_faults[1]")]:
+            with self.subTest(simulate=simulate):
+                status, body, _ = self.call("POST", "/v1/jobs", {"op": "x", "simulate": simulate})
+                self.assert_error(status, body, 422, "VALIDATION_ERROR", field)
+
+    def test_thousands_of_resets_leave_the_server_serving(self):
+        threads = threading.active_count()
+        for _ in range(2000):
+            try:
+                self.read_all(self.create_with(fault="reset"))
+            except ConnectionResetError:
+                pass
+        self.assertEqual(self.call("GET", "/health")[0], 200)
+        deadline = time.monotonic() + 5
+        while threading.active_count() > threads + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertLessEqual(threading.active_count(), threads + 1)
+
+
+class JitterTest(RetryTestCase):
+
+    def test_jitter_is_bounded_and_seeded(self):
+        def latencies(server):
+            conn = self.connect(server)
+            found = []
+            for _ in range(20):
+                job_id = self.create(conn=conn, trace_id="J",
+                                     simulate={"latency_ms": 100, "jitter_ms": 30})
+                found.append(self.call("GET", f"/v1/jobs/{job_id}/request", conn=conn)[1]
+                             ["simulate"]["latency_ms"])
+            return found
+        first = latencies(self.server)
+        self.assertTrue(all(70 <= latency <= 130 for latency in first), first)
+        self.assertGreater(len(set(first)), 5)
+        self.assertEqual(latencies(self.start({"seed": 1})), first)
+
+
+class JournalTest(RetryTestCase):
+    options = {"seed": 1, "journal_size": 5}
+
+    def test_entries(self):
+        self.call("GET", "/health")  # not journaled
+        self.call("POST", "/v1/jobs", {"op": "x", "trace_id": "t1", "pad": "p" * 5000},
+                  headers={"Idempotency-Key": "k", "User-Agent": "tester/1", "X-Other": "no"})
+        self.call("GET", "/nope?a=1", headers={"X-Trace-Id": "t2"})
+        first, second = self.journal()
+        self.assertEqual((first["method"], first["path"], first["status"], first["trace_id"]),
+                         ("POST", "/v1/jobs", 201, "t1"))
+        self.assertRegex(first["job_id"], r"\Ajob_")
+        self.assertEqual(first["headers"], {"Idempotency-Key": "k", "User-Agent": "tester/1"})
+        self.assertEqual((len(first["body"]), first["body_truncated"]), (4096, True))
+        self.assertIsNone(first["fault"])
+        self.assertAlmostEqual(first["at_ms"] / 1000, time.time(), delta=2)
+        self.assertLessEqual(first["monotonic_ms"], second["monotonic_ms"])
+        self.assertEqual((second["path"], second["query"], second["status"], second["trace_id"]),
+                         ("/nope", "a=1", 404, "t2"))
+
+    def test_filters_bounds_and_clear(self):
+        for i in range(8):
+            self.call("POST", "/v1/jobs", {"op": "x", "trace_id": f"t{i % 2}"})
+        entries = self.journal()
+        self.assertEqual(len(entries), 5)  # --journal-size
+        self.assertEqual([entry["seq"] for entry in entries], sorted(e["seq"] for e in entries))
+        self.assertEqual({entry["trace_id"] for entry in self.journal("?trace_id=t1")}, {"t1"})
+        self.assertEqual(len(self.journal("?trace_id=t1&limit=1")), 1)
+        self.assertEqual(self.journal("?path=/nope"), [])
+        status, body, _ = self.call("GET", "/v1/requests?limit=0")
+        self.assert_error(status, body, 422, "VALIDATION_ERROR", "limit")
+        status, body, _ = self.call("DELETE", "/v1/requests")
+        self.assertEqual((status, body["removed"]["journal_entries"]), (200, 5))
+        self.assertEqual(self.journal(), [])
+
+    def test_a_client_retry_loop_seen_through_the_journal(self):
+        body = {"op": "x", "trace_id": "retry-1", "simulate": {"script": [
+            {"fault": {"status": 503}}, {"fault": {"status": 503}}, "ok"]}}
+        for attempt in range(3):
+            if self.call("POST", "/v1/jobs", body)[0] == 201:
+                break
+            time.sleep(0.05 * 2 ** attempt)  # the client's back-off
+        attempts = self.journal("?trace_id=retry-1")
+        self.assertEqual([entry["status"] for entry in attempts], [503, 503, 201])
+        gaps = [later["monotonic_ms"] - earlier["monotonic_ms"]
+                for earlier, later in zip(attempts, attempts[1:])]
+        self.assertGreaterEqual(gaps[0], 50)
+        self.assertGreaterEqual(gaps[1], 100)
+
+
+class ChaosTest(RetryTestCase):
+    options = {"seed": 9, "chaos": 0.5, "chaos_faults": "reset,status:503,disconnect"}
+
+    def faults(self, server):
+        for _ in range(20):
+            try:
+                conn = self.connect(server)
+                self.call("POST", "/v1/jobs", {"op": "x"}, conn=conn)
+            except (ConnectionError, http.client.HTTPException):
+                pass
+        conn = self.connect(server)
+        status, body, _ = self.call("GET", "/v1/requests", conn=conn)
+        return [entry["fault"] for entry in body["requests"]]
+
+    def test_the_same_run_order_gives_the_same_faults(self):
+        first = self.faults(self.server)
+        self.assertEqual(len(first), 20)
+        self.assertTrue(5 <= sum(fault is not None for fault in first) <= 15, first)
+        self.assertEqual(set(map(json.dumps, first)) - {"null"},
+                         {'"reset"', '"disconnect"', '{"status": 503, "retry_after_ms": null}'})
+        self.assertEqual(self.faults(self.start(self.options)), first)
+        self.assertEqual(self.call("GET", "/health")[1]["chaos"]["rate"], 0.5)
+
+
 # --- Command line ---------------------------------------------------------------------
 
 class CommandLineTest(unittest.TestCase):
@@ -1061,6 +1377,8 @@ class CommandLineTest(unittest.TestCase):
         for args, env, named in [(["--mode", "nope"], {}, "--mode"),
                                  (["--latency-ms", "-1"], {}, "--latency-ms"),
                                  (["--weights", "ok=x"], {}, "--weights"),
+                                 (["--chaos", "1.5"], {}, "--chaos"),
+                                 (["--chaos-faults", "reset,boom"], {}, "--chaos-faults"),
                                  ([], {"DUMMYLLM_LATENCY_MS": "abc"}, "DUMMYLLM_LATENCY_MS"),
                                  (["--no-such-flag"], {}, "--no-such-flag")]:
             with self.subTest(args=args, env=env):
