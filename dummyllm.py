@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""dummyLLM: a deterministic HTTP simulator of an LLM job backend.
+"""dummyLLM: a deterministic HTTP simulator of an LLM backend.
 
 Point a task runner, agent system or CI pipeline at it instead of a real
 model to test its timeouts, retries, cancellation and polling.  It simulates
 execution behaviour (state transitions, latency, failures, hangs,
-cancellation), not language.
+cancellation), not language: a job API (/v1/jobs), an OpenAI-compatible chat
+endpoint (/v1/chat/completions, streaming included), and the faults that
+retry logic must survive (scripted attempts, transport faults, idempotency
+keys, a request journal).
 
 Run it::
 
@@ -1267,7 +1270,7 @@ def _list_scripts(server, request):
     return Answer(200, {"scripts": server.store.scripts()})
 
 
-def _reset(server, request):
+def _reset_server(server, request):
     return Answer(200, {"removed": server.reset()})
 
 
@@ -1320,7 +1323,7 @@ ROUTES = (
     ("GET", "/v1/models", _list_models),
     ("GET", "/v1/models/{id+}", _get_model),
     ("GET", "/v1/scripts", _list_scripts),
-    ("POST", "/v1/reset", _reset),
+    ("POST", "/v1/reset", _reset_server),
     ("GET", "/v1/requests", _list_requests),
     ("DELETE", "/v1/requests", _clear_requests),
 )
@@ -1615,7 +1618,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._fault = fault
         if fault.kind == "reset":
             self._answered(None)
-            self._reset()
+            self._send_rst()
         elif fault.kind == "disconnect":
             self._answered(None)
             self.close_connection = True  # closed cleanly, nothing said
@@ -1636,7 +1639,7 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 self.wfile.write(data[index * size:(index + 1) * size])
 
-    def _reset(self):
+    def _send_rst(self):
         """Close the connection with a TCP RST: SO_LINGER 0, then close at once."""
         self.close_connection = True
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
