@@ -22,6 +22,7 @@ One file, Python 3.9+ standard library only.  MIT licensed.
 """
 
 import argparse
+import bisect
 import collections
 import email.utils
 import functools
@@ -866,8 +867,9 @@ class _Schedule:
 
 
 class _Job:
-    __slots__ = ("id", "spec", "plan", "n", "step", "state", "created_ms", "updated_ms",
-                 "created_mono", "result", "error", "timer", "polls", "idempotency")
+    __slots__ = ("id", "seq", "spec", "plan", "n", "step", "state", "created_ms", "updated_ms",
+                 "created_mono", "result", "error", "timer", "polls", "idempotency",
+                 "version", "changed")
 
     def created_json(self):
         return {"id": self.id, "state": self.state, "created_at": self.created_ms // 1000}
@@ -889,6 +891,7 @@ class JobStore:
     """Jobs by id, their transitions, eviction and the seeded sequences."""
 
     MAX_SEQUENCES = 100_000  # (seed, trace_id) counters kept; least recently used go first
+    DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
     def __init__(self, config):
         self.config = config
@@ -902,6 +905,10 @@ class JobStore:
         self._due = _Schedule()                         # jobs by their next transition
         self._closed = False
         self._ids = random.Random()
+        self._seq = itertools.count(1)
+        self.created_by_mode = collections.Counter()    # for /metrics
+        self.finished_by_state = collections.Counter()
+        self.durations = [0] * (len(self.DURATION_BUCKETS) + 1), [0.0]  # bucket counts, sum
         self._timer = threading.Thread(target=self._run_timer, name="dummyllm-timer", daemon=True)
         self._timer.start()
 
@@ -940,9 +947,11 @@ class JobStore:
             if full:
                 self._forget(self._finished.popitem(last=False)[0])
             job = _Job()
-            job.id = self._new_id()
+            job.id, job.seq = self._new_id(), next(self._seq)
             job.spec, job.plan, job.n, job.step, job.idempotency = spec, plan, n, step, idempotency
             job.state, job.result, job.error, job.timer, job.polls = "queued", None, None, None, 0
+            job.version, job.changed = 0, None
+            self.created_by_mode[plan.mode] += 1
             job.created_ms = job.updated_ms = _now_ms()
             job.created_mono = time.monotonic()
             self._jobs[job.id] = job
@@ -956,13 +965,71 @@ class JobStore:
         with self._lock:
             return self._plan(spec)[0]
 
-    def poll(self, job_id):
-        """(a job's JSON, the fault simulate.poll_faults gives this poll of it)."""
+    def poll(self, job_id, wait_ms=0):
+        """(a job's JSON, the fault simulate.poll_faults gives this poll of it).
+
+        With wait_ms, an active job is answered as soon as it ends, or after
+        wait_ms as it is then; the wait blocks on the job's own condition.
+        """
         with self._lock:
             self._apply_due()
             job = self._job(job_id)
+            deadline = time.monotonic() + wait_ms / 1000
+            while job.state in ACTIVE_STATES and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wait_for_change(job, remaining)
             faults, job.polls = job.spec.poll_faults or (), job.polls + 1
             return job.to_json(), faults[job.polls - 1] if job.polls <= len(faults) else None
+
+    def watch(self, job_id, heartbeat_s):
+        """The job's JSON now and after each change, None when heartbeat_s
+        pass without one; it ends after the final state.  (A generator: NOT_FOUND
+        is raised here, before the first item.)"""
+        with self._lock:
+            self._apply_due()
+            job = self._job(job_id)
+        return self._watch(job, heartbeat_s)
+
+    def _watch(self, job, heartbeat_s):
+        seen = None
+        while True:
+            with self._lock:
+                if seen == job.version and not self._closed:
+                    self._wait_for_change(job, heartbeat_s)
+                if self._closed:
+                    return
+                changed, seen = seen != job.version, job.version
+                snapshot = job.to_json() if changed else None
+            yield snapshot
+            if snapshot is not None and snapshot["state"] in TERMINAL_STATES:
+                return
+
+    def list_jobs(self, state=None, trace_id=None, op=None, limit=100, after=None):
+        """Jobs newest first, filtered; (page, cursor of the next page or None)."""
+        with self._lock:
+            self._apply_due()
+            page = []
+            for job in reversed(self._jobs.values()):
+                if after is not None and job.seq >= after:
+                    continue
+                if ((state is None or job.state == state)
+                        and (trace_id is None or job.spec.trace_id == trace_id)
+                        and (op is None or job.spec.op == op)):
+                    if len(page) == limit:
+                        return page, page[-1]["seq"]
+                    page.append(dict(job.to_json(), seq=job.seq, mode=job.plan.mode))
+            return page, None
+
+    def delete(self, job_id):
+        """Cancel the job if it is active, and forget it."""
+        with self._lock:
+            self._apply_due()
+            job = self._job(job_id)
+            if job.state in ACTIVE_STATES:
+                self._finish(job, "cancelled", None, _CANCELLED_ERROR)
+            self._forget(job_id)
 
     def cancel(self, job_id):
         """End an active job as cancelled; an ended job is left as it is."""
@@ -1009,6 +1076,14 @@ class JobStore:
             self._due.clear()
             return removed
 
+    def metrics(self):
+        """(jobs created by mode, finished by state, active, duration histogram)."""
+        with self._lock:
+            self._apply_due()
+            return (dict(self.created_by_mode), dict(self.finished_by_state),
+                    len(self._jobs) - len(self._finished),
+                    (list(self.durations[0]), self.durations[1][0]))
+
     def scripts(self):
         with self._lock:
             return [{"key": key, "attempts": n} for key, n in self._scripts.items()]
@@ -1019,11 +1094,13 @@ class JobStore:
             return {"stored": len(self._jobs), "active": len(self._jobs) - len(self._finished)}
 
     def close(self):
-        """Stop the timer thread; pending transitions are dropped."""
+        """Stop the timer thread and wake every waiter; pending transitions are dropped."""
         with self._lock:
             self._closed = True
             self._due.clear()
             self._timer_wakeup.notify()
+            for job in self._jobs.values():
+                self._changed(job)
         self._timer.join(1)
 
     def _run_timer(self):
@@ -1058,6 +1135,7 @@ class JobStore:
 
     def _forget(self, job_id):
         job = self._jobs.pop(job_id)
+        self._finished.pop(job_id, None)
         if job.idempotency is not None:
             del self._idempotency[job.idempotency[0]]
 
@@ -1093,6 +1171,7 @@ class JobStore:
             if job.state == "queued" and job.plan.running_at_ms is not None:
                 job.state = "running"
                 job.updated_ms = max(job.updated_ms, _now_ms())
+                self._changed(job)
                 self._schedule_next(job)
             else:
                 self._finish(job, job.plan.state, job.plan.result, job.plan.error)
@@ -1104,6 +1183,23 @@ class JobStore:
         job.state, job.result, job.error = state, result, error
         job.updated_ms = max(job.updated_ms, _now_ms())
         self._finished[job.id] = None
+        self.finished_by_state[state] += 1
+        seconds = time.monotonic() - job.created_mono
+        self.durations[0][bisect.bisect_left(self.DURATION_BUCKETS, seconds)] += 1
+        self.durations[1][0] += seconds
+        self._changed(job)
+
+    def _changed(self, job):
+        job.version += 1
+        if job.changed is not None:
+            job.changed.notify_all()
+
+    def _wait_for_change(self, job, timeout):
+        # A condition per watched job, on the store's lock: a transition wakes
+        # only the waiters of that job.
+        if job.changed is None:
+            job.changed = threading.Condition(self._lock)
+        job.changed.wait(timeout)
 
 
 class RequestJournal:
@@ -1151,13 +1247,16 @@ class Answer:
     answer as it goes out (see FAULTS).
     """
 
-    __slots__ = ("status", "payload", "headers", "at", "events", "ending", "fault", "dribble_ms")
+    __slots__ = ("status", "payload", "headers", "at", "events", "ending", "fault", "dribble_ms",
+                 "live", "content_type")
 
     def __init__(self, status=200, payload=None, headers=(), at=None, events=None, ending="done",
-                 fault=None, dribble_ms=50):
+                 fault=None, dribble_ms=50, live=None, content_type="application/json"):
         self.status, self.payload, self.headers = status, payload, tuple(headers)
         self.at, self.events, self.ending = at, events, ending
         self.fault, self.dribble_ms = fault, dribble_ms
+        self.live = live                  # an iterator of event bytes, sent as they come
+        self.content_type = content_type  # of a payload given as bytes
 
 
 def _reject_constant(name):
@@ -1220,11 +1319,42 @@ def _create_job(server, request):
 
 
 def _get_job(server, request):
-    job, fault = server.store.poll(request.params["id"])
+    wait_ms = _query(request, "wait_ms", functools.partial(_number_query, lo=0, hi=60_000)) or 0
+    job, fault = server.store.poll(request.params["id"], wait_ms)
     request.note["job_id"] = job["id"]
     if fault is not None and fault.kind == "unknown_state":
+        request.note["fault"] = fault
         return Answer(200, {**job, "state": fault.state})
     return Answer(200, job, fault=fault)
+
+
+def _list_jobs(server, request):
+    state = _query(request, "state")
+    if state is not None:
+        _check_choice(state, "state", ACTIVE_STATES + TERMINAL_STATES)
+    jobs, cursor = server.store.list_jobs(
+        state=state, trace_id=_query(request, "trace_id"), op=_query(request, "op"),
+        limit=_query(request, "limit", functools.partial(_number_query, lo=1, hi=1000)) or 100,
+        after=_query(request, "after", functools.partial(_number_query, lo=1, hi=2 ** 63)))
+    return Answer(200, {"jobs": jobs, "next": cursor})
+
+
+def _delete_job(server, request):
+    server.store.delete(request.params["id"])
+    return Answer(204)
+
+
+HEARTBEAT_S = 15
+
+
+def _job_events(server, request):
+    def events(snapshots):
+        for snapshot in snapshots:
+            if snapshot is None:
+                yield b": heartbeat\n\n"
+            else:
+                yield b"event: state\ndata: " + _json_bytes(snapshot) + b"\n\n"
+    return Answer(200, live=events(server.store.watch(request.params["id"], HEARTBEAT_S)))
 
 
 def _cancel_job(server, request):
@@ -1282,21 +1412,71 @@ def _query(request, name, check=None):
     return check(values[-1], name) if check else values[-1]
 
 
-def _limit(text, field):
+def _number_query(text, field, lo, hi):
     if not (text.isascii() and text.isdigit()):
-        raise ValidationError(field, "must be a positive integer")
-    return _check_int(int(text), field, 1, 1_000_000)
+        raise ValidationError(field, f"must be an integer from {lo} to {hi}")
+    return _check_int(int(text), field, lo, hi)
 
 
 def _list_requests(server, request):
     entries = server.journal.find(trace_id=_query(request, "trace_id"),
                                   path=_query(request, "path"),
-                                  limit=_query(request, "limit", _limit))
+                                  limit=_query(request, "limit", functools.partial(
+                                      _number_query, lo=1, hi=1_000_000)))
     return Answer(200, {"requests": entries})
 
 
 def _clear_requests(server, request):
     return Answer(200, {"removed": {"journal_entries": server.journal.clear()}})
+
+
+def _metrics(server, request):
+    created, finished, active, (buckets, seconds) = server.store.metrics()
+    requests, faults = server.counted()
+    text = _Exposition()
+    text.family("dummyllm_jobs_created_total", "counter", "Jobs created, by the mode that ran.",
+                [({"mode": mode}, n) for mode, n in sorted(created.items())])
+    text.family("dummyllm_jobs_finished_total", "counter",
+                "Jobs that reached a final state, by state.",
+                [({"state": state}, n) for state, n in sorted(finished.items())])
+    text.family("dummyllm_jobs_active", "gauge", "Jobs queued or running.", [({}, active)])
+    text.family("dummyllm_http_requests_total", "counter",
+                "HTTP requests answered, by method, route and status.",
+                [({"method": method, "route": route, "status": status}, n)
+                 for (method, route, status), n in sorted(requests.items(), key=str)])
+    cumulative = list(itertools.accumulate(buckets))
+    bounds = [str(bound) for bound in JobStore.DURATION_BUCKETS] + ["+Inf"]
+    text.family("dummyllm_job_duration_seconds", "histogram",
+                "Time from a job's creation to its final state.",
+                [({"le": le}, n) for le, n in zip(bounds, cumulative)], suffix="_bucket")
+    text.samples("dummyllm_job_duration_seconds_sum", [({}, round(seconds, 6))])
+    text.samples("dummyllm_job_duration_seconds_count", [({}, cumulative[-1])])
+    text.family("dummyllm_faults_injected_total", "counter", "Transport faults injected, by kind.",
+                [({"kind": kind}, n) for kind, n in sorted(faults.items())])
+    return Answer(200, str(text).encode(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class _Exposition:
+    """Prometheus text exposition format, version 0.0.4."""
+
+    def __init__(self):
+        self._lines = []
+
+    def family(self, name, kind, help_text, samples, suffix=""):
+        self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        self.samples(name + suffix, samples)
+
+    def samples(self, name, samples):
+        for labels, value in samples:
+            text = ",".join(f'{key}="{_label_value(value)}"' for key, value in labels.items())
+            self._lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
+
+    def __str__(self):
+        return "\n".join(self._lines) + "\n"
+
+
+def _label_value(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _model(model_id):
@@ -1315,8 +1495,12 @@ def _get_model(server, request):
 # {name} matches one path segment, {name+} the rest of the path.
 ROUTES = (
     ("GET", "/health", _health),
+    ("GET", "/metrics", _metrics),
     ("POST", "/v1/jobs", _create_job),
+    ("GET", "/v1/jobs", _list_jobs),
     ("GET", "/v1/jobs/{id}", _get_job),
+    ("DELETE", "/v1/jobs/{id}", _delete_job),
+    ("GET", "/v1/jobs/{id}/events", _job_events),
     ("POST", "/v1/jobs/{id}/cancel", _cancel_job),
     ("GET", "/v1/jobs/{id}/request", _job_request),
     ("POST", "/v1/chat/completions", _chat_completions),
@@ -1332,14 +1516,14 @@ ROUTES = (
 OPENAI_PATHS = ("/v1/chat/", "/v1/models")
 # Requests to these are not journaled; chaos spares them and the control endpoints.
 UNJOURNALED_PATHS = ("/health", "/v1/requests")
-CHAOS_FREE_PATHS = UNJOURNALED_PATHS + ("/v1/scripts", "/v1/reset")
+CHAOS_FREE_PATHS = UNJOURNALED_PATHS + ("/v1/scripts", "/v1/reset", "/metrics")
 
 
 class Router:
     """Match a method and path to a handler; 404 and 405 come from here."""
 
     def __init__(self, routes):
-        self._routes = [(method, re.compile(self._pattern(path)), handler)
+        self._routes = [(method, re.compile(self._pattern(path)), handler, path)
                         for method, path, handler in routes]
 
     @staticmethod
@@ -1348,12 +1532,13 @@ class Router:
         return re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + r"\Z"
 
     def match(self, method, path):
+        """(handler, path parameters, the route's path) or the 404 or 405."""
         allowed = []
-        for route_method, pattern, handler in self._routes:
+        for route_method, pattern, handler, route in self._routes:
             found = pattern.match(path)
             if found:
                 if route_method == method or (method == "HEAD" and route_method == "GET"):
-                    return handler, found.groupdict()
+                    return handler, found.groupdict(), route
                 allowed.append(route_method)
         if not allowed:
             raise ApiError(404, "NOT_FOUND", f"no endpoint at {path}")
@@ -1493,13 +1678,13 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "dummyLLM/" + __version__
     timeout = 30  # idle keep-alive connections let go of their thread after this
-    _request = _fault = None  # the request being answered, and the fault it meets
+    _request = _fault = _route = None  # the request being answered, its fault and route
 
     def parse_request(self):
         # Replaces http.server's, which parses headers with the email package:
         # half the CPU time of a small request.  Sets what it sets.
         self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
-        self._request, self._fault = None, None
+        self._request = self._fault = self._route = None
         self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
         line = _REQUEST_LINE.match(self.requestline)
         if not line:
@@ -1559,7 +1744,7 @@ class _Handler(BaseHTTPRequestHandler):
                                           received, {})
         try:
             body = self._read_body()
-            handler, params = self.server.router.match(self.command, path)
+            handler, params, self._route = self.server.router.match(self.command, path)
             self._request = request = request._replace(body=body, params=params)
             if self._openai:
                 self._check_api_key()
@@ -1593,6 +1778,9 @@ class _Handler(BaseHTTPRequestHandler):
         if answer.events is not None:
             self._deliver_stream(answer)
             return
+        if answer.live is not None:
+            self._deliver_live(answer)
+            return
         if answer.at is not None and not self._wait_until(answer.at):
             return
         if answer.status is None:
@@ -1602,10 +1790,25 @@ class _Handler(BaseHTTPRequestHandler):
         status, payload, headers = answer.status, answer.payload, answer.headers
         if isinstance(payload, ApiError):
             status, payload, headers = self._render(payload)
-        if answer.fault is None:
+        if isinstance(payload, bytes):
+            self._send_bytes(status, headers, payload, answer.content_type)
+        elif answer.fault is None:
             self._send(status, payload, headers)
         else:
             self._send_faulty(answer, status, payload, headers)
+
+    def _deliver_live(self, answer):
+        """An event stream whose events come as they happen (job events)."""
+        self._answered(answer.status)
+        self.wfile.write(self._head(answer.status, answer.headers, "text/event-stream", None))
+        chunked = self.request_version != "HTTP/1.0"
+        for data in answer.live:
+            if self.server.stopping.is_set():
+                self.close_connection = True
+                return
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     def _render(self, error):
         """(status, body, headers) of an error, in the style of the path."""
@@ -1764,14 +1967,17 @@ class _Handler(BaseHTTPRequestHandler):
             f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
             "Server: " + self.server_version,
             "Date: " + _http_date(),
-            "Content-Type: " + content_type,
         ]
-        if length is not None:
-            lines.append(f"Content-Length: {length}")
+        if status == 204:
+            pass  # No Content: neither a type nor a length
+        elif length is not None:
+            lines += ["Content-Type: " + content_type, f"Content-Length: {length}"]
         elif self.request_version == "HTTP/1.0":
+            lines.append("Content-Type: " + content_type)
             self.close_connection = True  # no chunked encoding: the end of the body is the close
         else:
-            lines += ["Transfer-Encoding: chunked", "Cache-Control: no-cache"]
+            lines += ["Content-Type: " + content_type, "Transfer-Encoding: chunked",
+                      "Cache-Control: no-cache"]
         lines.extend(f"{name}: {value}" for name, value in headers)
         if self.close_connection:
             lines.append("Connection: close")
@@ -1782,19 +1988,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status, payload, headers):
         self._send_bytes(status, headers, b"" if payload is None else _json_bytes(payload))
 
-    def _send_bytes(self, status, headers, body):
-        head = self._head(status, headers, "application/json", len(body))
+    def _send_bytes(self, status, headers, body, content_type="application/json"):
+        head = self._head(status, headers, content_type, len(body))
         self._answered(status)
         # One send: headers and body written apart stall on Nagle plus delayed ACK.
         self.wfile.write(head if self.command == "HEAD" else head + body)
 
     def _answered(self, status):
-        """Log and journal the answer now going out (status None: none at all)."""
+        """Count, log and journal the answer now going out (status None: none at all)."""
+        request = self._request
+        fault = self._fault or (request and request.note.get("fault"))
+        self.server.count(self.command, self._route, status, fault)
         if not self.server.config.quiet:
             elapsed_ms = (time.perf_counter() - self._started) * 1000
             self.server.log(f"{self.command} {self.path} {status or '-'} {elapsed_ms:.1f}ms"
                             + (f" fault={self._fault.to_json()}" if self._fault else ""))
-        request = self._request
         if request is None or request.path in UNJOURNALED_PATHS:
             return
         text = request.body[:JOURNAL_BODY_BYTES].decode("utf-8", "replace")
@@ -1805,7 +2013,7 @@ class _Handler(BaseHTTPRequestHandler):
             "headers": {name: request.headers.get(name) for name in JOURNAL_HEADERS
                         if request.headers.get(name) is not None},
             "body": text, "body_truncated": len(request.body) > JOURNAL_BODY_BYTES,
-            "status": status, "fault": self._fault and self._fault.to_json(),
+            "status": status, "fault": fault and fault.to_json(),
             "job_id": request.note.get("job_id"),
             "trace_id": request.note.get("trace_id") or request.headers.get("x-trace-id"),
         })
@@ -1878,6 +2086,9 @@ class DummyLLMServer(ThreadingHTTPServer):
         self._thread = None
         self.stopping = threading.Event()   # wakes handlers that wait to answer
         self.journal = RequestJournal(self.config.journal_size)
+        self._counts_lock = threading.Lock()
+        self.requests_counted = collections.Counter()  # (method, route, status) -> answers
+        self.faults_counted = collections.Counter()    # fault kind -> times injected
         self._chaos_count = itertools.count()
         self.streams = _StreamWriter()
         self.held = set()                   # sockets of connections held open (hang, stall)
@@ -1902,6 +2113,18 @@ class DummyLLMServer(ThreadingHTTPServer):
         removed["journal_entries"] = self.journal.clear()
         self._chaos_count = itertools.count()
         return removed
+
+    def count(self, method, route, status, fault):
+        """Count an answer for /metrics."""
+        with self._counts_lock:
+            self.requests_counted[(method, route or "unmatched", status or "none")] += 1
+            if fault is not None:
+                self.faults_counted[fault.kind] += 1
+
+    def counted(self):
+        """(answers by (method, route, status), faults by kind), for /metrics."""
+        with self._counts_lock:
+            return dict(self.requests_counted), dict(self.faults_counted)
 
     def chaos_fault(self):
         """The fault --chaos gives the next request, or None."""

@@ -476,8 +476,8 @@ class ErrorTest(ServerTestCase):
     def test_wrong_method_is_405_with_allow(self):
         for method, path, allow in [("DELETE", "/health", "GET, HEAD"),
                                     ("GET", "/v1/jobs/job_x/cancel", "POST"),
-                                    ("PATCH", "/v1/jobs", "POST"),
-                                    ("BREW", "/v1/jobs/job_x", "GET, HEAD")]:
+                                    ("PATCH", "/v1/jobs", "POST, GET, HEAD"),
+                                    ("BREW", "/v1/jobs/job_x", "GET, DELETE, HEAD")]:
             with self.subTest(method=method, path=path):
                 status, body, response = self.call(method, path)
                 self.assert_error(status, body, 405, "METHOD_NOT_ALLOWED")
