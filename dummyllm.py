@@ -29,6 +29,8 @@ import functools
 import hashlib
 import heapq
 import hmac
+import http.client
+import ipaddress
 import itertools
 import json
 import math
@@ -158,6 +160,10 @@ def _check_text(value, field, max_chars=None, empty=True):
     return value
 
 
+def _check_optional(check, value, field, *args):
+    return None if value is None else check(value, field, *args)
+
+
 def _check_optional_text(value, field):
     return None if value is None else _check_text(value, field)
 
@@ -187,6 +193,13 @@ def _check_weights(value, field, allowed=None):
 
 def _check_host(value, field):
     return _check_text(value, field, empty=False)
+
+
+def _check_host_list(value, field):
+    hosts = value.split(",") if isinstance(value, str) else value
+    if not isinstance(hosts, (list, tuple)):
+        raise ValidationError(field, "must list host names, e.g. hooks.test,10.0.0.5")
+    return tuple(_check_host(host.strip().lower(), field) for host in hosts if host.strip())
 
 
 def _check_stream(value, field):
@@ -328,7 +341,7 @@ def _simulate_defaults(config):
 
 # A request's settings, after the server's defaults are filled in.
 JobSpec = collections.namedtuple("JobSpec", ["op", "args", "timeout_ms", "trace_id",
-                                             *_SIMULATE_FIELDS])
+                                             "callback_url", *_SIMULATE_FIELDS])
 
 
 def _given_simulate(simulate, field):
@@ -363,6 +376,27 @@ def parse_simulate(simulate, config, field="simulate"):
     return settings
 
 
+def _check_callback_url(value, field, allowed_hosts):
+    """An http(s) URL on loopback, or on a host --allow-callback-host names:
+    a simulator must not be a way to make requests to anywhere else."""
+    _check_text(value, field, 2048, empty=False)
+    try:
+        parts = urllib.parse.urlsplit(value)
+        host, _ = (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        host, parts = "", None
+    if parts is None or parts.scheme not in ("http", "https") or not host:
+        raise ValidationError(field, "must be an http:// or https:// URL")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and host not in allowed_hosts:
+        raise ValidationError(field, f"names host {host!r}, which is not loopback; "
+                              "allow it with --allow-callback-host")
+    return value
+
+
 def _check_timeout_ms(value, config):
     return config.timeout_ms if value is None else _check_int(
         value, "timeout_ms", 1, MAX_TIMEOUT_MS)
@@ -381,15 +415,14 @@ def parse_job_request(body, config):
     trace_id = body.get("trace_id")
     if trace_id is not None:
         _check_text(trace_id, "trace_id", MAX_TRACE_ID_CHARS)
+    callback_url = _check_optional(_check_callback_url, body.get("callback_url"), "callback_url",
+                                   config.allow_callback_hosts)
     return JobSpec(op=op, args=args, timeout_ms=_check_timeout_ms(body.get("timeout_ms"), config),
-                   trace_id=trace_id, **parse_simulate(body.get("simulate"), config))
+                   trace_id=trace_id, callback_url=callback_url,
+                   **parse_simulate(body.get("simulate"), config))
 
 
 ChatRequest = collections.namedtuple("ChatRequest", "spec model stream include_usage max_tokens")
-
-
-def _check_optional(check, value, field, *args):
-    return None if value is None else check(value, field, *args)
 
 
 def _check_bool(value, field):
@@ -438,7 +471,7 @@ def parse_chat_request(body, header_simulate, header_trace_id, config):
         raise ValidationError("simulate.stream", 'applies only with "stream": true')
     spec = JobSpec(op="llm.chat", args={"model": model, "messages": messages},
                    timeout_ms=_check_timeout_ms(body.get("timeout_ms"), config),
-                   trace_id=trace_id or user, **settings)
+                   trace_id=trace_id or user, callback_url=None, **settings)
     return ChatRequest(spec, model, stream, include_usage, max_tokens)
 
 
@@ -507,6 +540,17 @@ _OPTIONS = (
             "faults chaos chooses from (reset,status:503,status:429,dribble)"),
     _Option("journal_size", "--journal-size", "DUMMYLLM_JOURNAL_SIZE", 1000, _int_text,
             functools.partial(_check_int, lo=0, hi=1_000_000), "requests the journal keeps (1000)"),
+    _Option("time_scale", "--time-scale", "DUMMYLLM_TIME_SCALE", 1, _float_text,
+            functools.partial(_check_number, lo=0.001, hi=1000),
+            "multiply every simulated duration by this (1); 0.1 runs ten times faster"),
+    _Option("log_format", "--log-format", "DUMMYLLM_LOG_FORMAT", "text", str,
+            functools.partial(_check_choice, choices=("text", "json")),
+            "access log as text lines or JSON lines (text)"),
+    _Option("cors", "--cors", "DUMMYLLM_CORS", None, str, _check_optional_text,
+            "allow browser calls from this origin, or * (none)"),
+    _Option("allow_callback_hosts", "--allow-callback-host", "DUMMYLLM_ALLOW_CALLBACK_HOSTS",
+            (), str, _check_host_list,
+            "hosts besides loopback that callback_url may name, comma-separated (none)"),
     _Option("api_key", "--api-key", "DUMMYLLM_API_KEY", None, str, _check_optional_text,
             "require 'Authorization: Bearer KEY' on the OpenAI endpoints (none)"),
     _Option("quiet", "--quiet", None, False, None, None, "no access log on stderr"),
@@ -716,9 +760,9 @@ def _retry_headers(retry_ms):
     return [("retry-after", str(math.ceil(retry_ms / 1000))), ("retry-after-ms", str(retry_ms))]
 
 
-def refusal(spec, plan):
+def refusal(spec, plan, time_scale=1):
     """The error that answers a refused request, with its retry headers."""
-    retry_ms = spec.retry_after_ms
+    retry_ms = round(spec.retry_after_ms * time_scale)
     headers = _retry_headers(retry_ms)
     if plan.state == "rate_limited":
         status = 429
@@ -729,11 +773,12 @@ def refusal(spec, plan):
     return ApiError(status, plan.error["code"], plan.error["message"], headers=headers)
 
 
-def fault_error(fault):
+def fault_error(fault, time_scale=1):
     """The error that answers a "status" fault."""
     code = {429: "RATE_LIMITED", 503: "OVERLOADED", 529: "OVERLOADED"}.get(
         fault.status, "INJECTED_FAULT")
-    headers = () if fault.retry_after_ms is None else _retry_headers(fault.retry_after_ms)
+    headers = () if fault.retry_after_ms is None else _retry_headers(
+        round(fault.retry_after_ms * time_scale))
     return ApiError(fault.status, code, f"simulated HTTP {fault.status} fault", headers=headers)
 
 
@@ -869,7 +914,7 @@ class _Schedule:
 class _Job:
     __slots__ = ("id", "seq", "spec", "plan", "n", "step", "state", "created_ms", "updated_ms",
                  "created_mono", "result", "error", "timer", "polls", "idempotency",
-                 "version", "changed")
+                 "version", "changed", "callbacks")
 
     def created_json(self):
         return {"id": self.id, "state": self.state, "created_at": self.created_ms // 1000}
@@ -906,6 +951,7 @@ class JobStore:
         self._closed = False
         self._ids = random.Random()
         self._seq = itertools.count(1)
+        self.on_finish = None   # called with (job id, callback_url, job JSON) as a job ends
         self.created_by_mode = collections.Counter()    # for /metrics
         self.finished_by_state = collections.Counter()
         self.durations = [0] * (len(self.DURATION_BUCKETS) + 1), [0.0]  # bucket counts, sum
@@ -943,14 +989,14 @@ class JobStore:
                                "still active; retry later", headers=[("Retry-After", "1")])
             plan, n = self._plan(spec)
             if plan.state in REFUSED_STATES:
-                raise refusal(spec, plan)
+                raise refusal(spec, plan, self.config.time_scale)
             if full:
                 self._forget(self._finished.popitem(last=False)[0])
             job = _Job()
             job.id, job.seq = self._new_id(), next(self._seq)
             job.spec, job.plan, job.n, job.step, job.idempotency = spec, plan, n, step, idempotency
             job.state, job.result, job.error, job.timer, job.polls = "queued", None, None, None, 0
-            job.version, job.changed = 0, None
+            job.version, job.changed, job.callbacks = 0, None, []
             self.created_by_mode[plan.mode] += 1
             job.created_ms = job.updated_ms = _now_ms()
             job.created_mono = time.monotonic()
@@ -1053,6 +1099,8 @@ class JobStore:
             "id": job.id, "op": spec.op, "args": spec.args, "timeout_ms": spec.timeout_ms,
             "trace_id": spec.trace_id, "created_at_ms": job.created_ms,
             "idempotency_key": job.idempotency and job.idempotency[0], "polls": job.polls,
+            "callback": spec.callback_url and {"url": spec.callback_url,
+                                               "attempts": list(job.callbacks)},
             "simulate": settings,
             "outcome": {"state": plan.state, "at_ms": plan.ends_at_ms},
         }
@@ -1083,6 +1131,13 @@ class JobStore:
             return (dict(self.created_by_mode), dict(self.finished_by_state),
                     len(self._jobs) - len(self._finished),
                     (list(self.durations[0]), self.durations[1][0]))
+
+    def record_callback(self, job_id, attempt):
+        """Add a webhook attempt to the job's record, if it is still stored."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None:
+                job.callbacks.append(attempt)
 
     def scripts(self):
         with self._lock:
@@ -1156,7 +1211,7 @@ class JobStore:
             at_ms = plan.ends_at_ms
         else:
             return  # a hanging job: nothing will ever happen to it by itself
-        job.timer = self._due.push(job.created_mono + at_ms / 1000, job)
+        job.timer = self._due.push(job.created_mono + at_ms * self.config.time_scale / 1000, job)
         if self._due.is_first(job.timer):
             self._timer_wakeup.notify()
 
@@ -1188,6 +1243,8 @@ class JobStore:
         self.durations[0][bisect.bisect_left(self.DURATION_BUCKETS, seconds)] += 1
         self.durations[1][0] += seconds
         self._changed(job)
+        if job.spec.callback_url and self.on_finish is not None:
+            self.on_finish(job.id, job.spec.callback_url, job.to_json())
 
     def _changed(self, job):
         job.version += 1
@@ -1293,6 +1350,7 @@ def _health(server, request):
                      "slow_factor": config.slow_factor},
         "jobs": server.store.counts(),
         "chaos": {"rate": config.chaos, "faults": _plain(config.chaos_faults)},
+        "time_scale": config.time_scale,
     })
 
 
@@ -1380,10 +1438,10 @@ def _chat_completions(server, request):
                               "is paced by token_ms")
     plan = server.store.plan(spec)
     if plan.state in REFUSED_STATES:
-        raise refusal(spec, plan)
+        raise refusal(spec, plan, server.config.time_scale)
     if plan.ends_at_ms is None:
         return Answer(status=None)  # hang
-    at = request.received + plan.ends_at_ms / 1000
+    at = request.received + server.seconds(plan.ends_at_ms)
     if plan.state != "ok":
         status = 504 if plan.state == "timeout" else 500
         payload = ApiError(status, plan.error["code"], plan.error["message"])
@@ -1512,6 +1570,12 @@ ROUTES = (
     ("DELETE", "/v1/requests", _clear_requests),
 )
 
+CORS_EXPOSED_HEADERS = ("Location, Retry-After, retry-after-ms, Idempotent-Replayed, "
+                        "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
+                        "x-ratelimit-reset-requests")
+CORS_ALLOWED_HEADERS = ("Content-Type, Authorization, Idempotency-Key, X-Trace-Id, "
+                        "X-DummyLLM-Simulate")
+
 # Paths under these answer errors in OpenAI's shape, and need --api-key if set.
 OPENAI_PATHS = ("/v1/chat/", "/v1/models")
 # Requests to these are not journaled; chaos spares them and the control endpoints.
@@ -1533,19 +1597,20 @@ class Router:
 
     def match(self, method, path):
         """(handler, path parameters, the route's path) or the 404 or 405."""
-        allowed = []
         for route_method, pattern, handler, route in self._routes:
             found = pattern.match(path)
-            if found:
-                if route_method == method or (method == "HEAD" and route_method == "GET"):
-                    return handler, found.groupdict(), route
-                allowed.append(route_method)
+            if found and (route_method == method or (method == "HEAD" and route_method == "GET")):
+                return handler, found.groupdict(), route
+        allowed = self.methods(path)
         if not allowed:
             raise ApiError(404, "NOT_FOUND", f"no endpoint at {path}")
-        if "GET" in allowed:
-            allowed.append("HEAD")
         raise ApiError(405, "METHOD_NOT_ALLOWED", f"{path} does not answer {method}",
                        headers=[("Allow", ", ".join(allowed))])
+
+    def methods(self, path):
+        """The methods the path answers (HEAD wherever GET)."""
+        methods = [method for method, pattern, _, _ in self._routes if pattern.match(path)]
+        return methods + ["HEAD"] if "GET" in methods else methods
 
 
 _ERROR_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
@@ -1657,6 +1722,64 @@ class _StreamWriter:
         self._schedule(stream, when)
 
 
+class _Webhooks:
+    """POST each ended job's JSON to its callback_url, from a few threads
+    started on first use: up to 3 attempts, 5 s timeout each, backing off."""
+
+    WORKERS, TIMEOUT_S, BACKOFF_S = 4, 5, (0.5, 1.0)
+
+    def __init__(self, store, stopping):
+        self._store, self._stopping = store, stopping
+        self._queue = queue.Queue()
+        self._workers = []
+        self._lock = threading.Lock()
+
+    def send(self, job_id, url, payload):
+        with self._lock:
+            if len(self._workers) < self.WORKERS:
+                worker = threading.Thread(target=self._run, name="dummyllm-webhook", daemon=True)
+                self._workers.append(worker)
+                worker.start()
+        self._queue.put((job_id, url, _json_bytes(payload)))
+
+    def close(self):
+        for _ in self._workers:
+            self._queue.put(None)
+
+    def _run(self):
+        for delivery in iter(self._queue.get, None):
+            self._deliver(*delivery)
+
+    def _deliver(self, job_id, url, body):
+        for attempt, backoff_s in enumerate(self.BACKOFF_S + (None,), start=1):
+            record = {"attempt": attempt, "at_ms": _now_ms()}
+            try:
+                record["status"] = self._post(url, body)
+            except (OSError, http.client.HTTPException) as error:
+                record["error"] = str(error) or type(error).__name__
+            self._store.record_callback(job_id, record)
+            if 200 <= record.get("status", 0) < 300 or backoff_s is None:
+                return
+            if self._stopping.wait(backoff_s):
+                return
+
+    def _post(self, url, body):
+        # http.client, not urllib: proxy variables must not send callbacks elsewhere.
+        parts = urllib.parse.urlsplit(url)
+        connection_class = (http.client.HTTPSConnection if parts.scheme == "https"
+                            else http.client.HTTPConnection)
+        connection = connection_class(parts.hostname, parts.port, timeout=self.TIMEOUT_S)
+        try:
+            target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+            connection.request("POST", target, body, {"Content-Type": "application/json",
+                                                      "User-Agent": "dummyLLM/" + __version__})
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        finally:
+            connection.close()
+
+
 class _Headers(dict):
     """Request header fields by lower-case name; repeated fields joined by ", "."""
 
@@ -1744,6 +1867,9 @@ class _Handler(BaseHTTPRequestHandler):
                                           received, {})
         try:
             body = self._read_body()
+            if self.command == "OPTIONS" and self.server.config.cors:
+                self._deliver(self._preflight(path))
+                return
             handler, params, self._route = self.server.router.match(self.command, path)
             self._request = request = request._replace(body=body, params=params)
             if self._openai:
@@ -1766,6 +1892,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._deliver(answer)
         except (ConnectionError, socket.timeout):
             self.close_connection = True  # the client left mid-answer
+
+    def _preflight(self, path):
+        """The answer to a browser's CORS preflight (OPTIONS) for a known path."""
+        methods = self.server.router.methods(path)
+        if not methods:
+            raise ApiError(404, "NOT_FOUND", f"no endpoint at {path}")
+        requested = self.headers.get("access-control-request-headers")
+        return Answer(204, headers=[("Access-Control-Allow-Methods", ", ".join(methods)),
+                                    ("Access-Control-Allow-Headers",
+                                     requested or CORS_ALLOWED_HEADERS),
+                                    ("Access-Control-Max-Age", "600")])
 
     def _check_api_key(self):
         key = self.server.config.api_key
@@ -1826,7 +1963,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._answered(None)
             self.close_connection = True  # closed cleanly, nothing said
         elif fault.kind == "status":
-            self._send(*self._render(fault_error(fault)))
+            self._send(*self._render(fault_error(fault, self.server.config.time_scale)))
         elif fault.kind == "empty":
             self._send_bytes(200, headers, b"")
         elif fault.kind == "malformed":
@@ -1838,7 +1975,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._answered(status)
             start, size = time.monotonic(), -(-len(data) // DRIBBLE_PIECES)
             for index in range(DRIBBLE_PIECES):
-                if not self._wait_until(start + index * answer.dribble_ms / 1000):
+                if not self._wait_until(start + self.server.seconds(index * answer.dribble_ms)):
                     return
                 self.wfile.write(data[index * size:(index + 1) * size])
 
@@ -1858,7 +1995,7 @@ class _Handler(BaseHTTPRequestHandler):
         frames = []
         for due_ms, group in itertools.groupby(answer.events, key=lambda event: event[0]):
             data = b"".join(event for _, event in group)
-            frames.append((start + due_ms / 1000,
+            frames.append((start + self.server.seconds(due_ms),
                            b"%x\r\n%s\r\n" % (len(data), data) if chunked else data))
         frames[0] = (frames[0][0], head + frames[0][1])
         self._answered(answer.status)
@@ -1979,6 +2116,9 @@ class _Handler(BaseHTTPRequestHandler):
             lines += ["Content-Type: " + content_type, "Transfer-Encoding: chunked",
                       "Cache-Control: no-cache"]
         lines.extend(f"{name}: {value}" for name, value in headers)
+        if self.server.config.cors:
+            lines += [f"Access-Control-Allow-Origin: {self.server.config.cors}", "Vary: Origin",
+                      "Access-Control-Expose-Headers: " + CORS_EXPOSED_HEADERS]
         if self.close_connection:
             lines.append("Connection: close")
         elif self.request_version == "HTTP/1.0":
@@ -2000,9 +2140,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self._fault or (request and request.note.get("fault"))
         self.server.count(self.command, self._route, status, fault)
         if not self.server.config.quiet:
-            elapsed_ms = (time.perf_counter() - self._started) * 1000
-            self.server.log(f"{self.command} {self.path} {status or '-'} {elapsed_ms:.1f}ms"
-                            + (f" fault={self._fault.to_json()}" if self._fault else ""))
+            self._log_access(status, fault)
         if request is None or request.path in UNJOURNALED_PATHS:
             return
         text = request.body[:JOURNAL_BODY_BYTES].decode("utf-8", "replace")
@@ -2017,6 +2155,19 @@ class _Handler(BaseHTTPRequestHandler):
             "job_id": request.note.get("job_id"),
             "trace_id": request.note.get("trace_id") or request.headers.get("x-trace-id"),
         })
+
+    def _log_access(self, status, fault):
+        elapsed_ms = round((time.perf_counter() - self._started) * 1000, 1)
+        note = self._request.note if self._request else {}
+        if self.server.config.log_format == "json":
+            self.server.log(json.dumps({
+                "time": _now_ms() / 1000, "method": self.command, "path": self.path,
+                "status": status, "ms": elapsed_ms, "job_id": note.get("job_id"),
+                "trace_id": note.get("trace_id") or self.headers.get("x-trace-id"),
+                "fault": fault and fault.to_json()}))
+        else:
+            self.server.log(f"{self.command} {self.path} {status or '-'} {elapsed_ms}ms"
+                            + (f" fault={json.dumps(fault.to_json())}" if fault else ""))
 
     def log_message(self, format, *args):
         if not self.server.config.quiet:
@@ -2094,6 +2245,8 @@ class DummyLLMServer(ThreadingHTTPServer):
         self.held = set()                   # sockets of connections held open (hang, stall)
         super().__init__((self.config.host, self.config.port), _Handler)
         self.store = JobStore(self.config)
+        self.webhooks = _Webhooks(self.store, self.stopping)
+        self.store.on_finish = self.webhooks.send
 
     def server_bind(self):
         # HTTPServer.server_bind also calls socket.getfqdn(), a reverse DNS
@@ -2120,6 +2273,10 @@ class DummyLLMServer(ThreadingHTTPServer):
             self.requests_counted[(method, route or "unmatched", status or "none")] += 1
             if fault is not None:
                 self.faults_counted[fault.kind] += 1
+
+    def seconds(self, ms):
+        """Real seconds of a simulated duration: ms times --time-scale."""
+        return ms * self.config.time_scale / 1000
 
     def counted(self):
         """(answers by (method, route, status), faults by kind), for /metrics."""
@@ -2167,6 +2324,7 @@ class DummyLLMServer(ThreadingHTTPServer):
         super().server_close()
         if hasattr(self, "store"):
             self.store.close()
+            self.webhooks.close()
         if self._log_writer is not None:
             self._log_writer.flush()
 
@@ -2213,9 +2371,10 @@ def _argument_parser():
         epilog="Each option can also be set by the environment variable shown; the flag wins.")
     for option in _OPTIONS:
         if option.text is None:
-            parser.add_argument(option.flag, action="store_true", default=None, help=option.help)
+            parser.add_argument(option.flag, action="store_true", default=None, help=option.help,
+                                dest=option.name)
         else:
-            parser.add_argument(option.flag, metavar=option.name.upper(),
+            parser.add_argument(option.flag, metavar=option.name.upper(), dest=option.name,
                                 help=f"{option.help}; ${option.env}")
     parser.add_argument("--version", action="version", version=f"dummyLLM {__version__}")
     return parser

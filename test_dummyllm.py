@@ -32,7 +32,7 @@ JOB_KEYS = {"id", "state", "op", "trace_id", "created_at", "updated_at",
 
 def spec(**settings):
     """A JobSpec with test defaults, for the pure simulation functions."""
-    fields = dict(op="llm.chat", args={}, timeout_ms=8000, trace_id=None,
+    fields = dict(op="llm.chat", args={}, timeout_ms=8000, trace_id=None, callback_url=None,
                   **dummyllm._simulate_defaults(dummyllm.make_config(latency_ms=100)))
     fields.update(settings)
     return dummyllm.JobSpec(**fields)
