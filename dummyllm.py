@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "1.0.0"
@@ -308,35 +309,80 @@ def _check_script(value, field):
 
 
 _from_config = operator.attrgetter
+_MS = {"type": "integer", "minimum": 0}
+_FAULT_SCHEMA = {"oneOf": [
+    {"type": "string", "enum": list(FAULTS)},
+    {"type": "string", "pattern": "^status:[45][0-9][0-9]$"},
+    {"type": "object", "required": ["status"], "additionalProperties": False,
+     "properties": {"status": {"type": "integer", "minimum": 400, "maximum": 599},
+                    "retry_after_ms": _MS}}]}
 
-# Every key allowed inside "simulate": its check, and its default (a value, or
-# a function of the server's Config).  A new setting is one entry here.
+# Every key allowed inside "simulate": its check, its default (a value, or a
+# function of the server's Config) and its schema for /openapi.json.  A new
+# setting is one entry here.
 _SIMULATE_FIELDS = {
-    "mode": (_check_mode, _from_config("mode")),
+    "mode": (_check_mode, _from_config("mode"),
+             {"type": "string", "enum": ["ok", "echo", "slow", "fail", "hang", "timeout",
+                                         "rate_limit", "overloaded", "flaky", "random"],
+              "description": "How the request behaves (default --mode)."}),
     "latency_ms": (functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS),
-                   _from_config("latency_ms")),
-    "queue_ms": (functools.partial(_check_int, lo=0, hi=MAX_TIMEOUT_MS), 0),
-    "seed": (_check_seed, _from_config("seed")),
-    "fail_message": (_check_optional_text, None),
-    "ok_text": (_check_optional_text, None),
-    "weights": (_check_weights, None),
-    "jitter_ms": (functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS), 0),
-    "retry_after_ms": (functools.partial(_check_int, lo=0, hi=MAX_TIMEOUT_MS), 1000),
-    "status": (functools.partial(_check_int, lo=500, hi=599), None),
-    "ttft_ms": (functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS), None),
-    "token_ms": (functools.partial(_check_int, lo=0, hi=60_000), 20),
-    "stream": (_check_stream, None),
-    "script": (_check_script, None),
-    "fault": (_check_fault, None),
-    "fault_phase": (functools.partial(_check_choice, choices=("before", "after")), "before"),
-    "dribble_ms": (functools.partial(_check_int, lo=0, hi=60_000), 50),
-    "poll_faults": (_check_poll_faults, None),
+                   _from_config("latency_ms"),
+                   dict(_MS, maximum=MAX_LATENCY_MS, description="Time to the answer or the "
+                        "job's end, after queue_ms (default --latency-ms).")),
+    "queue_ms": (functools.partial(_check_int, lo=0, hi=MAX_TIMEOUT_MS), 0,
+                 dict(_MS, description="How long a job stays queued before running.")),
+    "seed": (_check_seed, _from_config("seed"),
+             {"type": ["integer", "null"], "description": "Seed of every random choice "
+              "(default --seed)."}),
+    "fail_message": (_check_optional_text, None,
+                     {"type": "string", "description": "Message of a simulated failure."}),
+    "ok_text": (_check_optional_text, None,
+                {"type": "string", "description": "Text of a successful answer."}),
+    "weights": (_check_weights, None,
+                {"type": "object", "additionalProperties": {"type": "number", "minimum": 0},
+                 "description": "Weights of the modes flaky or random draw."}),
+    "jitter_ms": (functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS), 0,
+                  dict(_MS, description="The latency varies by up to this much either way, "
+                       "seeded.")),
+    "retry_after_ms": (functools.partial(_check_int, lo=0, hi=MAX_TIMEOUT_MS), 1000,
+                       dict(_MS, description="Retry headers of rate_limit and overloaded.")),
+    "status": (functools.partial(_check_int, lo=500, hi=599), None,
+               {"type": "integer", "minimum": 500, "maximum": 599,
+                "description": "Status of overloaded (default 503; 529 for Anthropic style)."}),
+    "ttft_ms": (functools.partial(_check_int, lo=0, hi=MAX_LATENCY_MS), None,
+                dict(_MS, description="Chat: time to the first token (replaces latency_ms).")),
+    "token_ms": (functools.partial(_check_int, lo=0, hi=60_000), 20,
+                 dict(_MS, description="Chat: gap between stream chunks.")),
+    "stream": (_check_stream, None,
+               {"type": "object", "minProperties": 1, "maxProperties": 1,
+                "properties": {kind: _MS for kind in STREAM_FAILURES},
+                "additionalProperties": False,
+                "description": "Chat: a stream failure after N content chunks."}),
+    "script": (_check_script, None,
+               {"type": "array", "minItems": 1,
+                "items": {"oneOf": [{"type": "string"}, {"$ref": "#/components/schemas/Simulate"}]},
+                "description": "Steps taken by successive requests with the same trace key; "
+                               "the last repeats."}),
+    "fault": (_check_fault, None,
+              dict(_FAULT_SCHEMA, description="A transport fault that spoils the answer.")),
+    "fault_phase": (functools.partial(_check_choice, choices=("before", "after")), "before",
+                    {"type": "string", "enum": ["before", "after"],
+                     "description": "Job create: lose the answer before or after the job "
+                                    "is created."}),
+    "dribble_ms": (functools.partial(_check_int, lo=0, hi=60_000), 50,
+                   dict(_MS, description="Gap between the pieces of a dribble fault.")),
+    "poll_faults": (_check_poll_faults, None,
+                    {"type": "array", "items": {"oneOf": [
+                        {"type": "null"}, _FAULT_SCHEMA,
+                        {"type": "object", "required": ["unknown_state"],
+                         "properties": {"unknown_state": {"type": "string"}}}]},
+                     "description": "Faults of the job's 1st, 2nd... poll."}),
 }
 
 
 def _simulate_defaults(config):
     return {key: default(config) if callable(default) else default
-            for key, (_, default) in _SIMULATE_FIELDS.items()}
+            for key, (_, default, _) in _SIMULATE_FIELDS.items()}
 
 
 # A request's settings, after the server's defaults are filled in.
@@ -952,6 +998,7 @@ class JobStore:
         self._ids = random.Random()
         self._seq = itertools.count(1)
         self.on_finish = None   # called with (job id, callback_url, job JSON) as a job ends
+        self._by_state = collections.Counter()          # stored jobs by state
         self.created_by_mode = collections.Counter()    # for /metrics
         self.finished_by_state = collections.Counter()
         self.durations = [0] * (len(self.DURATION_BUCKETS) + 1), [0.0]  # bucket counts, sum
@@ -997,6 +1044,7 @@ class JobStore:
             job.spec, job.plan, job.n, job.step, job.idempotency = spec, plan, n, step, idempotency
             job.state, job.result, job.error, job.timer, job.polls = "queued", None, None, None, 0
             job.version, job.changed, job.callbacks = 0, None, []
+            self._by_state["queued"] += 1
             self.created_by_mode[plan.mode] += 1
             job.created_ms = job.updated_ms = _now_ms()
             job.created_mono = time.monotonic()
@@ -1119,7 +1167,7 @@ class JobStore:
                 if job.state in ACTIVE_STATES:
                     self._finish(job, "cancelled", None, _RESET_ERROR)
             for table in (self._jobs, self._finished, self._scripts, self._sequences,
-                          self._idempotency):
+                          self._idempotency, self._by_state):
                 table.clear()
             self._due.clear()
             return removed
@@ -1146,7 +1194,8 @@ class JobStore:
     def counts(self):
         with self._lock:
             self._apply_due()
-            return {"stored": len(self._jobs), "active": len(self._jobs) - len(self._finished)}
+            return {"stored": len(self._jobs), "active": len(self._jobs) - len(self._finished),
+                    "by_state": {state: n for state, n in self._by_state.items() if n}}
 
     def close(self):
         """Stop the timer thread and wake every waiter; pending transitions are dropped."""
@@ -1190,6 +1239,7 @@ class JobStore:
 
     def _forget(self, job_id):
         job = self._jobs.pop(job_id)
+        self._by_state[job.state] -= 1
         self._finished.pop(job_id, None)
         if job.idempotency is not None:
             del self._idempotency[job.idempotency[0]]
@@ -1224,7 +1274,7 @@ class JobStore:
                 return
             job.timer = None
             if job.state == "queued" and job.plan.running_at_ms is not None:
-                job.state = "running"
+                self._set_state(job, "running")
                 job.updated_ms = max(job.updated_ms, _now_ms())
                 self._changed(job)
                 self._schedule_next(job)
@@ -1235,7 +1285,8 @@ class JobStore:
         if job.timer is not None:
             self._due.cancel(job.timer)
             job.timer = None
-        job.state, job.result, job.error = state, result, error
+        self._set_state(job, state)
+        job.result, job.error = result, error
         job.updated_ms = max(job.updated_ms, _now_ms())
         self._finished[job.id] = None
         self.finished_by_state[state] += 1
@@ -1245,6 +1296,11 @@ class JobStore:
         self._changed(job)
         if job.spec.callback_url and self.on_finish is not None:
             self.on_finish(job.id, job.spec.callback_url, job.to_json())
+
+    def _set_state(self, job, state):
+        self._by_state[job.state] -= 1
+        self._by_state[state] += 1
+        job.state = state
 
     def _changed(self, job):
         job.version += 1
@@ -1339,8 +1395,22 @@ def _json_body(request):
     return value
 
 
+def _api(summary, request=None, answers=None, query=None, headers=None):
+    """Describe a handler for /openapi.json: its summary, request body schema,
+    answers ({status: schema name, media type, or None}) and query parameters."""
+    def describe(handler):
+        handler.api = {"summary": summary, "request": request, "answers": answers or {200: None},
+                       "query": query or {}, "headers": headers or {}}
+        return handler
+    return describe
+
+
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+
 # Handlers: (server, request) -> Answer.  Errors are raised as ApiError.
 
+@_api("Health, version, defaults and job counts", answers={200: "Health"})
 def _health(server, request):
     config = server.config
     return Answer(200, {
@@ -1359,6 +1429,9 @@ def _health(server, request):
 _PHASED_FAULTS = ("reset", "disconnect", "status")
 
 
+@_api("Create a simulated job", request="CreateJob",
+      answers={201: "JobCreated", 200: "JobCreated", 409: "Error", 429: "Error", 503: "Error"},
+      headers={"Idempotency-Key": "Repeat-safe key: the same key and body answer the same job"})
 def _create_job(server, request):
     body = _json_body(request)
     spec, step = server.store.take_script_step(parse_job_request(body, server.config))
@@ -1376,6 +1449,9 @@ def _create_job(server, request):
     return Answer(201, job, headers, fault=fault, dribble_ms=spec.dribble_ms)
 
 
+@_api("Poll a job; wait_ms waits until it ends", answers={200: "Job"},
+      query={"wait_ms": dict(_INT, minimum=0, maximum=60000,
+                             description="Answer as soon as the job ends, or after this long")})
 def _get_job(server, request):
     wait_ms = _query(request, "wait_ms", functools.partial(_number_query, lo=0, hi=60_000)) or 0
     job, fault = server.store.poll(request.params["id"], wait_ms)
@@ -1386,6 +1462,11 @@ def _get_job(server, request):
     return Answer(200, job, fault=fault)
 
 
+@_api("List jobs, newest first", answers={200: "JobList"},
+      query={"state": dict(_STR, enum=list(ACTIVE_STATES + TERMINAL_STATES)),
+             "trace_id": _STR, "op": _STR,
+             "limit": dict(_INT, minimum=1, maximum=1000, description="Page size (100)"),
+             "after": dict(_INT, minimum=1, description="The `next` of the previous page")})
 def _list_jobs(server, request):
     state = _query(request, "state")
     if state is not None:
@@ -1397,6 +1478,7 @@ def _list_jobs(server, request):
     return Answer(200, {"jobs": jobs, "next": cursor})
 
 
+@_api("Cancel a job if active, and forget it", answers={204: None})
 def _delete_job(server, request):
     server.store.delete(request.params["id"])
     return Answer(204)
@@ -1405,6 +1487,7 @@ def _delete_job(server, request):
 HEARTBEAT_S = 15
 
 
+@_api("Server-sent events: the job now and at each change", answers={200: "text/event-stream"})
 def _job_events(server, request):
     def events(snapshots):
         for snapshot in snapshots:
@@ -1415,14 +1498,21 @@ def _job_events(server, request):
     return Answer(200, live=events(server.store.watch(request.params["id"], HEARTBEAT_S)))
 
 
+@_api("Cancel a job (idempotent, best effort)", answers={200: "Cancelled"})
 def _cancel_job(server, request):
     return Answer(200, server.store.cancel(request.params["id"]))
 
 
+@_api("What the server received for a job and decided", answers={200: "JobRequest"})
 def _job_request(server, request):
     return Answer(200, server.store.request_view(request.params["id"]))
 
 
+@_api("OpenAI-compatible chat completion, streamed or not", request="ChatRequest",
+      answers={200: "ChatCompletion", 429: "OpenAIError", 500: "OpenAIError",
+               503: "OpenAIError", 504: "OpenAIError"},
+      headers={"X-DummyLLM-Simulate": "A simulate object as JSON, when the body has none",
+               "X-Trace-Id": "The key of seeded sequences and scripts"})
 def _chat_completions(server, request):
     header = request.headers.get("x-dummyllm-simulate")
     chat = parse_chat_request(
@@ -1454,10 +1544,12 @@ def _chat_completions(server, request):
                   fault=spec.fault, dribble_ms=spec.dribble_ms)
 
 
+@_api("Attempt counters of scripted requests", answers={200: "Scripts"})
 def _list_scripts(server, request):
     return Answer(200, {"scripts": server.store.scripts()})
 
 
+@_api("Forget every job, counter, key and journal entry", answers={200: "Removed"})
 def _reset_server(server, request):
     return Answer(200, {"removed": server.reset()})
 
@@ -1476,6 +1568,9 @@ def _number_query(text, field, lo, hi):
     return _check_int(int(text), field, lo, hi)
 
 
+@_api("The request journal, oldest first", answers={200: "Journal"},
+      query={"trace_id": _STR, "path": _STR,
+             "limit": dict(_INT, minimum=1, description="Only the newest this many")})
 def _list_requests(server, request):
     entries = server.journal.find(trace_id=_query(request, "trace_id"),
                                   path=_query(request, "path"),
@@ -1484,10 +1579,12 @@ def _list_requests(server, request):
     return Answer(200, {"requests": entries})
 
 
+@_api("Clear the request journal", answers={200: "Removed"})
 def _clear_requests(server, request):
     return Answer(200, {"removed": {"journal_entries": server.journal.clear()}})
 
 
+@_api("Prometheus metrics", answers={200: "text/plain"})
 def _metrics(server, request):
     created, finished, active, (buckets, seconds) = server.store.metrics()
     requests, faults = server.counted()
@@ -1541,17 +1638,37 @@ def _model(model_id):
     return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "dummyllm"}
 
 
+@_api("OpenAI-compatible model list", answers={200: "ModelList"})
 def _list_models(server, request):
     return Answer(200, {"object": "list", "data": [_model("dummyllm")]})
 
 
+@_api("A model (every name is served)", answers={200: "Model"})
 def _get_model(server, request):
     return Answer(200, _model(request.params["id"]))  # every model name is served
+
+
+@_api("This API as an OpenAPI 3.1 document", answers={200: "OpenAPI"})
+def _openapi(server, request):
+    return Answer(200, openapi_document())
+
+
+@_api("Interactive API documentation (one self-contained page)", answers={200: "text/html"})
+def _docs(server, request):
+    return Answer(200, DOCS_PAGE.encode(), content_type="text/html; charset=utf-8")
+
+
+@_api("Live dashboard of the newest jobs", answers={200: "text/html"})
+def _dashboard(server, request):
+    return Answer(200, DASHBOARD_PAGE.encode(), content_type="text/html; charset=utf-8")
 
 
 # The routing table.  A new endpoint is one entry here and one handler above.
 # {name} matches one path segment, {name+} the rest of the path.
 ROUTES = (
+    ("GET", "/", _dashboard),
+    ("GET", "/docs", _docs),
+    ("GET", "/openapi.json", _openapi),
     ("GET", "/health", _health),
     ("GET", "/metrics", _metrics),
     ("POST", "/v1/jobs", _create_job),
@@ -1580,7 +1697,305 @@ CORS_ALLOWED_HEADERS = ("Content-Type, Authorization, Idempotency-Key, X-Trace-I
 OPENAI_PATHS = ("/v1/chat/", "/v1/models")
 # Requests to these are not journaled; chaos spares them and the control endpoints.
 UNJOURNALED_PATHS = ("/health", "/v1/requests")
-CHAOS_FREE_PATHS = UNJOURNALED_PATHS + ("/v1/scripts", "/v1/reset", "/metrics")
+CHAOS_FREE_PATHS = UNJOURNALED_PATHS + ("/v1/scripts", "/v1/reset", "/metrics", "/",
+                                         "/docs", "/openapi.json")
+
+
+# --- The API document and pages --------------------------------------------------------
+
+def _ref(name):
+    return {"$ref": "#/components/schemas/" + name}
+
+
+def _object(required=(), example=None, **properties):
+    schema = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    if example is not None:
+        schema["example"] = example
+    return schema
+
+
+_NULLABLE_STR = {"type": ["string", "null"]}
+_JOB_FIELDS = dict(
+    id=dict(_STR, pattern="^job_[0-9a-f]{12}$"),
+    state=dict(_STR, enum=list(ACTIVE_STATES + TERMINAL_STATES)),
+    op=_STR, trace_id=_NULLABLE_STR, created_at=_INT, updated_at=_INT,
+    created_at_ms=_INT, updated_at_ms=_INT,
+    result={"oneOf": [{"type": "null"}, _object(
+        text=_STR, usage=_object(prompt_tokens=_INT, completion_tokens=_INT))]},
+    error={"oneOf": [{"type": "null"}, _object(code=dict(_STR, enum=[
+        "SIM_FAIL", "TIMEOUT", "CANCELLED"]), message=_STR)]})
+_SCHEMAS = {
+    "Error": _object(["error"], error=_object(["code", "message"], code=_STR, message=_STR,
+                                              field=_STR)),
+    "OpenAIError": _object(["error"], error=_object(
+        ["message", "type", "param", "code"], message=_STR, type=_STR,
+        param=_NULLABLE_STR, code=_NULLABLE_STR)),
+    "Simulate": dict(_object(**{key: schema for key, (_, _, schema) in _SIMULATE_FIELDS.items()}),
+                     additionalProperties=False),
+    "CreateJob": _object(
+        ["op"], op=dict(_STR, minLength=1), args={"type": "object"},
+        timeout_ms=dict(_INT, minimum=1, maximum=MAX_TIMEOUT_MS),
+        trace_id=dict(_NULLABLE_STR, maxLength=MAX_TRACE_ID_CHARS),
+        callback_url=dict(_STR, format="uri", description="Loopback URL the final job is "
+                          "POSTed to"),
+        simulate={"oneOf": [{"type": "null"}, _ref("Simulate")]},
+        example={"op": "llm.chat", "trace_id": "try-1",
+                 "args": {"model": "llama3.1:8b", "messages": [{"role": "user",
+                                                                "content": "Hello"}]},
+                 "simulate": {"mode": "ok", "latency_ms": 500}}),
+    "JobCreated": _object(["id", "state", "created_at"], id=_JOB_FIELDS["id"],
+                          state=_JOB_FIELDS["state"], created_at=_INT),
+    "Job": _object(list(_JOB_FIELDS), **_JOB_FIELDS),
+    "JobList": _object(["jobs", "next"], jobs={"type": "array", "items": _ref("Job")},
+                       next={"type": ["integer", "null"]}),
+    "Cancelled": _object(["id", "state"], id=_STR, state=_STR),
+    "JobRequest": _object(id=_STR, op=_STR, args={"type": "object"}, timeout_ms=_INT,
+                          trace_id=_NULLABLE_STR, created_at_ms=_INT, polls=_INT,
+                          idempotency_key=_NULLABLE_STR, callback={"type": ["object", "null"]},
+                          simulate={"type": "object"}, outcome=_object(state=_STR, at_ms=_INT)),
+    "Health": _object(["ok", "name", "time", "version"], ok={"type": "boolean"}, name=_STR,
+                      time=_INT, version=_STR, defaults={"type": "object"},
+                      jobs=_object(stored=_INT, active=_INT, by_state={"type": "object"}),
+                      chaos={"type": "object"}, time_scale={"type": "number"}),
+    "ChatRequest": _object(
+        ["model", "messages"], model=_STR,
+        messages={"type": "array", "minItems": 1, "items": _object(["role"], role=_STR)},
+        stream={"type": "boolean"}, stream_options=_object(include_usage={"type": "boolean"}),
+        max_tokens=dict(_INT, minimum=1), max_completion_tokens=dict(_INT, minimum=1),
+        n={"const": 1}, user=_STR, timeout_ms=dict(_INT, minimum=1),
+        simulate=_ref("Simulate"),
+        example={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}],
+                 "simulate": {"latency_ms": 300}}),
+    "ChatCompletion": _object(["id", "object", "created", "model", "choices", "usage"],
+                              id=_STR, object=dict(_STR, const="chat.completion"),
+                              created=_INT, model=_STR, choices={"type": "array"},
+                              usage=_object(prompt_tokens=_INT, completion_tokens=_INT,
+                                            total_tokens=_INT)),
+    "Model": _object(["id", "object"], id=_STR, object=dict(_STR, const="model"),
+                     created=_INT, owned_by=_STR),
+    "ModelList": _object(["object", "data"], object=dict(_STR, const="list"),
+                         data={"type": "array", "items": _ref("Model")}),
+    "Scripts": _object(scripts={"type": "array", "items": _object(key=_STR, attempts=_INT)}),
+    "Removed": _object(removed={"type": "object", "additionalProperties": _INT}),
+    "Journal": _object(requests={"type": "array", "items": _object(
+        seq=_INT, at_ms=_INT, monotonic_ms={"type": "number"}, method=_STR, path=_STR,
+        query=_STR, headers={"type": "object"}, body=_STR, body_truncated={"type": "boolean"},
+        status={"type": ["integer", "null"]}, fault={}, job_id=_NULLABLE_STR,
+        trace_id=_NULLABLE_STR)}),
+    "OpenAPI": {"type": "object"},
+}
+
+
+def openapi_document():
+    """The OpenAPI 3.1 document of every route in ROUTES, from their @_api."""
+    paths = {}
+    for method, path, handler in ROUTES:
+        api = handler.api
+        error = "OpenAIError" if path.startswith(OPENAI_PATHS) else "Error"
+        parameters = [{"name": name, "in": "path", "required": True, "schema": _STR}
+                      for name in re.findall(r"\{(\w+)\+?\}", path)]
+        parameters += [{"name": name, "in": "query", "required": False,
+                        "description": schema.get("description", ""), "schema": schema}
+                       for name, schema in api["query"].items()]
+        parameters += [{"name": name, "in": "header", "required": False,
+                        "description": text, "schema": _STR}
+                       for name, text in api["headers"].items()]
+        responses = {}
+        for status, what in api["answers"].items():
+            answer = {"description": HTTPStatus(status).phrase}
+            if what is not None:
+                media, schema = ((what, _STR) if "/" in what else
+                                 ("application/json", _ref(what)))
+                answer["content"] = {media: {"schema": schema}}
+            responses[str(status)] = answer
+        responses["default"] = {"description": "An error",
+                                "content": {"application/json": {"schema": _ref(error)}}}
+        operation = {"summary": api["summary"], "operationId": handler.__name__.strip("_"),
+                     "parameters": parameters, "responses": responses}
+        if api["request"]:
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": _ref(api["request"])}}}
+        paths.setdefault(path.replace("+}", "}"), {})[method.lower()] = operation
+    return {"openapi": "3.1.0",
+            "info": {"title": "dummyLLM", "version": __version__,
+                     "description": __doc__.split("\n\n")[1].replace("\n", " ")},
+            "paths": paths, "components": {"schemas": _SCHEMAS}}
+
+
+_PAGE_STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 70em; padding: 1em 2em;
+       color: #1d232a; }
+h1 { margin-bottom: 0.2em; } nav a { margin-right: 1.2em; }
+code, pre, textarea, input { font: 13px/1.4 ui-monospace, monospace; }
+pre { background: #f3f5f7; padding: 0.7em; overflow-x: auto; max-height: 22em; }
+table { border-collapse: collapse; width: 100%; margin: 0.4em 0; }
+td, th { border-bottom: 1px solid #dde2e7; padding: 0.25em 0.6em; text-align: left; }
+.op { border: 1px solid #d3d9df; border-radius: 6px; margin: 1em 0; padding: 0.3em 1em 1em; }
+.method { display: inline-block; min-width: 4.5em; font-weight: bold; }
+.get { color: #1a7f37; } .post { color: #0a58ca; } .delete { color: #b42318; }
+textarea { width: 100%; height: 9em; } input { width: 22em; }
+button { padding: 0.3em 1.2em; } .status { font-weight: bold; }
+.ok { color: #1a7f37; } .fail, .timeout, .cancelled { color: #b42318; }
+.queued, .running { color: #9a6700; } .counts span { margin-right: 1.5em; }
+"""
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dummyLLM API</title>
+<style>""" + _PAGE_STYLE + """</style></head>
+<body>
+<h1>dummyLLM API</h1>
+<nav><a href="/">dashboard</a><a href="/openapi.json">openapi.json</a><a href="/metrics">metrics</a></nav>
+<p id="about"></p>
+<div id="operations">Loading the API document...</div>
+<script>
+"use strict";
+const el = (tag, attrs, ...children) => {
+  const node = document.createElement(tag);
+  Object.assign(node, attrs || {});
+  for (const child of children) node.append(child);
+  return node;
+};
+let spec;
+const resolve = (schema) => {
+  while (schema && schema.$ref) schema = spec.components.schemas[schema.$ref.split("/").pop()];
+  return schema || {};
+};
+const typeOf = (schema) => {
+  schema = resolve(schema);
+  if (schema.enum) return schema.enum.join(" | ");
+  if (schema.oneOf) return schema.oneOf.map(typeOf).join(" or ");
+  return [].concat(schema.type || "any").join(" or ");
+};
+function fieldsTable(schema) {
+  schema = resolve(schema);
+  const table = el("table", {}, el("tr", {}, el("th", {}, "field"), el("th", {}, "type"),
+                                   el("th", {}, "about")));
+  for (const [name, field] of Object.entries(schema.properties || {})) {
+    const required = (schema.required || []).includes(name) ? " (required)" : "";
+    table.append(el("tr", {}, el("td", {}, el("code", {}, name + required)),
+                    el("td", {}, typeOf(field)), el("td", {}, resolve(field).description || "")));
+  }
+  return table;
+}
+function operation(path, method, op) {
+  const id = "op-" + method + path.replace(/[^a-z0-9]+/gi, "-");
+  const box = el("div", {className: "op", id});
+  box.append(el("h3", {}, el("span", {className: "method " + method}, method.toUpperCase()),
+                el("code", {}, path)), el("p", {}, op.summary));
+  const inputs = {};
+  const params = op.parameters || [];
+  if (params.length) {
+    const table = el("table", {}, el("tr", {}, el("th", {}, "parameter"), el("th", {}, "in"),
+                                     el("th", {}, "value")));
+    for (const p of params) {
+      inputs[p.in + ":" + p.name] = el("input", {name: p.name, placeholder: p.description || typeOf(p.schema)});
+      table.append(el("tr", {}, el("td", {}, el("code", {}, p.name)), el("td", {}, p.in),
+                      el("td", {}, inputs[p.in + ":" + p.name])));
+    }
+    box.append(table);
+  }
+  let body = null;
+  if (op.requestBody) {
+    const schema = op.requestBody.content["application/json"].schema;
+    box.append(el("p", {}, "Request body:"), fieldsTable(schema));
+    if (resolve(schema).properties.simulate) {
+      box.append(el("details", {}, el("summary", {}, "simulate fields"),
+                    fieldsTable(spec.components.schemas.Simulate)));
+    }
+    body = el("textarea", {name: "body"});
+    body.value = JSON.stringify(resolve(schema).example || {}, null, 2);
+    box.append(el("p", {}, "Example request (edit and send):"), body);
+  }
+  const answer = el("pre", {className: "answer"}, "");
+  const send = el("button", {className: "send", type: "button"}, "Send");
+  send.onclick = async () => {
+    let url = path;
+    const query = new URLSearchParams();
+    const headers = {};
+    for (const p of params) {
+      const value = inputs[p.in + ":" + p.name].value;
+      if (p.in === "path") url = url.replace("{" + p.name + "}", encodeURIComponent(value));
+      else if (value && p.in === "query") query.set(p.name, value);
+      else if (value && p.in === "header") headers[p.name] = value;
+    }
+    if (String(query)) url += "?" + query;
+    const init = {method: method.toUpperCase(), headers};
+    if (body) { init.body = body.value; headers["Content-Type"] = "application/json"; }
+    answer.textContent = "...";
+    try {
+      const response = await fetch(url, init);
+      const text = await response.text();
+      let shown = text;
+      try { shown = JSON.stringify(JSON.parse(text), null, 2); } catch (e) {}
+      answer.textContent = response.status + " " + response.statusText + "\\n" + shown;
+      answer.dataset.status = response.status;
+    } catch (error) {
+      answer.textContent = "request failed: " + error;
+    }
+  };
+  box.append(el("p", {}, send), answer);
+  return box;
+}
+fetch("/openapi.json").then((r) => r.json()).then((document_) => {
+  spec = document_;
+  document.getElementById("about").textContent = spec.info.description + " Version " + spec.info.version + ".";
+  const list = document.getElementById("operations");
+  list.textContent = "";
+  for (const [path, ops] of Object.entries(spec.paths))
+    for (const [method, op] of Object.entries(ops)) list.append(operation(path, method, op));
+});
+</script>
+</body></html>
+"""
+
+DASHBOARD_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dummyLLM</title>
+<style>""" + _PAGE_STYLE + """</style></head>
+<body>
+<h1>dummyLLM</h1>
+<nav><a href="/docs">API docs</a><a href="/metrics">metrics</a><a href="/v1/requests">request journal</a></nav>
+<p class="counts" id="counts">...</p>
+<table id="jobs"><thead><tr><th>id</th><th>op</th><th>mode</th><th>state</th><th>age</th></tr></thead>
+<tbody></tbody></table>
+<script>
+"use strict";
+const STATES = ["queued", "running", "ok", "fail", "timeout", "cancelled"];
+async function refresh() {
+  try {
+    const [health, list] = await Promise.all([fetch("/health").then((r) => r.json()),
+                                              fetch("/v1/jobs?limit=25").then((r) => r.json())]);
+    const counts = document.getElementById("counts");
+    counts.textContent = "";
+    for (const state of STATES) {
+      const span = document.createElement("span");
+      span.className = state;
+      span.textContent = state + ": " + (health.jobs.by_state[state] || 0);
+      counts.append(span);
+    }
+    const rows = document.querySelector("#jobs tbody");
+    rows.textContent = "";
+    const now = Date.now();
+    for (const job of list.jobs) {
+      const row = rows.insertRow();
+      row.id = "job-" + job.id;
+      const age = ((now - job.created_at_ms) / 1000).toFixed(1) + " s";
+      for (const [text, cls] of [[job.id], [job.op], [job.mode], [job.state, "state " + job.state], [age]]) {
+        const cell = row.insertCell();
+        cell.textContent = text;
+        if (cls) cell.className = cls;
+      }
+    }
+  } catch (error) {
+    document.getElementById("counts").textContent = "server unreachable: " + error;
+  }
+}
+refresh();
+setInterval(refresh, 500);
+</script>
+</body></html>
+"""
 
 
 class Router:

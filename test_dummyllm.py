@@ -241,7 +241,7 @@ class JobStoreTest(unittest.TestCase):
         store = self.store(timer_thread=False, max_jobs=2)
         ids = [store.create(spec(latency_ms=0))[0]["id"] for _ in range(5)]  # evicts, never 503
         self.assertEqual(store.poll(ids[-1])[0]["state"], "ok")
-        self.assertEqual(store.counts(), {"stored": 2, "active": 0})
+        self.assertEqual(store.counts(), {"stored": 2, "active": 0, "by_state": {"ok": 2}})
 
     def test_the_timer_thread_moves_jobs_on_by_itself(self):
         store = self.store()
@@ -278,9 +278,10 @@ class HealthTest(ServerTestCase):
         self.assertEqual(body["defaults"]["latency_ms"], 20)
         self.assertEqual(body["defaults"]["timeout_ms"], 8000)
         self.assertEqual(body["defaults"]["weights"]["ok"], 70)
-        self.assertEqual(body["jobs"], {"stored": 0, "active": 0})
+        self.assertEqual(body["jobs"], {"stored": 0, "active": 0, "by_state": {}})
         self.create(simulate={"mode": "hang"})
-        self.assertEqual(self.call("GET", "/health")[1]["jobs"], {"stored": 1, "active": 1})
+        self.assertEqual(self.call("GET", "/health")[1]["jobs"],
+                         {"stored": 1, "active": 1, "by_state": {"running": 1}})
 
 
 class JobLifecycleTest(ServerTestCase):
@@ -416,7 +417,8 @@ class CapacityTest(ServerTestCase):
         self.create(simulate={"mode": "hang"})
         self.assertEqual(self.call("GET", "/v1/jobs/" + first)[0], 404)
         self.assertEqual(self.job(second)["state"], "ok")
-        self.assertEqual(self.call("GET", "/health")[1]["jobs"], {"stored": 3, "active": 2})
+        self.assertEqual(self.call("GET", "/health")[1]["jobs"],
+                         {"stored": 3, "active": 2, "by_state": {"ok": 1, "running": 2}})
 
 
 class DeterminismTest(ServerTestCase):
