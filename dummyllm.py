@@ -1666,9 +1666,6 @@ def _dashboard(server, request):
 # The routing table.  A new endpoint is one entry here and one handler above.
 # {name} matches one path segment, {name+} the rest of the path.
 ROUTES = (
-    ("GET", "/", _dashboard),
-    ("GET", "/docs", _docs),
-    ("GET", "/openapi.json", _openapi),
     ("GET", "/health", _health),
     ("GET", "/metrics", _metrics),
     ("POST", "/v1/jobs", _create_job),
@@ -1685,6 +1682,9 @@ ROUTES = (
     ("POST", "/v1/reset", _reset_server),
     ("GET", "/v1/requests", _list_requests),
     ("DELETE", "/v1/requests", _clear_requests),
+    ("GET", "/", _dashboard),
+    ("GET", "/docs", _docs),
+    ("GET", "/openapi.json", _openapi),
 )
 
 CORS_EXPOSED_HEADERS = ("Location, Retry-After, retry-after-ms, Idempotent-Replayed, "

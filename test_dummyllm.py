@@ -7,18 +7,22 @@ Servers run in-process on port 0 (or as a subprocess for the command line).
 
 import ast
 import http.client
+import http.server
 import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
+import types
 import unittest
 
 import dummyllm
@@ -1352,6 +1356,418 @@ class ChaosTest(RetryTestCase):
                          {'"reset"', '"disconnect"', '{"status": 503, "retry_after_ms": null}'})
         self.assertEqual(self.faults(self.start(self.options)), first)
         self.assertEqual(self.call("GET", "/health")[1]["chaos"]["rate"], 0.5)
+
+
+# --- Operability: waiting, listing, events, metrics, documents, pages, options ------------
+
+class LongPollTest(ServerTestCase):
+
+    def test_a_waiter_returns_soon_after_the_job_ends(self):
+        job_id = self.create(simulate={"latency_ms": 200})
+        status, job, _ = self.call("GET", f"/v1/jobs/{job_id}?wait_ms=5000")
+        ended_ms = job["updated_at_ms"]
+        self.assertEqual((status, job["state"]), (200, "ok"))
+        self.assertLess(time.time() * 1000 - ended_ms, 20 + 30)  # 20 ms, plus the round trip
+
+    def test_a_waiter_gives_up_after_wait_ms(self):
+        job_id = self.create(simulate={"mode": "hang"})
+        started = time.monotonic()
+        job = self.call("GET", f"/v1/jobs/{job_id}?wait_ms=150")[1]
+        self.assertEqual(job["state"], "running")
+        self.assertGreaterEqual(time.monotonic() - started, 0.15)
+
+    def test_bad_wait_ms_is_422(self):
+        job_id = self.create()
+        for value in ("-1", "60001", "abc"):
+            status, body, _ = self.call("GET", f"/v1/jobs/{job_id}?wait_ms={value}")
+            self.assert_error(status, body, 422, "VALIDATION_ERROR", "wait_ms")
+
+    def test_200_idle_waiters_cost_no_cpu(self):
+        job_id = self.create(simulate={"mode": "hang"})
+        socks = []
+        for _ in range(200):
+            sock = socket.create_connection(self.server.server_address[:2], timeout=5)
+            self.addCleanup(sock.close)
+            sock.sendall(f"GET /v1/jobs/{job_id}?wait_ms=60000 HTTP/1.1\r\n\r\n".encode())
+            socks.append(sock)
+        time.sleep(0.3)
+        cpu = time.process_time()
+        time.sleep(0.5)
+        self.assertLess(time.process_time() - cpu, 0.1)
+        self.call("POST", f"/v1/jobs/{job_id}/cancel")
+        for sock in socks:
+            self.assertIn(b'"state":"cancelled"', sock.recv(65536))
+
+
+class ListAndDeleteTest(ServerTestCase):
+
+    def test_newest_first_with_filters_and_a_cursor(self):
+        ids = [self.create(op="a" if i % 2 else "b", trace_id=f"t{i % 3}",
+                           simulate={"mode": "hang" if i < 2 else "ok", "latency_ms": 0})
+               for i in range(7)]
+        time.sleep(0.05)
+        status, page, _ = self.call("GET", "/v1/jobs?limit=3")
+        self.assertEqual(status, 200)
+        self.assertEqual([job["id"] for job in page["jobs"]], ids[:-4:-1])
+        rest = self.call("GET", f"/v1/jobs?limit=3&after={page['next']}")[1]
+        last = self.call("GET", f"/v1/jobs?limit=3&after={rest['next']}")[1]
+        self.assertEqual([job["id"] for job in rest["jobs"] + last["jobs"]], ids[-4::-1])
+        self.assertIsNone(last["next"])
+        self.assertEqual({job["id"] for job in self.call("GET", "/v1/jobs?state=running")[1]
+                          ["jobs"]}, set(ids[:2]))
+        self.assertEqual([job["id"] for job in self.call("GET", "/v1/jobs?op=a&trace_id=t1")[1]
+                          ["jobs"]], [ids[1]])
+        for query, field in [("state=paused", "state"), ("limit=0", "limit"), ("after=x", "after")]:
+            status, body, _ = self.call("GET", "/v1/jobs?" + query)
+            self.assert_error(status, body, 422, "VALIDATION_ERROR", field)
+
+    def test_delete_cancels_and_forgets(self):
+        job_id = self.create(simulate={"mode": "hang"})
+        self.conn.request("DELETE", "/v1/jobs/" + job_id)
+        response = self.conn.getresponse()
+        self.assertEqual((response.status, response.read(), response.getheader("Content-Length")),
+                         (204, b"", None))
+        self.assertEqual(self.call("GET", "/v1/jobs/" + job_id)[0], 404)
+        self.assertEqual(self.call("DELETE", "/v1/jobs/" + job_id)[0], 404)
+        self.assertEqual(self.call("GET", "/health")[1]["jobs"]["stored"], 0)
+
+
+class JobEventsTest(ServerTestCase):
+
+    def test_one_event_now_and_at_each_transition_then_the_end(self):
+        job_id = self.create(simulate={"queue_ms": 50, "latency_ms": 50})
+        self.conn.request("GET", f"/v1/jobs/{job_id}/events")
+        response = self.conn.getresponse()
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
+        text = response.read().decode()  # returns: the stream ends after the final state
+        events = [block for block in text.split("\n\n") if block]
+        self.assertTrue(all(block.startswith("event: state\ndata: ") for block in events))
+        states = [json.loads(block.split("data: ", 1)[1])["state"] for block in events]
+        self.assertEqual(states, ["queued", "running", "ok"])
+        self.assertEqual(self.call("GET", "/health")[0], 200)  # the connection lives on
+
+    def test_heartbeats_while_nothing_happens(self):
+        self.addCleanup(setattr, dummyllm, "HEARTBEAT_S", dummyllm.HEARTBEAT_S)
+        dummyllm.HEARTBEAT_S = 0.05  # 15 s in real life
+        job_id = self.create(simulate={"mode": "hang"})
+        self.conn.request("GET", f"/v1/jobs/{job_id}/events")
+        response = self.conn.getresponse()
+        lines = [response.readline() for _ in range(5)]
+        self.assertIn(b": heartbeat\n", lines)
+        self.call("POST", f"/v1/jobs/{job_id}/cancel", conn=self.connect(self.server))
+        self.assertIn(b'"state":"cancelled"', response.read())
+
+    def test_unknown_job_is_404(self):
+        self.assertEqual(self.call("GET", "/v1/jobs/job_000000000000/events")[0], 404)
+
+
+class ResetTest(ServerTestCase):
+
+    def test_reset_cancels_everything_and_leaves_no_thread(self):
+        threads = threading.active_count()
+        waiter = self.connect(self.server)
+        job_id = self.create(simulate={"mode": "hang"})
+        self.create(simulate={"latency_ms": 60_000})
+        waiter.request("GET", f"/v1/jobs/{job_id}?wait_ms=10000")
+        while self.server.store._jobs[job_id].changed is None:  # until the waiter waits
+            time.sleep(0.001)
+        status, body, _ = self.call("POST", "/v1/reset")
+        self.assertEqual(status, 200)
+        self.assertEqual((body["removed"]["jobs"], body["removed"]["active_jobs_cancelled"]), (2, 2))
+        self.assertEqual(json.loads(waiter.getresponse().read())["state"], "cancelled")
+        self.assertEqual(self.call("GET", "/health")[1]["jobs"]["stored"], 0)
+        self.assertEqual(self.server.store._due.next_time(), None)  # no transition is pending
+        self.assertLessEqual(threading.active_count(), threads + 2)  # the two connections
+
+
+_METRIC_LINE = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*",?)*\})?'
+                          r' [-+]?([0-9.]+([eE][-+]?[0-9]+)?|NaN|\+Inf|-Inf)')
+
+
+class MetricsTest(ServerTestCase):
+
+    def test_metrics_follow_the_exposition_format(self):
+        self.wait_for(self.create(simulate={"mode": "fail", "latency_ms": 0}))
+        self.create(simulate={"mode": "hang"})
+        self.call("POST", "/v1/jobs", {"op": "x", "simulate": {"fault": "status:503"}})
+        self.call("GET", "/nope")
+        self.conn.request("GET", "/metrics")
+        response = self.conn.getresponse()
+        self.assertEqual(response.getheader("Content-Type"), "text/plain; version=0.0.4; charset=utf-8")
+        text = response.read().decode()
+        self.assertTrue(text.endswith("\n"))
+        types = {}
+        for line in text.splitlines():
+            if line.startswith("# HELP "):
+                continue
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split(" ")
+                types[name] = kind
+                continue
+            self.assertRegex(line, _METRIC_LINE)
+        for name, kind in types.items():
+            self.assertEqual(name.endswith("_total"), kind == "counter", name)
+        self.assertEqual(types["dummyllm_job_duration_seconds"], "histogram")
+        for sample in ['dummyllm_jobs_created_total{mode="fail"} 1',
+                       'dummyllm_jobs_created_total{mode="hang"} 1',
+                       'dummyllm_jobs_finished_total{state="fail"} 1',
+                       "dummyllm_jobs_active 1",
+                       'dummyllm_http_requests_total{method="GET",route="unmatched",status="404"} 1',
+                       'dummyllm_http_requests_total{method="POST",route="/v1/jobs",status="503"} 1',
+                       'dummyllm_faults_injected_total{kind="status"} 1',
+                       'dummyllm_job_duration_seconds_bucket{le="+Inf"} 1',
+                       "dummyllm_job_duration_seconds_count 1"]:
+            self.assertIn(sample + "\n", text)
+
+
+class OpenAPITest(ServerTestCase):
+
+    def test_the_document_covers_the_router(self):
+        status, document, _ = self.call("GET", "/openapi.json")
+        self.assertEqual((status, document["openapi"]), (200, "3.1.0"))
+        for method, path, handler in dummyllm.ROUTES:
+            with self.subTest(method=method, path=path):
+                operation = document["paths"][path.replace("+}", "}")][method.lower()]
+                self.assertTrue(operation["summary"])
+                self.assertTrue(operation["responses"])
+                for name in re.findall(r"\{(\w+)\+?\}", path):
+                    self.assertIn(name, [p["name"] for p in operation["parameters"]])
+        self.assertEqual(set(document["components"]["schemas"]["Simulate"]["properties"]),
+                         set(dummyllm._SIMULATE_FIELDS))
+        refs = set(re.findall(r'"#/components/schemas/(\w+)"', json.dumps(document)))
+        self.assertLessEqual(refs, set(document["components"]["schemas"]))
+
+    def test_pages_are_self_contained(self):
+        for path in ("/docs", "/"):
+            with self.subTest(path=path):
+                self.conn.request("GET", path)
+                response = self.conn.getresponse()
+                page = response.read().decode()
+                self.assertEqual(response.getheader("Content-Type"), "text/html; charset=utf-8")
+                self.assertIn("<script>", page)
+                self.assertEqual(re.findall(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", page), [])
+                self.assertNotRegex(page, r"<(script|link|img)[^>]+(src|href)=")
+
+
+class RuntimeOptionsTest(ServerTestCase):
+    options = {"time_scale": 0.1, "cors": "http://app.test", "log_format": "json"}
+
+    def test_time_scale_shortens_every_simulated_duration(self):
+        started = time.monotonic()
+        job = self.wait_for(self.create(simulate={"latency_ms": 1000}))
+        self.assertLess(time.monotonic() - started, 0.6)
+        self.assertEqual(job["state"], "ok")
+        response = self.call("POST", "/v1/jobs", {"op": "x", "simulate": {
+            "mode": "rate_limit", "retry_after_ms": 2000}})[2]
+        self.assertEqual(response.getheader("retry-after-ms"), "200")
+        self.assertEqual(self.call("GET", "/health")[1]["time_scale"], 0.1)
+
+    def test_cors_headers_and_preflight(self):
+        response = self.call("GET", "/health")[2]
+        self.assertEqual(response.getheader("Access-Control-Allow-Origin"), "http://app.test")
+        self.conn.request("OPTIONS", "/v1/jobs", headers={
+            "Origin": "http://app.test", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,idempotency-key"})
+        response = self.conn.getresponse()
+        response.read()
+        self.assertEqual(response.status, 204)
+        self.assertEqual(response.getheader("Access-Control-Allow-Methods"), "POST, GET, HEAD")
+        self.assertEqual(response.getheader("Access-Control-Allow-Headers"),
+                         "content-type,idempotency-key")
+
+    def test_json_access_log(self):
+        lines = []
+        self.server.config = self.server.config._replace(quiet=False)
+        self.server._log_writer = types.SimpleNamespace(write=lines.append, flush=lambda: None)
+        job_id = self.create(trace_id="log-1")
+        entry = json.loads(lines[-1])
+        self.assertEqual({key: entry[key] for key in ("method", "path", "status", "job_id",
+                                                      "trace_id")},
+                         {"method": "POST", "path": "/v1/jobs", "status": 201, "job_id": job_id,
+                          "trace_id": "log-1"})
+        self.assertIsInstance(entry["ms"], float)
+
+
+class WebhookTest(ServerTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.received = []
+        received = self.received
+
+        class Receiver(http.server.BaseHTTPRequestHandler):
+            statuses = [500, 200]  # the first attempt fails
+
+            def do_POST(self):
+                received.append((time.monotonic(), json.loads(
+                    self.rfile.read(int(self.headers["Content-Length"])))))
+                self.send_response(self.statuses.pop(0) if self.statuses else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+        threading.Thread(target=receiver.serve_forever, daemon=True).start()
+        self.addCleanup(receiver.server_close)
+        self.addCleanup(receiver.shutdown)
+        self.hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook?x=1"
+
+    def test_the_final_job_is_posted_with_retries(self):
+        job_id = self.create(callback_url=self.hook, simulate={"latency_ms": 0})
+        deadline = time.monotonic() + 5
+        while len(self.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertEqual([job["id"] for _, job in self.received], [job_id, job_id])
+        self.assertEqual(self.received[-1][1]["state"], "ok")
+        self.assertGreaterEqual(self.received[1][0] - self.received[0][0], 0.45)
+        time.sleep(0.05)
+        callback = self.call("GET", f"/v1/jobs/{job_id}/request")[1]["callback"]
+        self.assertEqual(callback["url"], self.hook)
+        self.assertEqual([a["status"] for a in callback["attempts"]], [500, 200])
+
+    def test_only_loopback_targets_unless_allowed(self):
+        for url in ("http://example.com/hook", "http://10.0.0.1/x", "ftp://127.0.0.1/x",
+                    "http://[::1", "nope"):
+            with self.subTest(url=url):
+                status, body, _ = self.call("POST", "/v1/jobs", {"op": "x", "callback_url": url})
+                self.assert_error(status, body, 422, "VALIDATION_ERROR", "callback_url")
+        allowed = self.start({"allow_callback_hosts": "hooks.test"})
+        conn = self.connect(allowed)
+        self.assertEqual(self.call("POST", "/v1/jobs", {
+            "op": "x", "callback_url": "http://hooks.test:9/x"}, conn=conn)[0], 201)
+
+
+class EmbeddingApiTest(unittest.TestCase):
+    """The README's way to use dummyLLM from another project's tests."""
+
+    def test_start_use_reset_stop(self):
+        with dummyllm.start_server(latency_ms=0, seed=3) as server:
+            host, port = server.server_address[:2]
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+            conn.request("POST", "/v1/jobs", json.dumps({"op": "x"}))
+            response = conn.getresponse()
+            self.assertEqual((response.status, response.read()[:7]), (201, b'{"id":"'))
+            removed = server.reset()
+            self.assertEqual(removed["jobs"], 1)
+            conn.request("GET", "/health")
+            self.assertEqual(json.loads(conn.getresponse().read())["jobs"]["stored"], 0)
+            conn.close()
+
+
+def _find_browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (chromium, driver) if chromium and driver else None
+
+
+class WebDriver:
+    """Just enough of the W3C WebDriver protocol, over http.client."""
+
+    ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+
+    def __init__(self, chromium, driver):
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            self.port = free.getsockname()[1]
+        self.process = subprocess.Popen([driver, f"--port={self.port}"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.profile = tempfile.mkdtemp()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.call("GET", "/status")["ready"]:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("chromedriver did not start")
+            time.sleep(0.05)
+        self.session = self.call("POST", "/session", {"capabilities": {"alwaysMatch": {
+            "goog:chromeOptions": {"binary": chromium, "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--user-data-dir=" + self.profile]}}}})[
+            "sessionId"]
+
+    def call(self, method, path, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request(method, path, None if body is None else json.dumps(body),
+                         {"Content-Type": "application/json"})
+            answer = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        if isinstance(answer.get("value"), dict) and "error" in answer["value"]:
+            raise RuntimeError(answer["value"]["error"] + ": " + answer["value"].get("message", ""))
+        return answer["value"]
+
+    def command(self, method, path, body=None):
+        return self.call(method, f"/session/{self.session}{path}", body)
+
+    def open(self, url):
+        self.command("POST", "/url", {"url": url})
+
+    def script(self, source, *args):
+        return self.command("POST", "/execute/sync", {"script": source, "args": list(args)})
+
+    def wait_for(self, source, timeout=10):
+        """Poll a script until it returns something true; returns that."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.script(source)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for: {source}")
+            time.sleep(0.05)
+
+    def click(self, css):
+        element = self.command("POST", "/element", {"using": "css selector", "value": css})
+        self.command("POST", f"/element/{element[self.ELEMENT]}/click", {})
+
+    def quit(self):
+        try:
+            self.command("DELETE", "")
+        finally:
+            self.process.terminate()
+            self.process.wait(10)
+            shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@unittest.skipIf(_find_browser() is None and not os.environ.get("DUMMYLLM_REQUIRE_BROWSER"),
+                 "chromium and chromedriver are not installed (.ci/run installs them)")
+class BrowserTest(ServerTestCase):
+    """The docs page and the dashboard in headless Chromium."""
+
+    def setUp(self):
+        super().setUp()
+        self.assertIsNotNone(_find_browser(), "DUMMYLLM_REQUIRE_BROWSER is set, but no browser")
+        self.browser = WebDriver(*_find_browser())
+        self.addCleanup(self.browser.quit)
+
+    def test_the_try_it_form_creates_a_job(self):
+        self.browser.open(self.server.url + "/docs")
+        self.browser.wait_for("return document.querySelector('#op-post-v1-jobs .send')")
+        self.browser.click("#op-post-v1-jobs .send")
+        answer = self.browser.wait_for(
+            "const a = document.querySelector('#op-post-v1-jobs .answer');"
+            "return a.dataset.status && a.textContent;")
+        self.assertTrue(answer.startswith("201 "), answer)
+        job_id = json.loads(answer.split("\n", 1)[1])["id"]
+        self.assertEqual(self.call("GET", "/v1/jobs/" + job_id)[0], 200)
+        entry = self.call("GET", "/v1/requests?path=/v1/jobs")[1]["requests"][-1]
+        self.assertIn("HeadlessChrome", entry["headers"]["User-Agent"])
+
+    def test_the_dashboard_shows_a_job_finish(self):
+        self.browser.open(self.server.url + "/")
+        job_id = self.create(op="dash.op", simulate={"latency_ms": 1500})
+        state = f"var c = document.querySelector('#job-{job_id} .state'); return c && c.textContent"
+        self.assertEqual(self.browser.wait_for(state), "running")
+        self.assertEqual(self.browser.wait_for(state + " === 'ok' && 'ok'"), "ok")
+        counts = self.browser.script("return document.getElementById('counts').textContent")
+        self.assertIn("ok: 1", counts)
 
 
 # --- Command line ---------------------------------------------------------------------
