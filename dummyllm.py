@@ -2573,15 +2573,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _log_access(self, status, fault):
         elapsed_ms = round((time.perf_counter() - self._started) * 1000, 1)
-        note = self._request.note if self._request else {}
+        request = self._request  # None when http.server itself refused the request
+        path = request.path if request else getattr(self, "path", "")
+        method = self.command or "-"
         if self.server.config.log_format == "json":
+            note = request.note if request else {}
             self.server.log(json.dumps({
-                "time": _now_ms() / 1000, "method": self.command, "path": self.path,
+                "time": _now_ms() / 1000, "method": method, "path": path,
                 "status": status, "ms": elapsed_ms, "job_id": note.get("job_id"),
-                "trace_id": note.get("trace_id") or self.headers.get("x-trace-id"),
+                "trace_id": note.get("trace_id") or (request and request.headers.get("x-trace-id")),
                 "fault": fault and fault.to_json()}))
         else:
-            self.server.log(f"{self.command} {self.path} {status or '-'} {elapsed_ms}ms"
+            self.server.log(f"{method} {path or '-'} {status or '-'} {elapsed_ms}ms"
                             + (f" fault={json.dumps(fault.to_json())}" if fault else ""))
 
     def log_message(self, format, *args):
