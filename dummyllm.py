@@ -2785,7 +2785,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 def _argument_parser():
     parser = _ArgumentParser(
         prog="dummyllm.py",
-        description="dummyLLM: a deterministic HTTP simulator of an LLM job backend.",
+        description="dummyLLM: a deterministic HTTP simulator of an LLM backend.",
         epilog="Each option can also be set by the environment variable shown; the flag wins.")
     for option in _OPTIONS:
         if option.text is None:
