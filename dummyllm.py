@@ -2275,26 +2275,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         self._started = time.perf_counter()
-        received = time.monotonic()
         path, _, query = self.path.partition("?")
         self._openai = path.startswith(OPENAI_PATHS)
-        self._request = request = Request(self.command, path, query, self.headers, b"", {},
-                                          received, {})
+        self._request = Request(self.command, path, query, self.headers, b"", {},
+                                time.monotonic(), {})
         try:
-            body = self._read_body()
-            if self.command == "OPTIONS" and self.server.config.cors:
-                self._deliver(self._preflight(path))
-                return
-            handler, params, self._route = self.server.router.match(self.command, path)
-            self._request = request = request._replace(body=body, params=params)
-            if self._openai:
-                self._check_api_key()
-            chaos = None if path in CHAOS_FREE_PATHS else self.server.chaos_fault()
-            if chaos is not None and chaos.kind != "dribble":
-                answer = Answer(fault=chaos)  # the request is lost before it is served
-            else:
-                answer = handler(self.server, request)
-                answer.fault = answer.fault or chaos
+            answer = self._answer(self._request)
         except ApiError as error:
             answer = Answer(payload=error)
         except (ConnectionError, socket.timeout):
@@ -2307,6 +2293,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._deliver(answer)
         except (ConnectionError, socket.timeout):
             self.close_connection = True  # the client left mid-answer
+
+    def _answer(self, request):
+        """The Answer to a request: its body, route, API key, chaos, handler."""
+        body = self._read_body()
+        if request.method == "OPTIONS" and self.server.config.cors:
+            return self._preflight(request.path)
+        handler, params, self._route = self.server.router.match(request.method, request.path)
+        self._request = request = request._replace(body=body, params=params)
+        if self._openai:
+            self._check_api_key()
+        chaos = None if request.path in CHAOS_FREE_PATHS else self.server.chaos_fault()
+        if chaos is not None and chaos.kind != "dribble":
+            return Answer(fault=chaos)  # the request is lost before it is served
+        answer = handler(self.server, request)
+        answer.fault = answer.fault or chaos
+        return answer
 
     def _preflight(self, path):
         """The answer to a browser's CORS preflight (OPTIONS) for a known path."""
