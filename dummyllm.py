@@ -1119,19 +1119,12 @@ class JobStore:
     def delete(self, job_id):
         """Cancel the job if it is active, and forget it."""
         with self._lock:
-            self._apply_due()
-            job = self._job(job_id)
-            if job.state in ACTIVE_STATES:
-                self._finish(job, "cancelled", None, _CANCELLED_ERROR)
-            self._forget(job_id)
+            self._forget(self._cancel(job_id).id)
 
     def cancel(self, job_id):
         """End an active job as cancelled; an ended job is left as it is."""
         with self._lock:
-            self._apply_due()
-            job = self._job(job_id)
-            if job.state in ACTIVE_STATES:
-                self._finish(job, "cancelled", None, _CANCELLED_ERROR)
+            job = self._cancel(job_id)
             return {"id": job.id, "state": job.state}
 
     def request_view(self, job_id):
@@ -1215,6 +1208,13 @@ class JobStore:
                 self._timer_wakeup.wait(None if when is None else when - time.monotonic())
 
     # Everything below runs with self._lock held.
+
+    def _cancel(self, job_id):
+        self._apply_due()
+        job = self._job(job_id)
+        if job.state in ACTIVE_STATES:
+            self._finish(job, "cancelled", None, _CANCELLED_ERROR)
+        return job
 
     def _job(self, job_id):
         job = self._jobs.get(job_id)
@@ -2355,14 +2355,19 @@ class _Handler(BaseHTTPRequestHandler):
         """An event stream whose events come as they happen (job events)."""
         self._answered(answer.status)
         self.wfile.write(self._head(answer.status, answer.headers, "text/event-stream", None))
-        chunked = self.request_version != "HTTP/1.0"
         for data in answer.live:
             if self.server.stopping.is_set():
                 self.close_connection = True
                 return
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-        if chunked:
-            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.write(self._chunk(data))
+        if self.request_version != "HTTP/1.0":
+            self.wfile.write(self._chunk(b""))
+
+    def _chunk(self, data):
+        """Data framed as one chunk of a chunked body (as it is, for HTTP/1.0)."""
+        if self.request_version == "HTTP/1.0":
+            return data
+        return b"%x\r\n%s\r\n" % (len(data), data)
 
     def _render(self, error):
         """(status, body, headers) of an error, in the style of the path."""
@@ -2406,14 +2411,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _deliver_stream(self, answer):
         # Every chunk is encoded now, before the first is due; the stream writer
         # then sends each at its time, the head with the first.
-        chunked = self.request_version != "HTTP/1.0"
         head = self._head(answer.status, answer.headers, "text/event-stream", None)
         start = time.monotonic() if answer.at is None else answer.at
-        frames = []
-        for due_ms, group in itertools.groupby(answer.events, key=lambda event: event[0]):
-            data = b"".join(event for _, event in group)
-            frames.append((start + self.server.seconds(due_ms),
-                           b"%x\r\n%s\r\n" % (len(data), data) if chunked else data))
+        frames = [(start + self.server.seconds(due_ms),
+                   self._chunk(b"".join(event for _, event in group)))
+                  for due_ms, group in itertools.groupby(answer.events, key=lambda e: e[0])]
         frames[0] = (frames[0][0], head + frames[0][1])
         self._answered(answer.status)
         if not self.server.streams.write(self.connection, frames):
@@ -2423,8 +2425,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._hold()
         elif answer.ending == "cut":
             self.close_connection = True  # the chunked body never ends: a broken stream
-        elif chunked:
-            self.wfile.write(b"0\r\n\r\n")
+        elif self.request_version != "HTTP/1.0":
+            self.wfile.write(self._chunk(b""))
             self.close_connection = self.close_connection or answer.ending == "close"
 
     def _wait_until(self, due):
