@@ -54,10 +54,12 @@ import argparse
 import bisect
 import collections
 import email.utils
+import errno
 import hashlib
 import heapq
 import hmac
 import http.client
+import io
 import ipaddress
 import itertools
 import json
@@ -68,6 +70,7 @@ import queue
 import random
 import re
 import secrets
+import selectors
 import signal
 import socket
 import socketserver
@@ -79,6 +82,11 @@ import traceback
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+try:
+    import resource  # the open-file limit (not on Windows)
+except ImportError:
+    resource = None
 
 __version__ = "1.1.0"
 __all__ = ["DummyLLMServer", "start_server", "make_config", "Config", "ApiError", "main",
@@ -129,6 +137,7 @@ _MODES = {
 _DRAWABLE_MODES = tuple(name for name, mode in _MODES.items() if mode.state is not None)
 _REFUSED_STATES = tuple(mode.state for mode in _MODES.values() if mode.at == "refused")
 _DEFAULT_RANDOM_WEIGHTS = {"ok": 70, "echo": 10, "slow": 10, "fail": 5, "hang": 3, "timeout": 2}
+_REFUSAL_RETRY_AFTER_MS = 1000  # of rate_limit and overloaded, when simulate gives none
 
 
 def _draws(mode_name):
@@ -172,6 +181,8 @@ _ERRORS = {
                              "service_unavailable_error", "server_is_overloaded"),
     "CAPACITY": _ErrorKind(503, "every stored job is still active; retry later", "server_error",
                            None),
+    "TOO_MANY_CONNECTIONS": _ErrorKind(503, "every connection is busy; retry later",
+                                       "server_error", None),
     "TIMEOUT": _ErrorKind(504, "job passed its timeout_ms deadline", "server_error", "timeout"),
     "HTTP_VERSION_NOT_SUPPORTED": _ErrorKind(505, "only HTTP/1.0 and HTTP/1.1 are served",
                                              "server_error", None),
@@ -577,7 +588,8 @@ _SIMULATE_FIELDS = {
     "ok_text": _Field(_Text(), None, "Text of a successful answer."),
     "weights": _Field(_WEIGHTS, None, "Weights of the modes flaky or random draw."),
     "jitter_ms": _Field(_LATENCY, 0, "The latency varies by up to this much either way, seeded."),
-    "retry_after_ms": _Field(_MS, 1000, "Retry headers of rate_limit and overloaded."),
+    "retry_after_ms": _Field(_MS, None, "Retry headers of rate_limit and overloaded (1000 "
+                             "when not given), and of status faults that give none."),
     "status": _Field(_Int(500, 599), None, "Status of overloaded (default 503; 529 for "
                      "Anthropic style)."),
     "ttft_ms": _Field(_LATENCY, None, "Chat: time to the first token (replaces latency_ms)."),
@@ -625,6 +637,13 @@ def _check_drawn_weights(settings, field):
         _check_weights(settings["weights"], f"{field}.weights", _draws(settings["mode"]))
 
 
+def _is_loopback(host):
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_callback_url(value, field, allowed_hosts):
     """An http(s) URL on loopback, or on a host --allow-callback-host names:
     a simulator must not be a way to make requests to anywhere else."""
@@ -635,11 +654,7 @@ def _check_callback_url(value, field, allowed_hosts):
         host, parts = "", None
     if parts is None or parts.scheme not in ("http", "https") or not host:
         raise _ValidationError(field, "must be an http:// or https:// URL")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and host not in allowed_hosts:
+    if not _is_loopback(host) and host not in allowed_hosts:
         raise _ValidationError(field, f"names host {host!r}, which is not loopback; "
                                "allow it with --allow-callback-host")
     return value
@@ -671,6 +686,9 @@ _OPTIONS = (
             _Int(1, 1 << 30), "largest request body"),
     _Option("api_key", "--api-key", "DUMMYLLM_API_KEY", None, _Nullable(_Text()),
             "require 'Authorization: Bearer KEY' on the OpenAI endpoints"),
+    _Option("admin_key", "--admin-key", "DUMMYLLM_ADMIN_KEY", None, _Nullable(_Text()),
+            "require 'Authorization: Bearer KEY' on POST /v1/reset, DELETE /v1/requests and "
+            "DELETE /v1/jobs/{id}"),
     _Option("time_scale", "--time-scale", "DUMMYLLM_TIME_SCALE", 1, _Number(0.001, 1000),
             "multiply every simulated duration by this; 0.1 runs ten times faster"),
     _Option("log_format", "--log-format", "DUMMYLLM_LOG_FORMAT", "text", _Choice("text", "json"),
@@ -687,6 +705,10 @@ _OPTIONS = (
             "the faults chaos draws from"),
     _Option("journal_size", "--journal-size", "DUMMYLLM_JOURNAL_SIZE", 1000, _Int(0, 1_000_000),
             "requests the journal keeps"),
+    _Option("max_connections", "--max-connections", "DUMMYLLM_MAX_CONNECTIONS", None,
+            _Nullable(_Int(1, 10_000_000)),
+            "connections open at once (none: seven eighths of the open-file limit); at the "
+            "limit the longest idle one is closed to make room"),
     _Option("quiet", "--quiet", None, False, _Bool(), "no access log"),
 )
 
@@ -855,6 +877,13 @@ def _script_step(spec, n):
     return spec._replace(**spec.script[min(n, len(spec.script) - 1)])
 
 
+def _with_retry_after(fault, spec):
+    """A fault; a status one without retry_after_ms takes the request's."""
+    if fault is not None and fault.kind == "status" and fault.retry_after_ms is None:
+        return fault._replace(retry_after_ms=spec.retry_after_ms)
+    return fault
+
+
 def _lost_before_work(spec):
     """Whether the request's fault loses it before any work is done."""
     return (spec.fault is not None and _FAULTS[spec.fault.kind].loses_request
@@ -871,8 +900,10 @@ def _chaos_fault(seed, i, rate, faults):
 def _refusal(spec, plan):
     """The error that answers a request its mode refuses."""
     code = plan.error["code"]
+    retry_after_ms = spec.retry_after_ms
     return ApiError(code, plan.error["message"], status=spec.status if code == "OVERLOADED"
-                    else None, retry_after_ms=spec.retry_after_ms)
+                    else None, retry_after_ms=_REFUSAL_RETRY_AFTER_MS if retry_after_ms is None
+                    else retry_after_ms)
 
 
 def _fault_error(fault):
@@ -926,13 +957,59 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text):
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is too large for a number")
+    return number
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _json_value(data, what, field=None):
+    """A JSON text (bytes must be UTF-8) decoded, or INVALID_JSON naming the
+    field.  Everything the server keeps must be writable as UTF-8 again, so
+    a lone surrogate (an escape like \\ud800 with no pair) is refused too."""
     try:
-        return json.loads(data, parse_constant=_reject_constant)
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise ApiError("INVALID_JSON", f"{what} nests too deeply", field) from None
-    except ValueError as exc:
-        raise ApiError("INVALID_JSON", f"{what} is not valid JSON: {exc}", field) from None
+    except ValueError as exc:  # UnicodeDecodeError is one too
+        raise ApiError("INVALID_JSON", f"{what} is not valid JSON in UTF-8: {exc}",
+                       field) from None
+    if _SURROGATE_ESCAPE.search(text):
+        path = _lone_surrogate(value, field or "")
+        if path is not None:
+            raise ApiError("INVALID_JSON", f"{what} has a lone surrogate at {path or 'the top'}",
+                           path or field)
+    return value
+
+
+def _lone_surrogate(value, path):
+    """The path of the first string (or key) in value that is not valid
+    Unicode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
+        value, list) else ()
+    for key, item in items:
+        if isinstance(key, int):
+            name = f"{path}[{key}]"
+        else:
+            shown = key.encode("utf-8", "backslashreplace").decode("utf-8")
+            name = f"{path}.{shown}" if path else shown
+            if shown != key:
+                return name
+        found = _lone_surrogate(item, name)
+        if found is not None:
+            return found
+    return None
 
 
 def _json_body(request):
@@ -1365,31 +1442,35 @@ class _Schedule:
 
 
 class _StoreLock:
-    """The store's lock.  A Timer armed while it is held starts once it is
-    released: Thread.start() waits for the new thread to get the GIL, and
-    under the lock every request waits with it (started under the lock,
-    create ran at 0.81 to 1.02 of this speed in three bench runs)."""
+    """The store's lock.  What is asked `later` while it is held runs once it
+    is released: starting the Timer, and telling on_finish of an ended job.
+    Thread.start() waits for the new thread to get the GIL, and under the
+    lock every request waits with it (started under the lock, create ran at
+    0.81 to 1.02 of this speed in three bench runs)."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.timer = None  # armed under the lock, started after it
+        self._later = []
+
+    def later(self, function, *args):
+        self._later.append((function, args))
 
     def __enter__(self):
         self.lock.acquire()
 
     def __exit__(self, *exc_info):
-        timer, self.timer = self.timer, None
+        later, self._later = self._later, []
         self.lock.release()
-        if timer is not None:
-            timer.start()
+        for function, args in later:
+            function(*args)
 
 
 _job_values = operator.attrgetter(*_JOB_JSON)
 
 
 class _Job:
-    __slots__ = (*_JOB_JSON, "seq", "spec", "plan", "n", "step", "start_ms", "due", "polls",
-                 "idempotency", "version", "changed", "callbacks")
+    __slots__ = (*_JOB_JSON, "seq", "spec", "plan", "n", "step", "start_ms", "end_ms", "due",
+                 "polls", "idempotency", "version", "changed", "callbacks")
 
     def created_json(self):
         return {"id": self.id, "state": self.state, "created_at": self.created_at}
@@ -1424,7 +1505,7 @@ class _JobStore:
         self._closed = False
         self._ids = random.Random()
         self._seq = itertools.count(1)
-        self.on_finish = None   # called with (job id, callback_url, job JSON) as a job ends
+        self.on_finish = None   # called with (job id, callback_url, job JSON) once a job ends
         self._by_state = collections.Counter()          # stored jobs by state
         self._created_by_mode = collections.Counter()   # for /metrics
         self._finished_by_state = collections.Counter()
@@ -1464,7 +1545,7 @@ class _JobStore:
             job.spec, job.op, job.trace_id = spec, spec.op, spec.trace_id
             job.plan, job.n, job.step, job.idempotency = plan, n, step, idempotency
             job.state, job.result, job.error, job.due, job.polls = "queued", None, None, None, 0
-            job.version, job.changed, job.callbacks = 0, None, []
+            job.version, job.changed, job.callbacks, job.end_ms = 0, None, [], None
             job.created_at_ms = job.updated_at_ms = self.clock.wall_ms()
             job.created_at = job.updated_at = job.created_at_ms // 1000
             job.start_ms = self.clock.now_ms()
@@ -1502,7 +1583,8 @@ class _JobStore:
                         break
                     self._wait_for_change(job, remaining)
             faults, job.polls = job.spec.poll_faults or (), job.polls + 1
-            return job.to_json(), faults[job.polls - 1] if job.polls <= len(faults) else None
+            fault = faults[job.polls - 1] if job.polls <= len(faults) else None
+            return job.to_json(), _with_retry_after(fault, job.spec)
 
     def watch(self, job_id, heartbeat_s):
         """The job's JSON now and after each change, None when heartbeat_s
@@ -1570,7 +1652,8 @@ class _JobStore:
             "callback": spec.callback_url and {"url": spec.callback_url,
                                                "attempts": list(job.callbacks)},
             "simulate": settings,
-            "outcome": {"state": plan.state, "at_ms": plan.ends_at_ms},
+            "outcome": ({"state": job.state, "at_ms": job.end_ms} if job.end_ms is not None
+                        else {"state": plan.state, "at_ms": plan.ends_at_ms}),
         }
 
     def reset(self):
@@ -1587,7 +1670,8 @@ class _JobStore:
             for job in list(self._jobs.values()):
                 if job.state in _ACTIVE_STATES:
                     self._finish(job, "cancelled", None, {
-                        "code": "CANCELLED", "message": "job was cancelled by a server reset"})
+                        "code": "CANCELLED", "message": "job was cancelled by a server reset"},
+                        self._elapsed_ms(job))
             for table in (self._jobs, self._finished, self._scripts, self._sequences,
                           self._idempotency, self._by_state):
                 table.clear()
@@ -1655,22 +1739,25 @@ class _JobStore:
                 return
             self._timer.cancel()
         self._timer_at = at_ms
-        self._timer = self._lock.timer = self.clock.timer(at_ms, self._fire)
+        self._timer = self.clock.timer(at_ms, self._fire)
+        self._lock.later(self._timer.start)
 
     def _take_step(self, spec):
-        """(the spec of this attempt, its step number): a script's next step
-        applied, counted per key; (spec, None) without a script."""
-        if spec.script is None:
-            return spec, None
-        n = self._count(self._scripts, spec.trace_id or "")
-        return _script_step(spec, n), n
+        """(the settings of this attempt, its step number): a script's next step
+        applied, counted per key (step None without a script)."""
+        n = None
+        if spec.script is not None:
+            n = self._count(self._scripts, spec.trace_id or "")
+            spec = _script_step(spec, n)
+        return spec._replace(fault=_with_retry_after(spec.fault, spec)), n
 
     def _cancel(self, job_id):
         self._apply_due()
         job = self._job(job_id)
         if job.state in _ACTIVE_STATES:
             self._finish(job, "cancelled", None, {"code": "CANCELLED",
-                                                  "message": _ERRORS["CANCELLED"].message})
+                                                  "message": _ERRORS["CANCELLED"].message},
+                         self._elapsed_ms(job))
         return job
 
     def _job(self, job_id):
@@ -1737,9 +1824,15 @@ class _JobStore:
                 self._changed(job)
                 self._schedule_next(job)
             else:
-                self._finish(job, job.plan.state, job.plan.result, job.plan.error)
+                self._finish(job, job.plan.state, job.plan.result, job.plan.error,
+                             job.plan.ends_at_ms)
 
-    def _finish(self, job, state, result, error):
+    def _elapsed_ms(self, job):
+        return round(self.clock.now_ms() - job.start_ms)
+
+    def _finish(self, job, state, result, error, at_ms):
+        """End a job in `state`, at_ms (simulated) after its creation."""
+        job.end_ms = at_ms
         if job.due is not None:
             self._due.cancel(job.due)
             job.due = None
@@ -1753,7 +1846,7 @@ class _JobStore:
         self._durations[1][0] += seconds
         self._changed(job)
         if job.spec.callback_url and self.on_finish is not None:
-            self.on_finish(job.id, job.spec.callback_url, job.to_json())
+            self._lock.later(self.on_finish, job.id, job.spec.callback_url, job.to_json())
 
     def _set_state(self, job, state):
         self._by_state[job.state] -= 1
@@ -2091,14 +2184,16 @@ def _dashboard(server, request):
     return _Answer(200, _DASHBOARD_PAGE.encode(), content_type="text/html; charset=utf-8")
 
 
-class _Route(collections.namedtuple("_Route", "method path handler surface auth chaos journal")):
+class _Route(collections.namedtuple("_Route",
+                                    "method path handler surface auth admin chaos journal")):
     """An endpoint: its handler; the surface whose format its errors take;
-    whether it needs --api-key; whether --chaos may strike it; whether the
-    journal records it."""
+    whether it needs --api-key, or --admin-key; whether --chaos may strike
+    it; whether the journal records it."""
 
 
-def _route(method, path, handler, surface=_JOB_API, auth=False, chaos=True, journal=True):
-    return _Route(method, path, handler, surface, auth, chaos, journal)
+def _route(method, path, handler, surface=_JOB_API, auth=False, admin=False, chaos=True,
+           journal=True):
+    return _Route(method, path, handler, surface, auth, admin, chaos, journal)
 
 
 _CONTROL = {"chaos": False}                    # chaos spares the control endpoints
@@ -2113,7 +2208,7 @@ _ROUTES = (
     _route("POST", "/v1/jobs", _create_job),
     _route("GET", "/v1/jobs", _list_jobs),
     _route("GET", "/v1/jobs/{id}", _get_job),
-    _route("DELETE", "/v1/jobs/{id}", _delete_job),
+    _route("DELETE", "/v1/jobs/{id}", _delete_job, admin=True),
     _route("GET", "/v1/jobs/{id}/events", _job_events),
     _route("POST", "/v1/jobs/{id}/cancel", _cancel_job),
     _route("GET", "/v1/jobs/{id}/request", _job_request),
@@ -2121,9 +2216,9 @@ _ROUTES = (
     _route("GET", "/v1/models", _list_models, **_OPENAI),
     _route("GET", "/v1/models/{id+}", _get_model, **_OPENAI),
     _route("GET", "/v1/scripts", _list_scripts, **_CONTROL),
-    _route("POST", "/v1/reset", _reset_server, **_CONTROL),
+    _route("POST", "/v1/reset", _reset_server, admin=True, **_CONTROL),
     _route("GET", "/v1/requests", _list_requests, **_UNRECORDED),
-    _route("DELETE", "/v1/requests", _clear_requests, **_UNRECORDED),
+    _route("DELETE", "/v1/requests", _clear_requests, admin=True, **_UNRECORDED),
     _route("GET", "/", _dashboard, **_CONTROL),
     _route("GET", "/docs", _docs, **_CONTROL),
     _route("GET", "/openapi.json", _openapi, **_CONTROL),
@@ -2279,52 +2374,75 @@ class _StreamWriter:
 
 
 class _Webhooks:
-    """POST each ended job's JSON to its callback_url, from a few threads
-    started on first use: up to 3 attempts, 5 s timeout each, backing off."""
+    """POST each ended job's JSON to its callback_url: up to 3 attempts, each
+    with 5 s to answer, 0.5 s then 1 s apart (simulated times: --time-scale
+    applies).  Each host has its own queue and a worker while it has one,
+    so a host that never answers delays only its own callbacks; at most
+    MAX_QUEUED wait in all, and a callback beyond that is dropped and said so."""
 
-    WORKERS, TIMEOUT_S, BACKOFF_S = 4, 5, (0.5, 1.0)
+    ATTEMPT_TIMEOUT_MS, BACKOFF_MS, MAX_QUEUED = 5000, (500, 1000), 10_000
 
-    def __init__(self, store, stopping):
-        self._store, self._stopping = store, stopping
-        self._queue = queue.Queue()
-        self._workers = []
+    def __init__(self, store, stopping, log):
+        self._store, self._stopping, self._log = store, stopping, log
+        self._queues = {}   # host -> deque of (job id, url, body)
+        self._queued = 0
         self._lock = threading.Lock()
 
     def send(self, job_id, url, payload):
+        host = urllib.parse.urlsplit(url).netloc
         with self._lock:
-            if len(self._workers) < self.WORKERS:
-                worker = threading.Thread(target=self._run, name="dummyllm-webhook", daemon=True)
-                self._workers.append(worker)
-                worker.start()
-        self._queue.put((job_id, url, _json_bytes(payload)))
+            full = self._queued >= self.MAX_QUEUED
+            if not full:
+                self._queued += 1
+                waiting = self._queues.get(host)
+                if waiting is None:
+                    waiting = self._queues[host] = collections.deque()
+                    threading.Thread(target=self._run, args=(host,), name="dummyllm-webhook",
+                                     daemon=True).start()
+                waiting.append((job_id, url, _json_bytes(payload)))
+        if full:
+            self._store.record_callback(job_id, {"attempt": 0, "at_ms": self._store.clock.wall_ms(),
+                                                 "error": "dropped: the webhook queue is full"})
+            self._log(f"dummyLLM: {self.MAX_QUEUED} callbacks wait already; "
+                      f"the callback of {job_id} is dropped")
 
     def close(self):
-        for _ in self._workers:
-            self._queue.put(None)
+        with self._lock:
+            self._queues.clear()  # each worker ends after its delivery in hand
 
-    def _run(self):
-        for delivery in iter(self._queue.get, None):
+    def _run(self, host):
+        while True:
+            with self._lock:
+                waiting = self._queues.get(host)
+                if not waiting:
+                    self._queues.pop(host, None)
+                    return
+                delivery = waiting.popleft()
+                self._queued -= 1
             self._deliver(*delivery)
 
     def _deliver(self, job_id, url, body):
-        for attempt, backoff_s in enumerate(self.BACKOFF_S + (None,), start=1):
-            record = {"attempt": attempt, "at_ms": self._store.clock.wall_ms()}
+        clock = self._store.clock
+        for attempt, backoff_ms in enumerate(self.BACKOFF_MS + (None,), start=1):
+            record = {"attempt": attempt, "at_ms": clock.wall_ms()}
             try:
-                record["status"] = self._post(url, body)
+                record["status"] = self._post(url, body,
+                                              clock.real_ms(self.ATTEMPT_TIMEOUT_MS) / 1000)
             except (OSError, http.client.HTTPException) as error:
                 record["error"] = str(error) or type(error).__name__
             self._store.record_callback(job_id, record)
-            if 200 <= record.get("status", 0) < 300 or backoff_s is None:
+            if 200 <= record.get("status", 0) < 300 or backoff_ms is None:
                 return
-            if self._stopping.wait(backoff_s):
+            if self._stopping.wait(clock.real_ms(backoff_ms) / 1000):
                 return
 
-    def _post(self, url, body):
+    @staticmethod
+    def _post(url, body, timeout_s):
         # http.client, not urllib: proxy variables must not send callbacks elsewhere.
         parts = urllib.parse.urlsplit(url)
         connection_class = (http.client.HTTPSConnection if parts.scheme == "https"
                             else http.client.HTTPConnection)
-        connection = connection_class(parts.hostname, parts.port, timeout=self.TIMEOUT_S)
+        connection = connection_class(parts.hostname, parts.port, timeout=timeout_s)
         try:
             target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
             connection.request("POST", target, body, {"Content-Type": "application/json",
@@ -2379,39 +2497,312 @@ def _http_date():
     return _date_cache[1]
 
 
-_REQUEST_LINE = re.compile(r"(\S+) (\S+) HTTP/([0-9])\.([0-9])\Z")
+_REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/([0-9])\.([0-9])\Z")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_TOKEN_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+( *, *[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _MAX_HEADER_FIELDS = 100
 _MAX_LINE_BYTES = 65536
+_MAX_HEAD_BYTES = 65536
+_BODY_BYTES_PER_S = 65536    # the slowest body upload allowed, beyond head_timeout_s
+_BIG_ANSWER_BYTES = 65536    # answers this large get send_timeout_s to go out
 _DRIBBLE_PIECES = 8
-# The code http.server's own refusals (a too long request line) are given.
+# The code http.server's own refusals are given.
 _CODE_OF_STATUS = {}
 for _code, _kind in _ERRORS.items():
     _CODE_OF_STATUS.setdefault(_kind.status, _code)
 del _code, _kind
 
 
+class _Idle(Exception):
+    """No request began within the linger: the connection is parked."""
+
+
+class _RequestReader(io.RawIOBase):
+    """The raw reads of one connection, behind its BufferedReader.
+
+    The socket's timeout is the linger.  A read for a request that has not
+    begun raises _Idle when the linger passes; once a request's first bytes
+    arrive it has `deadline` (a time.monotonic() time) to arrive whole, and a
+    read past it raises REQUEST_TIMEOUT however slowly the bytes trickle in.
+    With `peeking` set, reads return nothing, so that peek() shows only what
+    is already buffered; on a non-blocking socket, a read with nothing to
+    read returns nothing too.  `slot` is the lingering slot this connection
+    holds while it waits for a request, given back as the wait ends.
+    """
+
+    def __init__(self, sock, head_timeout_s):
+        self.sock, self.head_timeout_s = sock, head_timeout_s
+        self.deadline, self.peeking, self.slot = None, False, None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.peeking:
+            return None
+        while True:
+            try:
+                count = self.sock.recv_into(buffer)
+            except BlockingIOError:
+                return None
+            except socket.timeout:
+                if self.deadline is None:
+                    self.end_wait()
+                    raise _Idle from None
+                count = None
+            if self.deadline is None:
+                self.end_wait()
+                self.deadline = time.monotonic() + self.head_timeout_s  # a request begins
+            elif time.monotonic() > self.deadline:
+                raise ApiError("REQUEST_TIMEOUT", "the request did not arrive in time")
+            if count is not None:
+                return count
+
+    def end_wait(self):
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
+
+
+class _Parking:
+    """Every open connection with no request in progress, in one thread.
+
+    An idle keep-alive connection waits here for its next request, which a
+    new handler thread then answers; a held one (hang, stall) until its
+    client leaves.  Neither holds a thread.  When thousands of clients leave
+    at once this thread closes their sockets: blocked in recv in threads of
+    their own, 6,000 of them woke together and fought for the GIL (40 threads
+    ended per second, both cores busy, /health unanswered for over 30 s).
+    """
+
+    def __init__(self, server):
+        self._server = server
+        self._lock = threading.Lock()
+        self._idle = {}   # socket -> (address, its entry in _ages)
+        self._ages = _Schedule()  # idle sockets by the time they went idle
+        self._held = {}   # socket -> address
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ)
+        self._thread = None
+        self._closed = False
+
+    def park(self, sock, address, idle_since=None):
+        """Take a connection: idle since that time.monotonic() time, or held
+        (idle_since None) until its client leaves."""
+        with self._lock:
+            if self._closed:
+                self._server.close_request(sock)
+                return
+            sock.setblocking(False)
+            if idle_since is None:
+                self._held[sock] = address
+            else:
+                self._idle[sock] = (address, self._ages.push(idle_since, sock))
+            self._selector.register(sock, selectors.EVENT_READ)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dummyllm-parking",
+                                                daemon=True)
+                self._thread.start()
+        self._wake_write.send(b"\0")  # a new idle deadline, and poll() sees the socket
+
+    def close_longest_idle(self):
+        """Close the connection idle longest, to make room; False if none is idle."""
+        with self._lock:
+            sock = self._ages.pop_due(math.inf)
+            if sock is None:
+                return False
+            self._close(sock)
+            return True
+
+    def counts(self):
+        with self._lock:
+            return len(self._idle), len(self._held)
+
+    def close(self):
+        """Close every parked connection and stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for sock in list(self._idle) + list(self._held):
+                self._close(sock)
+        self._wake_write.send(b"\0")
+        if self._thread is not None:
+            self._thread.join(1)
+        self._selector.close()
+        self._wake_read.close()
+        self._wake_write.close()
+
+    def _run(self):
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                oldest = self._ages.next_time()
+            timeout = None if oldest is None else max(
+                0, oldest + self._server.idle_timeout_s - time.monotonic())
+            ready = self._selector.select(timeout)
+            returning = []
+            with self._lock:
+                if self._closed:
+                    return
+                for key, _ in ready:
+                    if key.fileobj is self._wake_read:
+                        self._drain(self._wake_read)
+                    elif key.fileobj in self._held:
+                        if not self._drain(key.fileobj):
+                            self._close(key.fileobj)  # the client left
+                    elif key.fileobj in self._idle:
+                        sock = key.fileobj
+                        if self._peek(sock):  # a request: a handler thread takes it
+                            address, entry = self._idle.pop(sock)
+                            self._ages.cancel(entry)
+                            self._selector.unregister(sock)
+                            returning.append((sock, address))
+                        else:
+                            self._close(sock)
+                expired = time.monotonic() - self._server.idle_timeout_s
+                for sock in iter(lambda: self._ages.pop_due(expired), None):
+                    self._close(sock)
+            for sock, address in returning:
+                self._server.process_request(sock, address)
+
+    @staticmethod
+    def _drain(sock):
+        """Read and drop what the client sent; False once it has left."""
+        try:
+            while sock.recv(65536):
+                pass
+            return False
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _peek(sock):
+        """Whether a request has begun (False: the client left)."""
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK))
+        except BlockingIOError:
+            return True  # woken for nothing; the handler will wait
+        except OSError:
+            return False
+
+    def _close(self, sock):
+        address, entry = self._idle.pop(sock, (None, None))
+        if entry is not None:
+            self._ages.cancel(entry)
+        self._held.pop(sock, None)
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        self._server.close_request(sock)
+
+
+class _Sender:
+    """A handler's wfile: each write is one sendall, nothing is buffered."""
+
+    def __init__(self, sock):
+        self.write = sock.sendall
+
+
 class _Handler(BaseHTTPRequestHandler):
-    """One connection: read each request, have the server answer it, and
-    write the answer (one send, a stream, or spoiled by a fault)."""
+    """One connection while a request is in progress: read each request, have
+    the server answer it, and write the answer (one send, a stream, or
+    spoiled by a fault).  Between requests it lingers, then parks the
+    connection and lets its thread go."""
 
     protocol_version = "HTTP/1.1"
     server_version = "dummyLLM/" + __version__
     _request = _fault = None  # the request being answered, and the fault that spoils it
+    handed_over = False       # the connection went to the parking, open
 
-    @property
-    def timeout(self):
-        return self.server.idle_timeout_s  # idle keep-alive connections let go of their thread
+    def setup(self):
+        self.connection = sock = self.request
+        self._started = time.perf_counter()
+        sock.settimeout(self.server.linger_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self._reader = _RequestReader(sock, self.server.head_timeout_s)
+        self.rfile = io.BufferedReader(self._reader)
+        self.wfile = _Sender(sock)
+        self._idle_since = time.monotonic()  # and again as each answer goes out
+
+    def finish(self):
+        self.rfile.close()
+
+    def handle(self):
+        self.close_connection = False
+        try:
+            while not self.close_connection:
+                self._await_request()
+                self.handle_one_request()
+        except _Idle:
+            self.handed_over = True
+            self.server.parking.park(self.connection, self.client_address, self._idle_since)
+        except (ConnectionError, socket.timeout):
+            pass  # the client left, or stopped reading our answer
+        finally:
+            self._reader.end_wait()
+
+    def _await_request(self):
+        """Before each request: what was sent already begins it; else linger
+        for it if a lingering slot is free, else look once and park."""
+        reader = self._reader
+        reader.peeking = True
+        pending = self.rfile.peek(1)
+        reader.peeking = False
+        if not pending:
+            reader.deadline = None
+            if self.server.lingering.acquire(blocking=False):
+                reader.slot = self.server.lingering
+                return
+            # Thousands of connections lingering in threads would all wake
+            # when their clients leave together, and fight for the GIL.
+            self.connection.setblocking(False)
+            try:
+                pending = self.rfile.peek(1)
+            finally:
+                self.connection.settimeout(self.server.linger_s)
+            if not pending:
+                raise _Idle
+        reader.deadline = time.monotonic() + self.server.head_timeout_s
+
+    def handle_one_request(self):
+        self.command, self._request, self._fault = None, None, None
+        try:
+            line = self.rfile.readline(_MAX_LINE_BYTES + 1)
+            for _ in range(8):  # RFC 9112 2.2: empty lines before a request are ignored
+                if line not in (b"\r\n", b"\n"):
+                    break
+                line = self.rfile.readline(_MAX_LINE_BYTES + 1)
+            if not line:
+                self.close_connection = True
+                return
+            self.raw_requestline = line
+            if len(line) > _MAX_LINE_BYTES:
+                self.requestline, self.request_version = "", "HTTP/1.1"
+                return self._refuse("URI_TOO_LONG")
+            if self.parse_request():
+                self._dispatch()
+        except ApiError as error:  # the request did not arrive in time
+            self._refuse(error.code, error.message)
 
     def parse_request(self):
         # Replaces http.server's, which parses headers with the email package:
         # half the CPU time of a small request.  Sets what it sets.
         self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
-        self._request = self._fault = None
         self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
         line = _REQUEST_LINE.match(self.requestline)
         if not line:
-            if self.requestline.strip():
-                self._refuse("BAD_REQUEST", f"malformed request line {self.requestline[:200]!r}")
+            self._refuse("BAD_REQUEST", f"malformed request line {self.requestline[:200]!r}")
             return False
         if line.group(3) != "1":
             self._refuse("HTTP_VERSION_NOT_SUPPORTED")
@@ -2419,44 +2810,46 @@ class _Handler(BaseHTTPRequestHandler):
         self.command, self.path = line.group(1), line.group(2)
         self.request_version = f"HTTP/1.{line.group(4)}"
         self.headers = headers = {}
+        head_bytes = len(self.raw_requestline)
         for _ in range(_MAX_HEADER_FIELDS + 1):
             raw = self.rfile.readline(_MAX_LINE_BYTES + 1)
             if raw in (b"\r\n", b"\n", b""):
                 break
-            if len(raw) > _MAX_LINE_BYTES:
-                self._refuse("HEADERS_TOO_LARGE",
-                             f"a header line is longer than {_MAX_LINE_BYTES} bytes")
+            head_bytes += len(raw)
+            if len(raw) > _MAX_LINE_BYTES or head_bytes > _MAX_HEAD_BYTES:
+                self._refuse("HEADERS_TOO_LARGE", f"the request head is over {_MAX_HEAD_BYTES} "
+                             "bytes")
                 return False
             name, colon, value = raw.decode("latin-1").partition(":")
-            if not colon or not name or name != name.strip():  # also obsolete line folding
+            value = value.strip(" \t\r\n")
+            if not colon or not _HEADER_NAME.match(name):  # also obsolete line folding
                 self._refuse("BAD_REQUEST", f"malformed header line {raw[:200]!r}")
                 return False
-            name, value = name.lower(), value.strip()
+            if _CONTROL_CHARACTER.search(value):
+                self._refuse("BAD_REQUEST", f"header {name} has a control character")
+                return False
+            name = name.lower()
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         else:
             self._refuse("HEADERS_TOO_LARGE", f"more than {_MAX_HEADER_FIELDS} header fields")
             return False
+        if self.request_version == "HTTP/1.1" and "host" not in headers:
+            self._refuse("BAD_REQUEST", "an HTTP/1.1 request needs a Host header")
+            return False
+        encoding = headers.get("transfer-encoding")
+        if encoding is not None and encoding.lower() != "chunked":
+            self._refuse("NOT_IMPLEMENTED", f"Transfer-Encoding {encoding!r}: only chunked is "
+                         "understood")
+            return False
         connection = headers.get("connection", "").lower()
+        # With both Transfer-Encoding and Content-Length the framing is in doubt:
+        # answer, then close (RFC 9112 6.1).
         self.close_connection = connection == "close" or (
-            self.request_version == "HTTP/1.0" and connection != "keep-alive")
+            self.request_version == "HTTP/1.0" and connection != "keep-alive") or (
+            encoding is not None and "content-length" in headers)
         if headers.get("expect", "").lower() == "100-continue" and self.request_version != "HTTP/1.0":
             return self.handle_expect_100()
         return True
-
-    def setup(self):
-        super().setup()
-        self._started = time.perf_counter()
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-    def __getattr__(self, name):
-        # http.server looks up do_<METHOD>; every method goes through the router,
-        # so an unsupported one is a 405 with Allow, not a 501.
-        if name.startswith("do_"):
-            return self._dispatch
-        raise AttributeError(name)
 
     def _dispatch(self):
         self._started = time.perf_counter()
@@ -2570,32 +2963,30 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _hold(self):
-        """Send nothing more; keep the connection until the client closes it
-        or the server stops.  Blocked in recv, the thread costs no CPU."""
-        self.close_connection = True
-        sock = self.connection
-        self.server.held.add(sock)
-        try:
-            if not self.server.stopping.is_set():
-                sock.settimeout(None)
-                while sock.recv(65536):
-                    pass  # whatever the client still sends is read and dropped
-        except OSError:
-            pass
-        finally:
-            self.server.held.discard(sock)
+        """Send nothing more: the parking keeps the connection open, reading
+        and dropping what the client sends, until it leaves or the server stops."""
+        self.close_connection = self.handed_over = True
+        self.server.parking.park(self.connection, self.client_address)
 
     def _read_body(self):
+        """The body, which has head_timeout_s and a second per 64 KiB to arrive."""
         limit = self.server.config.max_body_bytes
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            return self._read_chunked(limit)
-        length = self._content_length()
-        if length is None:
+        chunked = "transfer-encoding" in self.headers
+        length = None if chunked else self._content_length()
+        if not chunked and length is None:
             return b""
-        if length > limit:
+        if length is not None and length > limit:
             self.close_connection = True  # the rest of the body is never read
             raise self._too_large(limit)
-        body = self.rfile.read(length)
+        self._reader.deadline = time.monotonic() + self.server.head_timeout_s + (
+            limit if chunked else length) / _BODY_BYTES_PER_S
+        try:
+            if chunked:
+                return self._read_chunked(limit)
+            body = self.rfile.read(length)
+        except ApiError:
+            self.close_connection = True
+            raise
         if len(body) < length:
             raise ConnectionError("client closed the connection mid-body")
         return body
@@ -2607,7 +2998,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not (text.isascii() and text.isdigit()):
             self.close_connection = True
             raise ApiError("BAD_REQUEST", "Content-Length must be a decimal number of bytes")
-        return int(text)
+        return int(text) if len(text) <= 18 else math.inf
 
     @staticmethod
     def _too_large(limit):
@@ -2640,7 +3031,7 @@ class _Handler(BaseHTTPRequestHandler):
         # Refuse an oversized body before the client sends it.
         text = self.headers.get("content-length", "")
         limit = self.server.config.max_body_bytes
-        if text.isascii() and text.isdigit() and int(text) > limit:
+        if text.isascii() and text.isdigit() and (len(text) > 18 or int(text) > limit):
             self.close_connection = True
             self._send_bytes(*self._render_error(self._too_large(limit)))
             return False
@@ -2683,13 +3074,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_bytes(self, status, headers, body, content_type="application/json"):
         head = self._head(status, headers, content_type, len(body))
         self._answered(status)
-        # One send: headers and body written apart stall on Nagle plus delayed ACK.
-        self.wfile.write(head if self.command == "HEAD" else head + body)
+        data = head if self.command == "HEAD" else head + body
+        if len(data) <= _BIG_ANSWER_BYTES:
+            # One send: headers and body written apart stall on Nagle plus delayed ACK.
+            return self.wfile.write(data)
+        self.connection.settimeout(self.server.send_timeout_s)  # not just the linger
+        self.wfile.write(data)
+        self.connection.settimeout(self.server.linger_s)
 
     def _answered(self, status):
         """Account for the answer now going out (status None: none at all)."""
         request = self._request
         fault = self._fault or (request and request.note.get("fault"))
+        self._idle_since = time.monotonic()
         elapsed_ms = round((time.perf_counter() - self._started) * 1000, 1)
         self.server.record(request, status, fault, elapsed_ms, self.command or "-",
                            request.path if request else getattr(self, "path", "") or "-")
@@ -2761,14 +3158,25 @@ class DummyLLMServer(ThreadingHTTPServer):
     log(line)         where log lines go (stderr, from a thread of its own)
     reset()           what POST /v1/reset forgets
     idle_timeout_s    seconds an idle keep-alive connection is kept (30)
+    linger_s          seconds a connection keeps its thread between requests,
+                      before it is parked without one (0.5)
+    max_lingering     connections that may linger at once; the others are
+                      parked as soon as they have no request (256)
+    head_timeout_s    seconds a request's head has to arrive once begun (10);
+                      its body has as long again, plus a second per 64 KiB
+    send_timeout_s    seconds a large answer has to go out (30)
     heartbeat_s       seconds between heartbeats of a quiet job event stream (15)
     """
 
     daemon_threads = True
     block_on_close = False
-    request_queue_size = 128   # the default 5 makes bursts of connections wait seconds
+    request_queue_size = 1024  # see server_activate
     allow_reuse_address = True
     idle_timeout_s = 30
+    linger_s = 0.5
+    max_lingering = 256
+    head_timeout_s = 10
+    send_timeout_s = 30
     heartbeat_s = 15
 
     def __init__(self, config=None, clock=None, **options):
@@ -2786,14 +3194,19 @@ class DummyLLMServer(ThreadingHTTPServer):
         self._faults_counted = collections.Counter()    # fault kind -> times injected
         self._chaos_count = itertools.count()
         self.streams = _StreamWriter()
-        self.held = set()                   # sockets of connections held open (hang, stall)
+        self.parking = _Parking(self)
+        self.lingering = threading.BoundedSemaphore(self.max_lingering)
+        self.max_connections = self.config.max_connections or _default_max_connections()
+        self._open = 0                      # connections open, parked ones included
+        self._open_lock = threading.Lock()
+        self._reserve_fd = os.open(os.devnull, os.O_RDONLY)  # given up to refuse at the fd limit
         self.cors_headers = () if self.config.cors is None else (
             f"Access-Control-Allow-Origin: {self.config.cors}", "Vary: Origin",
             "Access-Control-Expose-Headers: " + _CORS_EXPOSED_HEADERS)
         super().__init__((self.config.host, self.config.port), _Handler)
         self.store = _JobStore(self.config, clock)
         self.clock = self.store.clock
-        self.webhooks = _Webhooks(self.store, self.stopping)
+        self.webhooks = _Webhooks(self.store, self.stopping, self.log)
         self.store.on_finish = self.webhooks.send
 
     def server_bind(self):
@@ -2801,6 +3214,81 @@ class DummyLLMServer(ThreadingHTTPServer):
         # lookup that has taken 30 s on CI machines; the name is never used.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def server_activate(self):
+        # A burst of connects beyond the listen backlog waits a second for the
+        # client's SYN retry: listen as deep as the system allows.
+        self.socket.listen(max(self.request_queue_size, _somaxconn()))
+
+    def get_request(self):
+        # At the open-file limit, make room by closing the longest idle
+        # connection; with none idle, refuse the newcomer with the reserve fd.
+        # Either way the listening socket is drained: no spinning on it.
+        while True:
+            try:
+                return self.socket.accept()
+            except OSError as error:
+                if error.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                if not self.parking.close_longest_idle():
+                    self._refuse_at_fd_limit()
+                    raise
+
+    def _refuse_at_fd_limit(self):
+        os.close(self._reserve_fd)
+        try:
+            sock, _ = self.socket.accept()
+            with sock:
+                self._refuse_connection(sock)
+        except OSError:
+            time.sleep(0.01)  # the system is out of files: back off
+        finally:
+            self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
+
+    def verify_request(self, request, client_address):
+        # Counted here, once per accepted connection.  At --max-connections,
+        # the longest idle connection makes room; with none idle, a fast 503.
+        with self._open_lock:
+            self._open += 1
+            full = self._open > self.max_connections
+        if full and not self.parking.close_longest_idle():
+            self._refuse_connection(request)
+            return False
+        return True
+
+    @staticmethod
+    def _refuse_connection(sock):
+        status, body, headers = _JOB_API.error(ApiError(
+            "TOO_MANY_CONNECTIONS", headers=[("Retry-After", "1")]), None)
+        body = _json_bytes(body)
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        try:
+            sock.sendall(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{head}"
+                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + body)
+        except OSError:
+            pass
+
+    def process_request_thread(self, request, client_address):
+        try:
+            handler = self.RequestHandlerClass(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
+        else:
+            if handler.handed_over:
+                return  # the parking has the connection now
+        self.shutdown_request(request)
+
+    def close_request(self, request):
+        super().close_request(request)
+        with self._open_lock:
+            self._open -= 1
+
+    def connections(self):
+        """(open, idle parked, held parked) connections."""
+        with self._open_lock:
+            open_now = self._open
+        return (open_now, *self.parking.counts())
 
     @property
     def url(self):
@@ -2814,11 +3302,13 @@ class DummyLLMServer(ThreadingHTTPServer):
             return self._preflight(request)
         route, request.params = self.router.match(request.method, request.path)
         request.route = route
-        if route.auth and self.config.api_key is not None:
+        option, key = (("--admin-key", self.config.admin_key) if route.admin else
+                       ("--api-key", self.config.api_key) if route.auth else (None, None))
+        if key is not None:
             given = route.surface.credential(request) or ""
-            if not hmac.compare_digest(given.encode(), self.config.api_key.encode()):
-                raise ApiError("UNAUTHORIZED", "incorrect or missing API key; send "
-                               "'Authorization: Bearer <key>' with the key given to --api-key")
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                raise ApiError("UNAUTHORIZED", "incorrect or missing key; send 'Authorization: "
+                               f"Bearer <key>' with the key given to {option}")
         chaos = self._chaos_fault() if route.chaos and self.config.chaos else None
         if chaos is not None and chaos.kind != "dribble":
             return _Answer(fault=chaos)  # the request is lost before it is served
@@ -2834,10 +3324,11 @@ class DummyLLMServer(ThreadingHTTPServer):
         methods = self.router.methods(request.path)
         if not methods:
             raise ApiError("NOT_FOUND", f"no endpoint at {request.path}")
-        requested = request.headers.get("access-control-request-headers")
+        requested = request.headers.get("access-control-request-headers", "")
+        if not _TOKEN_LIST.fullmatch(requested):
+            requested = _CORS_ALLOWED_HEADERS  # only a list of header names is echoed
         return _Answer(204, headers=[("Access-Control-Allow-Methods", ", ".join(methods)),
-                                     ("Access-Control-Allow-Headers",
-                                      requested or _CORS_ALLOWED_HEADERS),
+                                     ("Access-Control-Allow-Headers", requested),
                                      ("Access-Control-Max-Age", "600")])
 
     def _chaos_fault(self):
@@ -2873,7 +3364,7 @@ class DummyLLMServer(ThreadingHTTPServer):
                     "x-trace-id")),
                 "fault": fault and fault.to_json()}))
         else:
-            self.log(f"{method} {path} {status or '-'} {elapsed_ms}ms"
+            self.log(f"{_printable(method)} {_printable(path)} {status or '-'} {elapsed_ms}ms"
                      + (f" fault={json.dumps(fault.to_json())}" if fault else ""))
 
     def counted(self):
@@ -2916,13 +3407,12 @@ class DummyLLMServer(ThreadingHTTPServer):
 
     def server_close(self):
         self.stopping.set()
-        for sock in list(self.held):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in its recv
-            except OSError:
-                pass
+        self.parking.close()
         self.streams.close()
         super().server_close()
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
         if hasattr(self, "store"):
             self.store.close()
             self.webhooks.close()
@@ -2940,6 +3430,40 @@ class DummyLLMServer(ThreadingHTTPServer):
         if not isinstance(exc, (ConnectionError, socket.timeout)):
             self.log(f"dummyLLM: error serving {client_address[0]}\n"
                      + traceback.format_exc().rstrip())
+
+
+def _somaxconn():
+    """The system's cap on a listen backlog (Linux), else 0."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def _printable(text):
+    """Text for a terminal: control characters (ESC among them) escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _default_max_connections():
+    """Seven eighths of the open-file limit: the rest is for everything else."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else 8192
+    return max(16, (limit if limit != getattr(resource, "RLIM_INFINITY", -1) else 65536) * 7 // 8)
+
+
+def _raise_file_limit():
+    """Raise the soft open-file limit to the hard one; a warning if it cannot."""
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as error:
+        return f"dummyLLM: cannot raise the open-file limit from {soft} to {hard}: {error}"
+    return None
 
 
 def start_server(**options):
@@ -3245,6 +3769,10 @@ def main(argv=None, environ=None):
     except _UsageError as error:
         print(f"dummyllm.py: error: {error}", file=sys.stderr)
         return 2
+    warnings = [_raise_file_limit()]
+    if config.admin_key is None and not _is_loopback(config.host):
+        warnings.append(f"dummyLLM: listening on {config.host} without --admin-key: anyone who "
+                        "reaches the port can reset it and delete jobs and the journal")
     try:
         server = DummyLLMServer(config)
     except OSError as error:
@@ -3259,6 +3787,10 @@ def main(argv=None, environ=None):
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if warnings[0]:
+        warnings[0] += f"; at most {server.max_connections} connections"
+    for warning in filter(None, warnings):
+        server.log(warning)
     try:
         print(f"dummyLLM listening on {server.url}", flush=True)
         server.serve_forever()

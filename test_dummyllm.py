@@ -138,6 +138,14 @@ class ServerTestCase(unittest.TestCase):
     def stored(self):
         return self.call("GET", "/health")[1]["jobs"]["stored"]
 
+    def wait_until(self, condition, timeout=5):
+        """Wait for condition() to hold, checking every 10 ms; fail after timeout."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail(f"still not so after {timeout} s")
+            time.sleep(0.01)
+
     def journal(self, query=""):
         status, body, _ = self.call("GET", "/v1/requests" + query)
         self.assertEqual(status, 200)
@@ -641,6 +649,15 @@ class JobLifecycleTest(ServerTestCase):
                          ("fail", "flaky", 30, 7, 0, {"fail": 1}))
         self.assertEqual(view["outcome"], {"state": "fail", "at_ms": 30})
 
+    def test_the_outcome_of_a_cancelled_job_is_what_happened(self):
+        job_id = self.create(simulate={"latency_ms": 5000})
+        self.assertEqual(self.call("GET", f"/v1/jobs/{job_id}/request")[1]["outcome"],
+                         {"state": "ok", "at_ms": 5000})  # planned, while it runs
+        self.call("POST", f"/v1/jobs/{job_id}/cancel")
+        outcome = self.call("GET", f"/v1/jobs/{job_id}/request")[1]["outcome"]
+        self.assertEqual(outcome["state"], "cancelled")
+        self.assertLess(outcome["at_ms"], 1000)
+
 
 class CapacityTest(ServerTestCase):
     options = {"max_jobs": 3}
@@ -727,7 +744,8 @@ class RequestErrorTest(ServerTestCase):
 
     def test_bodies_that_are_not_json_are_400(self):
         for body in [b"", b"{", b"op=llm.chat", b"\xff\xfe{}", b"[" * 100000,
-                     b'{"op": "x", "timeout_ms": NaN}']:
+                     b'{"op": "x", "timeout_ms": NaN}', b'{"op": "x", "args": {"n": 1e999}}',
+                     '{"op": "x"}'.encode("utf-16"), '{"op": "x"}'.encode("utf-32")]:
             with self.subTest(body=body[:20]):
                 status, error, _ = self.call("POST", "/v1/jobs", body)
                 self.assert_error(status, error, 400, "INVALID_JSON")
@@ -767,6 +785,23 @@ class RequestErrorTest(ServerTestCase):
                 status, error, _ = self.call("POST", "/v1/jobs", body)
                 self.assert_error(status, error, 422, "VALIDATION_ERROR", field)
         self.assertEqual(self.stored(), 0)
+
+    def test_a_lone_surrogate_is_refused_at_the_door_naming_the_field(self):
+        for body, field in [(b'{"op": "\\ud800"}', "op"),
+                            (b'{"op": "x", "args": {"m": ["ok", "\\udfff"]}}', "args.m[1]"),
+                            (b'{"op": "x", "args": {"\\ud800": 1}}', "args.\\ud800")]:
+            with self.subTest(body=body):
+                status, error, _ = self.call("POST", "/v1/jobs", body)
+                self.assert_error(status, error, 400, "INVALID_JSON", field)
+        self.assertEqual(self.call("POST", "/v1/jobs", b'{"op": "\\ud83d\\ude00"}')[0], 201)
+        for path in ("/v1/jobs", "/v1/requests", "/"):  # everything stored can be answered
+            self.conn.request("GET", path)
+            self.assertEqual(self.conn.getresponse().read()[:1] != b"", True)
+
+    def test_a_404_keeps_its_body_in_the_journal(self):
+        self.call("POST", "/v1/embeddings", {"input": "hi"})
+        entry, = self.journal("?path=/v1/embeddings")
+        self.assertEqual((entry["status"], json.loads(entry["body"])), (404, {"input": "hi"}))
 
     def test_nulls_and_unknown_top_level_keys_take_defaults(self):
         job_id = self.create(op="x", args=None, timeout_ms=None, trace_id=None, extra=1,
@@ -954,6 +989,16 @@ class ChatCompletionTest(ChatTestCase):
         status, error, _ = self.call("POST", "/v1/chat/completions", b"{oops")
         self.assert_openai_error(status, error, 400, "invalid_request_error")
 
+    def test_lone_surrogates_are_refused_in_openai_shape(self):
+        status, body, _ = self.call("POST", "/v1/chat/completions",
+                                    b'{"model": "m", "messages": [{"role": "user", '
+                                    b'"content": "\\ud800"}]}')
+        self.assert_openai_error(status, body, 400, "invalid_request_error",
+                                 param="messages[0].content")
+        status, body, _ = self.chat(headers={"X-DummyLLM-Simulate": '{"ok_text": "\\udc00"}'})
+        self.assert_openai_error(status, body, 400, "invalid_request_error",
+                                 param="X-DummyLLM-Simulate.ok_text")
+
     def test_unknown_paths_and_methods_answer_in_openai_shape(self):
         status, body, _ = self.call("POST", "/v1/chat/nope", {})
         self.assert_openai_error(status, body, 404, "invalid_request_error", code="not_found")
@@ -1057,13 +1102,18 @@ class ChatStreamTest(ChatTestCase):
         with self.assertRaises(socket.timeout):
             self.conn.getresponse()
 
-    def test_a_long_stream_is_encoded_as_it_goes(self):
-        # 100,000 chunks: encoded ahead, they would take tens of MB and seconds
-        # before the first went out.
-        response = self.open_stream(simulate={"latency_ms": 0, "token_ms": 1000,
-                                              "ok_text": "abcd" * 100_000})
+    def test_a_long_stream_holds_its_text_not_its_frames(self):
+        # 250,000 chunks of 1 MB of text: encoded ahead, they took about 200 MB.
+        import tracemalloc
+        text = "abcd" * 250_000
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        response = self.open_stream(simulate={"latency_ms": 0, "token_ms": 1000, "ok_text": text})
         self.assertEqual(json.loads(response.readline()[6:])["choices"][0]["delta"]["role"],
                          "assistant")
+        held = tracemalloc.get_traced_memory()[0] - before
+        self.assertLess(held, 10 * len(text))  # the request, its JSON, the text: not frames
 
 
 class ApiKeyTest(ChatTestCase):
@@ -1359,7 +1409,7 @@ class LongPollTest(ServerTestCase):
 
     def test_200_idle_waiters_cost_no_cpu(self):
         job_id = self.create(simulate={"mode": "hang"})
-        socks = [self.raw(f"GET /v1/jobs/{job_id}?wait_ms=60000 HTTP/1.1\r\n\r\n".encode())
+        socks = [self.raw(http_bytes("GET", f"/v1/jobs/{job_id}?wait_ms=60000"))
                  for _ in range(200)]
         time.sleep(0.3)
         cpu = time.process_time()
@@ -1708,6 +1758,16 @@ class FaultTest(ServerTestCase):
         status, body, _ = self.call("POST", "/v1/jobs", {"op": "x", "simulate": {
             "fault": "status:529"}})
         self.assert_error(status, body, 529, "OVERLOADED")
+        self.assertIsNone(_.getheader("retry-after"))
+
+    def test_a_status_fault_takes_the_requests_retry_after_ms(self):
+        response = self.call("POST", "/v1/jobs", {"op": "x", "simulate": {
+            "fault": "status:503", "retry_after_ms": 2000}})[2]
+        self.assertEqual((response.status, response.getheader("retry-after-ms")), (503, "2000"))
+        response = self.call("POST", "/v1/chat/completions", {
+            "model": "m", "messages": HELLO, "simulate": {
+                "fault": {"status": 429, "retry_after_ms": 100}, "retry_after_ms": 2000}})[2]
+        self.assertEqual(response.getheader("retry-after-ms"), "100")  # the fault's own wins
 
     def test_fault_phase_before_creates_nothing_and_after_creates_the_job(self):
         for fault in ("reset", "disconnect", {"status": 503}):
@@ -1757,10 +1817,7 @@ class FaultTest(ServerTestCase):
         for _ in range(2000):
             self.read_all_quietly(self.create_with(fault="reset"))
         self.assertEqual(self.call("GET", "/health")[0], 200)
-        deadline = time.monotonic() + 5
-        while threading.active_count() > threads + 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.assertLessEqual(threading.active_count(), threads + 1)
+        self.wait_until(lambda: threading.active_count() <= threads + 1)
 
 
 class LoggingServer(dummyllm.DummyLLMServer):
@@ -1838,6 +1895,9 @@ class WebhookTest(ServerTestCase):
         self.addCleanup(receiver.shutdown)
         self.hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook?x=1"
 
+    def callback(self, job_id, conn=None):
+        return self.call("GET", f"/v1/jobs/{job_id}/request", conn=conn)[1]["callback"]
+
     def test_the_final_job_is_posted_with_retries(self):
         job_id = self.create(callback_url=self.hook, simulate={"latency_ms": 0})
         for _ in range(2):
@@ -1845,14 +1905,29 @@ class WebhookTest(ServerTestCase):
         self.assertEqual([job["id"] for _, job in self.received], [job_id, job_id])
         self.assertEqual(self.received[-1][1]["state"], "ok")
         self.assertGreaterEqual(self.received[1][0] - self.received[0][0], 0.45)
-        deadline = time.monotonic() + 5
-        while True:  # the second attempt is recorded once its answer is read
-            callback = self.call("GET", f"/v1/jobs/{job_id}/request")[1]["callback"]
-            if len(callback["attempts"]) == 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
+        self.wait_until(lambda: len(self.callback(job_id)["attempts"]) == 2)  # once read
+        callback = self.callback(job_id)
         self.assertEqual(callback["url"], self.hook)
         self.assertEqual([a["status"] for a in callback["attempts"]], [500, 200])
+
+    def test_a_silent_host_delays_only_its_own_callbacks(self):
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # connects, never answers
+        server = self.start({"time_scale": 0.05})  # attempts get 250 ms, back-offs 25 and 50
+        conn = self.connect(server)
+        silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+        stuck = [self.create(conn=conn, callback_url=silent_url, simulate={"latency_ms": 0})
+                 for _ in range(8)]
+        started = time.monotonic()
+        self.create(conn=conn, callback_url=self.hook, simulate={"latency_ms": 0})
+        self.assertTrue(self.arrived.acquire(timeout=5))
+        self.assertLess(time.monotonic() - started, 0.5)
+        self.wait_until(lambda: len(self.callback(stuck[0], conn)["attempts"]) == 3)
+        attempts = self.callback(stuck[0], conn)["attempts"]
+        self.assertTrue(all("error" in attempt for attempt in attempts))
+        self.assertLess(attempts[-1]["at_ms"] - attempts[0]["at_ms"], 2000)  # not 2 x 5 s
 
     def test_only_loopback_targets_unless_allowed(self):
         for url in ("http://example.com/hook", "http://10.0.0.1/x", "ftp://127.0.0.1/x",
@@ -1864,6 +1939,310 @@ class WebhookTest(ServerTestCase):
         conn = self.connect(allowed)
         self.assertEqual(self.call("POST", "/v1/jobs", {
             "op": "x", "callback_url": "http://hooks.test:9/x"}, conn=conn)[0], 201)
+
+
+class QuickLingerServer(dummyllm.DummyLLMServer):
+    """Connections park 50 ms after their last answer (0.5 s in real life)."""
+
+    linger_s = 0.05
+
+
+def process_threads(pid=None):
+    with open(f"/proc/{pid or 'self'}/status") as f:
+        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+
+
+@unittest.skipUnless(os.path.exists("/proc/self/status"), "counts threads in /proc")
+class CrowdTest(ServerTestCase):
+    server_class = QuickLingerServer
+    CROWD = 1500
+
+    def open_crowd(self, count):
+        socks = [self.raw(http_bytes("GET", "/health")) for _ in range(count)]
+        for sock in socks:
+            self.assertTrue(self.read_until(sock, b"}}").startswith(b"HTTP/1.1 200 "))
+        return socks
+
+    def parked(self):
+        return self.server.connections()[1]
+
+    def test_idle_connections_hold_no_thread_and_leave_together_quickly(self):
+        threads = process_threads()
+        socks = self.open_crowd(self.CROWD)
+        self.wait_until(lambda: self.parked() == self.CROWD)
+        self.assertLess(process_threads(), threads + 20)  # not a thread each
+        worst, stop = [0.0], threading.Event()
+
+        def probe():
+            conn = self.connect(self.server)
+            while not stop.is_set():
+                started = time.monotonic()
+                conn.request("GET", "/health")
+                conn.getresponse().read()
+                worst[0] = max(worst[0], time.monotonic() - started)
+                time.sleep(0.01)
+        prober = threading.Thread(target=probe)
+        prober.start()
+        for sock in socks:
+            sock.close()
+        self.wait_until(lambda: self.server.connections()[0] <= 1)  # only the prober's
+        stop.set()
+        prober.join()
+        self.assertLess(worst[0], 1.0)
+        started = time.monotonic()
+        self.server.stop()
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_a_returning_client_is_answered_from_the_parking(self):
+        sock, = self.open_crowd(1)
+        self.wait_until(lambda: self.parked() == 1)
+        sock.sendall(http_bytes("GET", "/health"))
+        self.assertTrue(self.read_until(sock, b"}}").startswith(b"HTTP/1.1 200 "))
+
+    def test_hang_holds_no_thread(self):
+        threads = process_threads()
+        request = http_bytes("POST", "/v1/chat/completions",
+                             {"model": "m", "messages": HELLO, "simulate": {"mode": "hang"}})
+        socks = [self.raw(request) for _ in range(300)]
+        self.wait_until(lambda: self.server.connections()[2] == 300)
+        self.assertLess(process_threads(), threads + 20)
+        socks[0].close()
+        self.wait_until(lambda: self.server.connections()[2] == 299)  # its client left: closed
+
+
+class MaxConnectionsTest(ServerTestCase):
+    server_class = QuickLingerServer
+    options = {"max_connections": 10}
+
+    def test_at_the_cap_the_longest_idle_connection_makes_room(self):
+        idle = []
+        for _ in range(9):  # idle in this order
+            idle.append(self.raw(http_bytes("GET", "/health")))
+            self.read_until(idle[-1], b"}}")
+        self.wait_until(lambda: self.server.connections()[1] == 9)
+        self.assertEqual(self.call("GET", "/health")[0], 200)  # the 10th
+        fresh = self.raw(http_bytes("GET", "/health"))  # the 11th: the oldest idle goes
+        self.assertTrue(self.read_until(fresh, b"}}").startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(self.read_all(idle[0]), b"")
+
+    def test_with_none_idle_a_newcomer_gets_a_fast_503(self):
+        request = http_bytes("POST", "/v1/chat/completions",
+                             {"model": "m", "messages": HELLO, "simulate": {"mode": "hang"}})
+        held = [self.raw(request) for _ in range(10)]
+        self.wait_until(lambda: self.server.connections()[2] == 10)
+        started = time.monotonic()
+        answer = self.read_all(self.raw(http_bytes("GET", "/health")))
+        self.assertLess(time.monotonic() - started, 1)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+        self.assertIn(b'"TOO_MANY_CONNECTIONS"', answer)
+        self.assertIn(b"Retry-After: 1", answer)
+        held[0].close()
+        self.wait_until(lambda: self.server.connections()[0] == 9)
+        self.assertEqual(self.call("GET", "/health", conn=self.connect(self.server))[0], 200)
+
+
+class SlowClientTest(ServerTestCase):
+    """Tricklers: a request must arrive within head_timeout_s once begun."""
+
+    class Server(QuickServer):
+        head_timeout_s = 0.3
+        linger_s = 0.05
+
+    server_class = Server
+
+    def trickle(self, data, gap_s=0.05):
+        sock = self.raw(b"")
+        started = time.monotonic()
+        try:
+            for byte in data:
+                sock.sendall(bytes([byte]))
+                time.sleep(gap_s)
+        except OSError:
+            pass  # refused meanwhile
+        return self.read_all(sock), time.monotonic() - started
+
+    def test_a_trickled_head_is_cut_off_with_408(self):
+        answer, elapsed = self.trickle(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertIn(b'"REQUEST_TIMEOUT"', answer)
+        self.assertLess(elapsed, 3)
+
+    def test_a_trickled_body_is_cut_off_with_408(self):
+        sock = self.raw(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        started = time.monotonic()
+        try:
+            for _ in range(60):
+                sock.sendall(b" ")
+                time.sleep(0.05)
+        except OSError:
+            pass
+        answer = self.read_all(sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        self.assertLess(time.monotonic() - started, 3.5)
+
+    def test_a_slow_but_steady_request_within_the_deadline_is_served(self):
+        answer, _ = self.trickle(http_bytes("GET", "/health"), gap_s=0.005)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "sets RLIMIT_NOFILE in a subprocess")
+class FileLimitTest(unittest.TestCase):
+    """At the open-file limit, fresh clients are still answered and nothing spins."""
+
+    def start(self, *args):
+        import resource
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--port", "0", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                preexec_fn=limit)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        return proc, int(proc.stdout.readline().rsplit(":", 1)[1])
+
+    def cpu_s(self, pid):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def crowd_then_health(self, *args):
+        proc, port = self.start("--quiet", *args)
+        socks = []
+        for _ in range(100):  # more than 64 open files
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            self.addCleanup(sock.close)
+            socks.append(sock)
+        time.sleep(0.7)  # they linger 0.5 s and park, then the limit bites
+        cpu = self.cpu_s(proc.pid)
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/health")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+        self.assertLess(time.monotonic() - started, 1)
+        time.sleep(0.3)
+        self.assertLess(self.cpu_s(proc.pid) - cpu, 0.2)  # no spinning
+        for sock in socks:
+            sock.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/health")
+        self.assertEqual(conn.getresponse().status, 200)  # recovered
+        conn.close()
+        proc.terminate()
+        self.assertEqual(proc.wait(5), 0)
+
+    def test_the_default_cap_keeps_below_the_limit(self):
+        self.crowd_then_health()
+
+    def test_at_the_limit_itself_the_longest_idle_connection_makes_room(self):
+        self.crowd_then_health("--max-connections", "1000")
+
+
+class HttpHardeningTest(ServerTestCase):
+    options = {"cors": "http://app.test"}
+
+    def exchange(self, data):
+        return self.read_all(self.raw(data))
+
+    def test_the_whole_head_is_capped_at_64_kib(self):
+        fields = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 30000) for i in range(3))
+        answer = self.exchange(b"GET /health HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer[:100])
+
+    def test_control_characters_in_header_values_are_400(self):
+        for value in (b"x-a\rSet-Cookie: pwned=1", b"a\x00b", b"a\x1bb"):
+            with self.subTest(value=value):
+                answer = self.exchange(b"OPTIONS /v1/jobs HTTP/1.1\r\nHost: x\r\n"
+                                       b"Access-Control-Request-Headers: " + value + b"\r\n\r\n")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:100])
+                self.assertNotIn(b"pwned", answer)
+
+    def test_cors_echoes_only_a_list_of_header_names(self):
+        for requested, echoed in [("content-type, x-trace-id", "content-type, x-trace-id"),
+                                  ("content-type; evil", dummyllm._CORS_ALLOWED_HEADERS)]:
+            self.conn.request("OPTIONS", "/v1/jobs", headers={
+                "Access-Control-Request-Headers": requested})
+            response = self.conn.getresponse()
+            response.read()
+            self.assertEqual(response.getheader("Access-Control-Allow-Headers"), echoed)
+
+    def test_an_enormous_content_length_is_413(self):
+        answer = self.exchange(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                               + b"9" * 5000 + b"\r\n\r\n{}")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:100])
+
+    def test_content_length_with_transfer_encoding_is_answered_then_closed(self):
+        body = b'{"op": "x"}'
+        answer = self.exchange(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                               % (len(body), body))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer[:100])
+        self.assertIn(b"Connection: close", answer)
+
+    def test_transfer_codings_other_than_chunked_are_501(self):
+        for coding in (b"xchunked", b"gzip, chunked", b"gzip"):
+            with self.subTest(coding=coding):
+                answer = self.exchange(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                                       + coding + b"\r\n\r\n0\r\n\r\n")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 501 "), answer[:100])
+
+    def test_http_1_1_needs_a_host(self):
+        answer = self.exchange(b"GET /health HTTP/1.1\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:100])
+        self.assertIn(b"Host", answer)
+
+    def test_empty_lines_before_a_request_are_ignored(self):
+        sock = self.raw(b"\r\n\r\n" + http_bytes("GET", "/health"))
+        self.assertTrue(self.read_until(sock, b"}}").startswith(b"HTTP/1.1 200 "))
+
+    def test_bearer_is_case_insensitive(self):
+        server = self.start({"api_key": "k"})
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            self.assertEqual(self.call("GET", "/v1/models", headers={
+                "Authorization": f"{scheme} k"}, conn=self.connect(server))[0], 200)
+
+
+class AdminKeyTest(ServerTestCase):
+    options = {"admin_key": "adm"}
+
+    def test_state_changing_control_endpoints_need_the_admin_key(self):
+        job_id = self.create()
+        for method, path in [("DELETE", "/v1/jobs/" + job_id), ("POST", "/v1/reset"),
+                             ("DELETE", "/v1/requests")]:
+            with self.subTest(path=path):
+                status, body, _ = self.call(method, path)
+                self.assert_error(status, body, 401, "UNAUTHORIZED")
+                self.assertIn("--admin-key", body["error"]["message"])
+                self.conn.request(method, path, headers={"Authorization": "Bearer adm"})
+                response = self.conn.getresponse()
+                response.read()
+                self.assertIn(response.status, (200, 204))
+        self.assertEqual(self.call("POST", "/v1/jobs", {"op": "x"})[0], 201)  # the rest is open
+
+    def test_a_warning_without_it_on_an_open_address(self):
+        proc = subprocess.Popen([sys.executable, SCRIPT, "--port", "0", "--host", "0.0.0.0",
+                                 "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.assertIn("listening on", proc.stdout.readline())
+        self.assertIn("without --admin-key", proc.stderr.readline())
+        proc.terminate()
+        self.assertEqual(proc.wait(5), 0)
+
+
+class LogEscapeTest(ServerTestCase):
+    options = {"quiet": False}
+    server_class = LoggingServer
+
+    def test_control_characters_reach_the_text_log_escaped(self):
+        self.server.lines = []
+        self.read_until(self.raw(b"GET /\x1b[2Jx HTTP/1.1\r\nHost: x\r\n\r\n"), b"}}")
+        line, = [line for line in self.server.lines if " 404 " in line]
+        self.assertNotIn("\x1b", line)
+        self.assertIn("\\x1b[2Jx", line)
 
 
 class EmbeddingTest(unittest.TestCase):
@@ -2109,10 +2488,11 @@ class CommandLineTest(unittest.TestCase):
     # A good value other than the default for every option but --host and --port.
     GOOD = {"mode": "fail", "latency_ms": "7", "seed": "42", "weights": "ok=1,fail=2",
             "timeout_ms": "9000", "slow_factor": "2.5", "max_jobs": "50",
-            "max_body_bytes": "5000", "api_key": "sk-x", "time_scale": "0.5",
+            "max_body_bytes": "5000", "api_key": "sk-x", "admin_key": "adm-x",
+            "time_scale": "0.5",
             "log_format": "json", "cors": "*", "allow_callback_hosts": "a.test,b.test",
             "chaos": "0", "chaos_faults": "reset,status:503,status:429,dribble",
-            "journal_size": "10", "quiet": True}
+            "journal_size": "10", "max_connections": "100", "quiet": True}
 
     def test_every_option_by_flag_and_by_variable(self):
         options = {option.name: option for option in dummyllm._OPTIONS}
