@@ -4,10 +4,10 @@
 Point a task runner, agent system or CI pipeline at it instead of a real
 model to test its timeouts, retries, cancellation, polling and streaming.
 It simulates execution behaviour (state transitions, latency, failures,
-hangs, broken streams), not language: a job API (/v1/jobs), an
-OpenAI-compatible chat endpoint (/v1/chat/completions, streaming included),
-and the faults that retry logic must survive (scripted attempts, transport
-faults, idempotency keys, a request journal).
+hangs, broken streams), not language: a job API (/v1/jobs), the wire
+formats of OpenAI's chat completions, Anthropic's Messages and Google's
+Gemini (streaming included), and the faults that retry logic must survive
+(scripted attempts, transport faults, idempotency keys, a request journal).
 
 Run it::
 
@@ -29,9 +29,10 @@ The sections of this file, in the order a request's data flows through them:
     Simulation            pure functions in simulated milliseconds: what a
                           request does and when (no clock, no I/O)
     Wire formats          a provider surface per unit (the job API, OpenAI
-                          chat): how a request becomes the common call and how
-                          an answer, a stream and an error are written; also
-                          the Prometheus exposition
+                          chat, Anthropic Messages, Gemini): how a request
+                          becomes the common call and how an answer, a stream
+                          and an error are written; also the Prometheus
+                          exposition
     Job store             the dict behind one lock, its Timer, the injected
                           clock, the request journal
     Routes and handlers   what each endpoint does; _ROUTES holds every fact
@@ -145,50 +146,60 @@ def _draws(mode_name):
     return _MODES[mode_name].draws or _DRAWABLE_MODES
 
 
-class _ErrorKind(collections.namedtuple("_ErrorKind",
-                                        "status message openai_type openai_code")):
-    """One error code: its HTTP status (None: the status is chosen where it
-    is raised), its default message, and how OpenAI's API names it."""
+class _ErrorKind(collections.namedtuple("_ErrorKind", "status message openai_type openai_code "
+                                                      "anthropic_type google_status")):
+    """One error code: its HTTP status (None: chosen where it is raised),
+    its default message, and how each provider's API names it."""
 
 
-# Every error the server answers, and the codes a job's `error` carries.
-_ERRORS = {
-    "BAD_REQUEST": _ErrorKind(400, "malformed HTTP request", "invalid_request_error", None),
-    "INVALID_JSON": _ErrorKind(400, "request body is not valid JSON", "invalid_request_error",
-                               None),
-    "UNAUTHORIZED": _ErrorKind(401, "incorrect or missing API key", "invalid_request_error",
-                               "invalid_api_key"),
-    "NOT_FOUND": _ErrorKind(404, "not found", "invalid_request_error", "not_found"),
-    "METHOD_NOT_ALLOWED": _ErrorKind(405, "method not allowed", "invalid_request_error", None),
-    "REQUEST_TIMEOUT": _ErrorKind(408, "the request did not arrive in time",
-                                  "invalid_request_error", None),
-    "IDEMPOTENCY_CONFLICT": _ErrorKind(409, "this Idempotency-Key was used with a different "
-                                       "request", "invalid_request_error",
-                                       "idempotency_conflict"),
-    "PAYLOAD_TOO_LARGE": _ErrorKind(413, "request body is too large", "invalid_request_error",
-                                    None),
-    "URI_TOO_LONG": _ErrorKind(414, "request line is too long", "invalid_request_error", None),
-    "VALIDATION_ERROR": _ErrorKind(422, "a field breaks its rule", "invalid_request_error",
-                                   None),
-    "RATE_LIMITED": _ErrorKind(429, "simulated rate limit: too many requests", "requests",
-                               "rate_limit_exceeded"),
-    "HEADERS_TOO_LARGE": _ErrorKind(431, "request header fields are too large",
-                                    "invalid_request_error", None),
-    "SIM_FAIL": _ErrorKind(500, "simulated error", "server_error", None),
-    "INTERNAL": _ErrorKind(500, "internal error", "server_error", None),
-    "NOT_IMPLEMENTED": _ErrorKind(501, "not implemented", "server_error", None),
-    "OVERLOADED": _ErrorKind(503, "simulated overload: the server is too busy",
-                             "service_unavailable_error", "server_is_overloaded"),
-    "CAPACITY": _ErrorKind(503, "every stored job is still active; retry later", "server_error",
-                           None),
-    "TOO_MANY_CONNECTIONS": _ErrorKind(503, "every connection is busy; retry later",
-                                       "server_error", None),
-    "TIMEOUT": _ErrorKind(504, "job passed its timeout_ms deadline", "server_error", "timeout"),
-    "HTTP_VERSION_NOT_SUPPORTED": _ErrorKind(505, "only HTTP/1.0 and HTTP/1.1 are served",
-                                             "server_error", None),
-    "INJECTED_FAULT": _ErrorKind(None, "simulated HTTP fault", "server_error", None),
-    "CANCELLED": _ErrorKind(None, "job was cancelled by the client", None, None),
-}
+# Every error the server answers, and the codes a job's `error` carries:
+# status, default message; OpenAI's type and code; Anthropic's type; Google's status.
+_ERRORS = {code: _ErrorKind(*row) for code, row in {
+    "BAD_REQUEST": (400, "malformed HTTP request",
+                    "invalid_request_error", None, "invalid_request_error", "INVALID_ARGUMENT"),
+    "INVALID_JSON": (400, "request body is not valid JSON",
+                     "invalid_request_error", None, "invalid_request_error", "INVALID_ARGUMENT"),
+    "UNAUTHORIZED": (401, "incorrect or missing API key", "invalid_request_error",
+                     "invalid_api_key", "authentication_error", "UNAUTHENTICATED"),
+    "NOT_FOUND": (404, "not found",
+                  "invalid_request_error", "not_found", "not_found_error", "NOT_FOUND"),
+    "METHOD_NOT_ALLOWED": (405, "method not allowed",
+                           "invalid_request_error", None, "invalid_request_error", "NOT_FOUND"),
+    "REQUEST_TIMEOUT": (408, "the request did not arrive in time", "invalid_request_error",
+                        None, "invalid_request_error", "DEADLINE_EXCEEDED"),
+    "IDEMPOTENCY_CONFLICT": (409, "this Idempotency-Key was used with a different request",
+                             "invalid_request_error", "idempotency_conflict",
+                             "invalid_request_error", "ABORTED"),
+    "PAYLOAD_TOO_LARGE": (413, "request body is too large",
+                          "invalid_request_error", None, "request_too_large", "INVALID_ARGUMENT"),
+    "URI_TOO_LONG": (414, "request line is too long",
+                     "invalid_request_error", None, "invalid_request_error", "INVALID_ARGUMENT"),
+    "VALIDATION_ERROR": (422, "a field breaks its rule",
+                         "invalid_request_error", None, "invalid_request_error",
+                         "INVALID_ARGUMENT"),
+    "RATE_LIMITED": (429, "simulated rate limit: too many requests",
+                     "requests", "rate_limit_exceeded", "rate_limit_error", "RESOURCE_EXHAUSTED"),
+    "HEADERS_TOO_LARGE": (431, "request header fields are too large", "invalid_request_error",
+                          None, "invalid_request_error", "INVALID_ARGUMENT"),
+    "INTERNAL": (500, "internal error", "server_error", None, "api_error", "INTERNAL"),
+    "SIM_FAIL": (500, "simulated error", "server_error", None, "api_error", "INTERNAL"),
+    "NOT_IMPLEMENTED": (501, "not implemented",
+                        "server_error", None, "api_error", "UNIMPLEMENTED"),
+    "OVERLOADED": (503, "simulated overload: the server is too busy", "service_unavailable_error",
+                   "server_is_overloaded", "overloaded_error", "UNAVAILABLE"),
+    "CAPACITY": (503, "every stored job is still active; retry later",
+                 "server_error", None, "overloaded_error", "UNAVAILABLE"),
+    "TOO_MANY_CONNECTIONS": (503, "every connection is busy; retry later",
+                             "server_error", None, "overloaded_error", "UNAVAILABLE"),
+    "TIMEOUT": (504, "job passed its timeout_ms deadline",
+                "server_error", "timeout", "timeout_error", "DEADLINE_EXCEEDED"),
+    "HTTP_VERSION_NOT_SUPPORTED": (505, "only HTTP/1.0 and HTTP/1.1 are served", "server_error",
+                                   None, "invalid_request_error", "INVALID_ARGUMENT"),
+    "INJECTED_FAULT": (None, "simulated HTTP fault", "server_error", None, "api_error", "UNKNOWN"),
+    "CANCELLED": (None, "job was cancelled by the client", None, None, None, "CANCELLED"),
+}.items()}
+# The reason phrase of each status: HTTP's, and Anthropic's 529.
+_REASONS = {**{status.value: status.phrase for status in HTTPStatus}, 529: "Overloaded"}
 _JOB_ERROR_CODES = tuple(dict.fromkeys(
     [mode.error for mode in _MODES.values() if mode.error and mode.at != "refused"]
     + ["CANCELLED"]))
@@ -554,6 +565,11 @@ def _with_defaults(given, fields, config):
     return values
 
 
+def _pick(fields, *names):
+    """Some fields of a table, to describe a request that takes only those."""
+    return {name: fields[name] for name in names}
+
+
 def _object_schema(fields, strict=False, example=None):
     """The JSON Schema of an object made of a table of fields."""
     schema = {"type": "object", "properties": {
@@ -767,8 +783,10 @@ _Plan = collections.namedtuple("_Plan", [
     "state", "result", "error",
 ])
 
-# A successful reply: its text (cut by max_tokens when `cut`) and its usage.
-_Reply = collections.namedtuple("_Reply", "text cut prompt_tokens completion_tokens")
+# A successful reply: its text, why it ended ("end"; "max_tokens", cut to
+# them; "stop_sequence", cut before `stop_sequence`) and its usage.
+_Reply = collections.namedtuple("_Reply", "text end stop_sequence prompt_tokens "
+                                          "completion_tokens")
 
 
 def _tokens(text):
@@ -897,12 +915,14 @@ def _chaos_fault(seed, i, rate, faults):
     return faults[int(_unit_draw(seed, "", i, "chaos-fault") * len(faults))]
 
 
-def _refusal(spec, plan):
-    """The error that answers a request its mode refuses."""
+def _refusal(spec, plan, overloaded_status=503):
+    """The error that answers a request its mode refuses (overloaded answers
+    simulate.status, else the surface's own status for it)."""
     code = plan.error["code"]
     retry_after_ms = spec.retry_after_ms
-    return ApiError(code, plan.error["message"], status=spec.status if code == "OVERLOADED"
-                    else None, retry_after_ms=_REFUSAL_RETRY_AFTER_MS if retry_after_ms is None
+    return ApiError(code, plan.error["message"],
+                    status=(spec.status or overloaded_status) if code == "OVERLOADED" else None,
+                    retry_after_ms=_REFUSAL_RETRY_AFTER_MS if retry_after_ms is None
                     else retry_after_ms)
 
 
@@ -914,13 +934,18 @@ def _fault_error(fault):
                     retry_after_ms=fault.retry_after_ms)
 
 
-def _reply(spec, plan, max_tokens):
-    """The reply of a model call that succeeds, cut to max_tokens."""
-    text = plan.result["text"]
-    cut = max_tokens is not None and _tokens(text) > max_tokens
-    if cut:
-        text = text[:max_tokens * 4]
-    return _Reply(text, cut, _prompt_tokens(spec), _tokens(text))
+def _reply(spec, plan, max_tokens, stop_sequences=()):
+    """The reply of a model call that succeeds: cut before the first stop
+    sequence it meets, then to max_tokens."""
+    text, end, met = plan.result["text"], "end", None
+    found = [(text.find(sequence), sequence) for sequence in stop_sequences
+             if sequence and sequence in text]
+    if found:
+        at, met = min(found)
+        text, end = text[:at], "stop_sequence"
+    if max_tokens is not None and _tokens(text) > max_tokens:
+        text, end, met = text[:max_tokens * 4], "max_tokens", None
+    return _Reply(text, end, met, _prompt_tokens(spec), _tokens(text))
 
 
 def _stream_timeline(text, token_ms, failure):
@@ -1037,7 +1062,7 @@ def _duration_text(ms):
 # The common call: what every model-call surface's request comes down to.
 # `spec` holds the operation, the messages, the simulate settings and the
 # sequence key; `options` what only that surface needs back.
-_Call = collections.namedtuple("_Call", "spec model stream max_tokens options")
+_Call = collections.namedtuple("_Call", "spec model stream max_tokens stop options")
 
 
 class _Surface:
@@ -1045,18 +1070,21 @@ class _Surface:
     a model-call surface adds parse (a request to a _Call), answer (a
     reply as a JSON body) and stream (a reply as events)."""
 
-    stream_type = "text/event-stream"
     error_schema = "Error"
+    overloaded_status = 503  # of mode overloaded, when simulate.status gives none
     schemas = {}
+
+    def stream_type(self, call):
+        return "text/event-stream"
 
     def credential(self, request):
         """The API key a request carries, for --api-key."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return token if scheme.lower() == "bearer" else None
 
-    def error(self, error, retry_ms):
+    def error(self, error, retry_ms, now_ms):
         """(status, body, headers) of an error; retry_ms is the real delay
-        its retry headers advertise, or None."""
+        its retry headers advertise, or None; now_ms the wall clock."""
         return error.status, self.error_body(error), error.headers + self.retry_headers(
             error, retry_ms)
 
@@ -1078,7 +1106,7 @@ class _Surface:
         return headers
 
     def call(self, request, config, *, model, messages, stream, max_tokens, user, timeout_ms,
-             simulate, **options):
+             simulate, stop=(), **options):
         """The _Call of a model request: the simulate settings from the body,
         else the X-DummyLLM-Simulate header, else the server's defaults; the
         key of seeded sequences from X-Trace-Id, else `user`, else ""."""
@@ -1098,7 +1126,7 @@ class _Surface:
         spec = _JobSpec(op="llm.chat", args={"model": model, "messages": messages},
                         timeout_ms=timeout_ms, trace_id=trace_id or user, callback_url=None,
                         **settings)
-        return _Call(spec, model, stream, max_tokens, options)
+        return _Call(spec, model, stream, max_tokens, tuple(stop), options)
 
 
 _ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -1189,6 +1217,18 @@ def _check_messages(value, field):
     return value
 
 
+def _check_strings(value, field, most=None):
+    """A list of strings (at most `most`)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise _ValidationError(field, "must be a list of strings")
+    if most is not None and len(value) > most:
+        raise _ValidationError(field, f"must list at most {most} strings")
+    return tuple(value)
+
+
+_STRINGS_SCHEMA = {"type": "array", "items": {"type": "string"}}
+
+
 def _check_one(value, field):
     if value != 1:
         raise _ValidationError(field, "must be 1: dummyLLM answers with one choice")
@@ -1202,6 +1242,7 @@ class _OpenAIChat(_Surface):
     """OpenAI's chat completions (plain and streamed) and models."""
 
     error_schema = "OpenAIError"
+    FINISH = {"end": "stop", "max_tokens": "length", "stop_sequence": "stop"}
 
     REQUEST = {
         "model": _Field(_Text(non_empty=True), _REQUIRED, "Any model name."),
@@ -1217,6 +1258,9 @@ class _OpenAIChat(_Surface):
                              "Cut the reply to this many tokens (finish_reason length)."),
         "max_completion_tokens": _Field(_Int(1, 10_000_000), None, "As max_tokens."),
         "n": _Field(_Check(_check_one, {"const": 1}), 1, "Only 1."),
+        "stop": _Field(_Check(lambda value, field: _check_strings(
+            [value] if isinstance(value, str) else value, field, 4), _STRINGS_SCHEMA), (),
+            "The reply ends before the first of these it meets."),
         "user": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
                        "The key of seeded sequences when X-Trace-Id is absent."),
         "timeout_ms": _Field(_Int(1, _MAX_TIMEOUT_MS), _from_config("timeout_ms"),
@@ -1246,8 +1290,8 @@ class _OpenAIChat(_Surface):
             "object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}},
     }
 
-    def error(self, error, retry_ms):
-        status, body, headers = super().error(error, retry_ms)
+    def error(self, error, retry_ms, now_ms):
+        status, body, headers = super().error(error, retry_ms, now_ms)
         return 400 if status == 422 else status, body, headers  # OpenAI has no 422
 
     def error_body(self, error):
@@ -1261,6 +1305,7 @@ class _OpenAIChat(_Surface):
         return self.call(request, config, model=values["model"], messages=values["messages"],
                          stream=values["stream"], user=values["user"],
                          max_tokens=values["max_completion_tokens"] or values["max_tokens"],
+                         stop=values["stop"],
                          timeout_ms=values["timeout_ms"], simulate=values["simulate"],
                          include_usage=values["stream_options"].get("include_usage", False))
 
@@ -1274,7 +1319,7 @@ class _OpenAIChat(_Surface):
             "created": created, "model": call.model, "system_fingerprint": "dummyllm",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text,
                                                  "refusal": None},
-                         "logprobs": None, "finish_reason": "length" if reply.cut else "stop"}],
+                         "logprobs": None, "finish_reason": self.FINISH[reply.end]}],
             "usage": self._usage(reply),
         }
 
@@ -1304,7 +1349,7 @@ class _OpenAIChat(_Surface):
             if event == "error":
                 return _sse(self.error_body(ApiError(
                     "SIM_FAIL", call.spec.fail_message or "simulated stream error")))
-            data = _sse(chunk({}, "length" if reply.cut else "stop"))
+            data = _sse(chunk({}, self.FINISH[reply.end]))
             if include_usage:
                 data += _sse(dict(chunk({}), choices=[], usage=self._usage(reply)))
             return data + _sse("[DONE]")
@@ -1315,6 +1360,365 @@ class _OpenAIChat(_Surface):
 
 
 _OPENAI_CHAT = _OpenAIChat()
+
+
+def _check_anthropic_messages(value, field):
+    if not isinstance(value, list) or not value:
+        raise _ValidationError(field, "must be a non-empty array of messages")
+    for index, message in enumerate(value):
+        name = f"{field}[{index}]"
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise _ValidationError(name, 'must be an object with role "user" or "assistant"')
+        _check_blocks(message.get("content"), name + ".content")
+    return value
+
+
+def _check_blocks(value, field):
+    """Content: a string, or content blocks (objects with a string type)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _ValidationError(field, "must be a string or an array of content blocks")
+    for index, block in enumerate(value):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise _ValidationError(f"{field}[{index}]", "must be a content block with a type")
+    return value
+
+
+def _check_list(value, field):
+    if not isinstance(value, list):
+        raise _ValidationError(field, "must be an array")
+    return value
+
+
+_LIST = _Check(_check_list, {"type": "array"})
+_ANTHROPIC_METADATA = {"user_id": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
+                                         "The key of seeded sequences when X-Trace-Id is absent.")}
+
+
+class _AnthropicMessages(_Surface):
+    """Anthropic's Messages API: a message, streamed or not, and token counting.
+
+    Mode overloaded answers 529 here; mode timeout and the deadline answer
+    504 timeout_error; error_after sends an overloaded_error event.
+    """
+
+    error_schema = "AnthropicError"
+    overloaded_status = 529
+    STOP_REASONS = {"end": "end_turn", "max_tokens": "max_tokens",
+                    "stop_sequence": "stop_sequence"}
+    REQUEST = {
+        "model": _Field(_Text(non_empty=True), _REQUIRED, "Any model name."),
+        "max_tokens": _Field(_Int(1, 10_000_000), _REQUIRED,
+                             "Cut the reply to this many tokens (stop_reason max_tokens)."),
+        "messages": _Field(_Check(_check_anthropic_messages, {
+            "type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["role", "content"], "properties": {
+                    "role": {"enum": ["user", "assistant"]},
+                    "content": {"oneOf": [{"type": "string"}, {"type": "array"}]}}}}),
+            _REQUIRED, "The conversation; the last user message feeds the reply."),
+        "system": _Field(_Check(_check_blocks, {"oneOf": [{"type": "string"},
+                                                          {"type": "array"}]}),
+                         None, "A system prompt: text or text blocks."),
+        "stream": _Field(_Bool(), False, "Answer as server-sent events."),
+        "stop_sequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
+                                 "The reply ends before the first of these it meets."),
+        "temperature": _Field(_Number(0, 1), None, "Accepted."),
+        "tools": _Field(_LIST, None, "Accepted."),
+        "tool_choice": _Field(_OBJECT, None, "Accepted."),
+        "metadata": _Field(_Check(lambda value, field: _given(value, _ANTHROPIC_METADATA, field),
+                                  _object_schema(_ANTHROPIC_METADATA)), {}, None),
+        "timeout_ms": _Field(_Int(1, _MAX_TIMEOUT_MS), _from_config("timeout_ms"),
+                             "The deadline, as for jobs (an extension)."),
+        "simulate": _Field(_SIMULATE, None, "How the request behaves (an extension)."),
+    }
+    COUNT_REQUEST = _pick(REQUEST, "model", "messages", "system", "tools")
+
+    schemas = {
+        "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
+            "type": {"const": "error"}, "request_id": {"type": "string"},
+            "error": {"type": "object", "required": ["type", "message"], "properties": {
+                "type": {"type": "string"}, "message": {"type": "string"}}}}},
+        "AnthropicRequest": _object_schema(REQUEST, example={
+            "model": "claude-sonnet-4-5", "max_tokens": 256,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "simulate": {"latency_ms": 300}}),
+        "AnthropicCountRequest": _object_schema(COUNT_REQUEST, example={
+            "model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hello"}]}),
+        "AnthropicMessage": {"type": "object", "required": [
+            "id", "type", "role", "model", "content", "stop_reason", "usage"], "properties": {
+            "id": {"type": "string"}, "type": {"const": "message"},
+            "role": {"const": "assistant"}, "model": {"type": "string"},
+            "content": {"type": "array"}, "stop_reason": {"type": "string"},
+            "stop_sequence": {"type": ["string", "null"]}, "usage": {"type": "object"}}},
+        "AnthropicTokens": {"type": "object", "properties": {"input_tokens": {"type": "integer"}}},
+    }
+
+    def credential(self, request):
+        return request.headers.get("x-api-key") or super().credential(request)
+
+    def error(self, error, retry_ms, now_ms):
+        request_id = "req_" + secrets.token_hex(12)
+        body = dict(self.error_body(error), request_id=request_id)
+        return (400 if error.status == 422 else error.status, body,
+                error.headers + self.retry_headers(error, retry_ms, now_ms)
+                + (("request-id", request_id),))
+
+    def error_body(self, error):
+        return {"type": "error", "error": {"type": _ERRORS[error.code].anthropic_type,
+                                           "message": error.message}}
+
+    def retry_headers(self, error, retry_ms, now_ms):
+        if retry_ms is None:
+            return ()
+        headers = (("retry-after", str(math.ceil(retry_ms / 1000))),
+                   ("retry-after-ms", str(retry_ms)))
+        if error.status == 429:
+            reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((now_ms + retry_ms) / 1000))
+            headers += (("anthropic-ratelimit-requests-limit", "60"),
+                        ("anthropic-ratelimit-requests-remaining", "0"),
+                        ("anthropic-ratelimit-requests-reset", reset))
+        return headers
+
+    def messages(self, values):
+        """The conversation as text messages, the system prompt first."""
+        messages = [{"role": message["role"], "content": _content_text(message["content"])}
+                    for message in values["messages"]]
+        if values.get("system") is not None:
+            messages.insert(0, {"role": "system", "content": _content_text(values["system"])})
+        return messages
+
+    def parse(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
+                                config)
+        return self.call(request, config, model=values["model"], messages=self.messages(values),
+                         stream=values["stream"], max_tokens=values["max_tokens"],
+                         stop=values["stop_sequences"], user=values["metadata"].get("user_id"),
+                         timeout_ms=values["timeout_ms"], simulate=values["simulate"])
+
+    def count_tokens(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.COUNT_REQUEST, None),
+                                self.COUNT_REQUEST, config)
+        return {"input_tokens": sum(_tokens(message["content"])
+                                    for message in self.messages(values))}
+
+    def _message(self, call, reply, content, stop_reason, output_tokens):
+        return {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant",
+                "model": call.model, "content": content, "stop_reason": stop_reason,
+                "stop_sequence": reply.stop_sequence if stop_reason else None,
+                "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": output_tokens}}
+
+    def answer(self, call, reply, created):
+        return self._message(call, reply, [{"type": "text", "text": reply.text}],
+                             self.STOP_REASONS[reply.end], reply.completion_tokens)
+
+    def stream(self, call, reply, created):
+        message = self._message(call, reply, [], None, 0)
+        before, after = _sse({"type": "content_block_delta", "index": 0, "delta": {
+            "type": "text_delta", "text": "\0"}}, "content_block_delta").rsplit(b'"\\u0000"', 1)
+
+        def render(event, piece):
+            if event == "piece":
+                return before + _json_bytes(piece) + after
+            if event == "open":
+                return (_sse({"type": "message_start", "message": message}, "message_start")
+                        + _sse({"type": "content_block_start", "index": 0,
+                                "content_block": {"type": "text", "text": ""}},
+                               "content_block_start")
+                        + _sse({"type": "ping"}, "ping"))
+            if event == "error":
+                return _sse(self.error_body(ApiError("OVERLOADED", call.spec.fail_message
+                                                     or "Overloaded")), "error")
+            return (_sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+                    + _sse({"type": "message_delta", "delta": {
+                        "stop_reason": self.STOP_REASONS[reply.end],
+                        "stop_sequence": reply.stop_sequence},
+                        "usage": {"output_tokens": reply.completion_tokens}}, "message_delta")
+                    + _sse({"type": "message_stop"}, "message_stop"))
+        return render
+
+
+_ANTHROPIC_MESSAGES = _AnthropicMessages()
+
+
+def _check_contents(value, field):
+    if not isinstance(value, list) or not value:
+        raise _ValidationError(field, "must be a non-empty array of contents")
+    for index, content in enumerate(value):
+        _check_content(content, f"{field}[{index}]")
+    return value
+
+
+def _check_content(value, field):
+    """A Gemini content: {"role": "user" or "model", "parts": [{"text": ...}, ...]}."""
+    if not isinstance(value, dict) or value.get("role", "user") not in ("user", "model"):
+        raise _ValidationError(field, 'must be an object with role "user" or "model"')
+    parts = value.get("parts")
+    if not isinstance(parts, list) or not all(isinstance(part, dict) for part in parts):
+        raise _ValidationError(f"{field}.parts", "must be an array of parts")
+    return value
+
+
+_GENERATION_CONFIG = {
+    "maxOutputTokens": _Field(_Int(1, 10_000_000), None,
+                              "Cut the reply to this many tokens (finishReason MAX_TOKENS)."),
+    "stopSequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
+                            "The reply ends before the first of these it meets."),
+    "responseMimeType": _Field(_Text(), None, "Accepted."),
+    "responseSchema": _Field(_OBJECT, None, "Accepted."),
+}
+
+
+class _Gemini(_Surface):
+    """Google's Generative Language API (Gemini): generateContent, its stream
+    (server-sent events with ?alt=sse, else one JSON array written as it
+    grows), countTokens and the models."""
+
+    error_schema = "GoogleError"
+    FINISH = {"end": "STOP", "max_tokens": "MAX_TOKENS", "stop_sequence": "STOP"}
+    CONTENT = {"type": "object", "properties": {
+        "role": {"enum": ["user", "model"]},
+        "parts": {"type": "array", "items": {"type": "object", "properties": {
+            "text": {"type": "string"}}}}}}
+    REQUEST = {
+        "contents": _Field(_Check(_check_contents, {"type": "array", "minItems": 1,
+                                                    "items": CONTENT}),
+                           _REQUIRED, "The conversation; the last user content feeds the reply."),
+        "systemInstruction": _Field(_Check(_check_content, CONTENT), None, "A system prompt."),
+        "generationConfig": _Field(_Check(
+            lambda value, field: _given(value, _GENERATION_CONFIG, field),
+            _object_schema(_GENERATION_CONFIG)), {}, None),
+        "tools": _Field(_LIST, None, "Accepted."),
+        "toolConfig": _Field(_OBJECT, None, "Accepted."),
+        "safetySettings": _Field(_LIST, None, "Accepted."),
+        "timeout_ms": _Field(_Int(1, _MAX_TIMEOUT_MS), _from_config("timeout_ms"),
+                             "The deadline, as for jobs (an extension)."),
+        "simulate": _Field(_SIMULATE, None, "How the request behaves (an extension)."),
+    }
+    COUNT_REQUEST = _pick(REQUEST, "contents", "systemInstruction")
+
+    schemas = {
+        "GoogleError": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["code", "message", "status"], "properties": {
+                "code": {"type": "integer"}, "message": {"type": "string"},
+                "status": {"type": "string"}, "details": {"type": "array"}}}}},
+        "GeminiRequest": _object_schema(REQUEST, example={
+            "contents": [{"role": "user", "parts": [{"text": "Hello"}]}],
+            "simulate": {"latency_ms": 300}}),
+        "GeminiCountRequest": _object_schema(COUNT_REQUEST, example={
+            "contents": [{"role": "user", "parts": [{"text": "Hello"}]}]}),
+        "GeminiResponse": {"type": "object", "required": ["candidates", "usageMetadata"],
+                           "properties": {"candidates": {"type": "array"},
+                                          "usageMetadata": {"type": "object"},
+                                          "modelVersion": {"type": "string"},
+                                          "responseId": {"type": "string"}}},
+        "GeminiTokens": {"type": "object", "properties": {"totalTokens": {"type": "integer"}}},
+        "GeminiModel": {"type": "object", "properties": {
+            "name": {"type": "string"}, "displayName": {"type": "string"},
+            "supportedGenerationMethods": {"type": "array"}}},
+        "GeminiModelList": {"type": "object", "properties": {
+            "models": {"type": "array", "items": _ref("GeminiModel")}}},
+    }
+
+    def credential(self, request):
+        key = request.headers.get("x-goog-api-key")
+        if key is None and request.query:
+            key = urllib.parse.parse_qs(request.query).get("key", [None])[-1]
+        return key
+
+    def error(self, error, retry_ms, now_ms):
+        status = 400 if error.status == 422 else error.status
+        body = {"error": {"code": status, "message": error.message,
+                          "status": _ERRORS[error.code].google_status}}
+        headers = error.headers
+        if retry_ms is not None:
+            headers += (("retry-after", str(math.ceil(retry_ms / 1000))),
+                        ("retry-after-ms", str(retry_ms)))
+            if status == 429:  # how Google's clients learn the delay
+                body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                                             "retryDelay": f"{retry_ms / 1000:g}s"}]
+        return status, body, headers
+
+    def stream_type(self, call):
+        return "text/event-stream" if call.options["sse"] else "application/json"
+
+    @staticmethod
+    def messages(values):
+        """The conversation as text messages, the system instruction first."""
+        contents = ([dict(values["systemInstruction"], role="system")]
+                    if values.get("systemInstruction") else [])
+        return [{"role": {"model": "assistant"}.get(content.get("role"), content.get("role",
+                                                                                     "user")),
+                 "content": _content_text(content["parts"])}
+                for content in contents + values["contents"]]
+
+    def parse(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
+                                config)
+        generation = values["generationConfig"]
+        return self.call(request, config, model=request.params["model"],
+                         messages=self.messages(values),
+                         stream=request.path.endswith(":streamGenerateContent"),
+                         max_tokens=generation.get("maxOutputTokens"),
+                         stop=generation.get("stopSequences", ()), user=None,
+                         timeout_ms=values["timeout_ms"], simulate=values["simulate"],
+                         sse=request.args.get("alt") == "sse")
+
+    def count_tokens(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.COUNT_REQUEST, None),
+                                self.COUNT_REQUEST, config)
+        return {"totalTokens": sum(_tokens(message["content"])
+                                   for message in self.messages(values))}
+
+    @staticmethod
+    def _response(call, response_id, text, finish=None, reply=None):
+        candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+        body = {"candidates": [candidate]}
+        if finish is not None:
+            candidate["finishReason"] = finish
+            body["usageMetadata"] = {
+                "promptTokenCount": reply.prompt_tokens,
+                "candidatesTokenCount": reply.completion_tokens,
+                "totalTokenCount": reply.prompt_tokens + reply.completion_tokens}
+        body.update(modelVersion=call.model, responseId=response_id)
+        return body
+
+    def answer(self, call, reply, created):
+        return self._response(call, secrets.token_hex(12), reply.text, self.FINISH[reply.end],
+                              reply)
+
+    def stream(self, call, reply, created):
+        response_id = secrets.token_hex(12)
+        sse, first = call.options["sse"], [True]
+
+        def frame(payload, last=False):
+            if sse:
+                return _sse(payload)
+            separator, first[0] = b"" if first[0] else b",\r\n", False
+            return separator + _json_bytes(payload) + (b"]" if last else b"")
+
+        def render(event, piece):
+            if event == "piece":
+                return frame(self._response(call, response_id, piece))
+            if event == "open":
+                return b"" if sse else b"["
+            if event == "error":
+                status, body, _ = self.error(ApiError(
+                    "SIM_FAIL", call.spec.fail_message or "simulated stream error"), None, 0)
+                return frame(body, last=True)
+            return frame(self._response(call, response_id, "", self.FINISH[reply.end], reply),
+                         last=True)
+        return render
+
+    @staticmethod
+    def model(model_id):
+        return {"name": "models/" + model_id, "version": "001", "displayName": model_id,
+                "inputTokenLimit": 1_048_576, "outputTokenLimit": 65_536,
+                "supportedGenerationMethods": ["generateContent", "streamGenerateContent",
+                                               "countTokens"]}
+
+
+_GEMINI = _Gemini()
 
 
 class _Exposition:
@@ -2069,6 +2473,10 @@ def _job_request(server, request):
     return _Answer(200, server.store.request_view(request.params["id"]))
 
 
+_SIMULATE_HEADERS = {"X-DummyLLM-Simulate": "A simulate object as JSON, when the body has none",
+                     "X-Trace-Id": "The key of seeded sequences and scripts"}
+
+
 def _model_call(server, request):
     """Answer a model call in its route's surface: plan it, then answer,
     refuse, fail, hang or stream as the plan says."""
@@ -2081,20 +2489,20 @@ def _model_call(server, request):
         raise _ValidationError("simulate.fault", "dribble applies to JSON answers; a stream "
                                "is paced by token_ms")
     if plan.state in _REFUSED_STATES:
-        raise _refusal(spec, plan)
+        raise _refusal(spec, plan, surface.overloaded_status)
     if plan.ends_at_ms is None:
         return _Answer(status=None)  # hang
     at_ms = request.received_ms + plan.ends_at_ms
     if plan.state != "ok":
         return _Answer(payload=ApiError(plan.error["code"], plan.error["message"]), at=at_ms,
                        fault=spec.fault, dribble_ms=spec.dribble_ms)
-    reply = _reply(spec, plan, call.max_tokens)
+    reply = _reply(spec, plan, call.max_tokens, call.stop)
     created = server.clock.wall_ms() // 1000
     if call.stream and spec.fault is None:
         render = surface.stream(call, reply, created)
         events = ((ms, render(event, piece))
                   for ms, event, piece in _stream_timeline(reply.text, spec.token_ms, spec.stream))
-        return _Answer(200, at=at_ms, stream=events, content_type=surface.stream_type,
+        return _Answer(200, at=at_ms, stream=events, content_type=surface.stream_type(call),
                        failure=next(iter(spec.stream)) if spec.stream else None)
     return _Answer(200, surface.answer(call, reply, created), at=at_ms, fault=spec.fault,
                    dribble_ms=spec.dribble_ms)
@@ -2102,9 +2510,7 @@ def _model_call(server, request):
 
 @_api("OpenAI-compatible chat completion, streamed or not", request="ChatRequest",
       answers={200: "ChatCompletion", 429: "OpenAIError", 500: "OpenAIError",
-               503: "OpenAIError", 504: "OpenAIError"},
-      headers={"X-DummyLLM-Simulate": "A simulate object as JSON, when the body has none",
-               "X-Trace-Id": "The key of seeded sequences and scripts"})
+               503: "OpenAIError", 504: "OpenAIError"}, headers=_SIMULATE_HEADERS)
 def _chat_completions(server, request):
     return _model_call(server, request)
 
@@ -2117,6 +2523,56 @@ def _list_models(server, request):
 @_api("A model (every name is served)", answers={200: "Model"})
 def _get_model(server, request):
     return _Answer(200, request.route.surface.model(request.params["id"]))
+
+
+@_api("Anthropic Messages: a message, streamed or not", request="AnthropicRequest",
+      answers={200: "AnthropicMessage", 429: "AnthropicError", 500: "AnthropicError",
+               504: "AnthropicError", 529: "AnthropicError"}, headers=_SIMULATE_HEADERS)
+def _create_message(server, request):
+    return _model_call(server, request)
+
+
+@_api("Anthropic Messages: count a request's input tokens", request="AnthropicCountRequest",
+      answers={200: "AnthropicTokens"})
+def _count_message_tokens(server, request):
+    return _Answer(200, request.route.surface.count_tokens(request, server.config))
+
+
+_GEMINI_QUERY = {"alt": _Field(_Choice("sse", "json"), None, "sse: stream server-sent events"),
+                 "key": _Field(_Text(), None, "The API key, when no x-goog-api-key header")}
+
+
+@_api("Gemini: generate content", request="GeminiRequest",
+      answers={200: "GeminiResponse", 429: "GoogleError", 500: "GoogleError",
+               503: "GoogleError", 504: "GoogleError"},
+      query=_GEMINI_QUERY, headers=_SIMULATE_HEADERS)
+def _generate_content(server, request):
+    return _model_call(server, request)
+
+
+@_api("Gemini: generate content as a stream (?alt=sse for server-sent events)",
+      request="GeminiRequest", answers={200: "text/event-stream", 429: "GoogleError"},
+      query=_GEMINI_QUERY, headers=_SIMULATE_HEADERS)
+def _stream_generate_content(server, request):
+    return _model_call(server, request)
+
+
+@_api("Gemini: count a request's tokens", request="GeminiCountRequest",
+      answers={200: "GeminiTokens"}, query=_GEMINI_QUERY)
+def _count_tokens(server, request):
+    return _Answer(200, request.route.surface.count_tokens(request, server.config))
+
+
+@_api("Gemini: the models (every name is served)", answers={200: "GeminiModelList"},
+      query=_GEMINI_QUERY)
+def _list_gemini_models(server, request):
+    return _Answer(200, {"models": [request.route.surface.model("gemini-dummyllm")]})
+
+
+@_api("Gemini: a model (every name is served)", answers={200: "GeminiModel"},
+      query=_GEMINI_QUERY)
+def _get_gemini_model(server, request):
+    return _Answer(200, request.route.surface.model(request.params["model"]))
 
 
 @_api("Attempt counters of scripted requests", answers={200: "Scripts"})
@@ -2199,6 +2655,8 @@ def _route(method, path, handler, surface=_JOB_API, auth=False, admin=False, cha
 _CONTROL = {"chaos": False}                    # chaos spares the control endpoints
 _UNRECORDED = {"chaos": False, "journal": False}  # ...and the journal skips these
 _OPENAI = {"surface": _OPENAI_CHAT, "auth": True}
+_ANTHROPIC = {"surface": _ANTHROPIC_MESSAGES, "auth": True}
+_GEMINI_ROUTE = {"surface": _GEMINI, "auth": True}
 
 # The routing table.  A new endpoint is one entry here and one handler above.
 # {name} matches one path segment, {name+} the rest of the path.
@@ -2215,6 +2673,17 @@ _ROUTES = (
     _route("POST", "/v1/chat/completions", _chat_completions, **_OPENAI),
     _route("GET", "/v1/models", _list_models, **_OPENAI),
     _route("GET", "/v1/models/{id+}", _get_model, **_OPENAI),
+    _route("POST", "/v1/messages", _create_message, **_ANTHROPIC),
+    _route("POST", "/v1/messages/count_tokens", _count_message_tokens, **_ANTHROPIC),
+    # The Gemini calls answer under /v1beta and under /v1 (google-genai's default);
+    # the model list only under /v1beta, as /v1/models is OpenAI's.
+    *(_route("POST", f"{version}/models/{{model}}:{call}", handler, **_GEMINI_ROUTE)
+      for version in ("/v1beta", "/v1")
+      for call, handler in (("generateContent", _generate_content),
+                            ("streamGenerateContent", _stream_generate_content),
+                            ("countTokens", _count_tokens))),
+    _route("GET", "/v1beta/models", _list_gemini_models, **_GEMINI_ROUTE),
+    _route("GET", "/v1beta/models/{model}", _get_gemini_model, **_GEMINI_ROUTE),
     _route("GET", "/v1/scripts", _list_scripts, **_CONTROL),
     _route("POST", "/v1/reset", _reset_server, admin=True, **_CONTROL),
     _route("GET", "/v1/requests", _list_requests, **_UNRECORDED),
@@ -2254,20 +2723,22 @@ class _Router:
         return methods + ["HEAD"] if "GET" in methods else methods
 
     def surface_of(self, path):
-        """The surface that answers for a path no route takes: that of a
-        route the path matches, else of the route whose path shares the most
-        leading segments with it (two at least: /v1/chat/nope is OpenAI's),
-        else the job API."""
-        best, surface = 1, _JOB_API
-        segments = path.split("/")
+        """The surface that answers for a path: that of a route the path
+        matches, else the one surface whose routes share the longest leading
+        segments with it (/v1/chat/nope is OpenAI's, /v1beta/nope Gemini's,
+        /v1/nope shared by several), else the job API."""
+        segments = path.split("/")[1:]
+        best, surfaces = 0, set()
         for route, pattern in self._routes:
             if pattern.match(path):
                 return route.surface
             shared = len(list(itertools.takewhile(
-                lambda pair: pair[0] == pair[1], zip(segments[1:], route.path.split("/")[1:]))))
+                lambda pair: pair[0] == pair[1], zip(segments, route.path.split("/")[1:]))))
             if shared > best:
-                best, surface = shared, route.surface
-        return surface
+                best, surfaces = shared, set()
+            if shared == best:
+                surfaces.add(route.surface)
+        return surfaces.pop() if best and len(surfaces) == 1 else _JOB_API
 
 
 # --- Server ----------------------------------------------------------------------
@@ -2908,7 +3379,7 @@ class _Handler(BaseHTTPRequestHandler):
                 request.path)
         retry_ms = None if error.retry_after_ms is None else round(
             self.server.clock.real_ms(error.retry_after_ms))
-        status, body, headers = surface.error(error, retry_ms)
+        status, body, headers = surface.error(error, retry_ms, self.server.clock.wall_ms())
         return status, headers, _json_bytes(body), "application/json"
 
     def _send_stream(self, answer):
@@ -3049,7 +3520,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _head(self, status, headers, content_type, length):
         """The status line and header fields; length None: a chunked stream."""
         lines = [
-            f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
+            f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
             "Server: " + self.server_version,
             "Date: " + _http_date(),
         ]
@@ -3137,9 +3608,12 @@ _FAULT_DELIVERY = {"reset": _deliver_reset, "disconnect": _deliver_disconnect,
 
 _CORS_EXPOSED_HEADERS = ("Location, Retry-After, retry-after-ms, Idempotent-Replayed, "
                          "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
-                         "x-ratelimit-reset-requests")
+                         "x-ratelimit-reset-requests, request-id, "
+                         "anthropic-ratelimit-requests-limit, "
+                         "anthropic-ratelimit-requests-remaining, "
+                         "anthropic-ratelimit-requests-reset")
 _CORS_ALLOWED_HEADERS = ("Content-Type, Authorization, Idempotency-Key, X-Trace-Id, "
-                         "X-DummyLLM-Simulate")
+                         "X-DummyLLM-Simulate, x-api-key, anthropic-version, x-goog-api-key")
 
 
 class DummyLLMServer(ThreadingHTTPServer):
@@ -3259,11 +3733,11 @@ class DummyLLMServer(ThreadingHTTPServer):
     @staticmethod
     def _refuse_connection(sock):
         status, body, headers = _JOB_API.error(ApiError(
-            "TOO_MANY_CONNECTIONS", headers=[("Retry-After", "1")]), None)
+            "TOO_MANY_CONNECTIONS", headers=[("Retry-After", "1")]), None, 0)
         body = _json_bytes(body)
         head = "".join(f"{name}: {value}\r\n" for name, value in headers)
         try:
-            sock.sendall(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{head}"
+            sock.sendall(f"HTTP/1.1 {status} {_REASONS[status]}\r\n{head}"
                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
                          "Connection: close\r\n\r\n".encode() + body)
         except OSError:
@@ -3487,7 +3961,7 @@ def start_server(**options):
 # that read it and the API.
 
 _SCHEMAS = {
-    **_JOB_API.schemas, **_OPENAI_CHAT.schemas,
+    **_JOB_API.schemas, **_OPENAI_CHAT.schemas, **_ANTHROPIC_MESSAGES.schemas, **_GEMINI.schemas,
     "Health": {"type": "object", "required": ["ok", "name", "time", "version"], "properties": {
         "ok": {"type": "boolean"}, "name": {"type": "string"}, "time": {"type": "integer"},
         "version": {"type": "string"}, "defaults": {"type": "object"},
@@ -3508,7 +3982,7 @@ _SCHEMAS = {
 
 def _openapi_document():
     """The OpenAPI 3.1 document of every route, from _ROUTES and their @_api."""
-    paths = {}
+    paths, operation_ids = {}, set()
     for route in _ROUTES:
         api = route.handler.api
         parameters = [{"name": name, "in": "path", "required": True,
@@ -3522,7 +3996,7 @@ def _openapi_document():
                        for name, text in api["headers"].items()]
         responses = {}
         for status, what in api["answers"].items():
-            answer = {"description": HTTPStatus(status).phrase}
+            answer = {"description": _REASONS[status]}
             if what is not None:
                 media, schema = ((what, {"type": "string"}) if "/" in what else
                                  ("application/json", _ref(what)))
@@ -3530,7 +4004,11 @@ def _openapi_document():
             responses[str(status)] = answer
         responses["default"] = {"description": "An error", "content": {
             "application/json": {"schema": _ref(route.surface.error_schema)}}}
-        operation = {"summary": api["summary"], "operationId": route.handler.__name__.strip("_"),
+        operation_id = route.handler.__name__.strip("_")
+        if operation_id in operation_ids:  # a handler served under a second prefix
+            operation_id += "_" + route.path.split("/")[1]
+        operation_ids.add(operation_id)
+        operation = {"summary": api["summary"], "operationId": operation_id,
                      "parameters": parameters, "responses": responses}
         if api["request"]:
             operation["requestBody"] = {"required": True, "content": {

@@ -1130,20 +1130,35 @@ class ApiKeyTest(ChatTestCase):
         self.assertEqual(self.call("GET", "/health")[0], 200)  # the job API is open
 
 
-try:
-    import openai
-except ImportError:
-    openai = None
+def optional_import(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
-@unittest.skipIf(openai is None and not os.environ.get("DUMMYLLM_REQUIRE_OPENAI"),
-                 "the openai package is not installed (.ci/run installs it)")
+def needs(module, package, variable):
+    """Skip a test class when its package is missing, unless `variable` is
+    set (.ci/run sets it): then the missing package fails the class."""
+    if module is not None:
+        return lambda cls: cls
+    if not os.environ.get(variable):
+        return unittest.skip(f"the {package} package is not installed (.ci/run installs it)")
+
+    def fail(cls):
+        def setUp(self):
+            self.fail(f"{variable} is set, but {package} is missing")
+        cls.setUp = setUp
+        return cls
+    return fail
+
+
+openai = optional_import("openai")
+
+
+@needs(openai, "openai", "DUMMYLLM_REQUIRE_OPENAI")
 class OpenAISDKTest(ChatTestCase):
     """The real openai SDK, unchanged, pointed at dummyLLM."""
-
-    def setUp(self):
-        super().setUp()
-        self.assertIsNotNone(openai, "DUMMYLLM_REQUIRE_OPENAI is set, but openai is missing")
 
     def client(self, **options):
         options.setdefault("max_retries", 0)
@@ -1201,6 +1216,390 @@ class OpenAISDKTest(ChatTestCase):
             extra_body={"simulate": {"token_ms": 0, "stream": {"error_after": 1}}})
         with self.assertRaises(openai.APIError):
             list(stream)
+
+
+# --- Wire formats: Anthropic Messages -------------------------------------------------------
+
+def sse_events(response):
+    """The (event name, data as JSON) of each server-sent event."""
+    events, name = [], None
+    for line in iter(response.readline, b""):
+        if line.startswith(b"event: "):
+            name = line[7:].strip().decode()
+        elif line.startswith(b"data: "):
+            events.append((name, json.loads(line[6:])))
+            name = None
+    return events
+
+
+class AnthropicTestCase(ServerTestCase):
+    ASK = [{"role": "user", "content": "Hello"}]
+
+    def message(self, headers=None, **body):
+        body.setdefault("model", "claude-test")
+        body.setdefault("max_tokens", 100)
+        body.setdefault("messages", self.ASK)
+        return self.call("POST", "/v1/messages", body, headers=headers)
+
+    def open_stream(self, **body):
+        body.setdefault("model", "claude-test")
+        body.setdefault("max_tokens", 100)
+        body.setdefault("messages", self.ASK)
+        self.conn.request("POST", "/v1/messages", json.dumps({**body, "stream": True}))
+        response = self.conn.getresponse()
+        self.assertEqual((response.status, response.getheader("Content-Type")),
+                         (200, "text/event-stream"))
+        return response
+
+    def assert_anthropic_error(self, status, body, response, expected_status, kind):
+        self.assertEqual(status, expected_status, body)
+        self.assertEqual((body["type"], body["error"]["type"]), ("error", kind))
+        self.assertIsInstance(body["error"]["message"], str)
+        self.assertRegex(body["request_id"], r"\Areq_[0-9a-f]{24}\Z")
+        self.assertEqual(response.getheader("request-id"), body["request_id"])
+
+
+class AnthropicMessagesTest(AnthropicTestCase):
+
+    def test_a_message(self):
+        status, body, _ = self.message(system="Be brief.")
+        self.assertEqual(status, 200)
+        self.assertRegex(body["id"], r"\Amsg_[0-9a-f]{24}\Z")
+        self.assertEqual(body, {"id": body["id"], "type": "message", "role": "assistant",
+                                "model": "claude-test",
+                                "content": [{"type": "text", "text": "Simulated reply to: Hello"}],
+                                "stop_reason": "end_turn", "stop_sequence": None,
+                                "usage": {"input_tokens": 5, "output_tokens": 7}})
+
+    def test_blocks_max_tokens_and_stop_sequences(self):
+        ask = [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                            {"type": "image", "source": {}}]}]
+        body = self.message(messages=ask, max_tokens=2)[1]
+        self.assertEqual((body["content"][0]["text"], body["stop_reason"]),
+                         ("Simulated reply to: Hi"[:8], "max_tokens"))
+        body = self.message(stop_sequences=["END", "reply"],
+                            simulate={"ok_text": "one reply END"})[1]
+        self.assertEqual((body["content"][0]["text"], body["stop_reason"], body["stop_sequence"]),
+                         ("one ", "stop_sequence", "reply"))
+
+    def test_count_tokens(self):
+        status, body, _ = self.call("POST", "/v1/messages/count_tokens", {
+            "model": "c", "system": [{"type": "text", "text": "Be brief."}],
+            "messages": self.ASK})
+        self.assertEqual((status, body), (200, {"input_tokens": 5}))
+
+    def test_the_stream_in_anthropics_order(self):
+        events = sse_events(self.open_stream(simulate={"latency_ms": 0, "token_ms": 0}))
+        names = [name for name, _ in events]
+        self.assertEqual(names[:3], ["message_start", "content_block_start", "ping"])
+        self.assertEqual(names[-3:], ["content_block_stop", "message_delta", "message_stop"])
+        self.assertEqual(set(names[3:-3]), {"content_block_delta"})
+        self.assertTrue(all(data["type"] == name for name, data in events))
+        start = events[0][1]["message"]
+        self.assertEqual((start["content"], start["stop_reason"], start["usage"]["input_tokens"]),
+                         ([], None, 2))
+        self.assertEqual("".join(data["delta"]["text"] for name, data in events
+                                 if name == "content_block_delta"), "Simulated reply to: Hello")
+        self.assertEqual(events[-2][1]["delta"]["stop_reason"], "end_turn")
+        self.assertEqual(events[-2][1]["usage"], {"output_tokens": 7})
+
+    def test_error_after_is_an_overloaded_error_event(self):
+        events = sse_events(self.open_stream(simulate={"latency_ms": 0, "token_ms": 0,
+                                                       "stream": {"error_after": 2}}))
+        self.assertEqual([name for name, _ in events][-3:],
+                         ["content_block_delta", "content_block_delta", "error"])
+        self.assertEqual(events[-1][1], {"type": "error", "error": {
+            "type": "overloaded_error", "message": "Overloaded"}})
+
+    def test_cut_after(self):
+        response = self.open_stream(simulate={"latency_ms": 0, "token_ms": 0,
+                                              "stream": {"cut_after": 1}})
+        with self.assertRaises(http.client.IncompleteRead) as caught:
+            response.read()
+        self.assertNotIn(b"message_stop", caught.exception.partial)
+
+    def test_errors_in_anthropics_shape(self):
+        status, body, response = self.message(max_tokens=None)
+        self.assert_anthropic_error(status, body, response, 400, "invalid_request_error")
+        self.assertIn("max_tokens", body["error"]["message"])
+        status, body, response = self.message(messages=[{"role": "system", "content": "x"}])
+        self.assert_anthropic_error(status, body, response, 400, "invalid_request_error")
+        self.assertIn("messages[0]", body["error"]["message"])
+        status, body, response = self.call("POST", "/v1/messages/nope", {})
+        self.assert_anthropic_error(status, body, response, 404, "not_found_error")
+        for simulate, expected, kind in [
+                ({"mode": "fail", "latency_ms": 0}, 500, "api_error"),
+                ({"mode": "overloaded"}, 529, "overloaded_error"),
+                ({"mode": "overloaded", "status": 503}, 503, "overloaded_error"),
+                ({"mode": "timeout"}, 504, "timeout_error")]:
+            with self.subTest(simulate=simulate):
+                status, body, response = self.message(simulate=simulate, timeout_ms=50)
+                self.assert_anthropic_error(status, body, response, expected, kind)
+
+    def test_rate_limit_headers(self):
+        started = time.time()
+        status, body, response = self.message(simulate={"mode": "rate_limit",
+                                                        "retry_after_ms": 3000})
+        self.assert_anthropic_error(status, body, response, 429, "rate_limit_error")
+        self.assertEqual([response.getheader(name) for name in (
+            "retry-after", "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-remaining")], ["3", "60", "0"])
+        reset = time.mktime(time.strptime(response.getheader("anthropic-ratelimit-requests-reset"),
+                                          "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        self.assertAlmostEqual(reset, started + 3, delta=2)
+
+    def test_the_key_of_seeded_sequences_is_metadata_user_id(self):
+        script = {"script": ["rate_limit", "ok"], "latency_ms": 0}
+        statuses = [self.message(metadata={"user_id": "u1"}, simulate=script)[0]
+                    for _ in range(3)]
+        self.assertEqual(statuses, [429, 200, 200])
+        self.assertEqual(self.message(headers={"X-DummyLLM-Simulate": json.dumps(script),
+                                               "X-Trace-Id": "t1"})[0], 429)
+
+
+class AnthropicKeyTest(AnthropicTestCase):
+    options = {"api_key": "sk-ant"}
+
+    def test_x_api_key_or_bearer(self):
+        status, body, response = self.message()
+        self.assert_anthropic_error(status, body, response, 401, "authentication_error")
+        self.assertEqual(self.message(headers={"x-api-key": "sk-ant",
+                                               "anthropic-version": "2023-06-01"})[0], 200)
+        self.assertEqual(self.message(headers={"Authorization": "Bearer sk-ant"})[0], 200)
+
+
+class PayloadLimitTest(AnthropicTestCase):
+    options = {"max_body_bytes": 100}
+
+    def test_too_large_is_request_too_large(self):
+        status, body, response = self.message(messages=[{"role": "user", "content": "x" * 200}])
+        self.assert_anthropic_error(status, body, response, 413, "request_too_large")
+
+
+# --- Wire formats: Gemini --------------------------------------------------------------
+
+ASK_GEMINI = {"contents": [{"role": "user", "parts": [{"text": "Hello"}]}]}
+
+
+class GeminiTestCase(ServerTestCase):
+
+    def generate(self, model="gemini-test", call="generateContent", version="v1beta",
+                 headers=None, query="", **body):
+        return self.call("POST", f"/{version}/models/{model}:{call}{query}",
+                         {**ASK_GEMINI, **body}, headers=headers)
+
+    def assert_google_error(self, status, body, expected_status, google_status):
+        self.assertEqual(status, expected_status, body)
+        self.assertEqual((body["error"]["code"], body["error"]["status"]),
+                         (expected_status, google_status))
+        self.assertIsInstance(body["error"]["message"], str)
+
+
+class GeminiTest(GeminiTestCase):
+
+    def test_generate_content_under_v1beta_and_v1(self):
+        for version in ("v1beta", "v1"):
+            with self.subTest(version=version):
+                status, body, _ = self.generate(version=version, systemInstruction={
+                    "parts": [{"text": "Be brief."}]})
+                self.assertEqual(status, 200)
+                self.assertEqual(body["candidates"], [{
+                    "content": {"role": "model", "parts": [{"text": "Simulated reply to: Hello"}]},
+                    "finishReason": "STOP", "index": 0}])
+                self.assertEqual(body["usageMetadata"], {"promptTokenCount": 5,
+                                                         "candidatesTokenCount": 7,
+                                                         "totalTokenCount": 12})
+                self.assertEqual(body["modelVersion"], "gemini-test")
+                self.assertIsInstance(body["responseId"], str)
+
+    def test_max_output_tokens_and_stop_sequences(self):
+        body = self.generate(generationConfig={"maxOutputTokens": 1})[1]
+        self.assertEqual(body["candidates"][0]["finishReason"], "MAX_TOKENS")
+        self.assertEqual(body["candidates"][0]["content"]["parts"][0]["text"], "Simu")
+        body = self.generate(generationConfig={"stopSequences": ["reply"]})[1]
+        self.assertEqual(body["candidates"][0]["content"]["parts"][0]["text"], "Simulated ")
+
+    def stream(self, query="?alt=sse", **simulate):
+        self.conn.request("POST", f"/v1beta/models/g:streamGenerateContent{query}",
+                          json.dumps({**ASK_GEMINI, "simulate": {"latency_ms": 0, "token_ms": 0,
+                                                                 **simulate}}))
+        return self.conn.getresponse()
+
+    def test_stream_as_server_sent_events(self):
+        response = self.stream()
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
+        events = [data for _, data in sse_events(response)]
+        self.assertEqual("".join(event["candidates"][0]["content"]["parts"][0]["text"]
+                                 for event in events), "Simulated reply to: Hello")
+        self.assertEqual(events[-1]["candidates"][0]["finishReason"], "STOP")
+        self.assertEqual(events[-1]["usageMetadata"]["totalTokenCount"], 9)
+        self.assertNotIn("finishReason", events[0]["candidates"][0])
+
+    def test_stream_as_one_json_array(self):
+        response = self.stream(query="")
+        self.assertEqual(response.getheader("Content-Type"), "application/json")
+        events = json.loads(response.read())
+        self.assertEqual(len(events), 8)  # 7 pieces, then the finish
+        self.assertEqual(events[-1]["candidates"][0]["finishReason"], "STOP")
+        response = self.stream(query="", stream={"error_after": 1})
+        events = json.loads(response.read())
+        self.assertEqual(events[-1], {"error": {"code": 500, "message": "simulated stream error",
+                                                "status": "INTERNAL"}})
+
+    def test_error_after_as_an_event(self):
+        events = [data for _, data in sse_events(self.stream(stream={"error_after": 2}))]
+        self.assertEqual(len(events), 3)
+        self.assertEqual(events[-1]["error"]["status"], "INTERNAL")
+
+    def test_count_tokens_and_models(self):
+        status, body, _ = self.call("POST", "/v1/models/g:countTokens", ASK_GEMINI)
+        self.assertEqual((status, body), (200, {"totalTokens": 2}))
+        status, body, _ = self.call("GET", "/v1beta/models")
+        self.assertEqual((status, body["models"][0]["name"]), (200, "models/gemini-dummyllm"))
+        status, body, _ = self.call("GET", "/v1beta/models/gemini-2.5-pro")
+        self.assertEqual((status, body["name"]), (200, "models/gemini-2.5-pro"))
+
+    def test_errors_in_googles_shape(self):
+        status, body, _ = self.call("POST", "/v1beta/models/g:generateContent", {"contents": []})
+        self.assert_google_error(status, body, 400, "INVALID_ARGUMENT")
+        self.assertIn("contents", body["error"]["message"])
+        status, body, _ = self.call("POST", "/v1beta/files", {})
+        self.assert_google_error(status, body, 404, "NOT_FOUND")
+        for simulate, expected, google_status in [
+                ({"mode": "fail", "latency_ms": 0}, 500, "INTERNAL"),
+                ({"mode": "overloaded"}, 503, "UNAVAILABLE"),
+                ({"mode": "timeout"}, 504, "DEADLINE_EXCEEDED")]:
+            with self.subTest(simulate=simulate):
+                status, body, _ = self.generate(simulate=simulate, timeout_ms=50)
+                self.assert_google_error(status, body, expected, google_status)
+
+    def test_429_carries_retry_info(self):
+        status, body, response = self.generate(simulate={"mode": "rate_limit",
+                                                         "retry_after_ms": 1500})
+        self.assert_google_error(status, body, 429, "RESOURCE_EXHAUSTED")
+        self.assertEqual(body["error"]["details"], [{
+            "@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1.5s"}])
+        self.assertEqual(response.getheader("retry-after"), "2")
+
+
+class GeminiKeyTest(GeminiTestCase):
+    options = {"api_key": "g-key"}
+
+    def test_x_goog_api_key_or_the_key_parameter(self):
+        status, body, _ = self.generate()
+        self.assert_google_error(status, body, 401, "UNAUTHENTICATED")
+        self.assertEqual(self.generate(headers={"x-goog-api-key": "g-key"})[0], 200)
+        self.assertEqual(self.generate(query="?key=g-key")[0], 200)
+
+
+# --- Wire formats: each provider's SDK, unchanged ---------------------------------------
+
+anthropic = optional_import("anthropic")
+genai = optional_import("google.genai")
+
+
+@needs(anthropic, "anthropic", "DUMMYLLM_REQUIRE_ANTHROPIC")
+class AnthropicSDKTest(AnthropicTestCase):
+    """The real anthropic SDK, unchanged, pointed at dummyLLM."""
+
+    def client(self, **options):
+        options.setdefault("max_retries", 0)
+        client = anthropic.Anthropic(base_url=self.server.url, api_key="x", **options)
+        self.addCleanup(client.close)
+        return client
+
+    def test_create(self):
+        message = self.client().messages.create(model="claude-sonnet-4-5", max_tokens=100,
+                                                messages=self.ASK)
+        self.assertEqual((message.content[0].text, message.stop_reason, message.usage.output_tokens),
+                         ("Simulated reply to: Hello", "end_turn", 7))
+
+    def test_stream_text_and_final_message(self):
+        with self.client().messages.stream(model="c", max_tokens=100, messages=self.ASK,
+                                           extra_body={"simulate": {"token_ms": 1}}) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        self.assertEqual(text, "Simulated reply to: Hello")
+        self.assertEqual((final.content[0].text, final.stop_reason, final.usage.output_tokens),
+                         (text, "end_turn", 7))
+
+    def test_retries_429_twice_with_the_advertised_spacing(self):
+        message = self.client(max_retries=2).messages.create(
+            model="c", max_tokens=100, messages=self.ASK,
+            extra_headers={"X-Trace-Id": "sdk-429"},
+            extra_body={"simulate": {"script": ["rate_limit", "rate_limit", "ok"],
+                                     "retry_after_ms": 150}})
+        self.assertEqual(message.stop_reason, "end_turn")
+        attempts = self.journal("?trace_id=sdk-429")
+        self.assertEqual([entry["status"] for entry in attempts], [429, 429, 200])
+        for earlier, later in zip(attempts, attempts[1:]):
+            self.assertGreaterEqual(later["monotonic_ms"] - earlier["monotonic_ms"], 150)
+
+    def test_529_is_its_overloaded_error(self):
+        with self.assertRaises(anthropic.OverloadedError):
+            self.client().messages.create(model="c", max_tokens=10, messages=self.ASK,
+                                          extra_body={"simulate": {"mode": "overloaded"}})
+
+    def test_hang_ends_in_its_timeout_error(self):
+        started = time.monotonic()
+        with self.assertRaises(anthropic.APITimeoutError):
+            self.client(timeout=0.3).messages.create(model="c", max_tokens=10, messages=self.ASK,
+                                                     extra_body={"simulate": {"mode": "hang"}})
+        self.assertLess(time.monotonic() - started, 2)
+
+    def test_a_cut_stream_raises(self):
+        received = []
+        with self.assertRaises(Exception) as caught:
+            with self.client().messages.stream(
+                    model="c", max_tokens=100, messages=self.ASK,
+                    extra_body={"simulate": {"token_ms": 0, "stream": {"cut_after": 2}}}) as stream:
+                received.extend(stream.text_stream)
+        self.assertNotIsInstance(caught.exception, AssertionError)
+        self.assertEqual(received, ["Simu", "late"])
+
+
+@needs(genai, "google-genai", "DUMMYLLM_REQUIRE_GOOGLE")
+class GoogleGenAISDKTest(GeminiTestCase):
+    """The real google-genai SDK, unchanged, pointed at dummyLLM."""
+
+    def client(self, **http_options):
+        client = genai.Client(api_key="x", http_options=genai.types.HttpOptions(
+            base_url=self.server.url, **http_options))
+        self.addCleanup(client.close)
+        return client
+
+    def simulate(self, **settings):
+        return genai.types.GenerateContentConfig(http_options=genai.types.HttpOptions(
+            extra_body={"simulate": settings}))
+
+    def test_generate_content(self):
+        response = self.client().models.generate_content(model="gemini-2.5-flash",
+                                                         contents="Hello")
+        self.assertEqual(response.text, "Simulated reply to: Hello")
+        self.assertEqual(response.usage_metadata.total_token_count, 9)
+
+    def test_generate_content_stream(self):
+        chunks = list(self.client().models.generate_content_stream(
+            model="gemini-2.5-flash", contents="Hello", config=self.simulate(token_ms=1)))
+        self.assertEqual("".join(chunk.text or "" for chunk in chunks), "Simulated reply to: Hello")
+        self.assertEqual(chunks[-1].candidates[0].finish_reason, "STOP")
+
+    def test_a_429_with_retry_info(self):
+        with self.assertRaises(genai.errors.ClientError) as caught:
+            self.client().models.generate_content(
+                model="m", contents="x", config=self.simulate(mode="rate_limit",
+                                                              retry_after_ms=1500))
+        self.assertEqual((caught.exception.code, caught.exception.status),
+                         (429, "RESOURCE_EXHAUSTED"))
+        self.assertEqual(caught.exception.details["error"]["details"][0]["retryDelay"], "1.5s")
+
+    def test_hang_with_an_http_timeout(self):
+        started = time.monotonic()
+        with self.assertRaises(Exception) as caught:
+            self.client(timeout=300).models.generate_content(
+                model="m", contents="x", config=self.simulate(mode="hang"))
+        self.assertIn("Timeout", type(caught.exception).__name__)
+        self.assertLess(time.monotonic() - started, 2)
 
 
 # --- Routes and handlers: retries, journal, operability ---------------------------------
@@ -1566,6 +1965,8 @@ class RouteFactsTest(unittest.TestCase):
         self.assertIs(router.surface_of("/v1/models/a/b"), dummyllm._OPENAI_CHAT)
         self.assertIs(router.surface_of("/v1/jobs/x/nope"), dummyllm._JOB_API)
         self.assertIs(router.surface_of("/v1/embeddings"), dummyllm._JOB_API)
+        self.assertIs(router.surface_of("/v1/messages/nope"), dummyllm._ANTHROPIC_MESSAGES)
+        self.assertIs(router.surface_of("/v1beta/files"), dummyllm._GEMINI)
         self.assertIs(router.surface_of("/nope"), dummyllm._JOB_API)
 
 
