@@ -5,9 +5,10 @@ Point a task runner, agent system or CI pipeline at it instead of a real
 model to test its timeouts, retries, cancellation, polling and streaming.
 It simulates execution behaviour (state transitions, latency, failures,
 hangs, broken streams), not language: a job API (/v1/jobs), the wire
-formats of OpenAI's chat completions, Anthropic's Messages and Google's
-Gemini (streaming included), and the faults that retry logic must survive
-(scripted attempts, transport faults, idempotency keys, a request journal).
+formats of OpenAI (chat completions, the Responses API, embeddings, legacy
+completions), Anthropic's Messages, Google's Gemini and Ollama (streaming
+included), and the faults that retry logic must survive (scripted attempts,
+transport faults, idempotency keys, a request journal).
 
 Run it::
 
@@ -28,11 +29,11 @@ The sections of this file, in the order a request's data flows through them:
     configuration         Schema; the simulate settings; the server's options
     Simulation            pure functions in simulated milliseconds: what a
                           request does and when (no clock, no I/O)
-    Wire formats          a provider surface per unit (the job API, OpenAI
-                          chat, Anthropic Messages, Gemini): how a request
-                          becomes the common call and how an answer, a stream
-                          and an error are written; also the Prometheus
-                          exposition
+    Wire formats          a provider surface per unit (the job API; OpenAI
+                          chat, Responses, embeddings, completions; Anthropic
+                          Messages; Gemini; Ollama): how a request becomes the
+                          common call and how an answer, a stream and an error
+                          are written; also the Prometheus exposition
     Job store             the dict behind one lock, its Timer, the injected
                           clock, the request journal
     Routes and handlers   what each endpoint does; _ROUTES holds every fact
@@ -52,6 +53,7 @@ as fast and job lateness p99 3.2 to 3.7 ms against 3.4 to 4.1 ms.
 """
 
 import argparse
+import base64
 import bisect
 import collections
 import email.utils
@@ -638,6 +640,17 @@ _SIMULATE = _Check(lambda value, field: _given(value, _SIMULATE_FIELDS, field, s
                    _ref("Simulate"))
 
 
+# Fields model calls share: the model, the user key, and dummyLLM's extensions.
+_MODEL = _Field(_Text(non_empty=True), _REQUIRED, "Any model name.")
+_USER = _Field(_Text(_MAX_TRACE_ID_CHARS), None,
+               "The key of seeded sequences when X-Trace-Id is absent.")
+_EXTENSIONS = {
+    "timeout_ms": _Field(_Int(1, _MAX_TIMEOUT_MS), _from_config("timeout_ms"),
+                         "The deadline, as for jobs (an extension)."),
+    "simulate": _Field(_SIMULATE, None, "How the request behaves (an extension)."),
+}
+
+
 def _simulate_settings(given, config, field="simulate"):
     """The simulate settings a request gives, over the server's defaults."""
     settings = _with_defaults(given or {}, _SIMULATE_FIELDS, config)
@@ -784,9 +797,10 @@ _Plan = collections.namedtuple("_Plan", [
 ])
 
 # A successful reply: its text, why it ended ("end"; "max_tokens", cut to
-# them; "stop_sequence", cut before `stop_sequence`) and its usage.
+# them; "stop_sequence", cut before `stop_sequence`), its usage, and the
+# simulated ms from the request to its first token.
 _Reply = collections.namedtuple("_Reply", "text end stop_sequence prompt_tokens "
-                                          "completion_tokens")
+                                          "completion_tokens elapsed_ms")
 
 
 def _tokens(text):
@@ -945,7 +959,24 @@ def _reply(spec, plan, max_tokens, stop_sequences=()):
         text, end = text[:at], "stop_sequence"
     if max_tokens is not None and _tokens(text) > max_tokens:
         text, end, met = text[:max_tokens * 4], "max_tokens", None
-    return _Reply(text, end, met, _prompt_tokens(spec), _tokens(text))
+    return _Reply(text, end, met, _prompt_tokens(spec), _tokens(text), plan.ends_at_ms)
+
+
+def _embedding(model, text, dimensions):
+    """A unit vector that is a pure function of its arguments: each block of
+    SHA-256 of the JSON text [model, text, block] gives 16 numbers from -1 to
+    1, and the vector is scaled to length 1 and rounded to float32.  Equal
+    texts give equal vectors on every run and machine; how near two
+    different texts are means nothing."""
+    values = []
+    for block in range(-(-dimensions // 16)):
+        digest = hashlib.sha256(json.dumps([model, text, block]).encode("utf-8")).digest()
+        values.extend(number / 32768 for number in struct.unpack(">16h", digest))
+    del values[dimensions:]
+    length = math.sqrt(math.fsum(value * value for value in values)) or 1.0
+    # As float32, the precision every encoding (JSON or base64) carries.
+    return list(struct.unpack(f"<{dimensions}f", struct.pack(
+        f"<{dimensions}f", *(value / length for value in values))))
 
 
 def _stream_timeline(text, token_ms, failure):
@@ -1106,7 +1137,7 @@ class _Surface:
         return headers
 
     def call(self, request, config, *, model, messages, stream, max_tokens, user, timeout_ms,
-             simulate, stop=(), **options):
+             simulate, stop=(), args=None, callback_url=None, **options):
         """The _Call of a model request: the simulate settings from the body,
         else the X-DummyLLM-Simulate header, else the server's defaults; the
         key of seeded sequences from X-Trace-Id, else `user`, else ""."""
@@ -1123,9 +1154,9 @@ class _Surface:
             raise _ValidationError(f"{field}.stream", 'applies only with "stream": true')
         trace_id = _Nullable(_Text(_MAX_TRACE_ID_CHARS))(request.headers.get("x-trace-id"),
                                                          "X-Trace-Id")
-        spec = _JobSpec(op="llm.chat", args={"model": model, "messages": messages},
-                        timeout_ms=timeout_ms, trace_id=trace_id or user, callback_url=None,
-                        **settings)
+        spec = _JobSpec(op="llm.chat", args={"model": model, "messages": messages, **(args or {})},
+                        timeout_ms=timeout_ms, trace_id=trace_id or user,
+                        callback_url=callback_url, **settings)
         return _Call(spec, model, stream, max_tokens, tuple(stop), options)
 
 
@@ -1208,9 +1239,10 @@ class _JobApi(_Surface):
 _JOB_API = _JobApi()
 
 
-def _check_messages(value, field):
-    if not isinstance(value, list) or not value:
-        raise _ValidationError(field, "must be a non-empty array of messages")
+def _check_messages(value, field, allow_empty=False):
+    if not isinstance(value, list) or not (value or allow_empty):
+        raise _ValidationError(field, "must be a non-empty array of messages" if not allow_empty
+                               else "must be an array of messages")
     for index, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _ValidationError(f"{field}[{index}]", "must be an object with a string role")
@@ -1238,14 +1270,36 @@ def _check_one(value, field):
 _STREAM_OPTIONS = {"include_usage": _Field(_Bool(), False, "End with a usage chunk.")}
 
 
-class _OpenAIChat(_Surface):
-    """OpenAI's chat completions (plain and streamed) and models."""
+class _OpenAI(_Surface):
+    """What OpenAI's endpoints share: the error shape, and the finish reasons."""
 
     error_schema = "OpenAIError"
+    schemas = {"OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}
     FINISH = {"end": "stop", "max_tokens": "length", "stop_sequence": "stop"}
 
+    def error(self, error, retry_ms, now_ms):
+        status, body, headers = super().error(error, retry_ms, now_ms)
+        return 400 if status == 422 else status, body, headers  # OpenAI has no 422
+
+    def error_body(self, error):
+        kind = _ERRORS[error.code]
+        return {"error": {"message": error.message, "type": kind.openai_type or "server_error",
+                          "param": error.field, "code": kind.openai_code}}
+
+    @staticmethod
+    def usage(reply):
+        return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+
+class _OpenAIChat(_OpenAI):
+    """OpenAI's chat completions (plain and streamed) and models."""
+
     REQUEST = {
-        "model": _Field(_Text(non_empty=True), _REQUIRED, "Any model name."),
+        "model": _MODEL,
         "messages": _Field(_Check(_check_messages, {
             "type": "array", "minItems": 1, "items": {
                 "type": "object", "required": ["role"], "properties": {
@@ -1261,18 +1315,11 @@ class _OpenAIChat(_Surface):
         "stop": _Field(_Check(lambda value, field: _check_strings(
             [value] if isinstance(value, str) else value, field, 4), _STRINGS_SCHEMA), (),
             "The reply ends before the first of these it meets."),
-        "user": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
-                       "The key of seeded sequences when X-Trace-Id is absent."),
-        "timeout_ms": _Field(_Int(1, _MAX_TIMEOUT_MS), _from_config("timeout_ms"),
-                             "The deadline, as for jobs (an extension)."),
-        "simulate": _Field(_SIMULATE, None, "How the request behaves (an extension)."),
+        "user": _USER,
+        **_EXTENSIONS,
     }
 
     schemas = {
-        "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
-            "type": "object", "required": ["message", "type", "param", "code"], "properties": {
-                "message": {"type": "string"}, "type": {"type": "string"},
-                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},
         "ChatRequest": _object_schema(REQUEST, example={
             "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}],
             "simulate": {"latency_ms": 300}}),
@@ -1290,15 +1337,6 @@ class _OpenAIChat(_Surface):
             "object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}},
     }
 
-    def error(self, error, retry_ms, now_ms):
-        status, body, headers = super().error(error, retry_ms, now_ms)
-        return 400 if status == 422 else status, body, headers  # OpenAI has no 422
-
-    def error_body(self, error):
-        kind = _ERRORS[error.code]
-        return {"error": {"message": error.message, "type": kind.openai_type or "server_error",
-                          "param": error.field, "code": kind.openai_code}}
-
     def parse(self, request, config):
         body = _json_body(request)
         values = _with_defaults(_given(body, self.REQUEST, None), self.REQUEST, config)
@@ -1309,10 +1347,6 @@ class _OpenAIChat(_Surface):
                          timeout_ms=values["timeout_ms"], simulate=values["simulate"],
                          include_usage=values["stream_options"].get("include_usage", False))
 
-    def _usage(self, reply):
-        return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                "total_tokens": reply.prompt_tokens + reply.completion_tokens}
-
     def answer(self, call, reply, created):
         return {
             "id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion",
@@ -1320,7 +1354,7 @@ class _OpenAIChat(_Surface):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text,
                                                  "refusal": None},
                          "logprobs": None, "finish_reason": self.FINISH[reply.end]}],
-            "usage": self._usage(reply),
+            "usage": self.usage(reply),
         }
 
     def stream(self, call, reply, created):
@@ -1351,7 +1385,7 @@ class _OpenAIChat(_Surface):
                     "SIM_FAIL", call.spec.fail_message or "simulated stream error")))
             data = _sse(chunk({}, self.FINISH[reply.end]))
             if include_usage:
-                data += _sse(dict(chunk({}), choices=[], usage=self._usage(reply)))
+                data += _sse(dict(chunk({}), choices=[], usage=self.usage(reply)))
             return data + _sse("[DONE]")
         return render
 
@@ -1408,7 +1442,7 @@ class _AnthropicMessages(_Surface):
     STOP_REASONS = {"end": "end_turn", "max_tokens": "max_tokens",
                     "stop_sequence": "stop_sequence"}
     REQUEST = {
-        "model": _Field(_Text(non_empty=True), _REQUIRED, "Any model name."),
+        "model": _MODEL,
         "max_tokens": _Field(_Int(1, 10_000_000), _REQUIRED,
                              "Cut the reply to this many tokens (stop_reason max_tokens)."),
         "messages": _Field(_Check(_check_anthropic_messages, {
@@ -1428,9 +1462,7 @@ class _AnthropicMessages(_Surface):
         "tool_choice": _Field(_OBJECT, None, "Accepted."),
         "metadata": _Field(_Check(lambda value, field: _given(value, _ANTHROPIC_METADATA, field),
                                   _object_schema(_ANTHROPIC_METADATA)), {}, None),
-        "timeout_ms": _Field(_Int(1, _MAX_TIMEOUT_MS), _from_config("timeout_ms"),
-                             "The deadline, as for jobs (an extension)."),
-        "simulate": _Field(_SIMULATE, None, "How the request behaves (an extension)."),
+        **_EXTENSIONS,
     }
     COUNT_REQUEST = _pick(REQUEST, "model", "messages", "system", "tools")
 
@@ -1591,9 +1623,7 @@ class _Gemini(_Surface):
         "tools": _Field(_LIST, None, "Accepted."),
         "toolConfig": _Field(_OBJECT, None, "Accepted."),
         "safetySettings": _Field(_LIST, None, "Accepted."),
-        "timeout_ms": _Field(_Int(1, _MAX_TIMEOUT_MS), _from_config("timeout_ms"),
-                             "The deadline, as for jobs (an extension)."),
-        "simulate": _Field(_SIMULATE, None, "How the request behaves (an extension)."),
+        **_EXTENSIONS,
     }
     COUNT_REQUEST = _pick(REQUEST, "contents", "systemInstruction")
 
@@ -1719,6 +1749,543 @@ class _Gemini(_Surface):
 
 
 _GEMINI = _Gemini()
+
+
+def _check_responses_input(value, field):
+    """A string, or items: messages (a role, content as text or parts) and
+    function_call_output items."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        raise _ValidationError(field, "must be a string or a non-empty array of input items")
+    for index, item in enumerate(value):
+        name = f"{field}[{index}]"
+        if not isinstance(item, dict):
+            raise _ValidationError(name, "must be an input item")
+        if item.get("type") == "function_call_output":
+            if not isinstance(item.get("output"), (str, list)):
+                raise _ValidationError(f"{name}.output", "must be a string or an array")
+        elif isinstance(item.get("role"), str):
+            _check_blocks(item.get("content"), f"{name}.content")
+        elif not isinstance(item.get("type"), str):
+            raise _ValidationError(name, "must be a message (with a role) or an item with a type")
+    return value
+
+
+class _OpenAIResponses(_OpenAI):
+    """OpenAI's Responses API.  A stored response is a job in the store (id
+    resp_...): a background one answers at once, queued, then is polled,
+    cancelled and deleted as a job is, and its events can be streamed again
+    from any point; a stored one can be retrieved while the store keeps it."""
+
+    STATUS = {"queued": "queued", "running": "in_progress", "fail": "failed",
+              "timeout": "failed", "cancelled": "cancelled"}  # ok: completed or incomplete
+    REQUEST = {
+        "model": _MODEL,
+        "input": _Field(_Check(_check_responses_input, {"oneOf": [
+            {"type": "string"}, {"type": "array", "minItems": 1}]}), _REQUIRED,
+            "Text, or message and function_call_output items."),
+        "instructions": _Field(_Text(), None, "A system message."),
+        "stream": _Field(_Bool(), False, "Answer as server-sent events."),
+        "max_output_tokens": _Field(_Int(1, 10_000_000), None,
+                                    "Cut the reply to this many tokens (status incomplete)."),
+        "tools": _Field(_LIST, None, "Accepted."),
+        "tool_choice": _Field(_Check(lambda value, field: value, {}), None, "Accepted."),
+        "text": _Field(_OBJECT, None, "Accepted (text.format)."),
+        "store": _Field(_Bool(), True, "Keep the response, to retrieve it later."),
+        "background": _Field(_Bool(), False, "Answer at once, queued; poll, cancel or stream it."),
+        "previous_response_id": _Field(_Text(), None, "Accepted."),
+        "metadata": _Field(_OBJECT, None, "Accepted."),
+        "user": _USER,
+        "temperature": _Field(_Number(0, 2), None, "Accepted."),
+        "top_p": _Field(_Number(0, 1), None, "Accepted."),
+        "callback_url": _Field(_Text(2048, non_empty=True), None,
+                               "Loopback URL the final job is POSTed to (an extension)."),
+        **_EXTENSIONS,
+    }
+    # Request fields a response object repeats back.
+    ECHOED = ("background", "instructions", "max_output_tokens", "metadata",
+              "previous_response_id", "store", "temperature", "text", "tool_choice", "tools",
+              "top_p", "user")
+    QUERY = {"stream": _Field(_Choice("true", "false"), "false", "Stream its events again"),
+             "starting_after": _Field(_Int(-1, 10_000_000), -1,
+                                      "Only the events after this sequence number")}
+
+    schemas = {
+        "ResponseRequest": _object_schema(REQUEST, example={
+            "model": "gpt-4.1-mini", "input": "Hello", "simulate": {"latency_ms": 300}}),
+        "Response": {"type": "object", "required": [
+            "id", "object", "created_at", "status", "model", "output"], "properties": {
+            "id": {"type": "string", "pattern": "^resp_"}, "object": {"const": "response"},
+            "created_at": {"type": "integer"}, "model": {"type": "string"},
+            "status": {"enum": ["queued", "in_progress", "completed", "incomplete", "failed",
+                                "cancelled"]},
+            "output": {"type": "array"}, "usage": {"type": ["object", "null"]},
+            "error": {"type": ["object", "null"]},
+            "incomplete_details": {"type": ["object", "null"]}}},
+        "ResponseDeleted": {"type": "object", "properties": {
+            "id": {"type": "string"}, "object": {"const": "response"},
+            "deleted": {"type": "boolean"}}},
+    }
+
+    def parse(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
+                                config)
+        if values["background"] and not values["store"]:
+            raise _ValidationError("store", "must be true for a background response")
+        if values["callback_url"] is not None:
+            _check_callback_url(values["callback_url"], "callback_url",
+                                config.allow_callback_hosts)
+        messages = self.messages(values["input"])
+        if values["instructions"] is not None:
+            messages.insert(0, {"role": "system", "content": values["instructions"]})
+        return self.call(request, config, model=values["model"], messages=messages,
+                         stream=values["stream"], max_tokens=values["max_output_tokens"],
+                         user=values["user"], timeout_ms=values["timeout_ms"],
+                         simulate=values["simulate"], callback_url=values["callback_url"],
+                         args={"max_output_tokens": values["max_output_tokens"],
+                               "echo": {key: values[key] for key in self.ECHOED}})
+
+    @staticmethod
+    def messages(given):
+        if isinstance(given, str):
+            return [{"role": "user", "content": given}]
+        return [{"role": "tool", "content": _content_text(item["output"])}
+                if item.get("type") == "function_call_output" else
+                {"role": item["role"], "content": _content_text(item.get("content"))}
+                for item in given if item.get("role") or item.get("type") == "function_call_output"]
+
+    def response(self, response_id, created_at, args, status, reply=None, error=None):
+        """A response object."""
+        echo = args["echo"]
+        output, usage = [], None
+        if reply is not None:
+            output = [self.message_item(response_id, status, reply.text)]
+            usage = {"input_tokens": reply.prompt_tokens, "input_tokens_details": {
+                "cached_tokens": 0}, "output_tokens": reply.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+        return {
+            "id": response_id, "object": "response", "created_at": created_at,
+            "status": status, "background": echo["background"], "error": error,
+            "incomplete_details": ({"reason": "max_output_tokens"} if status == "incomplete"
+                                   else None),
+            "instructions": echo["instructions"], "max_output_tokens": echo["max_output_tokens"],
+            "metadata": echo["metadata"] or {}, "model": args["model"], "output": output,
+            "parallel_tool_calls": True, "previous_response_id": echo["previous_response_id"],
+            "prompt_cache_diagnostics": None, "reasoning": None, "service_tier": "default",
+            "store": echo["store"], "temperature": echo["temperature"],
+            "text": echo["text"] or {"format": {"type": "text"}},
+            "tool_choice": echo["tool_choice"] or "auto", "tools": echo["tools"] or [],
+            "top_p": echo["top_p"], "truncation": "disabled", "usage": usage,
+            "user": echo["user"],
+        }
+
+    @staticmethod
+    def message_item(response_id, status, text):
+        return {"id": "msg_" + response_id[5:], "type": "message", "role": "assistant",
+                "status": "in_progress" if status == "in_progress" else status,
+                "content": [] if text is None else [
+                    {"type": "output_text", "text": text, "annotations": []}]}
+
+    def outcome(self, spec, plan):
+        """(status, reply, error) of a response whose plan came true."""
+        if plan.state != "ok":
+            return "failed", None, {"code": "server_error", "message": plan.error["message"]}
+        reply = _reply(spec, plan, spec.args["max_output_tokens"])
+        return "incomplete" if reply.end == "max_tokens" else "completed", reply, None
+
+    def view(self, job):
+        """A stored response as it is now (a view for _JobStore)."""
+        if job.state == "ok":
+            status, reply, error = self.outcome(job.spec, job.plan)
+        else:
+            status, reply, error = self.STATUS[job.state], None, job.error and {
+                "code": "server_error", "message": job.error["message"]}
+        return self.response(job.id, job.created_at, job.spec.args, status, reply, error)
+
+    def events(self, response_id, created_at, spec, plan, background):
+        """A response's server-sent events, lazily: (ms after it was created,
+        event), numbered from 0.  A background one is created queued and runs
+        as its plan says; the text streams from when the plan ends, every
+        token_ms."""
+        numbers = itertools.count()
+
+        def event(kind, **fields):
+            return {"type": kind, "sequence_number": next(numbers), **fields}
+
+        def response(status, reply=None, error=None):
+            return self.response(response_id, created_at, spec.args, status, reply, error)
+
+        start = plan.ends_at_ms
+        if background:
+            yield 0, event("response.created", response=response("queued"))
+            yield 0, event("response.queued", response=response("queued"))
+            if plan.running_at_ms is not None:
+                yield plan.running_at_ms, event("response.in_progress",
+                                                response=response("in_progress"))
+        elif start is not None:
+            yield start, event("response.created", response=response("in_progress"))
+            yield start, event("response.in_progress", response=response("in_progress"))
+        if start is None:
+            return  # hang
+        status, reply, error = self.outcome(spec, plan)
+        if reply is None:
+            yield start, event("response.failed", response=response(status, error=error))
+            return
+        where = {"item_id": "msg_" + response_id[5:], "output_index": 0, "content_index": 0}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        for ms, kind, piece in _stream_timeline(reply.text, spec.token_ms, spec.stream):
+            if kind == "open":
+                yield start, event("response.output_item.added", output_index=0,
+                                   item=self.message_item(response_id, "in_progress", None))
+                yield start, event("response.content_part.added", part=part, **where)
+            elif kind == "piece":
+                yield start + ms, event("response.output_text.delta", delta=piece, logprobs=[],
+                                        **where)
+            elif kind == "error":
+                yield start + ms, event("error", code="server_error", param=None,
+                                        message=spec.fail_message or "simulated stream error")
+            else:
+                yield start + ms, event("response.output_text.done", text=reply.text,
+                                        logprobs=[], **where)
+                yield start + ms, event("response.content_part.done",
+                                        part=dict(part, text=reply.text), **where)
+                yield start + ms, event("response.output_item.done", output_index=0,
+                                        item=self.message_item(response_id, status, reply.text))
+                yield start + ms, event("response." + status, response=response(status, reply))
+
+
+_OPENAI_RESPONSES = _OpenAIResponses()
+
+
+def _check_embedding_input(value, field):
+    """A string, strings, a token list or token lists: 1 to 2,048 non-empty items."""
+    items = [value] if isinstance(value, str) or (
+        isinstance(value, list) and value and all(_is_int(token) for token in value)) else value
+    if not isinstance(items, list) or not 1 <= len(items) <= 2048:
+        raise _ValidationError(field, "must be a string, or 1 to 2048 strings or token lists")
+    for index, item in enumerate(items):
+        ok = (isinstance(item, str) or isinstance(item, list) and all(
+            _is_int(token) for token in item))
+        if not ok or not item:
+            raise _ValidationError(field if items is not value else f"{field}[{index}]",
+                                   "must be a non-empty string or token list")
+    return items
+
+
+_EMBEDDING_INPUT = _Check(_check_embedding_input, {"oneOf": [
+    {"type": "string"}, {"type": "array", "minItems": 1, "maxItems": 2048}]})
+_DIMENSIONS = _Int(1, 8192)
+
+
+class _OpenAIEmbeddings(_OpenAI):
+    """OpenAI's embeddings: vectors that are a pure function of the model,
+    the text and the dimensions (see _embedding)."""
+
+    REQUEST = {
+        "model": _MODEL,
+        "input": _Field(_EMBEDDING_INPUT, _REQUIRED,
+                        "A string, or up to 2048 strings or token lists."),
+        "dimensions": _Field(_DIMENSIONS, 1536, "Length of each vector."),
+        "encoding_format": _Field(_Choice("float", "base64"), "float",
+                                  "base64: little-endian float32, as the openai SDK asks."),
+        "user": _USER,
+        **_EXTENSIONS,
+    }
+    schemas = {
+        "EmbeddingRequest": _object_schema(REQUEST, example={"model": "text-embedding-3-small",
+                                                             "input": "Hello"}),
+        "EmbeddingList": {"type": "object", "required": ["object", "data", "model", "usage"],
+                          "properties": {"object": {"const": "list"}, "data": {"type": "array"},
+                                         "model": {"type": "string"},
+                                         "usage": {"type": "object"}}},
+    }
+
+    @staticmethod
+    def texts(items):
+        """Each input as text, and the tokens it counts for."""
+        return [(item, _tokens(item)) if isinstance(item, str) else (json.dumps(item), len(item))
+                for item in items]
+
+    def parse(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
+                                config)
+        texts = self.texts(values["input"])
+        return self.call(request, config, model=values["model"], stream=False, max_tokens=None,
+                         messages=[{"role": "user", "content": text} for text, _ in texts],
+                         user=values["user"], timeout_ms=values["timeout_ms"],
+                         simulate=values["simulate"], texts=texts,
+                         dimensions=values["dimensions"],
+                         base64=values["encoding_format"] == "base64")
+
+    def answer(self, call, reply, created):
+        texts, dimensions = call.options["texts"], call.options["dimensions"]
+        data = []
+        for index, (text, _) in enumerate(texts):
+            vector = _embedding(call.model, text, dimensions)
+            if call.options["base64"]:
+                vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode("ascii")
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        tokens = sum(count for _, count in texts)
+        return {"object": "list", "data": data, "model": call.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+_OPENAI_EMBEDDINGS = _OpenAIEmbeddings()
+
+
+def _check_false(value, field):
+    if value is not False:
+        raise _ValidationError(field, "must be false: dummyLLM does not echo the prompt")
+    return value
+
+
+def _check_prompt(value, field):
+    """A string, or a list of strings (one prompt, its lines)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        return "\n".join(value)
+    raise _ValidationError(field, "must be a string or a non-empty array of strings")
+
+
+class _OpenAICompletions(_OpenAI):
+    """OpenAI's legacy completions, plain and streamed."""
+
+    REQUEST = {
+        "model": _MODEL,
+        "prompt": _Field(_Check(_check_prompt, {"oneOf": [
+            {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}), _REQUIRED,
+            "The prompt; its text feeds the reply."),
+        "max_tokens": _Field(_Int(1, 10_000_000), None,
+                             "Cut the reply to this many tokens (finish_reason length)."),
+        "stream": _Field(_Bool(), False, "Answer as server-sent events."),
+        "stream_options": _OpenAIChat.REQUEST["stream_options"],
+        "n": _OpenAIChat.REQUEST["n"],
+        "echo": _Field(_Check(_check_false, {"const": False}), False, "Only false."),
+        "stop": _OpenAIChat.REQUEST["stop"],
+        "user": _USER,
+        **_EXTENSIONS,
+    }
+    schemas = {
+        "CompletionRequest": _object_schema(REQUEST, example={"model": "gpt-3.5-turbo-instruct",
+                                                              "prompt": "Hello"}),
+        "Completion": {"type": "object", "required": ["id", "object", "choices"], "properties": {
+            "id": {"type": "string"}, "object": {"const": "text_completion"},
+            "choices": {"type": "array"}, "usage": {"type": "object"}}},
+    }
+
+    def parse(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
+                                config)
+        return self.call(request, config, model=values["model"],
+                         messages=[{"role": "user", "content": values["prompt"]}],
+                         stream=values["stream"], max_tokens=values["max_tokens"],
+                         stop=values["stop"], user=values["user"],
+                         timeout_ms=values["timeout_ms"], simulate=values["simulate"],
+                         include_usage=values["stream_options"].get("include_usage", False))
+
+    @staticmethod
+    def completion(completion_id, created, call, text, finish_reason):
+        return {"id": completion_id, "object": "text_completion", "created": created,
+                "model": call.model, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                                  "finish_reason": finish_reason}]}
+
+    def answer(self, call, reply, created):
+        return dict(self.completion("cmpl-" + secrets.token_hex(12), created, call, reply.text,
+                                    self.FINISH[reply.end]), usage=self.usage(reply))
+
+    def stream(self, call, reply, created):
+        completion_id = "cmpl-" + secrets.token_hex(12)
+
+        def render(event, piece):
+            if event == "piece":
+                return _sse(self.completion(completion_id, created, call, piece, None))
+            if event == "open":
+                return b""
+            if event == "error":
+                return _sse(self.error_body(ApiError(
+                    "SIM_FAIL", call.spec.fail_message or "simulated stream error")))
+            data = _sse(self.completion(completion_id, created, call, "", self.FINISH[reply.end]))
+            if call.options["include_usage"]:
+                data += _sse(dict(self.completion(completion_id, created, call, "", None),
+                                  choices=[], usage=self.usage(reply)))
+            return data + _sse("[DONE]")
+        return render
+
+
+_OPENAI_COMPLETIONS = _OpenAICompletions()
+
+
+_OLLAMA_OPTIONS = {
+    "num_predict": _Field(_Int(-2, 10_000_000), None,
+                          "Cut the reply to this many tokens (done_reason length)."),
+    "stop": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
+                   "The reply ends before the first of these it meets."),
+}
+
+
+class _Ollama(_Surface):
+    """Ollama's API: chat and generate (streamed as NDJSON unless "stream":
+    false), embed and the older embeddings, and the model list, show, ps and
+    version.  Errors are {"error": message}."""
+
+    error_schema = "OllamaError"
+    VERSION = "0.12.0"
+    MODEL = "dummyllm:latest"
+    DONE = {"end": "stop", "max_tokens": "length", "stop_sequence": "stop"}
+    COMMON = {
+        "model": _MODEL,
+        "stream": _Field(_Bool(), True, "NDJSON lines as the reply grows (default true)."),
+        "options": _Field(_Check(lambda value, field: _given(value, _OLLAMA_OPTIONS, field),
+                                 _object_schema(_OLLAMA_OPTIONS)), {}, None),
+        "format": _Field(_Check(lambda value, field: value, {}), None, "Accepted."),
+        "keep_alive": _Field(_Check(lambda value, field: value, {}), None, "Accepted."),
+        **_EXTENSIONS,
+    }
+    CHAT = {**COMMON, "messages": _Field(_Check(lambda value, field: _check_messages(
+        value, field, allow_empty=True), {"type": "array"}), [], "The conversation."),
+            "tools": _Field(_LIST, None, "Accepted.")}
+    GENERATE = {**COMMON, "prompt": _Field(_Text(), "", "The prompt."),
+                "system": _Field(_Text(), None, "A system prompt.")}
+    EMBED = {"model": COMMON["model"],
+             "input": _Field(_Check(lambda value, field: [value] if isinstance(value, str) else
+                                    _check_strings(value, field), {}), _REQUIRED,
+                             "A string or strings."),
+             "dimensions": _Field(_DIMENSIONS, 1536, "Length of each vector."),
+             "truncate": _Field(_Bool(), True, "Accepted."),
+             **_pick(COMMON, "options", "keep_alive", "timeout_ms", "simulate")}
+    EMBEDDINGS = {"model": COMMON["model"], "prompt": _Field(_Text(), _REQUIRED, "The text."),
+                  **_pick(COMMON, "options", "keep_alive", "timeout_ms", "simulate")}
+
+    schemas = {
+        "OllamaError": {"type": "object", "required": ["error"],
+                        "properties": {"error": {"type": "string"}}},
+        "OllamaChat": _object_schema(CHAT, example={
+            "model": "llama3.2", "messages": [{"role": "user", "content": "Hello"}],
+            "stream": False}),
+        "OllamaGenerate": _object_schema(GENERATE, example={"model": "llama3.2",
+                                                            "prompt": "Hello", "stream": False}),
+        "OllamaEmbed": _object_schema(EMBED, example={"model": "nomic-embed-text",
+                                                      "input": "Hello"}),
+        "OllamaEmbeddings": _object_schema(EMBEDDINGS, example={"model": "nomic-embed-text",
+                                                                "prompt": "Hello"}),
+        "OllamaAnswer": {"type": "object", "properties": {
+            "model": {"type": "string"}, "created_at": {"type": "string"},
+            "done": {"type": "boolean"}}},
+        "OllamaModels": {"type": "object", "properties": {"models": {"type": "array"}}},
+    }
+
+    def error(self, error, retry_ms, now_ms):
+        status, body, headers = super().error(error, retry_ms, now_ms)
+        return 400 if status == 422 else status, body, headers
+
+    def error_body(self, error):
+        return {"error": error.message}
+
+    def retry_headers(self, error, retry_ms):
+        if retry_ms is None:
+            return ()
+        return (("retry-after", str(math.ceil(retry_ms / 1000))), ("retry-after-ms", str(retry_ms)))
+
+    def stream_type(self, call):
+        return "application/x-ndjson"
+
+    def parse(self, request, config):
+        """A call to /api/chat, /api/generate, /api/embed or /api/embeddings."""
+        kind = request.path.rsplit("/", 1)[1]
+        fields = {"chat": self.CHAT, "generate": self.GENERATE, "embed": self.EMBED,
+                  "embeddings": self.EMBEDDINGS}[kind]
+        values = _with_defaults(_given(_json_body(request), fields, None), fields, config)
+        options = values["options"]
+        if kind == "chat":
+            messages = [{"role": message["role"], "content": _content_text(message.get("content"))}
+                        for message in values["messages"]]
+        elif kind == "generate":
+            messages = [{"role": "user", "content": values["prompt"]}]
+            if values["system"] is not None:
+                messages.insert(0, {"role": "system", "content": values["system"]})
+        else:
+            texts = values["input"] if kind == "embed" else [values["prompt"]]
+            messages = [{"role": "user", "content": text} for text in texts]
+        max_tokens = options.get("num_predict")
+        return self.call(request, config, model=values["model"], messages=messages,
+                         stream=values.get("stream", False),
+                         max_tokens=max_tokens if max_tokens and max_tokens > 0 else None,
+                         stop=options.get("stop", ()), user=None,
+                         timeout_ms=values["timeout_ms"], simulate=values["simulate"], kind=kind,
+                         dimensions=values.get("dimensions", 1536))
+
+    @staticmethod
+    def created_at(created):
+        return time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime(created))
+
+    def line(self, call, created, text, done=False):
+        """One answer object: chat's message or generate's response."""
+        body = {"model": call.model, "created_at": self.created_at(created)}
+        if call.options["kind"] == "generate":
+            body["response"] = text
+        else:
+            body["message"] = {"role": "assistant", "content": text}
+        body["done"] = done
+        return body
+
+    def final(self, call, reply, created, text, streamed_ms):
+        """The last object, with the counts and durations (in ns) of the
+        simulated timing: the prompt took the time to the first token, the
+        reply token_ms a token."""
+        eval_ms = streamed_ms if call.stream else min(
+            reply.elapsed_ms, reply.completion_tokens * call.spec.token_ms)
+        nanoseconds = 1_000_000
+        body = self.line(call, created, text, done=True)
+        body.update(done_reason=self.DONE[reply.end],
+                    total_duration=(reply.elapsed_ms + streamed_ms) * nanoseconds,
+                    load_duration=0, prompt_eval_count=reply.prompt_tokens,
+                    prompt_eval_duration=(reply.elapsed_ms + streamed_ms) * nanoseconds
+                    - max(1, eval_ms * nanoseconds),
+                    eval_count=reply.completion_tokens,
+                    eval_duration=max(1, eval_ms * nanoseconds))
+        if call.options["kind"] == "generate":
+            body["context"] = []
+        return body
+
+    def answer(self, call, reply, created):
+        kind, texts = call.options["kind"], [message["content"] for message in
+                                             call.spec.args["messages"]]
+        if kind == "embeddings":
+            return {"embedding": _embedding(call.model, texts[0], 1536)}
+        if kind == "embed":
+            return {"model": call.model, "total_duration": reply.elapsed_ms * 1_000_000,
+                    "load_duration": 0, "prompt_eval_count": reply.prompt_tokens,
+                    "embeddings": [_embedding(call.model, text, call.options["dimensions"])
+                                   for text in texts]}
+        return self.final(call, reply, created, reply.text, 0)
+
+    def stream(self, call, reply, created):
+        pieces = -(-len(reply.text) // 4)
+        streamed_ms = max(0, pieces - 1) * call.spec.token_ms
+
+        def render(event, piece):
+            if event == "piece":
+                return _json_bytes(self.line(call, created, piece)) + b"\n"
+            if event == "open":
+                return b""
+            if event == "error":
+                return _json_bytes({"error": call.spec.fail_message or "simulated stream error"}
+                                   ) + b"\n"
+            return _json_bytes(self.final(call, reply, created, "", streamed_ms)) + b"\n"
+        return render
+
+    def model(self, name=None):
+        return {"name": name or self.MODEL, "model": name or self.MODEL,
+                "modified_at": "2026-01-01T00:00:00Z", "size": 0,
+                "digest": hashlib.sha256((name or self.MODEL).encode()).hexdigest(),
+                "details": {"format": "gguf", "family": "dummyllm", "parameter_size": "0B",
+                            "quantization_level": "none"}}
+
+
+_OLLAMA = _Ollama()
 
 
 class _Exposition:
@@ -1887,8 +2454,16 @@ class _Job:
         self.updated_at = self.updated_at_ms // 1000
 
 
+# What _JobStore.create answers: the settings of the attempt, a view of the
+# job (None: nothing was created), whether it was replayed, its plan.
+_Created = collections.namedtuple("_Created", "spec job replayed plan")
+
+
 class _JobStore:
-    """Jobs by id, their transitions, eviction and the seeded sequences."""
+    """Jobs by id, their transitions, eviction and the seeded sequences.
+
+    Reads take a `view`, a function of the _Job that renders it in a
+    surface's format, called under the lock: one consistent snapshot."""
 
     MAX_SEQUENCES = 100_000  # (seed, key) counters kept; least recently used go first
     DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -1915,15 +2490,17 @@ class _JobStore:
         self._finished_by_state = collections.Counter()
         self._durations = [0] * (len(self.DURATION_BUCKETS) + 1), [0.0]  # bucket counts, sum
 
-    def create(self, spec, idempotency=None):
-        """Take the request's script step and store its job: (the settings of
-        this attempt, the job's JSON or None, replayed).
+    def create(self, spec, idempotency=None, prefix="job", view=_Job.created_json):
+        """Take the request's script step and store its job: a _Created of the
+        settings of this attempt, view(job) (None when nothing was created),
+        whether it was replayed, and its plan.
 
         `idempotency` is (key, fingerprint of the request) or None.  A key
         seen before with the same fingerprint answers that job again, with
         replayed True and no step taken; with another, IDEMPOTENCY_CONFLICT.
-        A fault that loses the request first creates nothing (None).  Raises
-        CAPACITY when full of active jobs, or the refusal the job's mode draws.
+        A fault that loses the request first creates nothing.  Raises CAPACITY
+        when full of active jobs, or the refusal the job's mode draws.  The
+        job's id is `prefix`_ and 12 hex digits.
         """
         with self._lock:
             self._apply_due()
@@ -1931,10 +2508,10 @@ class _JobStore:
                 job = self._jobs[self._idempotency[idempotency[0]]]
                 if job.idempotency != idempotency:
                     raise ApiError("IDEMPOTENCY_CONFLICT", field="Idempotency-Key")
-                return spec, job.created_json(), True
+                return _Created(spec, view(job), True, job.plan)
             spec, step = self._take_step(spec)
             if _lost_before_work(spec):
-                return spec, None, False
+                return _Created(spec, None, False, None)
             full = len(self._jobs) >= self.config.max_jobs
             if full and not self._finished:
                 raise ApiError("CAPACITY", f"all {self.config.max_jobs} stored jobs are still "
@@ -1945,7 +2522,7 @@ class _JobStore:
             if full:
                 self._forget(self._finished.popitem(last=False)[0])
             job = _Job()
-            job.id, job.seq = self._new_id(), next(self._seq)
+            job.id, job.seq = self._new_id(prefix), next(self._seq)
             job.spec, job.op, job.trace_id = spec, spec.op, spec.trace_id
             job.plan, job.n, job.step, job.idempotency = plan, n, step, idempotency
             job.state, job.result, job.error, job.due, job.polls = "queued", None, None, None, 0
@@ -1958,9 +2535,9 @@ class _JobStore:
             self._jobs[job.id] = job
             if idempotency is not None:
                 self._idempotency[idempotency[0]] = job.id
-            created = job.created_json()
+            created = view(job)
             self._schedule_next(job)
-            return spec, created, False
+            return _Created(spec, created, False, plan)
 
     def plan_call(self, spec):
         """Take a model call's script step and draw its plan: (the settings of
@@ -1969,8 +2546,8 @@ class _JobStore:
             spec, _ = self._take_step(spec)
             return spec, self._plan(spec)[0]
 
-    def poll(self, job_id, wait_ms=0):
-        """(a job's JSON, the fault simulate.poll_faults gives this poll of it).
+    def poll(self, job_id, wait_ms=0, view=_Job.to_json):
+        """(view(job), the fault simulate.poll_faults gives this poll of it).
 
         With wait_ms (real time), an active job is answered as soon as it
         ends, or after wait_ms as it is then; the wait blocks on the job's
@@ -1988,7 +2565,13 @@ class _JobStore:
                     self._wait_for_change(job, remaining)
             faults, job.polls = job.spec.poll_faults or (), job.polls + 1
             fault = faults[job.polls - 1] if job.polls <= len(faults) else None
-            return job.to_json(), _with_retry_after(fault, job.spec)
+            return view(job), _with_retry_after(fault, job.spec)
+
+    def snapshot(self, job_id, view=_Job.to_json):
+        """view(job) now; unlike poll, not counted as a poll."""
+        with self._lock:
+            self._apply_due()
+            return view(self._job(job_id))
 
     def watch(self, job_id, heartbeat_s):
         """The job's JSON now and after each change, None when heartbeat_s
@@ -2034,11 +2617,10 @@ class _JobStore:
         with self._lock:
             self._forget(self._cancel(job_id).id)
 
-    def cancel(self, job_id):
-        """End an active job as cancelled; an ended job is left as it is."""
+    def cancel(self, job_id, view=lambda job: {"id": job.id, "state": job.state}):
+        """End an active job as cancelled (an ended job is left as it is); view(job)."""
         with self._lock:
-            job = self._cancel(job_id)
-            return {"id": job.id, "state": job.state}
+            return view(self._cancel(job_id))
 
     def request_view(self, job_id):
         """What the server received for a job and what it decided."""
@@ -2170,9 +2752,9 @@ class _JobStore:
             raise ApiError("NOT_FOUND", f"no job with id {job_id!r}", "id")
         return job
 
-    def _new_id(self):
+    def _new_id(self, prefix):
         while True:
-            job_id = f"job_{self._ids.getrandbits(48):012x}"
+            job_id = f"{prefix}_{self._ids.getrandbits(48):012x}"
             if job_id not in self._jobs:
                 return job_id
 
@@ -2368,13 +2950,18 @@ class _Answer:
         self.fault, self.dribble_ms, self.content_type = fault, dribble_ms, content_type
 
 
-def _api(summary, request=None, answers=None, query=None, headers=None):
-    """Describe a handler: its summary, request body schema, answers
+def _describe(summary, request=None, answers=None, query=None, headers=None):
+    """An endpoint's description: its summary, request body schema, answers
     ({status: schema name, media type, or None}), query parameters (a table
     of _Field, which also checks them) and request headers."""
+    return {"summary": summary, "request": request, "answers": answers or {200: None},
+            "query": query or {}, "headers": headers or {}}
+
+
+def _api(*args, **kwargs):
+    """Describe a handler (see _describe); a route may describe itself instead."""
     def describe(handler):
-        handler.api = {"summary": summary, "request": request, "answers": answers or {200: None},
-                       "query": query or {}, "headers": headers or {}}
+        handler.api = _describe(*args, **kwargs)
         return handler
     return describe
 
@@ -2416,7 +3003,7 @@ def _create_job(server, request):
     key = request.headers.get("idempotency-key")
     idempotency = None if key is None else (
         key, hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest())
-    spec, job, replayed = server.store.create(spec, idempotency)
+    spec, job, replayed, _ = server.store.create(spec, idempotency)
     if job is None:
         return _Answer(fault=spec.fault)  # lost before the job was created
     request.note["job_id"] = job["id"]
@@ -2508,13 +3095,6 @@ def _model_call(server, request):
                    dribble_ms=spec.dribble_ms)
 
 
-@_api("OpenAI-compatible chat completion, streamed or not", request="ChatRequest",
-      answers={200: "ChatCompletion", 429: "OpenAIError", 500: "OpenAIError",
-               503: "OpenAIError", 504: "OpenAIError"}, headers=_SIMULATE_HEADERS)
-def _chat_completions(server, request):
-    return _model_call(server, request)
-
-
 @_api("OpenAI-compatible model list", answers={200: "ModelList"})
 def _list_models(server, request):
     return _Answer(200, {"object": "list", "data": [request.route.surface.model("dummyllm")]})
@@ -2525,13 +3105,6 @@ def _get_model(server, request):
     return _Answer(200, request.route.surface.model(request.params["id"]))
 
 
-@_api("Anthropic Messages: a message, streamed or not", request="AnthropicRequest",
-      answers={200: "AnthropicMessage", 429: "AnthropicError", 500: "AnthropicError",
-               504: "AnthropicError", 529: "AnthropicError"}, headers=_SIMULATE_HEADERS)
-def _create_message(server, request):
-    return _model_call(server, request)
-
-
 @_api("Anthropic Messages: count a request's input tokens", request="AnthropicCountRequest",
       answers={200: "AnthropicTokens"})
 def _count_message_tokens(server, request):
@@ -2540,21 +3113,6 @@ def _count_message_tokens(server, request):
 
 _GEMINI_QUERY = {"alt": _Field(_Choice("sse", "json"), None, "sse: stream server-sent events"),
                  "key": _Field(_Text(), None, "The API key, when no x-goog-api-key header")}
-
-
-@_api("Gemini: generate content", request="GeminiRequest",
-      answers={200: "GeminiResponse", 429: "GoogleError", 500: "GoogleError",
-               503: "GoogleError", 504: "GoogleError"},
-      query=_GEMINI_QUERY, headers=_SIMULATE_HEADERS)
-def _generate_content(server, request):
-    return _model_call(server, request)
-
-
-@_api("Gemini: generate content as a stream (?alt=sse for server-sent events)",
-      request="GeminiRequest", answers={200: "text/event-stream", 429: "GoogleError"},
-      query=_GEMINI_QUERY, headers=_SIMULATE_HEADERS)
-def _stream_generate_content(server, request):
-    return _model_call(server, request)
 
 
 @_api("Gemini: count a request's tokens", request="GeminiCountRequest",
@@ -2574,6 +3132,167 @@ def _list_gemini_models(server, request):
 def _get_gemini_model(server, request):
     return _Answer(200, request.route.surface.model(request.params["model"]))
 
+
+@_api("OpenAI Responses: create a response; background: a job to poll", request="ResponseRequest",
+      answers={200: "Response", 429: "OpenAIError", 500: "OpenAIError", 503: "OpenAIError",
+               504: "OpenAIError"}, headers=_SIMULATE_HEADERS)
+def _create_response(server, request):
+    surface = request.route.surface
+    call = surface.parse(request, server.config)
+    echo = call.spec.args["echo"]
+    if echo["store"]:
+        spec, response, _, plan = server.store.create(call.spec, prefix="resp",
+                                                      view=surface.view)
+        if response is None:
+            return _Answer(fault=spec.fault)  # lost before the response was created
+        response_id, created_at = response["id"], response["created_at"]
+        request.note["job_id"] = response_id
+    else:
+        spec, plan = server.store.plan_call(call.spec)
+        if plan.state in _REFUSED_STATES:
+            raise _refusal(spec, plan)
+        response_id, created_at = "resp_" + secrets.token_hex(6), request.received_wall_ms // 1000
+    request.note["trace_id"] = spec.trace_id
+    if call.stream and spec.fault is not None and spec.fault.kind == "dribble":
+        raise _ValidationError("simulate.fault", "dribble applies to JSON answers; a stream "
+                               "is paced by token_ms")
+    if call.stream and spec.fault is None and (echo["background"] or plan.ends_at_ms is not None):
+        events = surface.events(response_id, created_at, spec, plan, echo["background"])
+        return _response_stream(server, request, response_id, events, spec, plan, echo)
+    if echo["background"]:
+        return _Answer(200, response, fault=spec.fault, dribble_ms=spec.dribble_ms)
+    if plan.ends_at_ms is None:
+        return _Answer(status=None)  # hang
+    at_ms = request.received_ms + plan.ends_at_ms
+    status, reply, _ = surface.outcome(spec, plan)
+    if reply is None:
+        return _Answer(payload=ApiError(plan.error["code"], plan.error["message"]), at=at_ms,
+                       fault=spec.fault, dribble_ms=spec.dribble_ms)
+    return _Answer(200, surface.response(response_id, created_at, spec.args, status, reply),
+                   at=at_ms, fault=spec.fault, dribble_ms=spec.dribble_ms)
+
+
+def _response_stream(server, request, response_id, events, spec, plan, echo, start_ms=None,
+                     starting_after=-1):
+    """A response's events as an answer: from start_ms (the request's arrival),
+    those after starting_after; a background one's end once it is cancelled."""
+    def sent(events):
+        for ms, event in events:
+            if event["sequence_number"] <= starting_after:
+                continue
+            if echo["background"] and event["sequence_number"] > 0:
+                try:
+                    if server.store.snapshot(response_id, _job_state) == "cancelled":
+                        return
+                except ApiError:
+                    return  # deleted meanwhile
+            yield ms, _sse(event, event["type"])
+    failure = "stall_after" if plan.ends_at_ms is None else (
+        next(iter(spec.stream)) if spec.stream else None)
+    return _Answer(200, at=request.received_ms if start_ms is None else start_ms,
+                   stream=sent(events), failure=failure)
+
+
+_job_state = operator.attrgetter("state")
+
+
+def _response_id(request):
+    response_id = request.params["id"]
+    if not response_id.startswith("resp_"):
+        raise ApiError("NOT_FOUND", f"no response with id {response_id!r}", "id")
+    return response_id
+
+
+@_api("OpenAI Responses: a stored response; stream=true streams its events again",
+      answers={200: "Response"}, query=_OpenAIResponses.QUERY)
+def _get_response(server, request):
+    surface, response_id = request.route.surface, _response_id(request)
+    request.note["job_id"] = response_id
+    if request.args["stream"] == "true":
+        job = server.store.snapshot(response_id, lambda job: job)
+        echo = job.spec.args["echo"]
+        events = surface.events(response_id, job.created_at, job.spec, job.plan,
+                                echo["background"])
+        return _response_stream(server, request, response_id, events, job.spec, job.plan, echo,
+                                start_ms=job.start_ms,
+                                starting_after=request.args["starting_after"])
+    response, fault = server.store.poll(response_id, view=surface.view)
+    if fault is not None and fault.kind == "unknown_state":
+        request.note["fault"] = fault
+        return _Answer(200, {**response, "status": fault.state})
+    return _Answer(200, response, fault=fault)
+
+
+@_api("OpenAI Responses: cancel a background response", answers={200: "Response"})
+def _cancel_response(server, request):
+    return _Answer(200, server.store.cancel(_response_id(request),
+                                            view=request.route.surface.view))
+
+
+@_api("OpenAI Responses: forget a stored response", answers={200: "ResponseDeleted"})
+def _delete_response(server, request):
+    response_id = _response_id(request)
+    server.store.delete(response_id)
+    return _Answer(200, {"id": response_id, "object": "response", "deleted": True})
+
+
+@_api("Ollama: the local models", answers={200: "OllamaModels"})
+def _ollama_tags(server, request):
+    return _Answer(200, {"models": [request.route.surface.model()]})
+
+
+@_api("Ollama: the running models", answers={200: "OllamaModels"})
+def _ollama_ps(server, request):
+    model = dict(request.route.surface.model(), expires_at="2099-01-01T00:00:00Z", size_vram=0)
+    return _Answer(200, {"models": [model]})
+
+
+@_api("Ollama: a model's details (every name is served)", answers={200: "OllamaAnswer"})
+def _ollama_show(server, request):
+    surface = request.route.surface
+    body = _json_body(request)
+    name = _Text(non_empty=True)(body.get("model", body.get("name")), "model")
+    return _Answer(200, {"modelfile": f"FROM {name}", "parameters": "", "template": "{{ .Prompt }}",
+                         "details": surface.model(name)["details"], "model_info": {},
+                         "capabilities": ["completion", "tools", "embedding"],
+                         "modified_at": surface.model(name)["modified_at"]})
+
+
+@_api("Ollama: the server's version", answers={200: "OllamaAnswer"})
+def _ollama_version(server, request):
+    return _Answer(200, {"version": request.route.surface.VERSION})
+
+
+# The model calls: each route below answers with _model_call, in its surface.
+def _model_api(summary, request, answers, query=None):
+    return _describe(summary, request, answers, query, headers=_SIMULATE_HEADERS)
+
+
+_CHAT_API = _model_api("OpenAI-compatible chat completion, streamed or not", "ChatRequest",
+                       {200: "ChatCompletion", 429: "OpenAIError", 500: "OpenAIError",
+                        503: "OpenAIError", 504: "OpenAIError"})
+_EMBEDDINGS_API = _model_api("OpenAI embeddings: vectors that are a pure function of model "
+                             "and text", "EmbeddingRequest",
+                             {200: "EmbeddingList", 429: "OpenAIError"})
+_COMPLETIONS_API = _model_api("OpenAI legacy completions, streamed or not", "CompletionRequest",
+                              {200: "Completion", 429: "OpenAIError"})
+_MESSAGES_API = _model_api("Anthropic Messages: a message, streamed or not", "AnthropicRequest",
+                           {200: "AnthropicMessage", 429: "AnthropicError",
+                            500: "AnthropicError", 504: "AnthropicError", 529: "AnthropicError"})
+_GENERATE_API = _model_api("Gemini: generate content", "GeminiRequest",
+                           {200: "GeminiResponse", 429: "GoogleError", 500: "GoogleError",
+                            503: "GoogleError", 504: "GoogleError"}, _GEMINI_QUERY)
+_STREAM_GENERATE_API = _model_api("Gemini: generate content as a stream (?alt=sse for "
+                                  "server-sent events)", "GeminiRequest",
+                                  {200: "text/event-stream", 429: "GoogleError"}, _GEMINI_QUERY)
+_OLLAMA_CHAT_API = _model_api("Ollama chat (NDJSON lines unless stream is false)",
+                              "OllamaChat", {200: "OllamaAnswer"})
+_OLLAMA_GENERATE_API = _model_api("Ollama generate (NDJSON lines unless stream is false)",
+                                  "OllamaGenerate", {200: "OllamaAnswer"})
+_OLLAMA_EMBED_API = _model_api("Ollama embed: the vectors of /v1/embeddings", "OllamaEmbed",
+                               {200: "OllamaAnswer"})
+_OLLAMA_EMBEDDINGS_API = _model_api("Ollama embeddings (the older call)", "OllamaEmbeddings",
+                                    {200: "OllamaAnswer"})
 
 @_api("Attempt counters of scripted requests", answers={200: "Scripts"})
 def _list_scripts(server, request):
@@ -2641,15 +3360,16 @@ def _dashboard(server, request):
 
 
 class _Route(collections.namedtuple("_Route",
-                                    "method path handler surface auth admin chaos journal")):
-    """An endpoint: its handler; the surface whose format its errors take;
+                                    "method path handler surface auth admin chaos journal api")):
+    """An endpoint: its handler; the surface whose format it answers in;
     whether it needs --api-key, or --admin-key; whether --chaos may strike
-    it; whether the journal records it."""
+    it; whether the journal records it; its description (see _describe)."""
 
 
 def _route(method, path, handler, surface=_JOB_API, auth=False, admin=False, chaos=True,
-           journal=True):
-    return _Route(method, path, handler, surface, auth, admin, chaos, journal)
+           journal=True, api=None):
+    return _Route(method, path, handler, surface, auth, admin, chaos, journal,
+                  api or handler.api)
 
 
 _CONTROL = {"chaos": False}                    # chaos spares the control endpoints
@@ -2657,6 +3377,8 @@ _UNRECORDED = {"chaos": False, "journal": False}  # ...and the journal skips the
 _OPENAI = {"surface": _OPENAI_CHAT, "auth": True}
 _ANTHROPIC = {"surface": _ANTHROPIC_MESSAGES, "auth": True}
 _GEMINI_ROUTE = {"surface": _GEMINI, "auth": True}
+_RESPONSES = {"surface": _OPENAI_RESPONSES, "auth": True}
+_OLLAMA_ROUTE = {"surface": _OLLAMA, "auth": True}
 
 # The routing table.  A new endpoint is one entry here and one handler above.
 # {name} matches one path segment, {name+} the rest of the path.
@@ -2670,20 +3392,36 @@ _ROUTES = (
     _route("GET", "/v1/jobs/{id}/events", _job_events),
     _route("POST", "/v1/jobs/{id}/cancel", _cancel_job),
     _route("GET", "/v1/jobs/{id}/request", _job_request),
-    _route("POST", "/v1/chat/completions", _chat_completions, **_OPENAI),
+    _route("POST", "/v1/chat/completions", _model_call, api=_CHAT_API, **_OPENAI),
     _route("GET", "/v1/models", _list_models, **_OPENAI),
     _route("GET", "/v1/models/{id+}", _get_model, **_OPENAI),
-    _route("POST", "/v1/messages", _create_message, **_ANTHROPIC),
+    _route("POST", "/v1/responses", _create_response, **_RESPONSES),
+    _route("GET", "/v1/responses/{id}", _get_response, **_RESPONSES),
+    _route("POST", "/v1/responses/{id}/cancel", _cancel_response, **_RESPONSES),
+    _route("DELETE", "/v1/responses/{id}", _delete_response, **_RESPONSES),
+    _route("POST", "/v1/embeddings", _model_call, _OPENAI_EMBEDDINGS, auth=True,
+           api=_EMBEDDINGS_API),
+    _route("POST", "/v1/completions", _model_call, _OPENAI_COMPLETIONS, auth=True,
+           api=_COMPLETIONS_API),
+    _route("POST", "/v1/messages", _model_call, api=_MESSAGES_API, **_ANTHROPIC),
     _route("POST", "/v1/messages/count_tokens", _count_message_tokens, **_ANTHROPIC),
     # The Gemini calls answer under /v1beta and under /v1 (google-genai's default);
     # the model list only under /v1beta, as /v1/models is OpenAI's.
-    *(_route("POST", f"{version}/models/{{model}}:{call}", handler, **_GEMINI_ROUTE)
+    *(_route("POST", f"{version}/models/{{model}}:{call}", handler, api=api, **_GEMINI_ROUTE)
       for version in ("/v1beta", "/v1")
-      for call, handler in (("generateContent", _generate_content),
-                            ("streamGenerateContent", _stream_generate_content),
-                            ("countTokens", _count_tokens))),
+      for call, handler, api in (("generateContent", _model_call, _GENERATE_API),
+                                 ("streamGenerateContent", _model_call, _STREAM_GENERATE_API),
+                                 ("countTokens", _count_tokens, None))),
     _route("GET", "/v1beta/models", _list_gemini_models, **_GEMINI_ROUTE),
     _route("GET", "/v1beta/models/{model}", _get_gemini_model, **_GEMINI_ROUTE),
+    _route("POST", "/api/chat", _model_call, api=_OLLAMA_CHAT_API, **_OLLAMA_ROUTE),
+    _route("POST", "/api/generate", _model_call, api=_OLLAMA_GENERATE_API, **_OLLAMA_ROUTE),
+    _route("POST", "/api/embed", _model_call, api=_OLLAMA_EMBED_API, **_OLLAMA_ROUTE),
+    _route("POST", "/api/embeddings", _model_call, api=_OLLAMA_EMBEDDINGS_API, **_OLLAMA_ROUTE),
+    _route("GET", "/api/tags", _ollama_tags, **_OLLAMA_ROUTE),
+    _route("POST", "/api/show", _ollama_show, **_OLLAMA_ROUTE),
+    _route("GET", "/api/ps", _ollama_ps, **_OLLAMA_ROUTE),
+    _route("GET", "/api/version", _ollama_version, **_OLLAMA_ROUTE),
     _route("GET", "/v1/scripts", _list_scripts, **_CONTROL),
     _route("POST", "/v1/reset", _reset_server, admin=True, **_CONTROL),
     _route("GET", "/v1/requests", _list_requests, **_UNRECORDED),
@@ -3786,7 +4524,7 @@ class DummyLLMServer(ThreadingHTTPServer):
         chaos = self._chaos_fault() if route.chaos and self.config.chaos else None
         if chaos is not None and chaos.kind != "dribble":
             return _Answer(fault=chaos)  # the request is lost before it is served
-        query = route.handler.api["query"]
+        query = route.api["query"]
         if query:
             request.args = _query_args(request, query)
         answer = route.handler(self, request)
@@ -3961,7 +4699,9 @@ def start_server(**options):
 # that read it and the API.
 
 _SCHEMAS = {
-    **_JOB_API.schemas, **_OPENAI_CHAT.schemas, **_ANTHROPIC_MESSAGES.schemas, **_GEMINI.schemas,
+    **_JOB_API.schemas, **_OpenAI.schemas, **_OPENAI_CHAT.schemas, **_OPENAI_RESPONSES.schemas,
+    **_OPENAI_EMBEDDINGS.schemas, **_OPENAI_COMPLETIONS.schemas, **_ANTHROPIC_MESSAGES.schemas,
+    **_GEMINI.schemas, **_OLLAMA.schemas,
     "Health": {"type": "object", "required": ["ok", "name", "time", "version"], "properties": {
         "ok": {"type": "boolean"}, "name": {"type": "string"}, "time": {"type": "integer"},
         "version": {"type": "string"}, "defaults": {"type": "object"},
@@ -3982,9 +4722,9 @@ _SCHEMAS = {
 
 def _openapi_document():
     """The OpenAPI 3.1 document of every route, from _ROUTES and their @_api."""
-    paths, operation_ids = {}, set()
+    paths = {}
     for route in _ROUTES:
-        api = route.handler.api
+        api = route.api
         parameters = [{"name": name, "in": "path", "required": True,
                        "schema": {"type": "string"}}
                       for name in re.findall(r"\{(\w+)\+?\}", route.path)]
@@ -4004,11 +4744,8 @@ def _openapi_document():
             responses[str(status)] = answer
         responses["default"] = {"description": "An error", "content": {
             "application/json": {"schema": _ref(route.surface.error_schema)}}}
-        operation_id = route.handler.__name__.strip("_")
-        if operation_id in operation_ids:  # a handler served under a second prefix
-            operation_id += "_" + route.path.split("/")[1]
-        operation_ids.add(operation_id)
-        operation = {"summary": api["summary"], "operationId": operation_id,
+        operation_id = re.sub(r"[^0-9A-Za-z]+", "_", f"{route.method} {route.path}").strip("_")
+        operation = {"summary": api["summary"], "operationId": operation_id.lower(),
                      "parameters": parameters, "responses": responses}
         if api["request"]:
             operation["requestBody"] = {"required": True, "content": {

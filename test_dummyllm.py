@@ -394,7 +394,7 @@ class JobStoreTest(unittest.TestCase):
 
     def test_queued_running_ok_on_the_timer_alone(self):
         store = self.store()
-        _, job, _ = store.create(spec(queue_ms=50, latency_ms=100))
+        job = store.create(spec(queue_ms=50, latency_ms=100)).job
         self.assertEqual(job["state"], "queued")
         self.clock.advance(49)
         self.assertEqual(self.state(store, job["id"]), "queued")
@@ -492,7 +492,7 @@ class JobStoreTest(unittest.TestCase):
         scripted = spec(trace_id="K", seed=1, mode="flaky",
                         script=({"mode": "fail"}, {"mode": "hang"}, {"mode": "ok"}))
         key = ("pay-1", "fingerprint")
-        first, job, replayed = store.create(scripted, key)
+        first, job, replayed, _ = store.create(scripted, key)
         self.assertEqual((first.mode, replayed), ("fail", False))
         for _ in range(3):
             self.assertEqual(store.create(scripted, key)[1]["id"], job["id"])
@@ -504,7 +504,7 @@ class JobStoreTest(unittest.TestCase):
         store = self.store()
         scripted = spec(trace_id="L", script=({"fault": dummyllm._Fault("reset", None, None,
                                                                          None)}, {}))
-        taken, job, _ = store.create(scripted)
+        taken, job, _, _ = store.create(scripted)
         self.assertEqual((taken.fault.kind, job), ("reset", None))
         self.assertIsNone(store.create(scripted)[0].fault)
         self.assertEqual(store.counts()["stored"], 1)
@@ -799,8 +799,8 @@ class RequestErrorTest(ServerTestCase):
             self.assertEqual(self.conn.getresponse().read()[:1] != b"", True)
 
     def test_a_404_keeps_its_body_in_the_journal(self):
-        self.call("POST", "/v1/embeddings", {"input": "hi"})
-        entry, = self.journal("?path=/v1/embeddings")
+        self.call("POST", "/v1/audio/speech", {"input": "hi"})
+        entry, = self.journal("?path=/v1/audio/speech")
         self.assertEqual((entry["status"], json.loads(entry["body"])), (404, {"input": "hi"}))
 
     def test_nulls_and_unknown_top_level_keys_take_defaults(self):
@@ -1218,6 +1218,283 @@ class OpenAISDKTest(ChatTestCase):
             list(stream)
 
 
+# --- Wire formats: OpenAI Responses, embeddings, completions ------------------------------
+
+class ResponsesTest(ServerTestCase):
+
+    def respond(self, **body):
+        body.setdefault("model", "gpt-test")
+        body.setdefault("input", "Hello")
+        return self.call("POST", "/v1/responses", body)
+
+    def stream(self, path="/v1/responses", **body):
+        body.setdefault("model", "gpt-test")
+        body.setdefault("input", "Hello")
+        self.conn.request("POST", path, json.dumps({**body, "stream": True}))
+        response = self.conn.getresponse()
+        self.assertEqual(response.status, 200)
+        return sse_events(response)
+
+    def test_a_response(self):
+        status, body, _ = self.respond(instructions="Be brief.", metadata={"k": "v"})
+        self.assertEqual(status, 200)
+        self.assertRegex(body["id"], r"\Aresp_[0-9a-f]{12}\Z")
+        self.assertEqual((body["object"], body["status"], body["model"], body["error"],
+                          body["incomplete_details"], body["metadata"]),
+                         ("response", "completed", "gpt-test", None, None, {"k": "v"}))
+        self.assertEqual(body["output"], [{
+            "id": "msg_" + body["id"][5:], "type": "message", "role": "assistant",
+            "status": "completed", "content": [{"type": "output_text", "annotations": [],
+                                                "text": "Simulated reply to: Hello"}]}])
+        self.assertEqual(body["usage"], {"input_tokens": 5, "input_tokens_details": {
+            "cached_tokens": 0}, "output_tokens": 7, "output_tokens_details": {
+            "reasoning_tokens": 0}, "total_tokens": 12})
+        self.assertIn("prompt_cache_diagnostics", body)
+        self.assertEqual(self.call("GET", "/v1/responses/" + body["id"])[1], body)  # stored
+
+    def test_max_output_tokens_makes_it_incomplete(self):
+        body = self.respond(max_output_tokens=2)[1]
+        self.assertEqual((body["status"], body["incomplete_details"]),
+                         ("incomplete", {"reason": "max_output_tokens"}))
+        self.assertEqual(body["output"][0]["content"][0]["text"], "Simulate")
+
+    def test_input_items(self):
+        body = self.respond(input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+            {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "Sunny"},
+            {"role": "user", "content": "Thanks"}])[1]
+        self.assertEqual(body["output"][0]["content"][0]["text"], "Simulated reply to: Thanks")
+
+    def test_the_stream_in_openais_order(self):
+        events = self.stream(simulate={"latency_ms": 0, "token_ms": 0})
+        kinds = [data["type"] for _, data in events]
+        self.assertEqual(kinds[:4], ["response.created", "response.in_progress",
+                                     "response.output_item.added", "response.content_part.added"])
+        self.assertEqual(kinds[-4:], ["response.output_text.done", "response.content_part.done",
+                                      "response.output_item.done", "response.completed"])
+        self.assertEqual(set(kinds[4:-4]), {"response.output_text.delta"})
+        self.assertEqual([name for name, _ in events], kinds)
+        self.assertEqual([data["sequence_number"] for _, data in events], list(range(len(events))))
+        self.assertEqual("".join(data["delta"] for _, data in events
+                                 if data["type"] == "response.output_text.delta"),
+                         "Simulated reply to: Hello")
+        self.assertEqual(events[-1][1]["response"]["usage"]["total_tokens"], 9)
+
+    def test_a_failing_stream_ends_with_response_failed_and_error_after_with_error(self):
+        events = self.stream(simulate={"mode": "fail", "latency_ms": 0, "fail_message": "no"})
+        self.assertEqual([data["type"] for _, data in events],
+                         ["response.created", "response.in_progress", "response.failed"])
+        self.assertEqual(events[-1][1]["response"]["error"], {"code": "server_error",
+                                                              "message": "no"})
+        events = self.stream(simulate={"latency_ms": 0, "token_ms": 0, "stream": {
+            "error_after": 1}})
+        self.assertEqual(events[-1][1]["type"], "error")
+        self.assertEqual(events[-2][1]["type"], "response.output_text.delta")
+
+    def test_a_background_response_is_a_job(self):
+        status, body, _ = self.respond(background=True, simulate={"queue_ms": 100,
+                                                                  "latency_ms": 100})
+        self.assertEqual((status, body["status"], body["background"]), (200, "queued", True))
+        response_id = body["id"]
+        self.assertEqual(self.job(response_id)["state"], "queued")  # in the job store
+        self.assertIn(response_id, [job["id"] for job in self.call("GET", "/v1/jobs")[1]["jobs"]])
+        self.wait_for(response_id)
+        body = self.call("GET", "/v1/responses/" + response_id)[1]
+        self.assertEqual((body["status"], body["output"][0]["content"][0]["text"]),
+                         ("completed", "Simulated reply to: Hello"))
+
+    def test_background_states_follow_the_job(self):
+        for simulate, status in [({"mode": "hang"}, "in_progress"),
+                                 ({"mode": "fail", "latency_ms": 0}, "failed"),
+                                 ({"mode": "timeout"}, "failed")]:
+            with self.subTest(simulate=simulate):
+                response_id = self.respond(background=True, timeout_ms=50,
+                                           simulate=simulate)[1]["id"]
+                self.job(response_id, wait_ms=300)
+                self.assertEqual(self.call("GET", "/v1/responses/" + response_id)[1]["status"],
+                                 status)
+
+    def test_cancel_and_delete(self):
+        response_id = self.respond(background=True, simulate={"mode": "hang"})[1]["id"]
+        status, body, _ = self.call("POST", f"/v1/responses/{response_id}/cancel")
+        self.assertEqual((status, body["status"]), (200, "cancelled"))
+        status, body, _ = self.call("DELETE", "/v1/responses/" + response_id)
+        self.assertEqual((status, body), (200, {"id": response_id, "object": "response",
+                                                "deleted": True}))
+        status, body, _ = self.call("GET", "/v1/responses/" + response_id)
+        self.assertEqual((status, body["error"]["code"]), (404, "not_found"))
+        job_id = self.create()
+        self.assertEqual(self.call("GET", "/v1/responses/" + job_id)[0], 404)
+
+    def test_a_background_stream_can_be_resumed(self):
+        events = self.stream(background=True, simulate={"latency_ms": 50, "token_ms": 0})
+        kinds = [data["type"] for _, data in events]
+        self.assertEqual(kinds[:3], ["response.created", "response.queued",
+                                     "response.in_progress"])
+        self.assertEqual(events[0][1]["response"]["status"], "queued")
+        response_id = events[0][1]["response"]["id"]
+        self.conn.request("GET", f"/v1/responses/{response_id}?stream=true&starting_after=5")
+        again = sse_events(self.conn.getresponse())
+        self.assertEqual([data for _, data in again], [data for _, data in events][6:])
+
+    def test_store_false_is_not_kept_and_background_needs_it(self):
+        response_id = self.respond(store=False)[1]["id"]
+        self.assertEqual(self.call("GET", "/v1/responses/" + response_id)[0], 404)
+        status, body, _ = self.respond(store=False, background=True)
+        self.assertEqual((status, body["error"]["param"]), (400, "store"))
+
+    def test_poll_faults_and_refusals(self):
+        response_id = self.respond(background=True, simulate={
+            "mode": "hang", "poll_faults": [{"unknown_state": "paused"}]})[1]["id"]
+        self.assertEqual(self.call("GET", "/v1/responses/" + response_id)[1]["status"], "paused")
+        status, body, response = self.respond(simulate={"mode": "rate_limit"})
+        self.assertEqual((status, body["error"]["code"]), (429, "rate_limit_exceeded"))
+        status, body, _ = self.respond(input=[])
+        self.assertEqual((status, body["error"]["param"]), (400, "input"))
+
+
+class EmbeddingsTest(ServerTestCase):
+
+    def embed(self, server=None, **body):
+        body.setdefault("model", "text-embedding-3-small")
+        return self.call("POST", "/v1/embeddings", body,
+                         conn=self.connect(server) if server else None)
+
+    def test_unit_vectors_that_depend_only_on_model_text_and_dimensions(self):
+        status, body, _ = self.embed(input=["Hello", "Hello", "Other"])
+        self.assertEqual(status, 200)
+        self.assertEqual((body["object"], body["model"], body["usage"]),
+                         ("list", "text-embedding-3-small", {"prompt_tokens": 6,
+                                                             "total_tokens": 6}))
+        vectors = [item["embedding"] for item in body["data"]]
+        self.assertEqual([item["index"] for item in body["data"]], [0, 1, 2])
+        self.assertEqual([len(vector) for vector in vectors], [1536] * 3)
+        self.assertAlmostEqual(sum(value * value for value in vectors[0]), 1, places=5)
+        self.assertEqual(vectors[0], vectors[1])
+        self.assertNotEqual(vectors[0], vectors[2])
+        again = self.embed(self.start({}), input="Hello")[1]["data"][0]["embedding"]
+        self.assertEqual(again, vectors[0])  # a fresh server: the same vector
+        self.assertNotEqual(self.embed(model="other", input="Hello")[1]["data"][0]["embedding"],
+                            vectors[0])
+        pinned = self.embed(input="Hello", dimensions=4)[1]["data"][0]["embedding"]
+        self.assertEqual(pinned, dummyllm._embedding("text-embedding-3-small", "Hello", 4))
+
+    def test_base64_is_little_endian_float32_of_the_same_vector(self):
+        import base64
+        plain = self.embed(input="Hello", dimensions=8)[1]["data"][0]["embedding"]
+        encoded = self.embed(input="Hello", dimensions=8, encoding_format="base64")[1]
+        self.assertEqual(list(struct.unpack("<8f", base64.b64decode(encoded["data"][0][
+            "embedding"]))), plain)
+
+    def test_token_lists_and_bad_input(self):
+        self.assertEqual(self.embed(input=[[1, 2, 3], [4]])[1]["usage"]["prompt_tokens"], 4)
+        for body, param in [({"input": ""}, "input"), ({"input": []}, "input"),
+                            ({"input": ["a"] * 2049}, "input"), ({"input": [""]}, "input[0]"),
+                            ({"input": "a", "dimensions": 0}, "dimensions"),
+                            ({"input": "a", "encoding_format": "hex"}, "encoding_format")]:
+            with self.subTest(param=param):
+                status, error, _ = self.embed(**body)
+                self.assertEqual((status, error["error"]["param"]), (400, param))
+
+    def test_modes_apply(self):
+        self.assertEqual(self.embed(input="a", simulate={"mode": "rate_limit"})[0], 429)
+        self.assertEqual(self.embed(input="a", simulate={"mode": "fail", "latency_ms": 0})[0],
+                         500)
+
+
+class CompletionsTest(ChatTestCase):
+
+    def test_a_completion_plain_and_streamed(self):
+        status, body, _ = self.call("POST", "/v1/completions", {"model": "m", "prompt": "Hello",
+                                                                "max_tokens": 2})
+        self.assertEqual(status, 200)
+        self.assertEqual((body["object"], body["choices"][0]["text"],
+                          body["choices"][0]["finish_reason"], body["usage"]["total_tokens"]),
+                         ("text_completion", "Simulate", "length", 4))
+        self.conn.request("POST", "/v1/completions", json.dumps({
+            "model": "m", "prompt": ["Hel", "lo"], "stream": True,
+            "simulate": {"token_ms": 0, "latency_ms": 0}}))
+        events = self.events(self.conn.getresponse())
+        self.assertEqual(events[-1], "[DONE]")
+        self.assertEqual("".join(event["choices"][0]["text"] for event in events[:-1]),
+                         "Simulated reply to: Hel\nlo")
+        self.assertEqual(events[-2]["choices"][0]["finish_reason"], "stop")
+        status, body, _ = self.call("POST", "/v1/completions", {"model": "m", "prompt": "x",
+                                                                "echo": True})
+        self.assert_openai_error(status, body, 400, "invalid_request_error", param="echo")
+
+
+# --- Wire formats: Ollama ------------------------------------------------------------------
+
+class OllamaTest(ServerTestCase):
+
+    def lines(self, path, **body):
+        self.conn.request("POST", path, json.dumps(body))
+        response = self.conn.getresponse()
+        self.assertEqual(response.getheader("Content-Type"), "application/x-ndjson")
+        return [json.loads(line) for line in response.read().splitlines()]
+
+    def test_chat_streams_ndjson_by_default(self):
+        lines = self.lines("/api/chat", model="llama3.2", messages=[
+            {"role": "user", "content": "Hello"}], simulate={"latency_ms": 30, "token_ms": 10})
+        self.assertEqual("".join(line["message"]["content"] for line in lines),
+                         "Simulated reply to: Hello")
+        self.assertTrue(all(line["done"] is False for line in lines[:-1]))
+        final = lines[-1]
+        self.assertEqual((final["done"], final["done_reason"], final["eval_count"],
+                          final["prompt_eval_count"]), (True, "stop", 7, 2))
+        self.assertEqual(final["total_duration"], (30 + 6 * 10) * 1_000_000)
+        self.assertEqual(final["eval_duration"], 60 * 1_000_000)
+        self.assertEqual(final["prompt_eval_duration"] + final["eval_duration"],
+                         final["total_duration"])
+        self.assertRegex(final["created_at"], r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z\Z")
+
+    def test_chat_and_generate_in_one_object(self):
+        status, body, _ = self.call("POST", "/api/chat", {
+            "model": "m", "stream": False, "options": {"num_predict": 1},
+            "messages": [{"role": "user", "content": "Hello"}]})
+        self.assertEqual((status, body["message"], body["done_reason"]),
+                         (200, {"role": "assistant", "content": "Simu"}, "length"))
+        status, body, _ = self.call("POST", "/api/generate", {"model": "m", "prompt": "Hi",
+                                                              "stream": False})
+        self.assertEqual((body["response"], body["done"], body["context"]),
+                         ("Simulated reply to: Hi", True, []))
+
+    def test_embed_gives_the_vectors_of_v1_embeddings(self):
+        status, body, _ = self.call("POST", "/api/embed", {"model": "nomic", "input": ["a", "b"]})
+        self.assertEqual((status, len(body["embeddings"])), (200, 2))
+        openai_vector = self.call("POST", "/v1/embeddings", {"model": "nomic", "input": "a"})[1]
+        self.assertEqual(body["embeddings"][0], openai_vector["data"][0]["embedding"])
+        self.assertEqual(self.call("POST", "/api/embeddings", {"model": "nomic", "prompt": "a"})
+                         [1]["embedding"], body["embeddings"][0])
+
+    def test_models_show_ps_version(self):
+        self.assertEqual(self.call("GET", "/api/tags")[1]["models"][0]["name"], "dummyllm:latest")
+        self.assertEqual(self.call("GET", "/api/ps")[1]["models"][0]["name"], "dummyllm:latest")
+        self.assertIn("version", self.call("GET", "/api/version")[1])
+        self.assertEqual(self.call("POST", "/api/show", {"model": "llama3.2"})[1]["modelfile"],
+                         "FROM llama3.2")
+
+    def test_errors_are_an_error_string_and_stream_faults_are_lines(self):
+        status, body, _ = self.call("POST", "/api/chat", {"messages": []})
+        self.assertEqual((status, set(body)), (400, {"error"}))
+        self.assertIn("model", body["error"])
+        status, body, response = self.call("POST", "/api/chat", {
+            "model": "m", "stream": False, "simulate": {"mode": "rate_limit"}})
+        self.assertEqual((status, response.getheader("retry-after")), (429, "1"))
+        lines = self.lines("/api/chat", model="m", messages=[{"role": "user", "content": "Hi"}],
+                           simulate={"latency_ms": 0, "token_ms": 0, "stream": {"error_after": 1},
+                                     "fail_message": "gone"})
+        self.assertEqual(lines[-1], {"error": "gone"})
+        self.conn.close()  # the server closed it after the error line
+        self.conn.request("POST", "/api/chat", json.dumps({
+            "model": "m", "messages": [{"role": "user", "content": "Hi"}],
+            "simulate": {"latency_ms": 0, "token_ms": 0, "stream": {"cut_after": 1}}}))
+        with self.assertRaises(http.client.IncompleteRead):
+            self.conn.getresponse().read()
+
+
 # --- Wire formats: Anthropic Messages -------------------------------------------------------
 
 def sse_events(response):
@@ -1602,6 +1879,106 @@ class GoogleGenAISDKTest(GeminiTestCase):
         self.assertLess(time.monotonic() - started, 2)
 
 
+
+agents = optional_import("agents")
+ollama = optional_import("ollama")
+
+
+@needs(openai, "openai", "DUMMYLLM_REQUIRE_OPENAI")
+class OpenAIMoreSDKTest(ServerTestCase):
+    """The openai SDK on the Responses API, embeddings and completions."""
+
+    def client(self):
+        client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="x", max_retries=0)
+        self.addCleanup(client.close)
+        return client
+
+    def test_responses_plain_and_streamed(self):
+        response = self.client().responses.create(model="gpt-4.1", input="Hello")
+        self.assertEqual((response.status, response.output_text), ("completed",
+                                                                    "Simulated reply to: Hello"))
+        events = list(self.client().responses.create(
+            model="gpt-4.1", input="Hello", stream=True, extra_body={"simulate": {"token_ms": 1}}))
+        self.assertEqual(events[-1].type, "response.completed")
+        self.assertEqual(events[-1].response.output_text, "Simulated reply to: Hello")
+
+    def test_background_create_retrieve_completed_and_cancel(self):
+        client = self.client()
+        response = client.responses.create(model="gpt-4.1", input="Hello", background=True,
+                                           extra_body={"simulate": {"latency_ms": 50}})
+        self.assertEqual(response.status, "queued")
+        self.wait_until(lambda: client.responses.retrieve(response.id).status == "completed")
+        self.assertEqual(client.responses.retrieve(response.id).output_text,
+                         "Simulated reply to: Hello")
+        hanging = client.responses.create(model="gpt-4.1", input="Hello", background=True,
+                                          extra_body={"simulate": {"mode": "hang"}})
+        self.assertEqual(client.responses.cancel(hanging.id).status, "cancelled")
+
+    def test_embeddings_base64_by_default_and_float(self):
+        client = self.client()
+        default = client.embeddings.create(model="text-embedding-3-small", input="Hello")
+        floats = client.embeddings.create(model="text-embedding-3-small", input="Hello",
+                                          encoding_format="float")
+        self.assertEqual(len(default.data[0].embedding), 1536)
+        self.assertEqual(default.data[0].embedding, floats.data[0].embedding)
+
+    def test_completions(self):
+        completion = self.client().completions.create(model="gpt-3.5-turbo-instruct",
+                                                      prompt="Hello")
+        self.assertEqual(completion.choices[0].text, "Simulated reply to: Hello")
+
+
+@needs(agents, "openai-agents", "DUMMYLLM_REQUIRE_AGENTS")
+class OpenAIAgentsTest(ServerTestCase):
+    """The openai-agents default Runner, on the Responses API."""
+
+    def test_the_default_runner(self):
+        client = openai.AsyncOpenAI(base_url=self.server.url + "/v1", api_key="x",
+                                    max_retries=0)
+        agents.set_default_openai_client(client, use_for_tracing=False)
+        agents.set_tracing_disabled(True)
+        result = agents.Runner.run_sync(agents.Agent(name="helper", instructions="Be brief."),
+                                        "Hello")
+        self.assertEqual(result.final_output, "Simulated reply to: Hello")
+        self.assertEqual([entry["path"] for entry in self.journal()], ["/v1/responses"])
+
+
+@needs(ollama, "ollama", "DUMMYLLM_REQUIRE_OLLAMA")
+class OllamaSDKTest(ServerTestCase):
+    """The ollama Python client, unchanged, pointed at dummyLLM."""
+
+    ASK = [{"role": "user", "content": "Hello"}]
+
+    def client(self, **options):
+        return ollama.Client(host=self.server.url, **options)
+
+    def test_chat_plain_and_streamed(self):
+        self.assertEqual(self.client().chat(model="llama3.2", messages=self.ASK).message.content,
+                         "Simulated reply to: Hello")
+        parts = list(self.client().chat(model="llama3.2", messages=self.ASK, stream=True))
+        self.assertEqual("".join(part.message.content for part in parts),
+                         "Simulated reply to: Hello")
+        self.assertTrue(parts[-1].done)
+
+    def test_embed(self):
+        response = self.client().embed(model="nomic-embed-text", input=["a", "b"])
+        self.assertEqual([len(vector) for vector in response.embeddings], [1536, 1536])
+
+    def test_fail_raises_response_error(self):
+        with self.assertRaises(ollama.ResponseError) as caught:
+            self.client(headers={"X-DummyLLM-Simulate": '{"mode": "fail", "latency_ms": 0}'}
+                        ).chat(model="m", messages=self.ASK)
+        self.assertEqual(caught.exception.status_code, 500)
+
+    def test_hang_with_a_client_timeout(self):
+        started = time.monotonic()
+        with self.assertRaises(Exception) as caught:
+            self.client(timeout=0.3, headers={"X-DummyLLM-Simulate": '{"mode": "hang"}'}).chat(
+                model="m", messages=self.ASK)
+        self.assertIn("Timeout", type(caught.exception).__name__)
+        self.assertLess(time.monotonic() - started, 2)
+
+
 # --- Routes and handlers: retries, journal, operability ---------------------------------
 
 class ScriptTest(ServerTestCase):
@@ -1954,7 +2331,7 @@ class RouteFactsTest(unittest.TestCase):
             with self.subTest(path=route.path, method=route.method):
                 self.assertNotIn((route.method, route.path), seen)
                 seen.add((route.method, route.path))
-                self.assertTrue(route.handler.api["summary"])
+                self.assertTrue(route.api["summary"])
                 self.assertIsInstance(route.surface, dummyllm._Surface)
         quiet = {route.path for route in dummyllm._ROUTES if not route.journal}
         self.assertEqual(quiet, {"/health", "/v1/requests"})
@@ -1964,7 +2341,7 @@ class RouteFactsTest(unittest.TestCase):
         self.assertIs(router.surface_of("/v1/chat/nope"), dummyllm._OPENAI_CHAT)
         self.assertIs(router.surface_of("/v1/models/a/b"), dummyllm._OPENAI_CHAT)
         self.assertIs(router.surface_of("/v1/jobs/x/nope"), dummyllm._JOB_API)
-        self.assertIs(router.surface_of("/v1/embeddings"), dummyllm._JOB_API)
+        self.assertIs(router.surface_of("/v1/audio/speech"), dummyllm._JOB_API)
         self.assertIs(router.surface_of("/v1/messages/nope"), dummyllm._ANTHROPIC_MESSAGES)
         self.assertIs(router.surface_of("/v1beta/files"), dummyllm._GEMINI)
         self.assertIs(router.surface_of("/nope"), dummyllm._JOB_API)
