@@ -2,12 +2,14 @@
 """dummyLLM: a deterministic HTTP simulator of LLM backends.
 
 Point a task runner, agent system or CI pipeline at it instead of a real
-model to test its timeouts, retries, cancellation, polling and streaming.
-It simulates execution behaviour (state transitions, latency, failures,
-hangs, broken streams), not language: a job API (/v1/jobs), the wire
-formats of OpenAI (chat completions, the Responses API, embeddings, legacy
-completions), Anthropic's Messages, Google's Gemini and Ollama (streaming
-included), and the faults that retry logic must survive (scripted attempts,
+model to test its timeouts, retries, cancellation, polling, streaming and
+agent loops.  It simulates execution behaviour (state transitions, latency,
+failures, hangs, broken streams, tool calls), not language: a job API
+(/v1/jobs), the wire formats of OpenAI (chat completions, the Responses
+API, embeddings, legacy completions), Anthropic's Messages, Google's Gemini
+and Ollama (streaming included), scripted or forced tool calls, JSON drawn
+from a request's schema for structured output, reply rules matched on the
+request, and the faults that retry logic must survive (scripted attempts,
 transport faults, idempotency keys, a request journal).
 
 Run it::
@@ -26,9 +28,12 @@ The sections of this file, in the order a request's data flows through them:
     Vocabulary            job states, limits, the modes table, faults, the one
                           error table, ApiError and Fault
     Validation and        rules that check one value and describe it as JSON
-    configuration         Schema; the simulate settings; the server's options
+    configuration         Schema; the simulate settings; reply rules; the
+                          server's options
     Simulation            pure functions in simulated milliseconds: what a
-                          request does and when (no clock, no I/O)
+                          request does and when, its reply (text, tool calls,
+                          JSON drawn from a schema) and its stream timeline
+                          (no clock, no I/O)
     Wire formats          a provider surface per unit (the job API; OpenAI
                           chat, Responses, embeddings, completions; Anthropic
                           Messages; Gemini; Ollama): how a request becomes the
@@ -58,6 +63,7 @@ import bisect
 import collections
 import email.utils
 import errno
+import fnmatch
 import hashlib
 import heapq
 import hmac
@@ -133,6 +139,8 @@ _MODES = {
                         about="refused at once with 429 and retry headers"),
     "overloaded": _Mode("overloaded", "refused", error="OVERLOADED",
                         about="refused at once with 503 (or simulate.status)"),
+    "quota_exhausted": _Mode("quota_exhausted", "refused", error="QUOTA_EXHAUSTED",
+                             about="refused at once with a 429 that must not be retried"),
     "flaky": _Mode(draws=("ok", "fail", "hang"), weights={"ok": 3, "fail": 5, "hang": 2},
                    about="draws ok, fail or hang"),
     "random": _Mode(about="draws any mode above by --weights"),
@@ -181,6 +189,12 @@ _ERRORS = {code: _ErrorKind(*row) for code, row in {
                          "INVALID_ARGUMENT"),
     "RATE_LIMITED": (429, "simulated rate limit: too many requests",
                      "requests", "rate_limit_exceeded", "rate_limit_error", "RESOURCE_EXHAUSTED"),
+    "QUOTA_EXHAUSTED": (429, "simulated quota exhausted: check your plan and billing details",
+                        "insufficient_quota", "insufficient_quota", "rate_limit_error",
+                        "RESOURCE_EXHAUSTED"),
+    "CONTEXT_LENGTH_EXCEEDED": (400, "the prompt is longer than the context window",
+                                "invalid_request_error", "context_length_exceeded",
+                                "invalid_request_error", "INVALID_ARGUMENT"),
     "HEADERS_TOO_LARGE": (431, "request header fields are too large", "invalid_request_error",
                           None, "invalid_request_error", "INVALID_ARGUMENT"),
     "INTERNAL": (500, "internal error", "server_error", None, "api_error", "INTERNAL"),
@@ -255,6 +269,8 @@ _STREAM_FAILURES = {
     "cut_after": "the connection closes without ending the body",
     "stall_after": "silence on an open connection",
     "error_after": "an error event, then the end",
+    "truncate_after": "a clean end, without the finish event",
+    "malformed_after": "the next event with its JSON cut in half, then a clean end",
 }
 
 
@@ -516,6 +532,25 @@ def _check_script(value, field):
     return tuple(steps)
 
 
+def _check_tool_calls(value, field):
+    """Tool calls: [{"name", "arguments": an object or a JSON string, "id"}]."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _ValidationError(field, "must be a non-empty list of tool calls")
+    calls = []
+    for index, call in enumerate(value):
+        name = f"{field}[{index}]"
+        if not isinstance(call, dict) or set(call) - {"name", "arguments", "id"}:
+            raise _ValidationError(name, 'must be an object with "name", "arguments" and '
+                                         'maybe "id"')
+        _Text(non_empty=True)(call.get("name"), name + ".name")
+        arguments = call.get("arguments", {})
+        if not isinstance(arguments, (dict, str)):
+            raise _ValidationError(name + ".arguments", "must be an object or a string")
+        _Nullable(_Text(256, non_empty=True))(call.get("id"), name + ".id")
+        calls.append({"name": call["name"], "arguments": arguments, "id": call.get("id")})
+    return tuple(calls)
+
+
 def _check_hosts(value, field):
     hosts = value.split(",") if isinstance(value, str) else value
     if not isinstance(hosts, (list, tuple)):
@@ -554,14 +589,14 @@ def _given(value, fields, field, strict=False):
     return given
 
 
-def _with_defaults(given, fields, config):
+def _with_defaults(given, fields, config, field=None):
     """Every field of the table: the given value, else its default."""
     values = {}
     for key, spec in fields.items():
         if key in given:
             values[key] = given[key]
         elif spec.default is _REQUIRED:
-            raise _ValidationError(key, "is required")
+            raise _ValidationError(f"{field}.{key}" if field else key, "is required")
         else:
             values[key] = spec.default(config) if callable(spec.default) else spec.default
     return values
@@ -620,6 +655,13 @@ _SIMULATE_FIELDS = {
         "type": "array", "minItems": 1,
         "items": {"oneOf": [_MODE_RULE.schema, _ref("Simulate")]}}), None,
         "Steps taken by successive requests with the same key; the last repeats."),
+    "tool_calls": _Field(_Check(_check_tool_calls, {"type": "array", "items": {
+        "type": "object", "required": ["name", "arguments"], "properties": {
+            "name": {"type": "string"}, "arguments": {"type": ["object", "string"]},
+            "id": {"type": "string"}}}}), None,
+        "Answer with these tool calls (arguments an object, or a string sent as given)."),
+    "context_window": _Field(_Int(1, 100_000_000), None,
+                             "A prompt of more tokens is refused with the context-length error."),
     "fault": _Field(_Check(_check_fault, _FAULT_SCHEMA), None,
                     "A transport fault that spoils the answer."),
     "fault_phase": _Field(_Choice("before", "after"), "before", "Job create: lose the answer "
@@ -633,11 +675,14 @@ _SIMULATE_FIELDS = {
 
 # A request's settings after the server's defaults are filled in: what it
 # asked for (op, args, deadline, key, callback) and how it behaves.
+# `rule` is the index of the reply rule that gave settings, or None.
 _JobSpec = collections.namedtuple("_JobSpec", ["op", "args", "timeout_ms", "trace_id",
-                                               "callback_url", *_SIMULATE_FIELDS])
+                                               "callback_url", "rule", *_SIMULATE_FIELDS])
 
 _SIMULATE = _Check(lambda value, field: _given(value, _SIMULATE_FIELDS, field, strict=True),
                    _ref("Simulate"))
+# Simulate settings as JSON in a header, for clients that add no fields to a body.
+_SIMULATE_HEADER = "X-DummyLLM-Simulate"
 
 
 # Fields model calls share: the model, the user key, and dummyLLM's extensions.
@@ -658,6 +703,122 @@ def _simulate_settings(given, config, field="simulate"):
     for step in settings["script"] or ():
         _check_drawn_weights({**settings, **step}, field + ".script")
     return settings
+
+
+# Reply rules: {"match": {...}, "simulate": {...}}.  A model call takes the
+# simulate settings of the first rule whose match keys all hold, under those
+# of its own (see _Surface.call).  What a rule can look at: the call's
+# surface and path, model, conversation (text messages, see _Surface.call),
+# headers (names in lower case) and key.
+_Facts = collections.namedtuple("_Facts", "surface path model messages headers trace_id")
+
+
+class _MatchKey(collections.namedtuple("_MatchKey", "rule holds about")):
+    """A match key: the rule its value obeys, and holds(value, facts)."""
+
+
+def _last_text(messages):
+    """The text of the last user message."""
+    return next((message["content"] for message in reversed(messages)
+                 if message["role"] == "user"), "")
+
+
+def _check_regex(value, field):
+    _Text(non_empty=True)(value, field)
+    try:
+        return re.compile(value)
+    except re.error as error:
+        raise _ValidationError(field, f"is not a valid regular expression: {error}") from None
+
+
+def _check_headers(value, field):
+    _check_object(value, field)
+    for name, item in value.items():
+        _Text()(item, f"{field}.{name}")
+    return {name.lower(): item for name, item in value.items()}
+
+
+def _check_surface_name(value, field):
+    names = [surface.name for surface in _MODEL_SURFACES]
+    if value not in names:
+        raise _ValidationError(field, "must be one of " + ", ".join(names))
+    return value
+
+
+_NAME = _Text(non_empty=True)
+_MATCH_KEYS = {
+    "surface": _MatchKey(_Check(_check_surface_name, {"type": "string"}),
+                         lambda want, facts: facts.surface == want,
+                         "The surface that answers (GET /v1/rules lists their names)."),
+    "path": _MatchKey(_NAME, lambda want, facts: fnmatch.fnmatchcase(facts.path, want),
+                      "The request's path; * matches any characters."),
+    "model": _MatchKey(_NAME, lambda want, facts: fnmatch.fnmatchcase(facts.model, want),
+                       "The model; * matches any characters."),
+    "text_contains": _MatchKey(_NAME, lambda want, facts: want in _last_text(facts.messages),
+                               "Text the last user message contains."),
+    "text_matches": _MatchKey(
+        _Check(_check_regex, {"type": "string", "format": "regex"}),
+        lambda want, facts: want.search(_last_text(facts.messages)) is not None,
+        "A regular expression (Python's re.search) the last user message matches."),
+    "last_role": _MatchKey(_Choice("user", "assistant", "tool", "system"),
+                           lambda want, facts: bool(facts.messages)
+                           and facts.messages[-1]["role"] == want,
+                           "The role of the last message (tool: a tool's result)."),
+    "tool_result_for": _MatchKey(_NAME, lambda want, facts: any(
+        message.get("tool") == want for message in facts.messages),
+        "A tool whose result is in the conversation."),
+    "header": _MatchKey(_Check(_check_headers, {"type": "object", "additionalProperties": {
+        "type": "string"}}), lambda want, facts: all(
+            facts.headers.get(name) == value for name, value in want.items()),
+        "Headers the request carries with these values (names in any case)."),
+    "trace_id": _MatchKey(_Text(_MAX_TRACE_ID_CHARS), lambda want, facts: facts.trace_id == want,
+                          "The request's key: X-Trace-Id, else its user."),
+}
+_MATCH_FIELDS = {name: _Field(key.rule, None, key.about) for name, key in _MATCH_KEYS.items()}
+_REPLY_RULE_FIELDS = {
+    "match": _Field(_Check(lambda value, field: _given(value, _MATCH_FIELDS, field, strict=True),
+                           _object_schema(_MATCH_FIELDS, strict=True)), {},
+                    "All of these must hold (none: every model call)."),
+    "simulate": _Field(_SIMULATE, _REQUIRED, "The settings a matching call takes."),
+}
+
+
+class _ReplyRule(collections.namedtuple("_ReplyRule", "match simulate source given")):
+    """A reply rule: its checked match keys and simulate settings, where it
+    came from ("file" or "runtime") and the JSON it was given as."""
+
+    def holds(self, facts):
+        return all(_MATCH_KEYS[name].holds(value, facts) for name, value in self.match.items())
+
+    def to_json(self, index):
+        return {"index": index, "source": self.source, **self.given}
+
+
+def _reply_rule(value, field, source):
+    """A _ReplyRule from its JSON (a ValidationError names the bad field)."""
+    values = _with_defaults(_given(value, _REPLY_RULE_FIELDS, field, strict=True),
+                            _REPLY_RULE_FIELDS, None, field)
+    return _ReplyRule(values["match"], values["simulate"], source, value)
+
+
+def _check_rules(value, field):
+    """Reply rules: a list, or the path of a JSON file holding one."""
+    if isinstance(value, str):
+        try:
+            with open(value, "rb") as file:
+                value = _json_value(file.read(), "the rules file")
+        except OSError as error:
+            raise _ValidationError(field, f"cannot be read: {error.strerror}") from None
+        except ApiError as error:
+            raise _ValidationError(field, error.message) from None
+    if not isinstance(value, (list, tuple)):
+        raise _ValidationError(field, "must be a list of rules, or a JSON file holding one")
+    try:
+        return tuple(rule if isinstance(rule, _ReplyRule) else
+                     _reply_rule(rule, f"rules[{index}]", "file")
+                     for index, rule in enumerate(value))
+    except _ValidationError as error:
+        raise _ValidationError(field, error.message) from None
 
 
 def _check_drawn_weights(settings, field):
@@ -738,6 +899,8 @@ _OPTIONS = (
             _Nullable(_Int(1, 10_000_000)),
             "connections open at once (none: seven eighths of the open-file limit); at the "
             "limit the longest idle one is closed to make room"),
+    _Option("rules", "--rules", "DUMMYLLM_RULES", (), _Check(_check_rules, {"type": "array"}),
+            "a JSON file of reply rules: settings chosen by what a model call asks"),
     _Option("quiet", "--quiet", None, False, _Bool(), "no access log"),
 )
 
@@ -796,10 +959,11 @@ _Plan = collections.namedtuple("_Plan", [
     "state", "result", "error",
 ])
 
-# A successful reply: its text, why it ended ("end"; "max_tokens", cut to
-# them; "stop_sequence", cut before `stop_sequence`), its usage, and the
-# simulated ms from the request to its first token.
-_Reply = collections.namedtuple("_Reply", "text end stop_sequence prompt_tokens "
+# A successful reply: its text or its tool calls, why it ended ("end";
+# "tool_calls"; "max_tokens", cut to them; "stop_sequence", cut before
+# `stop_sequence`), its usage, and the simulated ms from the request to its
+# first token.
+_Reply = collections.namedtuple("_Reply", "text tool_calls end stop_sequence prompt_tokens "
                                           "completion_tokens elapsed_ms")
 
 
@@ -840,9 +1004,352 @@ def _result_text(spec, kind):
     return f"ok :: op={spec.op}"
 
 
-def _result(spec, text):
-    return {"text": text, "usage": {"prompt_tokens": _prompt_tokens(spec),
-                                    "completion_tokens": _tokens(text)}}
+def _result(spec, kind, seed, n):
+    """What a request that succeeds answers: text, or tool calls, and usage.
+
+    An explicit simulate setting wins (tool_calls, then ok_text); else a
+    request that forces a tool gets a call to it, with arguments drawn from
+    its JSON Schema; else one that asks for structured output gets JSON
+    valid against its schema; else the reply text."""
+    key, args, calls, text = spec.trace_id or "", spec.args, None, ""
+    draw = _series(seed, key, n, "json")
+    if kind == "echo":
+        text = _result_text(spec, kind)
+    elif spec.tool_calls is not None:
+        calls = [dict(call, id=call.get("id") or _call_id(seed, key, n, index))
+                 for index, call in enumerate(spec.tool_calls)]
+    elif spec.ok_text is not None:
+        text = spec.ok_text
+    elif args.get("forced_tool") is not None:
+        tool = args["forced_tool"]
+        calls = [{"id": _call_id(seed, key, n, 0), "name": tool["name"],
+                  "arguments": _drawn(tool["schema"], draw, tool["field"])}]
+    elif args.get("output") is not None:
+        schema, field = args["output"]["schema"], args["output"]["field"]
+        value = ({"text": _result_text(spec, kind)} if schema is True
+                 else _drawn(schema, draw, field))
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = _result_text(spec, kind)
+    result = {"text": text, "usage": {"prompt_tokens": _prompt_tokens(spec),
+                                      "completion_tokens": _tokens(text) + sum(
+                                          _tokens(call["name"] + _arguments_text(call))
+                                          for call in calls or ())}}
+    if calls is not None:
+        result["tool_calls"] = calls
+    return result
+
+
+def _series(seed, key, n, purpose):
+    """A function giving the next number in [0, 1) of a seeded series."""
+    counter = itertools.count()
+    return lambda: _unit_draw(seed, key, n, f"{purpose} {next(counter)}")
+
+
+def _call_id(seed, key, n, index):
+    """The id of the index-th tool call of a request: the same on every run."""
+    return "call_" + hashlib.sha256(json.dumps([seed, key, n, index, "tool call"]).encode(
+        "utf-8")).hexdigest()[:24]
+
+
+def _arguments_text(call):
+    """A tool call's arguments as JSON text (a string given is sent as given)."""
+    arguments = call["arguments"]
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
+def _arguments_object(call):
+    """A tool call's arguments as an object, where the JSON allows; else as given."""
+    arguments = call["arguments"]
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments  # invalid JSON, sent as given: the agent's error path
+    return arguments
+
+
+class _SchemaError(Exception):
+    """A part of a JSON Schema no value can be drawn for; `path` points at it."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path or '/'} {reason}")
+        self.path, self.reason = path, reason
+
+
+def _uuid(draw):
+    digits = "".join("0123456789abcdef"[int(draw() * 16)] for _ in range(32))
+    return (f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{'89ab'[int(draw() * 4)]}"
+            f"{digits[17:20]}-{digits[20:]}")
+
+
+# Values for the string formats the sampler knows.
+_FORMATS = {
+    "date-time": lambda draw: "2024-05-17T09:30:00Z", "date": lambda draw: "2024-05-17",
+    "time": lambda draw: "09:30:00", "email": lambda draw: "user@example.com",
+    "uri": lambda draw: "https://example.com/", "url": lambda draw: "https://example.com/",
+    "uuid": _uuid, "hostname": lambda draw: "example.com", "ipv4": lambda draw: "192.0.2.1",
+    "ipv6": lambda draw: "2001:db8::1", "duration": lambda draw: "P1D",
+}
+_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+_DEEP = 6  # below this depth, optional parts are left out: recursive schemas end
+
+
+def _sample(schema, draw, root=None, path="", depth=0):
+    """A JSON value valid against a JSON Schema (with OpenAPI's nullable and
+    upper-case types, as Gemini writes them), chosen by draw().  A default
+    or a first example is taken as it is.  Raises _SchemaError naming the
+    part of the schema that no value can be drawn for (a pattern without a
+    known format, bounds that cross, false)."""
+    root = schema if root is None else root
+    if schema is True:
+        return _WORDS[int(draw() * len(_WORDS))]
+    if not isinstance(schema, dict):
+        raise _SchemaError(path, "is false: no value is valid" if schema is False
+                           else "is not a schema")
+    if "$ref" in schema:
+        if depth > 32:
+            raise _SchemaError(path, "refers to itself without end")
+        return _sample(_resolve_ref(root, schema["$ref"], path), draw, root, path, depth + 1)
+    for key in ("const", "default"):
+        if key in schema:
+            return schema[key]
+    if isinstance(schema.get("examples"), list) and schema["examples"]:
+        return schema["examples"][0]
+    if "enum" in schema:
+        if not schema["enum"]:
+            raise _SchemaError(path + "/enum", "is empty")
+        return schema["enum"][int(draw() * len(schema["enum"]))]
+    if "allOf" in schema:
+        return _sample(_all_of(schema, root, path), draw, root, path, depth + 1)
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            return _sample_option(schema, key, draw, root, path, depth)
+    kind = _schema_type(schema, path)
+    if kind == "null":
+        return None
+    if kind == "boolean":
+        return draw() < 0.5
+    if kind in ("integer", "number"):
+        return _sample_number(schema, kind, draw, path)
+    if kind == "string":
+        return _sample_string(schema, draw, path)
+    if kind == "array":
+        return _sample_array(schema, draw, root, path, depth)
+    return _sample_object(schema, draw, root, path, depth)
+
+
+def _resolve_ref(root, ref, path):
+    if not ref.startswith("#"):
+        raise _SchemaError(path + "/$ref", f"is {ref!r}, not a reference within the schema")
+    target = root
+    for part in filter(None, ref[1:].split("/")):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(target, dict) or part not in target:
+            raise _SchemaError(path + "/$ref", f"is {ref!r}, which the schema does not have")
+        target = target[part]
+    return target
+
+
+def _all_of(schema, root, path):
+    """The parts of an allOf merged into one schema."""
+    merged = {key: value for key, value in schema.items() if key != "allOf"}
+    for index, part in enumerate(schema["allOf"]):
+        while isinstance(part, dict) and "$ref" in part:
+            part = _resolve_ref(root, part["$ref"], f"{path}/allOf/{index}")
+        if part is True:
+            continue
+        if not isinstance(part, dict):
+            raise _SchemaError(f"{path}/allOf/{index}", "is false: no value is valid")
+        if "allOf" in part:
+            part = _all_of(part, root, f"{path}/allOf/{index}")
+        for key, value in part.items():
+            if key == "properties":
+                merged["properties"] = {**merged.get("properties", {}), **value}
+            elif key == "required":
+                merged["required"] = list(dict.fromkeys(merged.get("required", []) + value))
+            else:
+                merged.setdefault(key, value)
+    return merged
+
+
+def _sample_option(schema, key, draw, root, path, depth):
+    """A value of the first option of anyOf or oneOf that can give one (null
+    last, or first once deep, so that recursive schemas end)."""
+    options = list(enumerate(schema[key]))
+    nulls = [item for item in options if item[1] == {"type": "null"}]
+    others = [item for item in options if item[1] != {"type": "null"}]
+    siblings = {name: value for name, value in schema.items() if name not in (key, "nullable")}
+    first_error = None
+    for index, option in (nulls + others if depth > _DEEP else others + nulls):
+        merged = ({**siblings, **option} if isinstance(option, dict) else option)
+        try:
+            return _sample(merged, draw, root, f"{path}/{key}/{index}", depth + 1)
+        except _SchemaError as error:
+            first_error = first_error or error
+    raise first_error or _SchemaError(f"{path}/{key}", "has no option")
+
+
+def _schema_type(schema, path):
+    """The type to draw a value of: the first given but null (null if alone),
+    else the one the keywords imply."""
+    kinds = schema.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds or ())
+    kinds = [kind.lower() for kind in kinds if isinstance(kind, str)]
+    known = ("object", "array", "string", "integer", "number", "boolean", "null")
+    for kind in kinds:
+        if kind not in known:
+            raise _SchemaError(path + "/type", f"names {kind!r}, not a JSON type")
+    if kinds:
+        return next((kind for kind in kinds if kind != "null"), "null")
+    if {"properties", "required", "additionalProperties"} & set(schema):
+        return "object"
+    if {"items", "prefixItems", "minItems", "maxItems"} & set(schema):
+        return "array"
+    if {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"} & set(schema):
+        return "number"
+    return "string"
+
+
+def _sample_number(schema, kind, draw, path):
+    low, high = schema.get("minimum"), schema.get("maximum")
+    low_open = high_open = False
+    for key, is_low in (("exclusiveMinimum", True), ("exclusiveMaximum", False)):
+        bound = schema.get(key)
+        if isinstance(bound, bool):  # draft 4: a flag on minimum or maximum
+            low_open, high_open = (bound, high_open) if is_low else (low_open, bound)
+        elif _is_number(bound):
+            if is_low and (low is None or bound >= low):
+                low, low_open = bound, True
+            elif not is_low and (high is None or bound <= high):
+                high, high_open = bound, True
+    if low is None and high is None:
+        low, high = 0, 100
+    elif low is None:
+        low = high - 100
+    elif high is None:
+        high = low + 100
+    step = schema.get("multipleOf") or (1 if kind == "integer" else 0.01)
+    if kind == "integer" and step != int(step):
+        raise _SchemaError(path + "/multipleOf", "allows no integer")
+    first = math.ceil(low / step) if not low_open else math.floor(low / step) + 1
+    last = math.floor(high / step) if not high_open else math.ceil(high / step) - 1
+    if first > last:
+        raise _SchemaError(path, f"allows no {kind} between {low} and {high}")
+    chosen = first + int(draw() * (last - first + 1))
+    if kind == "integer":
+        return int(round(chosen * step))
+    # A multiple whose quotient is whole in floating point too (80.43 / 0.01
+    # is 8042.999...), as validators check it.
+    for multiple in itertools.chain(range(chosen, last + 1), range(first, chosen)):
+        value = round(multiple * step, 10)
+        if (value / step).is_integer():
+            return value
+        if multiple - chosen > 100:
+            break
+    return round(chosen * step, 10)
+
+
+def _sample_string(schema, draw, path):
+    """A string: the value of its format; else, with a pattern, the first
+    value of a known format or the first word that matches it; else words."""
+    low, high = schema.get("minLength", 0), schema.get("maxLength")
+    known, pattern = _FORMATS.get(schema.get("format")), schema.get("pattern")
+    if pattern is not None:
+        candidates = [known(draw)] if known is not None else [
+            value(draw) for value in _FORMATS.values()] + list(_WORDS)
+        try:
+            text = next((text for text in candidates if re.search(pattern, text)), None)
+        except (re.error, TypeError):
+            raise _SchemaError(path + "/pattern", f"is {pattern!r}, not a regular expression "
+                                                  "Python reads") from None
+        if text is None:
+            raise _SchemaError(path + "/pattern", f"is {pattern!r}, which no value dummyLLM "
+                                                  "draws matches" + (
+                                                      f" (format {schema['format']!r})"
+                                                      if known is not None else ""))
+    elif known is not None:
+        text = known(draw)
+    else:
+        words = []
+        while len(" ".join(words)) < max(low, 1):
+            words.append(_WORDS[int(draw() * len(_WORDS))])
+        text = " ".join(words)
+        if high is not None:
+            text = text[:high]
+    if len(text) < low or (high is not None and len(text) > high):
+        raise _SchemaError(path, f"allows no string of {low} to {high} characters here")
+    return text
+
+
+def _sample_array(schema, draw, root, path, depth):
+    prefix = schema.get("prefixItems")
+    items = schema.get("items", True)
+    if isinstance(items, list):  # draft 4 tuples
+        prefix, items = items, schema.get("additionalItems", True)
+    prefix = prefix or []
+    low, high = schema.get("minItems", 0), schema.get("maxItems")
+    count = max(low, len(prefix), 0 if depth > _DEEP else 1)
+    if items is False:
+        count = min(count, len(prefix))
+    if high is not None:
+        count = min(count, high)
+    if count < low:
+        raise _SchemaError(path, f"allows no array of at least {low} items")
+    values = []
+    for index in range(count):
+        part, part_path = ((prefix[index], f"{path}/prefixItems/{index}") if index < len(prefix)
+                           else (items, path + "/items"))
+        value = _sample(part, draw, root, part_path, depth + 1)
+        for _ in range(32):
+            if not schema.get("uniqueItems") or value not in values:
+                break
+            value = _sample(part, draw, root, part_path, depth + 1)
+        else:
+            raise _SchemaError(path + "/uniqueItems", f"allows no {count} different items here")
+        values.append(value)
+    return values
+
+
+def _sample_object(schema, draw, root, path, depth):
+    properties = schema.get("properties") or {}
+    required = schema.get("required") or []
+    extra = schema.get("additionalProperties", True)
+    value = {}
+    for name, part in properties.items():
+        if depth <= _DEEP or name in required:
+            value[name] = _sample(part, draw, root, f"{path}/properties/{name}", depth + 1)
+    for name in required:
+        if name not in value:
+            if extra is False:
+                raise _SchemaError(path + "/required", f"names {name!r}, which no property allows")
+            value[name] = _sample(extra, draw, root, path + "/additionalProperties", depth + 1)
+    while len(value) < schema.get("minProperties", 0):
+        if extra is False:
+            raise _SchemaError(path + "/minProperties", "asks for more properties than allowed")
+        value[f"key{len(value)}"] = _sample(extra, draw, root, path + "/additionalProperties",
+                                            depth + 1)
+    return value
+
+
+def _drawn(schema, draw, field):
+    """A value drawn for a request's JSON Schema, or a 400 naming the part
+    of the schema (under `field`) that no value can be drawn for."""
+    try:
+        return _sample(schema, draw)
+    except _SchemaError as error:
+        raise _ValidationError(field + error.path.replace("/", "."), error.reason) from None
+    except RecursionError:
+        raise _ValidationError(field, "nests too deeply") from None
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError, ZeroDivisionError):
+        # A keyword of the wrong type ({"minLength": "3"}): not a schema to draw from.
+        raise _ValidationError(field, "is not a JSON Schema dummyLLM can read") from None
+
+
+def _check_schema(schema, field):
+    """A JSON Schema a value can be drawn for."""
+    _drawn(schema, _series(0, "", 0, "check"), field)
+    return schema
 
 
 def _unit_draw(seed, key, n, purpose):
@@ -875,6 +1382,9 @@ def _plan(spec, n, seed, server_weights, slow_factor):
     requests with that seed and key, or any fresh number when unseeded.
     """
     key = spec.trace_id or ""
+    if spec.context_window is not None and _prompt_tokens(spec) > spec.context_window:
+        raise ApiError("CONTEXT_LENGTH_EXCEEDED", f"prompt is too long: {_prompt_tokens(spec)} "
+                       f"tokens > {spec.context_window} maximum", "messages")
     latency_ms = spec.latency_ms
     if spec.jitter_ms:
         shift = round((2 * _unit_draw(seed, key, n, "jitter") - 1) * spec.jitter_ms)
@@ -890,7 +1400,7 @@ def _plan(spec, n, seed, server_weights, slow_factor):
                   "deadline": spec.timeout_ms, "never": None, "refused": 0}[mode.at]
     state, result, error = mode.state, None, None
     if mode.text:
-        result = _result(spec, _result_text(spec, mode.text))
+        result = _result(spec, mode.text, seed, n)
     if mode.error:
         message = spec.fail_message if mode.error == "SIM_FAIL" else None
         error = {"code": mode.error, "message": message or _ERRORS[mode.error].message}
@@ -933,11 +1443,10 @@ def _refusal(spec, plan, overloaded_status=503):
     """The error that answers a request its mode refuses (overloaded answers
     simulate.status, else the surface's own status for it)."""
     code = plan.error["code"]
-    retry_after_ms = spec.retry_after_ms
+    retry_after_ms = _REFUSAL_RETRY_AFTER_MS if spec.retry_after_ms is None else spec.retry_after_ms
     return ApiError(code, plan.error["message"],
                     status=(spec.status or overloaded_status) if code == "OVERLOADED" else None,
-                    retry_after_ms=_REFUSAL_RETRY_AFTER_MS if retry_after_ms is None
-                    else retry_after_ms)
+                    retry_after_ms=None if code == "QUOTA_EXHAUSTED" else retry_after_ms)
 
 
 def _fault_error(fault):
@@ -952,6 +1461,11 @@ def _reply(spec, plan, max_tokens, stop_sequences=()):
     """The reply of a model call that succeeds: cut before the first stop
     sequence it meets, then to max_tokens."""
     text, end, met = plan.result["text"], "end", None
+    calls = plan.result.get("tool_calls")
+    usage = plan.result["usage"]
+    if calls is not None:
+        return _Reply("", calls, "tool_calls", None, usage["prompt_tokens"],
+                      usage["completion_tokens"], plan.ends_at_ms)
     found = [(text.find(sequence), sequence) for sequence in stop_sequences
              if sequence and sequence in text]
     if found:
@@ -959,7 +1473,7 @@ def _reply(spec, plan, max_tokens, stop_sequences=()):
         text, end = text[:at], "stop_sequence"
     if max_tokens is not None and _tokens(text) > max_tokens:
         text, end, met = text[:max_tokens * 4], "max_tokens", None
-    return _Reply(text, end, met, _prompt_tokens(spec), _tokens(text), plan.ends_at_ms)
+    return _Reply(text, None, end, met, usage["prompt_tokens"], _tokens(text), plan.ends_at_ms)
 
 
 def _embedding(model, text, dimensions):
@@ -979,27 +1493,56 @@ def _embedding(model, text, dimensions):
         f"<{dimensions}f", *(value / length for value in values))))
 
 
-def _stream_timeline(text, token_ms, failure):
-    """A streamed reply as (ms after the first token, event, piece), lazily.
+def _stream_timeline(reply, token_ms, failure):
+    """A streamed reply as (ms after the first token, event, data), lazily.
 
-    Events: "open" at 0; a "piece" of four characters (one token) every
-    token_ms; "close" with the last piece.  A failure ({"cut_after": N},
-    {"stall_after": N} or {"error_after": N}) stops after N pieces, and
-    error_after adds an "error" event token_ms later.
+    Events: "open" at 0; a "piece" of text, four characters (one token),
+    every token_ms; for each tool call, "call" (its index), then its
+    arguments as "arguments" pieces (index, text: two at least), then
+    "call_done"; "close" with the last piece.  A failure ({"cut_after": N},
+    ...: see _STREAM_FAILURES) stops after N pieces: error_after adds an
+    "error" event token_ms later, malformed_after the next piece as
+    "malformed" (event, data), to be sent cut in half.
     """
     kind, count = next(iter(failure.items())) if failure else (None, None)
-    starts = range(0, len(text), 4)
-    if count is not None:
-        starts = starts[:count]
     yield 0, "open", None
-    at_ms = 0
-    for index, start in enumerate(starts):
+    pieces = itertools.islice(_stream_pieces(reply), count)
+    at_ms, index = 0, -1
+    for index, (event, data) in enumerate(pieces):
         at_ms = index * token_ms
-        yield at_ms, "piece", text[start:start + 4]
+        yield at_ms, event, data
     if kind is None:
         yield at_ms, "close", None
     elif kind == "error_after":
         yield at_ms + token_ms, "error", None
+    elif kind == "malformed_after":
+        following = next(itertools.islice(_stream_pieces(reply), count, None), None)
+        if following is not None:
+            yield (index + 1) * token_ms, "malformed", following
+
+
+def _stream_pieces(reply):
+    """The content of a reply as stream events: text pieces, or tool calls."""
+    if reply.tool_calls is None:
+        for start in range(0, len(reply.text), 4):
+            yield "piece", reply.text[start:start + 4]
+        return
+    for index, call in enumerate(reply.tool_calls):
+        yield "call", index
+        text = _arguments_text(call)
+        size = min(4, max(1, -(-len(text) // 2)))
+        for start in range(0, len(text), size):
+            yield "arguments", (index, text[start:start + size])
+        yield "call_done", index
+
+
+def _cut_in_half(data):
+    """An event's bytes with its JSON cut in half (the SSE framing, or the line end, kept)."""
+    body = data.rstrip(b"\r\n")
+    head, mark, payload = body.rpartition(b"data: ")
+    if not mark:
+        head, payload = b"", body
+    return head + mark + payload[:len(payload) // 2] + data[len(body):]
 
 
 # --- Wire formats ----------------------------------------------------------------
@@ -1098,9 +1641,11 @@ _Call = collections.namedtuple("_Call", "spec model stream max_tokens stop optio
 
 class _Surface:
     """A provider's wire format.  This base is dummyLLM's own error shape;
-    a model-call surface adds parse (a request to a _Call), answer (a
-    reply as a JSON body) and stream (a reply as events)."""
+    a model-call surface adds a name (that reply rules match), parse (a
+    request to a _Call), answer (a reply as a JSON body) and stream (a
+    reply as events)."""
 
+    name = None
     error_schema = "Error"
     overloaded_status = 503  # of mode overloaded, when simulate.status gives none
     schemas = {}
@@ -1137,26 +1682,76 @@ class _Surface:
         return headers
 
     def call(self, request, config, *, model, messages, stream, max_tokens, user, timeout_ms,
-             simulate, stop=(), args=None, callback_url=None, **options):
-        """The _Call of a model request: the simulate settings from the body,
-        else the X-DummyLLM-Simulate header, else the server's defaults; the
-        key of seeded sequences from X-Trace-Id, else `user`, else ""."""
-        field = "simulate"
-        if simulate is None:
-            field = "X-DummyLLM-Simulate"
-            header = request.headers.get("x-dummyllm-simulate")
-            header = None if header is None else _json_value(header, field, field)
-            simulate = None if header is None else _SIMULATE(header, field)
-        settings = _simulate_settings(simulate, config, field)
+             simulate, stop=(), args=None, callback_url=None, tools=None, forced=None,
+             output=None, **options):
+        """The _Call of a model request.
+
+        Its simulate settings, field by field: the body's, else those of the
+        X-DummyLLM-Simulate header, else those of the first reply rule that
+        matches, else the server's defaults.  The key of seeded sequences is
+        X-Trace-Id, else `user`, else "".  `messages` is the conversation as
+        text, {"role", "content"}, a tool's result with role "tool" and
+        "tool" naming the tool.  `tools` maps the names of the request's
+        tools to (JSON Schema of their arguments, field), None where the API
+        has no tools; `forced` is (a tool's name or "any", field) when the
+        request forces a tool call; `output` is (JSON Schema, field) when it
+        asks for structured output (the schema True: any JSON object)."""
+        header = request.headers.get("x-dummyllm-simulate")
+        if header is not None:
+            header = _SIMULATE(_json_value(header, _SIMULATE_HEADER, _SIMULATE_HEADER),
+                               _SIMULATE_HEADER)
+        trace_id = _Nullable(_Text(_MAX_TRACE_ID_CHARS))(request.headers.get("x-trace-id"),
+                                                         "X-Trace-Id") or user
+        facts = _Facts(self.name, request.path, model, messages, request.headers, trace_id)
+        rule = next((index for index, rule in enumerate(config.rules) if rule.holds(facts)), None)
+        sources = [("simulate", simulate or {}), (_SIMULATE_HEADER, header or {}),
+                   (f"rules[{rule}].simulate",
+                    {} if rule is None else config.rules[rule].simulate)]
+
+        def left_out(key, reason):
+            """Whether a setting the call cannot take is left out (a rule's,
+            which may match calls of every kind); else a 400 naming it."""
+            field = next(f"{name}.{key}" for name, given in sources if key in given)
+            if field.startswith("rules["):
+                return True
+            raise _ValidationError(field, reason)
+        given = {key: value for _, settings in reversed(sources)
+                 for key, value in settings.items()}
+        settings = _simulate_settings(given, config)
         if settings["ttft_ms"] is not None:
             settings["latency_ms"] = settings["ttft_ms"]
-        if settings["stream"] is not None and not stream:
-            raise _ValidationError(f"{field}.stream", 'applies only with "stream": true')
-        trace_id = _Nullable(_Text(_MAX_TRACE_ID_CHARS))(request.headers.get("x-trace-id"),
-                                                         "X-Trace-Id")
-        spec = _JobSpec(op="llm.chat", args={"model": model, "messages": messages, **(args or {})},
-                        timeout_ms=timeout_ms, trace_id=trace_id or user,
-                        callback_url=callback_url, **settings)
+        if (settings["stream"] is not None and not stream
+                and left_out("stream", 'applies only with "stream": true')):
+            settings["stream"] = None
+        if (tools is None and settings["tool_calls"] is not None
+                and left_out("tool_calls", "applies only where the API has tools")):
+            settings["tool_calls"] = None
+        if (tools is None and any("tool_calls" in step for step in settings["script"] or ())
+                and left_out("script", "has tool calls, which this API has not")):
+            settings["script"] = None
+        steps = settings["script"] or ({},)
+        # Settings that give every answer's content: no JSON is drawn.
+        scripted = all(settings["ok_text"] is not None or settings["tool_calls"] is not None
+                       or "ok_text" in step or "tool_calls" in step for step in steps)
+        args = {"model": model, "messages": messages, **(args or {})}
+        if forced is not None:
+            choice, field = forced
+            if not isinstance(choice, str):
+                raise _ValidationError(field, "must name a tool")
+            name = next(iter(tools or {}), None) if choice == "any" else choice
+            if name not in (tools or {}):
+                raise _ValidationError(field, "asks for a tool call, but the request offers no "
+                                       "tools" if name is None else
+                                       f"names {name!r}, which is not among the request's tools")
+            schema, schema_field = tools[name]
+            args["forced_tool"] = {"name": name, "field": schema_field, "schema": (
+                schema if scripted else _check_schema(schema, schema_field))}
+        if output is not None:
+            schema, field = output
+            args["output"] = {"field": field, "schema": schema if scripted
+                              else _check_schema(schema, field)}
+        spec = _JobSpec(op="llm.chat", args=args, timeout_ms=timeout_ms, trace_id=trace_id,
+                        callback_url=callback_url, rule=rule, **settings)
         return _Call(spec, model, stream, max_tokens, tuple(stop), options)
 
 
@@ -1178,7 +1773,9 @@ _JOB_JSON = {
     "updated_at_ms": {"type": "integer", "description": "Epoch milliseconds"},
     "result": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
         "text": {"type": "string"}, "usage": {"type": "object", "properties": {
-            "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}}}}}]},
+            "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}}},
+        "tool_calls": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "name": {"type": "string"}, "arguments": {}}}}}}]},
     "error": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
         "code": {"type": "string", "enum": list(_JOB_ERROR_CODES)},
         "message": {"type": "string"}}}]},
@@ -1233,7 +1830,7 @@ class _JobApi(_Surface):
             _check_callback_url(values["callback_url"], "callback_url",
                                 config.allow_callback_hosts)
         settings = _simulate_settings(values.pop("simulate"), config)
-        return _JobSpec(**values, **settings)
+        return _JobSpec(**values, rule=None, **settings)
 
 
 _JOB_API = _JobApi()
@@ -1270,6 +1867,90 @@ def _check_one(value, field):
 _STREAM_OPTIONS = {"include_usage": _Field(_Bool(), False, "End with a usage chunk.")}
 
 
+def _text_messages(messages):
+    """OpenAI's (or Ollama's) messages as text messages (see _Surface.call):
+    a tool's result names the tool its tool_call_id called."""
+    names, texts = {}, []
+    for message in messages:
+        for call in message.get("tool_calls") or ():
+            if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                names[call.get("id")] = call["function"].get("name")
+        text = {"role": message["role"], "content": _content_text(message.get("content"))}
+        if message["role"] == "tool":
+            text["tool"] = (message.get("tool_name") or message.get("name")
+                            or names.get(message.get("tool_call_id")))
+        texts.append(text)
+    return texts
+
+
+def _check_tools(value, field):
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise _ValidationError(field, "must be an array of tool objects")
+    return value
+
+
+_TOOLS = _Check(_check_tools, {"type": "array", "items": {"type": "object"}})
+
+
+def _tool_table(tools, field, inner=None, schema_keys=("parameters",)):
+    """{name: (JSON Schema of its arguments, field)} of a request's tools,
+    each an object with a name and a schema under the first of schema_keys
+    it has (inside tool[inner] when given); a vendor's built-in tools,
+    which have neither, are left out."""
+    table = {}
+    for index, tool in enumerate(tools or ()):
+        where = f"{field}[{index}]"
+        if inner is not None:
+            tool, where = tool.get(inner), f"{where}.{inner}"
+            if tool is None:
+                continue
+            if not isinstance(tool, dict):
+                raise _ValidationError(where, "must be an object")
+        if "name" not in tool:
+            continue
+        _NAME(tool["name"], where + ".name")
+        key = next((key for key in schema_keys if tool.get(key) is not None), schema_keys[0])
+        schema, where = tool.get(key, {"type": "object"}), f"{where}.{key}"
+        if not isinstance(schema, (dict, bool)):
+            raise _ValidationError(where, "must be a JSON Schema")
+        table[tool["name"]] = schema, where
+    return table
+
+
+def _openai_forced(choice, field):
+    """(tool name or "any", field) of an OpenAI tool_choice that forces a
+    call ("required", or a function named as chat or Responses names it)."""
+    if choice == "required" or isinstance(choice, dict) and choice.get("mode") == "required":
+        return "any", field
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        inner, field = ((choice["function"], f"{field}.function") if "function" in choice
+                        else (choice, field))
+        name = inner.get("name") if isinstance(inner, dict) else None
+        if not isinstance(name, str):
+            raise _ValidationError(field + ".name", "must name a function")
+        return name, field + ".name"
+    return None
+
+
+def _openai_output(response_format, field):
+    """(JSON Schema, field) of an OpenAI response format that asks for JSON:
+    json_schema (its schema: in json_schema for chat, beside the type for
+    Responses), or json_object (True)."""
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return True, field
+    if kind == "json_schema":
+        if "json_schema" in response_format:
+            response_format, field = response_format["json_schema"], field + ".json_schema"
+        schema = response_format.get("schema", True) if isinstance(response_format, dict) else 0
+        if not isinstance(schema, (dict, bool)):
+            raise _ValidationError(field + ".schema", "must be a JSON Schema")
+        return schema, field + ".schema"
+    if kind != "text":
+        raise _ValidationError(field + ".type", "must be one of text, json_object, json_schema")
+    return None
+
+
 class _OpenAI(_Surface):
     """What OpenAI's endpoints share: the error shape, and the finish reasons."""
 
@@ -1278,7 +1959,8 @@ class _OpenAI(_Surface):
         "type": "object", "required": ["message", "type", "param", "code"], "properties": {
             "message": {"type": "string"}, "type": {"type": "string"},
             "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}
-    FINISH = {"end": "stop", "max_tokens": "length", "stop_sequence": "stop"}
+    FINISH = {"end": "stop", "max_tokens": "length", "stop_sequence": "stop",
+              "tool_calls": "tool_calls"}
 
     def error(self, error, retry_ms, now_ms):
         status, body, headers = super().error(error, retry_ms, now_ms)
@@ -1296,8 +1978,10 @@ class _OpenAI(_Surface):
 
 
 class _OpenAIChat(_OpenAI):
-    """OpenAI's chat completions (plain and streamed) and models."""
+    """OpenAI's chat completions (plain and streamed, with tool calls and
+    structured output) and models."""
 
+    name = "openai.chat"
     REQUEST = {
         "model": _MODEL,
         "messages": _Field(_Check(_check_messages, {
@@ -1315,6 +1999,13 @@ class _OpenAIChat(_OpenAI):
         "stop": _Field(_Check(lambda value, field: _check_strings(
             [value] if isinstance(value, str) else value, field, 4), _STRINGS_SCHEMA), (),
             "The reply ends before the first of these it meets."),
+        "tools": _Field(_TOOLS, (), "Functions the reply may call."),
+        "tool_choice": _Field(_Check(lambda value, field: value, {"oneOf": [
+            {"enum": ["none", "auto", "required"]}, {"type": "object"}]}), "auto",
+            "required or a named function: the reply calls it, with arguments drawn from its "
+            "parameters."),
+        "response_format": _Field(_OBJECT, {"type": "text"}, "json_schema or json_object: "
+                                  "the reply is JSON valid against it."),
         "user": _USER,
         **_EXTENSIONS,
     }
@@ -1340,19 +2031,31 @@ class _OpenAIChat(_OpenAI):
     def parse(self, request, config):
         body = _json_body(request)
         values = _with_defaults(_given(body, self.REQUEST, None), self.REQUEST, config)
-        return self.call(request, config, model=values["model"], messages=values["messages"],
+        return self.call(request, config, model=values["model"],
+                         messages=_text_messages(values["messages"]),
                          stream=values["stream"], user=values["user"],
                          max_tokens=values["max_completion_tokens"] or values["max_tokens"],
                          stop=values["stop"],
                          timeout_ms=values["timeout_ms"], simulate=values["simulate"],
+                         tools=_tool_table(values["tools"], "tools", "function"),
+                         forced=_openai_forced(values["tool_choice"], "tool_choice"),
+                         output=_openai_output(values["response_format"], "response_format"),
                          include_usage=values["stream_options"].get("include_usage", False))
 
+    @staticmethod
+    def tool_call(call, **fields):
+        return {**fields, "id": call["id"], "type": "function",
+                "function": {"name": call["name"], "arguments": _arguments_text(call)}}
+
     def answer(self, call, reply, created):
+        message = {"role": "assistant", "content": reply.text, "refusal": None}
+        if reply.tool_calls is not None:
+            message.update(content=None, tool_calls=[self.tool_call(tool_call)
+                                                     for tool_call in reply.tool_calls])
         return {
             "id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion",
             "created": created, "model": call.model, "system_fingerprint": "dummyllm",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text,
-                                                 "refusal": None},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": None, "finish_reason": self.FINISH[reply.end]}],
             "usage": self.usage(reply),
         }
@@ -1379,7 +2082,18 @@ class _OpenAIChat(_OpenAI):
             if event == "piece":
                 return before + _json_bytes(piece) + after
             if event == "open":
-                return _sse(chunk({"role": "assistant", "content": ""}))
+                return _sse(chunk({"role": "assistant",
+                                   "content": None if reply.tool_calls else ""}))
+            if event == "call":  # its id and name, then its arguments in pieces
+                tool_call = self.tool_call(reply.tool_calls[piece], index=piece)
+                tool_call["function"]["arguments"] = ""
+                return _sse(chunk({"tool_calls": [tool_call]}))
+            if event == "arguments":
+                index, text = piece
+                return _sse(chunk({"tool_calls": [{"index": index,
+                                                   "function": {"arguments": text}}]}))
+            if event == "call_done":
+                return b""
             if event == "error":
                 return _sse(self.error_body(ApiError(
                     "SIM_FAIL", call.spec.fail_message or "simulated stream error")))
@@ -1437,10 +2151,13 @@ class _AnthropicMessages(_Surface):
     504 timeout_error; error_after sends an overloaded_error event.
     """
 
+    name = "anthropic"
     error_schema = "AnthropicError"
     overloaded_status = 529
     STOP_REASONS = {"end": "end_turn", "max_tokens": "max_tokens",
-                    "stop_sequence": "stop_sequence"}
+                    "stop_sequence": "stop_sequence", "tool_calls": "tool_use"}
+    # What Anthropic adds to an error's body, by code.
+    DETAILS = {"QUOTA_EXHAUSTED": {"error_code": "enforced_spend_limit_reached"}}
     REQUEST = {
         "model": _MODEL,
         "max_tokens": _Field(_Int(1, 10_000_000), _REQUIRED,
@@ -1458,8 +2175,9 @@ class _AnthropicMessages(_Surface):
         "stop_sequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
                                  "The reply ends before the first of these it meets."),
         "temperature": _Field(_Number(0, 1), None, "Accepted."),
-        "tools": _Field(_LIST, None, "Accepted."),
-        "tool_choice": _Field(_OBJECT, None, "Accepted."),
+        "tools": _Field(_TOOLS, (), "Tools the reply may use."),
+        "tool_choice": _Field(_OBJECT, {"type": "auto"}, "any or a named tool: the reply "
+                              "uses it, with input drawn from its input_schema."),
         "metadata": _Field(_Check(lambda value, field: _given(value, _ANTHROPIC_METADATA, field),
                                   _object_schema(_ANTHROPIC_METADATA)), {}, None),
         **_EXTENSIONS,
@@ -1497,8 +2215,10 @@ class _AnthropicMessages(_Surface):
                 + (("request-id", request_id),))
 
     def error_body(self, error):
-        return {"type": "error", "error": {"type": _ERRORS[error.code].anthropic_type,
-                                           "message": error.message}}
+        body = {"type": _ERRORS[error.code].anthropic_type, "message": error.message}
+        if error.code in self.DETAILS:
+            body["details"] = self.DETAILS[error.code]
+        return {"type": "error", "error": body}
 
     def retry_headers(self, error, retry_ms, now_ms):
         if retry_ms is None:
@@ -1513,20 +2233,36 @@ class _AnthropicMessages(_Surface):
         return headers
 
     def messages(self, values):
-        """The conversation as text messages, the system prompt first."""
-        messages = [{"role": message["role"], "content": _content_text(message["content"])}
-                    for message in values["messages"]]
+        """The conversation as text messages (see _Surface.call), the system
+        prompt first; a user message of tool_result blocks is the results."""
+        messages, names = [], {}
         if values.get("system") is not None:
-            messages.insert(0, {"role": "system", "content": _content_text(values["system"])})
+            messages.append({"role": "system", "content": _content_text(values["system"])})
+        for message in values["messages"]:
+            blocks = message["content"] if isinstance(message["content"], list) else []
+            names.update((block.get("id"), block.get("name")) for block in blocks
+                         if block["type"] == "tool_use")
+            results = [block for block in blocks if block["type"] == "tool_result"]
+            messages.extend({"role": "tool", "content": _content_text(block.get("content")),
+                             "tool": names.get(block.get("tool_use_id"))} for block in results)
+            if not results:
+                messages.append({"role": message["role"],
+                                 "content": _content_text(message["content"])})
         return messages
 
     def parse(self, request, config):
         values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
                                 config)
+        choice = values["tool_choice"]
+        forced = {"any": ("any", "tool_choice"), "tool": (choice.get("name"), "tool_choice.name")
+                  }.get(choice.get("type"))
         return self.call(request, config, model=values["model"], messages=self.messages(values),
                          stream=values["stream"], max_tokens=values["max_tokens"],
                          stop=values["stop_sequences"], user=values["metadata"].get("user_id"),
-                         timeout_ms=values["timeout_ms"], simulate=values["simulate"])
+                         timeout_ms=values["timeout_ms"], simulate=values["simulate"],
+                         tools=_tool_table(values["tools"], "tools",
+                                           schema_keys=("input_schema",)),
+                         forced=forced)
 
     def count_tokens(self, request, config):
         values = _with_defaults(_given(_json_body(request), self.COUNT_REQUEST, None),
@@ -1540,28 +2276,52 @@ class _AnthropicMessages(_Surface):
                 "stop_sequence": reply.stop_sequence if stop_reason else None,
                 "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": output_tokens}}
 
+    @staticmethod
+    def tool_use(call, **fields):
+        return {"type": "tool_use", "id": call["id"], "name": call["name"], **fields}
+
     def answer(self, call, reply, created):
-        return self._message(call, reply, [{"type": "text", "text": reply.text}],
-                             self.STOP_REASONS[reply.end], reply.completion_tokens)
+        content = ([{"type": "text", "text": reply.text}] if reply.tool_calls is None else
+                   [self.tool_use(tool_call, input=_arguments_object(tool_call))
+                    for tool_call in reply.tool_calls])
+        return self._message(call, reply, content, self.STOP_REASONS[reply.end],
+                             reply.completion_tokens)
 
     def stream(self, call, reply, created):
+        """A function from the events of _stream_timeline to their bytes: a
+        text block, or a tool_use block per call (opened with empty input,
+        then its input as input_json_delta pieces)."""
         message = self._message(call, reply, [], None, 0)
         before, after = _sse({"type": "content_block_delta", "index": 0, "delta": {
             "type": "text_delta", "text": "\0"}}, "content_block_delta").rsplit(b'"\\u0000"', 1)
+        text_block = reply.tool_calls is None
+
+        def block_stop(index):
+            return _sse({"type": "content_block_stop", "index": index}, "content_block_stop")
 
         def render(event, piece):
             if event == "piece":
                 return before + _json_bytes(piece) + after
             if event == "open":
                 return (_sse({"type": "message_start", "message": message}, "message_start")
-                        + _sse({"type": "content_block_start", "index": 0,
-                                "content_block": {"type": "text", "text": ""}},
-                               "content_block_start")
+                        + (_sse({"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}},
+                                "content_block_start") if text_block else b"")
                         + _sse({"type": "ping"}, "ping"))
+            if event == "call":
+                return _sse({"type": "content_block_start", "index": piece, "content_block":
+                             self.tool_use(reply.tool_calls[piece], input={})},
+                            "content_block_start")
+            if event == "arguments":
+                index, text = piece
+                return _sse({"type": "content_block_delta", "index": index, "delta": {
+                    "type": "input_json_delta", "partial_json": text}}, "content_block_delta")
+            if event == "call_done":
+                return block_stop(piece)
             if event == "error":
                 return _sse(self.error_body(ApiError("OVERLOADED", call.spec.fail_message
                                                      or "Overloaded")), "error")
-            return (_sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+            return ((block_stop(0) if text_block else b"")
                     + _sse({"type": "message_delta", "delta": {
                         "stop_reason": self.STOP_REASONS[reply.end],
                         "stop_sequence": reply.stop_sequence},
@@ -1582,8 +2342,10 @@ def _check_contents(value, field):
 
 
 def _check_content(value, field):
-    """A Gemini content: {"role": "user" or "model", "parts": [{"text": ...}, ...]}."""
-    if not isinstance(value, dict) or value.get("role", "user") not in ("user", "model"):
+    """A Gemini content: {"role": "user" or "model", "parts": [{"text": ...}, ...]}
+    (role "function" too: the older way to give a function's response)."""
+    if not isinstance(value, dict) or value.get("role", "user") not in ("user", "model",
+                                                                        "function"):
         raise _ValidationError(field, 'must be an object with role "user" or "model"')
     parts = value.get("parts")
     if not isinstance(parts, list) or not all(isinstance(part, dict) for part in parts):
@@ -1596,9 +2358,22 @@ _GENERATION_CONFIG = {
                               "Cut the reply to this many tokens (finishReason MAX_TOKENS)."),
     "stopSequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
                             "The reply ends before the first of these it meets."),
-    "responseMimeType": _Field(_Text(), None, "Accepted."),
-    "responseSchema": _Field(_OBJECT, None, "Accepted."),
+    "responseMimeType": _Field(_Text(), None, "application/json: the reply is a JSON object."),
+    "responseSchema": _Field(_OBJECT, None, "The reply is JSON valid against this (OpenAPI) "
+                             "schema."),
+    "responseJsonSchema": _Field(_Check(lambda value, field: value, {}), None,
+                                 "The reply is JSON valid against this JSON Schema."),
 }
+_FUNCTION_CALLING = {
+    "mode": _Field(_Choice("AUTO", "ANY", "NONE", "VALIDATED", "MODE_UNSPECIFIED"), "AUTO",
+                   "ANY: the reply calls a function (the first allowed), with arguments drawn "
+                   "from its parameters."),
+    "allowedFunctionNames": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
+                                   "The functions ANY may call."),
+}
+_TOOL_CONFIG = {"functionCallingConfig": _Field(_Check(
+    lambda value, field: _given(value, _FUNCTION_CALLING, field),
+    _object_schema(_FUNCTION_CALLING)), {}, None)}
 
 
 class _Gemini(_Surface):
@@ -1606,8 +2381,10 @@ class _Gemini(_Surface):
     (server-sent events with ?alt=sse, else one JSON array written as it
     grows), countTokens and the models."""
 
+    name = "gemini"
     error_schema = "GoogleError"
-    FINISH = {"end": "STOP", "max_tokens": "MAX_TOKENS", "stop_sequence": "STOP"}
+    FINISH = {"end": "STOP", "max_tokens": "MAX_TOKENS", "stop_sequence": "STOP",
+              "tool_calls": "STOP"}
     CONTENT = {"type": "object", "properties": {
         "role": {"enum": ["user", "model"]},
         "parts": {"type": "array", "items": {"type": "object", "properties": {
@@ -1620,8 +2397,9 @@ class _Gemini(_Surface):
         "generationConfig": _Field(_Check(
             lambda value, field: _given(value, _GENERATION_CONFIG, field),
             _object_schema(_GENERATION_CONFIG)), {}, None),
-        "tools": _Field(_LIST, None, "Accepted."),
-        "toolConfig": _Field(_OBJECT, None, "Accepted."),
+        "tools": _Field(_TOOLS, (), "functionDeclarations the reply may call."),
+        "toolConfig": _Field(_Check(lambda value, field: _given(value, _TOOL_CONFIG, field),
+                                    _object_schema(_TOOL_CONFIG)), {}, None),
         "safetySettings": _Field(_LIST, None, "Accepted."),
         **_EXTENSIONS,
     }
@@ -1674,24 +2452,61 @@ class _Gemini(_Surface):
 
     @staticmethod
     def messages(values):
-        """The conversation as text messages, the system instruction first."""
+        """The conversation as text messages (see _Surface.call), the system
+        instruction first; a functionResponse part is a tool's result."""
         contents = ([dict(values["systemInstruction"], role="system")]
                     if values.get("systemInstruction") else [])
-        return [{"role": {"model": "assistant"}.get(content.get("role"), content.get("role",
-                                                                                     "user")),
-                 "content": _content_text(content["parts"])}
-                for content in contents + values["contents"]]
+        messages = []
+        for content in contents + values["contents"]:
+            results = [part["functionResponse"] for part in content["parts"]
+                       if isinstance(part.get("functionResponse"), dict)]
+            messages.extend({"role": "tool", "content": json.dumps(result.get("response")),
+                             "tool": result.get("name")} for result in results)
+            if not results:
+                role = content.get("role", "user")
+                messages.append({"role": {"model": "assistant"}.get(role, role),
+                                 "content": _content_text(content["parts"])})
+        return messages
+
+    @staticmethod
+    def tools(values):
+        """The functionDeclarations of the request's tools, and the one it forces."""
+        declared = {}
+        for index, tool in enumerate(values["tools"]):
+            declared.update(_tool_table(tool.get("functionDeclarations"),
+                                        f"tools[{index}].functionDeclarations",
+                                        # google-genai 3.6 writes the last
+                                        schema_keys=("parameters", "parametersJsonSchema",
+                                                     "parameters_json_schema")))
+        calling = values["toolConfig"].get("functionCallingConfig", {})
+        forced = None
+        if calling.get("mode") == "ANY":
+            allowed = calling.get("allowedFunctionNames") or ("any",)
+            forced = (allowed[0], "toolConfig.functionCallingConfig.allowedFunctionNames[0]")
+        return declared, forced
+
+    @staticmethod
+    def output(generation):
+        """(JSON Schema, field) of the structured output a request asks for."""
+        for key in ("responseJsonSchema", "responseSchema"):
+            if generation.get(key) is not None:
+                return generation[key], "generationConfig." + key
+        if generation.get("responseMimeType") == "application/json":
+            return True, "generationConfig.responseMimeType"
+        return None
 
     def parse(self, request, config):
         values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
                                 config)
         generation = values["generationConfig"]
+        tools, forced = self.tools(values)
         return self.call(request, config, model=request.params["model"],
                          messages=self.messages(values),
                          stream=request.path.endswith(":streamGenerateContent"),
                          max_tokens=generation.get("maxOutputTokens"),
                          stop=generation.get("stopSequences", ()), user=None,
                          timeout_ms=values["timeout_ms"], simulate=values["simulate"],
+                         tools=tools, forced=forced, output=self.output(generation),
                          sse=request.args.get("alt") == "sse")
 
     def count_tokens(self, request, config):
@@ -1701,8 +2516,8 @@ class _Gemini(_Surface):
                                    for message in self.messages(values))}
 
     @staticmethod
-    def _response(call, response_id, text, finish=None, reply=None):
-        candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+    def _response(call, response_id, parts, finish=None, reply=None):
+        candidate = {"content": {"role": "model", "parts": parts}, "index": 0}
         body = {"candidates": [candidate]}
         if finish is not None:
             candidate["finishReason"] = finish
@@ -1713,9 +2528,15 @@ class _Gemini(_Surface):
         body.update(modelVersion=call.model, responseId=response_id)
         return body
 
+    @staticmethod
+    def function_call(call):
+        return {"functionCall": {"id": call["id"], "name": call["name"],
+                                 "args": _arguments_object(call)}}
+
     def answer(self, call, reply, created):
-        return self._response(call, secrets.token_hex(12), reply.text, self.FINISH[reply.end],
-                              reply)
+        parts = ([{"text": reply.text}] if reply.tool_calls is None else
+                 [self.function_call(tool_call) for tool_call in reply.tool_calls])
+        return self._response(call, secrets.token_hex(12), parts, self.FINISH[reply.end], reply)
 
     def stream(self, call, reply, created):
         response_id = secrets.token_hex(12)
@@ -1729,15 +2550,20 @@ class _Gemini(_Surface):
 
         def render(event, piece):
             if event == "piece":
-                return frame(self._response(call, response_id, piece))
+                return frame(self._response(call, response_id, [{"text": piece}]))
+            if event == "call":  # whole, as Gemini streams them
+                return frame(self._response(call, response_id,
+                                            [self.function_call(reply.tool_calls[piece])]))
+            if event in ("arguments", "call_done"):
+                return b""
             if event == "open":
                 return b"" if sse else b"["
             if event == "error":
                 status, body, _ = self.error(ApiError(
                     "SIM_FAIL", call.spec.fail_message or "simulated stream error"), None, 0)
                 return frame(body, last=True)
-            return frame(self._response(call, response_id, "", self.FINISH[reply.end], reply),
-                         last=True)
+            return frame(self._response(call, response_id, [{"text": ""}],
+                                        self.FINISH[reply.end], reply), last=True)
         return render
 
     @staticmethod
@@ -1778,6 +2604,7 @@ class _OpenAIResponses(_OpenAI):
     cancelled and deleted as a job is, and its events can be streamed again
     from any point; a stored one can be retrieved while the store keeps it."""
 
+    name = "openai.responses"
     STATUS = {"queued": "queued", "running": "in_progress", "fail": "failed",
               "timeout": "failed", "cancelled": "cancelled"}  # ok: completed or incomplete
     REQUEST = {
@@ -1789,9 +2616,12 @@ class _OpenAIResponses(_OpenAI):
         "stream": _Field(_Bool(), False, "Answer as server-sent events."),
         "max_output_tokens": _Field(_Int(1, 10_000_000), None,
                                     "Cut the reply to this many tokens (status incomplete)."),
-        "tools": _Field(_LIST, None, "Accepted."),
-        "tool_choice": _Field(_Check(lambda value, field: value, {}), None, "Accepted."),
-        "text": _Field(_OBJECT, None, "Accepted (text.format)."),
+        "tools": _Field(_TOOLS, None, "Functions the reply may call."),
+        "tool_choice": _Field(_Check(lambda value, field: value, {}), None,
+                              "required or a named function: the reply calls it, with "
+                              "arguments drawn from its parameters."),
+        "text": _Field(_OBJECT, None, "text.format json_schema or json_object: the reply is "
+                       "JSON valid against it."),
         "store": _Field(_Bool(), True, "Keep the response, to retrieve it later."),
         "background": _Field(_Bool(), False, "Answer at once, queued; poll, cancel or stream it."),
         "previous_response_id": _Field(_Text(), None, "Accepted."),
@@ -1839,28 +2669,53 @@ class _OpenAIResponses(_OpenAI):
         messages = self.messages(values["input"])
         if values["instructions"] is not None:
             messages.insert(0, {"role": "system", "content": values["instructions"]})
+        text_format = (values["text"] or {}).get("format") or {"type": "text"}
         return self.call(request, config, model=values["model"], messages=messages,
                          stream=values["stream"], max_tokens=values["max_output_tokens"],
                          user=values["user"], timeout_ms=values["timeout_ms"],
                          simulate=values["simulate"], callback_url=values["callback_url"],
+                         tools=_tool_table(values["tools"], "tools"),
+                         forced=_openai_forced(values["tool_choice"], "tool_choice"),
+                         output=_openai_output(text_format, "text.format"),
                          args={"max_output_tokens": values["max_output_tokens"],
                                "echo": {key: values[key] for key in self.ECHOED}})
 
     @staticmethod
     def messages(given):
+        """The input as text messages (see _Surface.call)."""
         if isinstance(given, str):
             return [{"role": "user", "content": given}]
-        return [{"role": "tool", "content": _content_text(item["output"])}
-                if item.get("type") == "function_call_output" else
-                {"role": item["role"], "content": _content_text(item.get("content"))}
-                for item in given if item.get("role") or item.get("type") == "function_call_output"]
+        names, messages = {}, []
+        for item in given:
+            if item.get("type") == "function_call":
+                names[item.get("call_id")] = item.get("name")
+            elif item.get("type") == "function_call_output":
+                messages.append({"role": "tool", "content": _content_text(item["output"]),
+                                 "tool": names.get(item.get("call_id"))})
+            elif item.get("role"):
+                messages.append({"role": item["role"],
+                                 "content": _content_text(item.get("content"))})
+        return messages
+
+    @staticmethod
+    def function_call_item(response_id, index, call, status):
+        return {"id": f"fc_{response_id[5:]}{index}", "type": "function_call",
+                "status": status, "call_id": call["id"], "name": call["name"],
+                "arguments": "" if status == "in_progress" else _arguments_text(call)}
+
+    def output(self, response_id, status, reply):
+        """The output items of a reply: its message, or its function calls."""
+        if reply.tool_calls is None:
+            return [self.message_item(response_id, status, reply.text)]
+        return [self.function_call_item(response_id, index, call, status)
+                for index, call in enumerate(reply.tool_calls)]
 
     def response(self, response_id, created_at, args, status, reply=None, error=None):
         """A response object."""
         echo = args["echo"]
         output, usage = [], None
         if reply is not None:
-            output = [self.message_item(response_id, status, reply.text)]
+            output = self.output(response_id, status, reply)
             usage = {"input_tokens": reply.prompt_tokens, "input_tokens_details": {
                 "cached_tokens": 0}, "output_tokens": reply.completion_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
@@ -1906,9 +2761,9 @@ class _OpenAIResponses(_OpenAI):
 
     def events(self, response_id, created_at, spec, plan, background):
         """A response's server-sent events, lazily: (ms after it was created,
-        event), numbered from 0.  A background one is created queued and runs
-        as its plan says; the text streams from when the plan ends, every
-        token_ms."""
+        event, whether its JSON is to be cut in half), numbered from 0.  A
+        background one is created queued and runs as its plan says; the
+        reply streams from when the plan ends, every token_ms."""
         numbers = itertools.count()
 
         def event(kind, **fields):
@@ -1919,41 +2774,66 @@ class _OpenAIResponses(_OpenAI):
 
         start = plan.ends_at_ms
         if background:
-            yield 0, event("response.created", response=response("queued"))
-            yield 0, event("response.queued", response=response("queued"))
+            yield 0, event("response.created", response=response("queued")), False
+            yield 0, event("response.queued", response=response("queued")), False
             if plan.running_at_ms is not None:
                 yield plan.running_at_ms, event("response.in_progress",
-                                                response=response("in_progress"))
+                                                response=response("in_progress")), False
         elif start is not None:
-            yield start, event("response.created", response=response("in_progress"))
-            yield start, event("response.in_progress", response=response("in_progress"))
+            yield start, event("response.created", response=response("in_progress")), False
+            yield start, event("response.in_progress", response=response("in_progress")), False
         if start is None:
             return  # hang
         status, reply, error = self.outcome(spec, plan)
         if reply is None:
-            yield start, event("response.failed", response=response(status, error=error))
+            yield start, event("response.failed", response=response(status, error=error)), False
             return
+        for ms, kind, piece in _stream_timeline(reply, spec.token_ms, spec.stream):
+            malformed = kind == "malformed"
+            if malformed:
+                kind, piece = piece
+            if kind == "error":
+                yield start + ms, event("error", code="server_error", param=None, message=(
+                    spec.fail_message or "simulated stream error")), False
+            for kind, fields in self.content_events(response_id, status, reply, kind, piece):
+                if fields is None:  # the end: the response as it is now
+                    fields = {"response": response(status, reply)}
+                yield start + ms, event(kind, **fields), malformed
+
+    def content_events(self, response_id, status, reply, kind, piece):
+        """(type, fields) of the events that stream an event of
+        _stream_timeline (the response's own last, its fields None)."""
         where = {"item_id": "msg_" + response_id[5:], "output_index": 0, "content_index": 0}
         part = {"type": "output_text", "text": "", "annotations": []}
-        for ms, kind, piece in _stream_timeline(reply.text, spec.token_ms, spec.stream):
-            if kind == "open":
-                yield start, event("response.output_item.added", output_index=0,
-                                   item=self.message_item(response_id, "in_progress", None))
-                yield start, event("response.content_part.added", part=part, **where)
-            elif kind == "piece":
-                yield start + ms, event("response.output_text.delta", delta=piece, logprobs=[],
-                                        **where)
-            elif kind == "error":
-                yield start + ms, event("error", code="server_error", param=None,
-                                        message=spec.fail_message or "simulated stream error")
+        if kind == "open" and reply.tool_calls is None:
+            yield "response.output_item.added", {
+                "output_index": 0, "item": self.message_item(response_id, "in_progress", None)}
+            yield "response.content_part.added", dict(part=part, **where)
+        elif kind == "piece":
+            yield "response.output_text.delta", dict(delta=piece, logprobs=[], **where)
+        elif kind == "call":
+            yield "response.output_item.added", {"output_index": piece, "item": (
+                self.function_call_item(response_id, piece, reply.tool_calls[piece],
+                                        "in_progress"))}
+        elif kind in ("arguments", "call_done"):
+            index = piece[0] if kind == "arguments" else piece
+            item = self.function_call_item(response_id, index, reply.tool_calls[index],
+                                           "completed")
+            where = {"item_id": item["id"], "output_index": index}
+            if kind == "arguments":
+                yield "response.function_call_arguments.delta", dict(delta=piece[1], **where)
             else:
-                yield start + ms, event("response.output_text.done", text=reply.text,
-                                        logprobs=[], **where)
-                yield start + ms, event("response.content_part.done",
-                                        part=dict(part, text=reply.text), **where)
-                yield start + ms, event("response.output_item.done", output_index=0,
-                                        item=self.message_item(response_id, status, reply.text))
-                yield start + ms, event("response." + status, response=response(status, reply))
+                yield "response.function_call_arguments.done", dict(
+                    arguments=item["arguments"], **where)
+                yield "response.output_item.done", {"output_index": index, "item": item}
+        elif kind == "close":
+            if reply.tool_calls is None:
+                yield "response.output_text.done", dict(text=reply.text, logprobs=[], **where)
+                yield "response.content_part.done", dict(part=dict(part, text=reply.text),
+                                                         **where)
+                yield "response.output_item.done", {
+                    "output_index": 0, "item": self.message_item(response_id, status, reply.text)}
+            yield "response." + status, None
 
 
 _OPENAI_RESPONSES = _OpenAIResponses()
@@ -1983,6 +2863,7 @@ class _OpenAIEmbeddings(_OpenAI):
     """OpenAI's embeddings: vectors that are a pure function of the model,
     the text and the dimensions (see _embedding)."""
 
+    name = "openai.embeddings"
     REQUEST = {
         "model": _MODEL,
         "input": _Field(_EMBEDDING_INPUT, _REQUIRED,
@@ -2053,6 +2934,7 @@ def _check_prompt(value, field):
 class _OpenAICompletions(_OpenAI):
     """OpenAI's legacy completions, plain and streamed."""
 
+    name = "openai.completions"
     REQUEST = {
         "model": _MODEL,
         "prompt": _Field(_Check(_check_prompt, {"oneOf": [
@@ -2126,27 +3008,36 @@ _OLLAMA_OPTIONS = {
 }
 
 
+def _check_ollama_format(value, field):
+    if value not in ("", "json") and not isinstance(value, dict):
+        raise _ValidationError(field, 'must be "json" or a JSON Schema')
+    return value
+
+
 class _Ollama(_Surface):
     """Ollama's API: chat and generate (streamed as NDJSON unless "stream":
     false), embed and the older embeddings, and the model list, show, ps and
     version.  Errors are {"error": message}."""
 
+    name = "ollama"
     error_schema = "OllamaError"
     VERSION = "0.12.0"
     MODEL = "dummyllm:latest"
-    DONE = {"end": "stop", "max_tokens": "length", "stop_sequence": "stop"}
+    DONE = {"end": "stop", "max_tokens": "length", "stop_sequence": "stop", "tool_calls": "stop"}
     COMMON = {
         "model": _MODEL,
         "stream": _Field(_Bool(), True, "NDJSON lines as the reply grows (default true)."),
         "options": _Field(_Check(lambda value, field: _given(value, _OLLAMA_OPTIONS, field),
                                  _object_schema(_OLLAMA_OPTIONS)), {}, None),
-        "format": _Field(_Check(lambda value, field: value, {}), None, "Accepted."),
+        "format": _Field(_Check(_check_ollama_format, {"oneOf": [
+            {"enum": ["", "json"]}, {"type": "object"}]}), "",
+            "json, or a JSON Schema: the reply is JSON valid against it."),
         "keep_alive": _Field(_Check(lambda value, field: value, {}), None, "Accepted."),
         **_EXTENSIONS,
     }
     CHAT = {**COMMON, "messages": _Field(_Check(lambda value, field: _check_messages(
         value, field, allow_empty=True), {"type": "array"}), [], "The conversation."),
-            "tools": _Field(_LIST, None, "Accepted.")}
+            "tools": _Field(_TOOLS, (), "Functions the reply may call.")}
     GENERATE = {**COMMON, "prompt": _Field(_Text(), "", "The prompt."),
                 "system": _Field(_Text(), None, "A system prompt.")}
     EMBED = {"model": COMMON["model"],
@@ -2199,9 +3090,12 @@ class _Ollama(_Surface):
                   "embeddings": self.EMBEDDINGS}[kind]
         values = _with_defaults(_given(_json_body(request), fields, None), fields, config)
         options = values["options"]
+        tools = output = None
+        if kind in ("chat", "generate") and values["format"] != "":
+            output = (True if values["format"] == "json" else values["format"]), "format"
         if kind == "chat":
-            messages = [{"role": message["role"], "content": _content_text(message.get("content"))}
-                        for message in values["messages"]]
+            messages = _text_messages(values["messages"])
+            tools = _tool_table(values["tools"], "tools", "function")
         elif kind == "generate":
             messages = [{"role": "user", "content": values["prompt"]}]
             if values["system"] is not None:
@@ -2215,35 +3109,41 @@ class _Ollama(_Surface):
                          max_tokens=max_tokens if max_tokens and max_tokens > 0 else None,
                          stop=options.get("stop", ()), user=None,
                          timeout_ms=values["timeout_ms"], simulate=values["simulate"], kind=kind,
-                         dimensions=values.get("dimensions", 1536))
+                         tools=tools, output=output, dimensions=values.get("dimensions", 1536))
 
     @staticmethod
     def created_at(created):
         return time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime(created))
 
-    def line(self, call, created, text, done=False):
+    def line(self, call, created, text, done=False, tool_calls=None):
         """One answer object: chat's message or generate's response."""
         body = {"model": call.model, "created_at": self.created_at(created)}
         if call.options["kind"] == "generate":
             body["response"] = text
         else:
             body["message"] = {"role": "assistant", "content": text}
+            if tool_calls:
+                body["message"]["tool_calls"] = [
+                    {"id": tool_call["id"], "function": {
+                        "index": index, "name": tool_call["name"],
+                        "arguments": _arguments_object(tool_call)}}
+                    for index, tool_call in tool_calls]
         body["done"] = done
         return body
 
-    def final(self, call, reply, created, text, streamed_ms):
+    def final(self, call, reply, created, text, streamed_ms, tool_calls=None):
         """The last object, with the counts and durations (in ns) of the
         simulated timing: the prompt took the time to the first token, the
         reply token_ms a token."""
         eval_ms = streamed_ms if call.stream else min(
             reply.elapsed_ms, reply.completion_tokens * call.spec.token_ms)
         nanoseconds = 1_000_000
-        body = self.line(call, created, text, done=True)
+        body = self.line(call, created, text, done=True, tool_calls=tool_calls)
         body.update(done_reason=self.DONE[reply.end],
                     total_duration=(reply.elapsed_ms + streamed_ms) * nanoseconds,
                     load_duration=0, prompt_eval_count=reply.prompt_tokens,
-                    prompt_eval_duration=(reply.elapsed_ms + streamed_ms) * nanoseconds
-                    - max(1, eval_ms * nanoseconds),
+                    prompt_eval_duration=max(0, (reply.elapsed_ms + streamed_ms) * nanoseconds
+                                             - max(1, eval_ms * nanoseconds)),
                     eval_count=reply.completion_tokens,
                     eval_duration=max(1, eval_ms * nanoseconds))
         if call.options["kind"] == "generate":
@@ -2260,16 +3160,20 @@ class _Ollama(_Surface):
                     "load_duration": 0, "prompt_eval_count": reply.prompt_tokens,
                     "embeddings": [_embedding(call.model, text, call.options["dimensions"])
                                    for text in texts]}
-        return self.final(call, reply, created, reply.text, 0)
+        return self.final(call, reply, created, reply.text, 0,
+                          list(enumerate(reply.tool_calls or ())))
 
     def stream(self, call, reply, created):
-        pieces = -(-len(reply.text) // 4)
+        pieces = sum(1 for _ in _stream_pieces(reply))
         streamed_ms = max(0, pieces - 1) * call.spec.token_ms
 
         def render(event, piece):
             if event == "piece":
                 return _json_bytes(self.line(call, created, piece)) + b"\n"
-            if event == "open":
+            if event == "call":  # whole, as Ollama streams them
+                return _json_bytes(self.line(call, created, "", tool_calls=[
+                    (piece, reply.tool_calls[piece])])) + b"\n"
+            if event in ("open", "arguments", "call_done"):
                 return b""
             if event == "error":
                 return _json_bytes({"error": call.spec.fail_message or "simulated stream error"}
@@ -2633,7 +3537,7 @@ class _JobStore:
                         weights=plan.weights, n=job.n, script_step=job.step)
         return {
             "id": job.id, "op": spec.op, "args": spec.args, "timeout_ms": spec.timeout_ms,
-            "trace_id": spec.trace_id, "created_at_ms": job.created_at_ms,
+            "trace_id": spec.trace_id, "rule": spec.rule, "created_at_ms": job.created_at_ms,
             "idempotency_key": job.idempotency and job.idempotency[0], "polls": job.polls,
             "callback": spec.callback_url and {"url": spec.callback_url,
                                                "attempts": list(job.callbacks)},
@@ -2865,7 +3769,8 @@ class _Journal:
         "path": {"type": "string"}, "query": {"type": "string"}, "headers": {"type": "object"},
         "body": {"type": "string"}, "body_truncated": {"type": "boolean"},
         "status": {"type": ["integer", "null"]}, "fault": {},
-        "job_id": {"type": ["string", "null"]}, "trace_id": {"type": ["string", "null"]}}}
+        "job_id": {"type": ["string", "null"]}, "trace_id": {"type": ["string", "null"]},
+        "rule": {"type": ["integer", "null"], "description": "The reply rule that matched"}}}
 
     def __init__(self, size):
         self._entries = collections.deque(maxlen=size)
@@ -2886,6 +3791,7 @@ class _Journal:
             "status": status, "fault": fault and fault.to_json(),
             "job_id": request.note.get("job_id"),
             "trace_id": request.note.get("trace_id") or request.headers.get("x-trace-id"),
+            "rule": request.note.get("rule"),
         }
         with self._lock:
             entry["seq"] = next(self._seq)
@@ -3060,7 +3966,7 @@ def _job_request(server, request):
     return _Answer(200, server.store.request_view(request.params["id"]))
 
 
-_SIMULATE_HEADERS = {"X-DummyLLM-Simulate": "A simulate object as JSON, when the body has none",
+_SIMULATE_HEADERS = {_SIMULATE_HEADER: "Simulate settings as JSON; the body's win, field by field",
                      "X-Trace-Id": "The key of seeded sequences and scripts"}
 
 
@@ -3071,7 +3977,7 @@ def _model_call(server, request):
     call = surface.parse(request, server.config)
     spec, plan = server.store.plan_call(call.spec)
     call = call._replace(spec=spec)
-    request.note["trace_id"] = spec.trace_id
+    request.note.update(trace_id=spec.trace_id, rule=spec.rule)
     if call.stream and spec.fault is not None and spec.fault.kind == "dribble":
         raise _ValidationError("simulate.fault", "dribble applies to JSON answers; a stream "
                                "is paced by token_ms")
@@ -3087,8 +3993,9 @@ def _model_call(server, request):
     created = server.clock.wall_ms() // 1000
     if call.stream and spec.fault is None:
         render = surface.stream(call, reply, created)
-        events = ((ms, render(event, piece))
-                  for ms, event, piece in _stream_timeline(reply.text, spec.token_ms, spec.stream))
+        timeline = _stream_timeline(reply, spec.token_ms, spec.stream)
+        events = ((ms, _cut_in_half(render(*piece)) if event == "malformed"
+                   else render(event, piece)) for ms, event, piece in timeline)
         return _Answer(200, at=at_ms, stream=events, content_type=surface.stream_type(call),
                        failure=next(iter(spec.stream)) if spec.stream else None)
     return _Answer(200, surface.answer(call, reply, created), at=at_ms, fault=spec.fault,
@@ -3152,7 +4059,7 @@ def _create_response(server, request):
         if plan.state in _REFUSED_STATES:
             raise _refusal(spec, plan)
         response_id, created_at = "resp_" + secrets.token_hex(6), request.received_wall_ms // 1000
-    request.note["trace_id"] = spec.trace_id
+    request.note.update(trace_id=spec.trace_id, rule=spec.rule)
     if call.stream and spec.fault is not None and spec.fault.kind == "dribble":
         raise _ValidationError("simulate.fault", "dribble applies to JSON answers; a stream "
                                "is paced by token_ms")
@@ -3177,7 +4084,7 @@ def _response_stream(server, request, response_id, events, spec, plan, echo, sta
     """A response's events as an answer: from start_ms (the request's arrival),
     those after starting_after; a background one's end once it is cancelled."""
     def sent(events):
-        for ms, event in events:
+        for ms, event, malformed in events:
             if event["sequence_number"] <= starting_after:
                 continue
             if echo["background"] and event["sequence_number"] > 0:
@@ -3186,7 +4093,8 @@ def _response_stream(server, request, response_id, events, spec, plan, echo, sta
                         return
                 except ApiError:
                     return  # deleted meanwhile
-            yield ms, _sse(event, event["type"])
+            data = _sse(event, event["type"])
+            yield ms, _cut_in_half(data) if malformed else data
     failure = "stall_after" if plan.ends_at_ms is None else (
         next(iter(spec.stream)) if spec.stream else None)
     return _Answer(200, at=request.received_ms if start_ms is None else start_ms,
@@ -3299,9 +4207,28 @@ def _list_scripts(server, request):
     return _Answer(200, {"scripts": server.store.scripts()})
 
 
-@_api("Forget every job, counter, key and journal entry", answers={200: "Removed"})
+@_api("Forget every job, counter, key, journal entry and rule added at run time",
+      answers={200: "Removed"})
 def _reset_server(server, request):
     return _Answer(200, {"removed": server.reset()})
+
+
+@_api("The reply rules, in the order they are tried, and the surfaces they may name",
+      answers={200: "ReplyRules"})
+def _list_rules(server, request):
+    return _Answer(200, {"rules": server.rules(),
+                         "surfaces": [surface.name for surface in _MODEL_SURFACES]})
+
+
+@_api("Add a reply rule after the others", request="ReplyRule", answers={201: "ListedRule"})
+def _add_rule(server, request):
+    return _Answer(201, server.add_rule(_json_body(request)))
+
+
+@_api("Remove the reply rules added at run time (those of --rules stay)",
+      answers={200: "Removed"})
+def _clear_rules(server, request):
+    return _Answer(200, {"removed": {"rules": server.clear_rules()}})
 
 
 @_api("The request journal, oldest first", answers={200: "Journal"}, query={
@@ -3424,12 +4351,17 @@ _ROUTES = (
     _route("GET", "/api/version", _ollama_version, **_OLLAMA_ROUTE),
     _route("GET", "/v1/scripts", _list_scripts, **_CONTROL),
     _route("POST", "/v1/reset", _reset_server, admin=True, **_CONTROL),
+    _route("GET", "/v1/rules", _list_rules, **_CONTROL),
+    _route("POST", "/v1/rules", _add_rule, admin=True, **_CONTROL),
+    _route("DELETE", "/v1/rules", _clear_rules, admin=True, **_CONTROL),
     _route("GET", "/v1/requests", _list_requests, **_UNRECORDED),
     _route("DELETE", "/v1/requests", _clear_requests, admin=True, **_UNRECORDED),
     _route("GET", "/", _dashboard, **_CONTROL),
     _route("GET", "/docs", _docs, **_CONTROL),
     _route("GET", "/openapi.json", _openapi, **_CONTROL),
 )
+# The surfaces that answer model calls; reply rules match them by name.
+_MODEL_SURFACES = tuple(dict.fromkeys(route.surface for route in _ROUTES if route.surface.name))
 
 
 class _Router:
@@ -4123,9 +5055,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_stream(self, answer):
         clock = self.server.clock
         start_ms = clock.now_ms() if answer.at is None else answer.at
-        frames = ((clock.real_ms(start_ms + ms) / 1000, self._chunk(b"".join(
-                   data for _, data in group)))
-                  for ms, group in itertools.groupby(answer.stream, key=operator.itemgetter(0)))
+        # Events at the same time go as one chunk; an empty one would end the body.
+        frames = ((clock.real_ms(start_ms + ms) / 1000, self._chunk(data))
+                  for ms, data in ((ms, b"".join(data for _, data in group)) for ms, group in
+                                   itertools.groupby(answer.stream, key=operator.itemgetter(0)))
+                  if data)
         head = self._head(answer.status, answer.headers, answer.content_type, None)
         self._answered(answer.status)
         if not self.server.streams.write(self.connection, head, frames):
@@ -4398,6 +5332,7 @@ class DummyLLMServer(ThreadingHTTPServer):
         self.router = _Router(_ROUTES)
         self._log_writer = None
         self._log_lock = threading.Lock()
+        self._rules_lock = threading.Lock()
         self._thread = None
         self.stopping = threading.Event()   # wakes handlers that wait to answer
         self.journal = _Journal(self.config.journal_size)
@@ -4589,7 +5524,29 @@ class DummyLLMServer(ThreadingHTTPServer):
         idempotency key and journal entry.  Returns how many of each went."""
         removed = self.store.reset()
         removed["journal_entries"] = self.journal.clear()
+        removed["rules"] = self.clear_rules()
         self._chaos_count = itertools.count()
+        return removed
+
+    def rules(self):
+        """The reply rules, in the order they are tried, as GET /v1/rules lists them."""
+        return [rule.to_json(index) for index, rule in enumerate(self.config.rules)]
+
+    def add_rule(self, rule):
+        """Add a reply rule, {"match": {...}, "simulate": {...}}, after the
+        others; returns it as rules() lists it.  A bad rule raises a
+        ValueError naming the field."""
+        rule = _reply_rule(rule, None, "runtime")
+        with self._rules_lock:  # the rules change with the config, replaced whole
+            self.config = self.config._replace(rules=self.config.rules + (rule,))
+            return rule.to_json(len(self.config.rules) - 1)
+
+    def clear_rules(self):
+        """Remove the rules added at run time; returns how many went."""
+        with self._rules_lock:
+            kept = tuple(rule for rule in self.config.rules if rule.source == "file")
+            removed = len(self.config.rules) - len(kept)
+            self.config = self.config._replace(rules=kept)
         return removed
 
     def log(self, line):
@@ -4716,6 +5673,14 @@ _SCHEMAS = {
         "type": "object", "additionalProperties": {"type": "integer"}}}},
     "Journal": {"type": "object", "properties": {"requests": {
         "type": "array", "items": _Journal.ENTRY_SCHEMA}}},
+    "ReplyRule": _object_schema(_REPLY_RULE_FIELDS, strict=True, example={
+        "match": {"surface": "openai.chat", "text_contains": "weather"},
+        "simulate": {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}}),
+    "ListedRule": {"allOf": [_ref("ReplyRule"), {"type": "object", "properties": {
+        "index": {"type": "integer"}, "source": {"enum": ["file", "runtime"]}}}]},
+    "ReplyRules": {"type": "object", "properties": {
+        "rules": {"type": "array", "items": _ref("ListedRule")},
+        "surfaces": {"type": "array", "items": {"type": "string"}}}},
     "OpenAPI": {"type": "object"},
 }
 

@@ -6,9 +6,14 @@ clock that moves only when a test says so.
 """
 
 import ast
+import asyncio
+import contextlib
+import datetime
+import enum
 import http.client
 import http.server
 import importlib.util
+import io
 import json
 import os
 import re
@@ -22,7 +27,9 @@ import sysconfig
 import tempfile
 import threading
 import time
+import typing
 import unittest
+import uuid
 
 import dummyllm
 
@@ -36,9 +43,44 @@ HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content":
 def spec(**settings):
     """A _JobSpec with test defaults, for the pure simulation functions."""
     fields = dict(op="llm.chat", args={}, timeout_ms=8000, trace_id=None, callback_url=None,
+                  rule=None,
                   **dummyllm._simulate_settings(None, dummyllm.make_config(latency_ms=100)))
     fields.update(settings)
     return dummyllm._JobSpec(**fields)
+
+
+def optional_import(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def needs(module, package, variable):
+    """Skip a test class when its package is missing, unless `variable` is
+    set (.ci/run sets it): then the missing package fails the class."""
+    if module is not None:
+        return lambda cls: cls
+    if not os.environ.get(variable):
+        return unittest.skip(f"the {package} package is not installed (.ci/run installs it)")
+
+    def fail(cls):
+        def setUp(self):
+            self.fail(f"{variable} is set, but {package} is missing")
+        cls.setUp = setUp
+        return cls
+    return fail
+
+
+jsonschema = optional_import("jsonschema")
+pydantic = optional_import("pydantic")
+
+if pydantic is not None:  # a structured answer, as the SDKs and frameworks ask for one
+    class City(pydantic.BaseModel):
+        name: str
+        population: int = pydantic.Field(ge=0)
+        founded: datetime.date
+        districts: typing.List[str] = pydantic.Field(min_length=1)
 
 
 def plan(n=0, seed=1, **settings):
@@ -239,6 +281,63 @@ class ConfigurationTest(unittest.TestCase):
                       " ".join(text.split()))
 
 
+class ReplyRuleTest(unittest.TestCase):
+    """A rule holds when all its match keys hold for the request's facts."""
+
+    def facts(self, messages, **facts):
+        values = dict(surface="openai.chat", path="/v1/chat/completions", model="gpt-4o-mini",
+                      messages=messages, headers={"x-team": "blue"}, trace_id="t-1")
+        values.update(facts)
+        return dummyllm._Facts(**values)
+
+    def holds(self, match, messages=HELLO, **facts):
+        rule = dummyllm._reply_rule({"match": match, "simulate": {}}, None, "runtime")
+        return rule.holds(self.facts(messages, **facts))
+
+    def test_each_match_key(self):
+        tool_round = [*HELLO, {"role": "assistant", "content": ""},
+                      {"role": "tool", "content": "sunny", "tool": "get_weather"}]
+        for match, messages, expected in [
+                ({}, HELLO, True), ({"surface": "openai.chat"}, HELLO, True),
+                ({"surface": "anthropic"}, HELLO, False),
+                ({"path": "/v1/chat/*"}, HELLO, True), ({"path": "/v1/messages"}, HELLO, False),
+                ({"model": "gpt-4o*"}, HELLO, True), ({"model": "claude*"}, HELLO, False),
+                ({"text_contains": "Hell"}, HELLO, True), ({"text_contains": "Be brief"}, HELLO,
+                                                           False),  # the system's, not the user's
+                ({"text_matches": "^H.l+o$"}, HELLO, True), ({"text_matches": "^x"}, HELLO, False),
+                ({"last_role": "user"}, HELLO, True), ({"last_role": "tool"}, tool_round, True),
+                ({"tool_result_for": "get_weather"}, tool_round, True),
+                ({"tool_result_for": "get_weather"}, HELLO, False),
+                ({"header": {"X-Team": "blue"}}, HELLO, True),
+                ({"header": {"X-Team": "red"}}, HELLO, False),
+                ({"trace_id": "t-1"}, HELLO, True),
+                ({"model": "gpt-4o*", "trace_id": "other"}, HELLO, False)]:
+            with self.subTest(match=match):
+                self.assertIs(self.holds(match, messages), expected)
+
+    def test_a_bad_rule_names_the_field(self):
+        for rule, field in [({"match": {"text_matches": "("}, "simulate": {}},
+                             "match.text_matches"),
+                            ({"match": {"surface": "bedrock"}, "simulate": {}}, "match.surface"),
+                            ({"match": {"size": 1}, "simulate": {}}, "match.size"),
+                            ({"simulate": {"mode": "nope"}}, "simulate.mode"),
+                            ({"match": {}}, "simulate"), ([], None),
+                            ({"simulate": {}, "extra": 1}, "extra")]:
+            with self.subTest(rule=rule):
+                with self.assertRaises(dummyllm._ValidationError) as caught:
+                    dummyllm._reply_rule(rule, None, "runtime")
+                self.assertEqual(caught.exception.field, field)
+
+    def test_rules_from_make_config_and_a_file(self):
+        rules = [{"match": {"model": "x"}, "simulate": {"mode": "fail"}}]
+        config = dummyllm.make_config(rules=rules)
+        self.assertEqual([rule.to_json(0) for rule in config.rules],
+                         [{"index": 0, "source": "file", **rules[0]}])
+        with self.assertRaises(ValueError) as caught:
+            dummyllm.make_config(rules=[{"simulate": {"latency_ms": -1}}])
+        self.assertIn("rules[0].simulate.latency_ms", str(caught.exception))
+
+
 # --- Simulation ---------------------------------------------------------------------
 
 class SimulationTest(unittest.TestCase):
@@ -319,17 +418,346 @@ class SimulationTest(unittest.TestCase):
         self.assertEqual(plan(mode="random", weights={"echo": 1}).mode, "echo")
 
     def test_a_stream_timeline_is_lazy_and_ends_as_its_failure_says(self):
-        def events(text, failure=None):
-            return [(ms, event, piece) for ms, event, piece
-                    in dummyllm._stream_timeline(text, 10, failure)]
+        def events(text, failure=None, tool_calls=None):
+            reply = dummyllm._Reply(text, tool_calls, "end", None, 0, 0, 0)
+            return list(dummyllm._stream_timeline(reply, 10, failure))
         self.assertEqual(events("abcdefghi"), [
             (0, "open", None), (0, "piece", "abcd"), (10, "piece", "efgh"),
             (20, "piece", "i"), (20, "close", None)])
         self.assertEqual(events("abcdefghi", {"cut_after": 1})[-1], (0, "piece", "abcd"))
+        self.assertEqual(events("abcdefghi", {"truncate_after": 2})[-1], (10, "piece", "efgh"))
         self.assertEqual(events("abcdefghi", {"error_after": 2})[-1], (20, "error", None))
+        self.assertEqual(events("abcdefghi", {"malformed_after": 1})[-1],
+                         (10, "malformed", ("piece", "efgh")))
         self.assertEqual(events(""), [(0, "open", None), (0, "close", None)])
-        timeline = dummyllm._stream_timeline("x" * 10 ** 7, 1, None)
+        reply = dummyllm._Reply("x" * 10 ** 7, None, "end", None, 0, 0, 0)
+        timeline = dummyllm._stream_timeline(reply, 1, None)
         self.assertEqual(next(timeline), (0, "open", None))  # nothing built ahead
+
+    def test_a_tool_call_streams_its_name_then_its_arguments_in_pieces(self):
+        call = {"id": "call_1", "name": "f", "arguments": {"city": "Paris"}}
+        timeline = list(dummyllm._stream_timeline(
+            dummyllm._Reply("", [call], "tool_calls", None, 0, 0, 0), 10, None))
+        self.assertEqual(timeline[:2], [(0, "open", None), (0, "call", 0)])
+        pieces = [piece for _, event, piece in timeline if event == "arguments"]
+        self.assertGreaterEqual(len(pieces), 2)
+        self.assertEqual("".join(text for _, text in pieces), '{"city": "Paris"}')
+        self.assertEqual([event for _, event, _ in timeline[-2:]], ["call_done", "close"])
+
+
+# JSON Schemas as zod 4 emits them (z.toJSONSchema), and the edge cases of the
+# keywords dummyLLM draws values for; pydantic's come from PYDANTIC_MODELS.
+SCHEMA_CORPUS = {'zod user': {'$schema': 'https://json-schema.org/draft/2020-12/schema',
+              'type': 'object',
+              'properties': {'id': {'type': 'string',
+                                    'format': 'uuid',
+                                    'pattern': '^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[1-8][0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}|00000000-0000-0000-0000-000000000000|ffffffff-ffff-ffff-ffff-ffffffffffff)$'},
+                             'email': {'type': 'string',
+                                       'format': 'email',
+                                       'pattern': "^(?:[A-Za-z0-9_'+\\-]+\\.)*[A-Za-z0-9_'+\\-]*[A-Za-z0-9_+-]@(?:[A-Za-z0-9][A-Za-z0-9\\-]*\\.)+[A-Za-z]{2,}$"},
+                             'name': {'type': 'string', 'minLength': 1, 'maxLength': 40},
+                             'age': {'type': 'integer', 'minimum': 0, 'maximum': 130}},
+              'required': ['id', 'email', 'name'],
+              'additionalProperties': False},
+ 'zod event': {'$schema': 'https://json-schema.org/draft/2020-12/schema',
+               'type': 'object',
+               'properties': {'at': {'type': 'string',
+                                     'format': 'date-time',
+                                     'pattern': '^(?:(?:\\d\\d[2468][048]|\\d\\d[13579][26]|\\d\\d0[48]|[02468][048]00|[13579][26]00)-02-29|\\d{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\\d|30)|(?:02)-(?:0[1-9]|1\\d|2[0-8])))T(?:(?:[01]\\d|2[0-3]):[0-5]\\d:[0-5]\\d(?:\\.\\d+)?(?:Z))$'},
+                              'day': {'type': 'string',
+                                      'format': 'date',
+                                      'pattern': '^(?:(?:\\d\\d[2468][048]|\\d\\d[13579][26]|\\d\\d0[48]|[02468][048]00|[13579][26]00)-02-29|\\d{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\\d|30)|(?:02)-(?:0[1-9]|1\\d|2[0-8])))$'},
+                              'tags': {'minItems': 1,
+                                       'maxItems': 3,
+                                       'type': 'array',
+                                       'items': {'type': 'string'}},
+                              'kind': {'type': 'string', 'enum': ['a', 'b', 'c']}},
+               'required': ['at', 'day', 'tags', 'kind'],
+               'additionalProperties': False},
+ 'zod union': {'$schema': 'https://json-schema.org/draft/2020-12/schema',
+               'type': 'object',
+               'properties': {'value': {'type': ['string', 'number']},
+                              'maybe': {'type': ['string', 'null']},
+                              'literal': {'type': 'string', 'const': 'fixed'}},
+               'required': ['value', 'maybe', 'literal'],
+               'additionalProperties': False},
+ 'zod discriminated': {'$schema': 'https://json-schema.org/draft/2020-12/schema',
+                       'oneOf': [{'type': 'object',
+                                  'properties': {'type': {'type': 'string', 'const': 'circle'},
+                                                 'radius': {'type': 'number',
+                                                            'exclusiveMinimum': 0}},
+                                  'required': ['type', 'radius'],
+                                  'additionalProperties': False},
+                                 {'type': 'object',
+                                  'properties': {'type': {'type': 'string', 'const': 'square'},
+                                                 'side': {'type': 'number',
+                                                          'exclusiveMinimum': 0,
+                                                          'exclusiveMaximum': 10}},
+                                  'required': ['type', 'side'],
+                                  'additionalProperties': False}]},
+ 'zod nested': {'$schema': 'https://json-schema.org/draft/2020-12/schema',
+                'type': 'object',
+                'properties': {'order': {'type': 'object',
+                                         'properties': {'items': {'type': 'array',
+                                                                  'items': {'type': 'object',
+                                                                            'properties': {'sku': {'type': 'string'},
+                                                                                           'qty': {'type': 'integer',
+                                                                                                   'exclusiveMinimum': 0,
+                                                                                                   'maximum': 9007199254740991}},
+                                                                            'required': ['sku',
+                                                                                         'qty'],
+                                                                            'additionalProperties': False}},
+                                                        'total': {'type': 'number',
+                                                                  'multipleOf': 0.01}},
+                                         'required': ['items', 'total'],
+                                         'additionalProperties': False},
+                               'notes': {'default': 'none', 'type': 'string'}},
+                'required': ['order', 'notes'],
+                'additionalProperties': False},
+ 'zod tuple': {'$schema': 'https://json-schema.org/draft/2020-12/schema',
+               'type': 'array',
+               'prefixItems': [{'type': 'string'}, {'type': 'number'}, {'type': 'boolean'}],
+               'items': False,
+               'minItems': 3,
+               'maxItems': 3},
+ 'zod record': {'$schema': 'https://json-schema.org/draft/2020-12/schema',
+                'type': 'object',
+                'propertyNames': {'type': 'string'},
+                'additionalProperties': {'type': 'number'}},
+ 'zod url': {'$schema': 'https://json-schema.org/draft/2020-12/schema',
+             'type': 'object',
+             'properties': {'home': {'type': 'string', 'format': 'uri'},
+                            'when': {'type': 'string',
+                                     'pattern': '^(?:[01]\\d|2[0-3]):[0-5]\\d(?::[0-5]\\d(?:\\.\\d+)?)?$'}},
+             'required': ['home', 'when'],
+             'additionalProperties': False},
+ 'zod intersection': {'$schema': 'https://json-schema.org/draft/2020-12/schema',
+                      'type': 'object',
+                      'properties': {'a': {'type': 'string'}, 'b': {'type': 'number'}},
+                      'required': ['a', 'b'],
+                      'additionalProperties': False},
+ 'zod bigint_like': {'$schema': 'https://json-schema.org/draft/2020-12/schema',
+                     'type': 'object',
+                     'properties': {'n': {'type': 'integer',
+                                          'minimum': 0,
+                                          'maximum': 9007199254740991},
+                                    'f': {'type': 'number', 'minimum': -5, 'maximum': 5}},
+                     'required': ['n', 'f'],
+                     'additionalProperties': False},
+ 'type list with null': {'type': ['string', 'null'], 'minLength': 3},
+ 'draft 4 exclusive flags': {'$schema': 'http://json-schema.org/draft-04/schema#',
+                             'type': 'number',
+                             'minimum': 0,
+                             'exclusiveMinimum': True,
+                             'maximum': 1,
+                             'exclusiveMaximum': True},
+ 'integer multipleOf': {'type': 'integer', 'multipleOf': 7, 'minimum': 10, 'maximum': 30},
+ 'exclusive integer bounds': {'type': 'integer', 'exclusiveMinimum': 5, 'exclusiveMaximum': 7},
+ 'enum of mixed values': {'enum': [1, 'two', None, {'three': 3}]},
+ 'const object': {'const': {'a': [1, 2]}},
+ 'prefixItems and no more': {'type': 'array',
+                             'prefixItems': [{'type': 'string'}, {'type': 'integer'}],
+                             'items': False},
+ 'draft 4 tuple items': {'$schema': 'http://json-schema.org/draft-04/schema#',
+                         'type': 'array',
+                         'items': [{'type': 'boolean'}, {'type': 'null'}],
+                         'additionalItems': False},
+ 'unique enum items': {'type': 'array',
+                       'items': {'enum': ['x', 'y', 'z']},
+                       'minItems': 3,
+                       'uniqueItems': True},
+ 'unique booleans': {'type': 'array',
+                     'items': {'type': 'boolean'},
+                     'minItems': 2,
+                     'uniqueItems': True},
+ 'allOf merge': {'allOf': [{'type': 'object',
+                            'properties': {'a': {'type': 'string'}},
+                            'required': ['a']},
+                           {'properties': {'b': {'type': 'integer', 'minimum': 3}},
+                            'required': ['b']}]},
+ 'anyOf first null': {'anyOf': [{'type': 'null'}, {'type': 'integer', 'minimum': 1}]},
+ 'recursive definitions': {'definitions': {'tree': {'type': 'object',
+                                                    'properties': {'name': {'type': 'string'},
+                                                                   'kids': {'type': 'array',
+                                                                            'items': {'$ref': '#/definitions/tree'}}},
+                                                    'required': ['name', 'kids']}},
+                           '$ref': '#/definitions/tree'},
+ 'additionalProperties schema': {'type': 'object',
+                                 'additionalProperties': {'type': 'integer'},
+                                 'minProperties': 2},
+ 'required without properties': {'type': 'object', 'required': ['x', 'y']},
+ 'strict openai object': {'type': 'object',
+                          'properties': {'name': {'type': 'string'},
+                                         'age': {'type': ['integer', 'null']}},
+                          'required': ['name', 'age'],
+                          'additionalProperties': False},
+ 'examples preferred': {'type': 'string', 'examples': ['first example', 'second']},
+ 'format without type': {'format': 'email'},
+ 'string maxLength short': {'type': 'string', 'maxLength': 2},
+ 'number without bounds': {'type': 'number'},
+ 'negative range': {'type': 'number', 'maximum': -10, 'multipleOf': 0.25},
+ 'empty schema': {},
+ 'true schema': True,
+ 'hostname ipv4 ipv6 duration': {'type': 'object',
+                                 'properties': {'h': {'type': 'string', 'format': 'hostname'},
+                                                'v4': {'type': 'string', 'format': 'ipv4'},
+                                                'v6': {'type': 'string', 'format': 'ipv6'},
+                                                'd': {'type': 'string', 'format': 'duration'}},
+                                 'required': ['h', 'v4', 'v6', 'd']}}
+
+if pydantic is not None:
+    class Address(pydantic.BaseModel):
+        street: str
+        city: str
+        zip: typing.Optional[str] = None
+
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int = pydantic.Field(ge=0, le=150)
+        address: Address
+        emails: typing.List[str] = []
+
+    class Node(pydantic.BaseModel):
+        value: int
+        children: typing.List["Node"] = []
+
+    class Weather(pydantic.BaseModel):
+        city: str
+        unit: typing.Literal["c", "f"] = "c"
+
+    class Colour(str, enum.Enum):
+        red = "red"
+        green = "green"
+
+    class Inventory(pydantic.BaseModel):
+        counts: typing.Dict[str, int]
+        colours: typing.List[Colour]
+
+    class Meeting(pydantic.BaseModel):
+        when: datetime.datetime
+        day: datetime.date
+        id: uuid.UUID
+        link: pydantic.AnyUrl
+
+    class Cat(pydantic.BaseModel):
+        kind: typing.Literal["cat"]
+        lives: int = pydantic.Field(gt=0, lt=10)
+
+    class Dog(pydantic.BaseModel):
+        kind: typing.Literal["dog"]
+        good: bool
+
+    class Pet(pydantic.BaseModel):
+        pet: typing.Union[Cat, Dog] = pydantic.Field(discriminator="kind")
+
+    class Money(pydantic.BaseModel):
+        amount: float = pydantic.Field(multiple_of=0.5, ge=0)
+        currency: str = pydantic.Field(min_length=3, max_length=3)
+
+    class Pair(pydantic.BaseModel):
+        pair: typing.Tuple[int, str]
+        maybe: typing.Optional[float]
+
+    class Tagged(pydantic.BaseModel):
+        tags: typing.List[str] = pydantic.Field(min_length=2, max_length=4)
+        score: typing.Optional[typing.Union[int, str]] = None
+
+    class Order(pydantic.BaseModel):
+        items: typing.List[Address]
+        customer: Person
+        notes: str = pydantic.Field(default="none", examples=["leave at door"])
+
+    PYDANTIC_MODELS = [Address, Person, Node, Weather, Inventory, Meeting, Pet, Money, Pair,
+                       Tagged, Order, City]
+
+
+def draw_for(schema, n=0, seed=7, key="k"):
+    return dummyllm._sample(schema, dummyllm._series(seed, key, n, "json"))
+
+
+class SchemaSamplerTest(unittest.TestCase):
+    """JSON drawn for a schema: deterministic, and a 400 where none can be drawn."""
+
+    def test_the_same_seed_key_and_n_draw_the_same_json(self):
+        schema = SCHEMA_CORPUS["zod nested"]
+        self.assertEqual(draw_for(schema, 3), draw_for(schema, 3))
+        self.assertNotEqual([draw_for(schema, n) for n in range(5)],
+                            [draw_for(schema, n, seed=8) for n in range(5)])
+
+    def test_a_default_then_an_example_is_taken_as_it_is(self):
+        self.assertEqual(draw_for({"type": "string", "default": "d", "examples": ["e"]}), "d")
+        self.assertEqual(draw_for({"type": "string", "examples": ["e", "f"]}), "e")
+
+    def test_a_pattern_is_met_by_a_known_format_or_a_word(self):
+        self.assertEqual(draw_for({"type": "string", "pattern": "^[a-z]+$"}), "alpha")
+        self.assertEqual(draw_for({"type": "string", "pattern": r"^\d\d:\d\d:\d\d$"}), "09:30:00")
+
+    def test_what_cannot_be_drawn_is_a_400_naming_the_schema_path(self):
+        for schema, field in [
+                ({"type": "object", "properties": {"code": {"type": "string",
+                                                            "pattern": r"^\d{3}-[A-Z]{2}$"}}},
+                 "s.properties.code.pattern"),
+                ({"type": "integer", "minimum": 5, "maximum": 4}, "s"),
+                ({"type": "array", "items": False, "minItems": 1}, "s"),
+                ({"properties": {"a": False}, "required": ["a"]}, "s.properties.a"),
+                ({"$ref": "#/$defs/missing"}, "s.$ref"), ({"type": "colour"}, "s.type"),
+                ({"type": "string", "format": "email", "pattern": "^x$"}, "s.pattern"),
+                ({"type": "string", "minLength": "3"}, "s"),
+                ({"$ref": "#"}, "s")]:
+            with self.subTest(schema=schema):
+                with self.assertRaises(dummyllm._ValidationError) as caught:
+                    dummyllm._check_schema(schema, "s")
+                self.assertEqual(caught.exception.field, field)
+
+    def test_recursive_schemas_end(self):
+        value = draw_for(SCHEMA_CORPUS["recursive definitions"])
+        depth = 0
+        while value["kids"]:
+            value, depth = value["kids"][0], depth + 1
+        self.assertLess(depth, 10)
+
+    def test_a_forced_tool_is_called_and_structured_output_is_json(self):
+        tool = {"name": "get_weather", "field": "tools[0].function.parameters",
+                "schema": WEATHER}
+        result = plan(args={"forced_tool": tool}).result
+        self.assertEqual(result["text"], "")
+        [call] = result["tool_calls"]
+        self.assertEqual(call["name"], "get_weather")
+        self.assertRegex(call["id"], r"\Acall_[0-9a-f]{24}\Z")
+        self.assertIn(call["arguments"]["unit"], ("c", "f"))
+        output = {"schema": WEATHER, "field": "response_format"}
+        self.assertEqual(json.loads(plan(args={"output": output}).result["text"]).keys(),
+                         {"city", "unit"})
+        json_object = {"schema": True, "field": "response_format"}
+        self.assertEqual(json.loads(plan(args={"output": json_object, "messages": HELLO})
+                                    .result["text"]), {"text": "Simulated reply to: Hello"})
+
+    def test_simulate_wins_over_what_the_request_asks(self):
+        tool = {"name": "f", "field": "tools", "schema": {}}
+        calls = [{"name": "g", "arguments": "{not json", "id": None}]
+        result = plan(args={"forced_tool": tool}, tool_calls=calls).result
+        self.assertEqual([(call["name"], call["arguments"]) for call in result["tool_calls"]],
+                         [("g", "{not json")])  # sent as given: the agent's error path
+        self.assertEqual(plan(args={"forced_tool": tool}, ok_text="plain").result["text"],
+                         "plain")
+
+
+@needs(jsonschema and pydantic, "jsonschema", "DUMMYLLM_REQUIRE_JSONSCHEMA")
+class SchemaCorpusTest(unittest.TestCase):
+    """Every value drawn validates against its schema, by the jsonschema package."""
+
+    def test_every_schema_of_the_corpus_gets_valid_values(self):
+        corpus = {**SCHEMA_CORPUS, **{"pydantic " + model.__name__: model.model_json_schema()
+                                      for model in PYDANTIC_MODELS}}
+        self.assertGreaterEqual(len(corpus), 40)
+        for name, schema in corpus.items():
+            validator = jsonschema.validators.validator_for(
+                schema, default=jsonschema.Draft202012Validator)
+            validator = validator(schema, format_checker=validator.FORMAT_CHECKER)
+            for n in range(20):
+                with self.subTest(schema=name, n=n):
+                    value = draw_for(schema, n)
+                    self.assertEqual(list(validator.iter_errors(value)), [], value)
 
 
 # --- Job store ------------------------------------------------------------------------
@@ -956,10 +1384,12 @@ class ChatCompletionTest(ChatTestCase):
         self.assertEqual(modes(headers={"X-Trace-Id": "abc"}), expected[:6])
         self.assertEqual(modes(user="abc"), expected[6:])
 
-    def test_simulate_header_and_body(self):
+    def test_simulate_header_and_body_merge_field_by_field(self):
         header = {"X-DummyLLM-Simulate": json.dumps({"mode": "fail", "latency_ms": 0})}
         self.assertEqual(self.chat(headers=header)[0], 500)
-        self.assertEqual(self.chat(headers=header, simulate={"latency_ms": 0})[0], 200)
+        self.assertEqual(self.chat(headers=header, simulate={"mode": "ok"})[0], 200)
+        status, body, _ = self.chat(headers=header, simulate={"fail_message": "from the body"})
+        self.assertEqual((status, body["error"]["message"]), (500, "from the body"))
         status, body, _ = self.chat(headers={"X-DummyLLM-Simulate": "{nope"})
         self.assert_openai_error(status, body, 400, "invalid_request_error",
                                  param="X-DummyLLM-Simulate")
@@ -1116,6 +1546,138 @@ class ChatStreamTest(ChatTestCase):
         self.assertLess(held, 10 * len(text))  # the request, its JSON, the text: not frames
 
 
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"},
+                                            "unit": {"enum": ["c", "f"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+OPENAI_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+                {"type": "function", "function": {"name": "get_time"}}]
+PARIS = [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}]
+
+
+class ChatAgentTest(ChatTestCase):
+    """Tool calls, structured output and the failures SDKs do not raise on."""
+
+    options = {"seed": 5}
+
+    def test_scripted_tool_calls(self):
+        status, body, _ = self.chat(tools=OPENAI_TOOLS, simulate={"tool_calls": PARIS + [
+            {"name": "get_time", "arguments": "{not json", "id": "call_mine"}]})
+        self.assertEqual(status, 200)
+        [choice] = body["choices"]
+        self.assertEqual((choice["finish_reason"], choice["message"]["content"]),
+                         ("tool_calls", None))
+        first, second = choice["message"]["tool_calls"]
+        self.assertRegex(first["id"], r"\Acall_[0-9a-f]{24}\Z")
+        self.assertEqual((first["type"], first["function"]),
+                         ("function", {"name": "get_weather",
+                                       "arguments": '{"city": "Paris", "unit": "c"}'}))
+        self.assertEqual((second["id"], second["function"]["arguments"]),
+                         ("call_mine", "{not json"))  # sent as given
+        fresh = self.start({"latency_ms": 0, "seed": 5})  # a fresh server: the same ids
+        again = self.call("POST", "/v1/chat/completions", {
+            "model": "m", "messages": HELLO, "simulate": {"tool_calls": PARIS}},
+            conn=self.connect(fresh))[1]
+        self.assertEqual(again["choices"][0]["message"]["tool_calls"][0]["id"], first["id"])
+
+    def test_streamed_tool_calls_send_the_name_then_the_arguments_in_pieces(self):
+        events = self.events(self.open_stream(tools=OPENAI_TOOLS, simulate={
+            "tool_calls": PARIS, "token_ms": 0}))
+        deltas = [event["choices"][0]["delta"] for event in events[:-1] if event["choices"]]
+        self.assertEqual(deltas[0], {"role": "assistant", "content": None})
+        opening = deltas[1]["tool_calls"][0]
+        self.assertEqual((opening["index"], opening["function"]), (0, {
+            "name": "get_weather", "arguments": ""}))
+        pieces = [delta["tool_calls"][0]["function"]["arguments"] for delta in deltas[2:-1]]
+        self.assertGreaterEqual(len(pieces), 2)
+        self.assertEqual(json.loads("".join(pieces)), PARIS[0]["arguments"])
+        self.assertEqual(events[-2]["choices"][0]["finish_reason"], "tool_calls")
+        self.assertEqual(events[-1], "[DONE]")
+
+    def test_a_forced_tool_is_called_with_arguments_from_its_schema(self):
+        for choice, name in [("required", "get_weather"),
+                             ({"type": "function", "function": {"name": "get_time"}}, "get_time")]:
+            with self.subTest(choice=choice):
+                body = self.chat(tools=OPENAI_TOOLS, tool_choice=choice)[1]
+                [call] = body["choices"][0]["message"]["tool_calls"]
+                arguments = json.loads(call["function"]["arguments"])
+                self.assertEqual(call["function"]["name"], name)
+                if name == "get_weather":
+                    self.assertEqual(set(arguments), {"city", "unit"})
+                    self.assertIn(arguments["unit"], ("c", "f"))
+        self.assertEqual(self.chat(tools=OPENAI_TOOLS)[1]["choices"][0]["finish_reason"], "stop")
+        for body, param in [
+                ({"tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                 "tool_choice.function.name"),
+                ({"tool_choice": "required", "tools": []}, "tool_choice"),
+                ({"tools": [{"type": "function", "function": {"name": 5}}]},
+                 "tools[0].function.name")]:
+            with self.subTest(body=body):
+                status, error, _ = self.chat(**{"tools": OPENAI_TOOLS, **body})
+                self.assert_openai_error(status, error, 400, "invalid_request_error", param=param)
+
+    def test_structured_output_is_json_valid_against_the_schema(self):
+        body = self.chat(response_format={"type": "json_schema", "json_schema": {
+            "name": "weather", "strict": True, "schema": WEATHER}})[1]
+        value = json.loads(body["choices"][0]["message"]["content"])
+        self.assertEqual(set(value), {"city", "unit"})
+        body = self.chat(response_format={"type": "json_object"})[1]
+        self.assertIsInstance(json.loads(body["choices"][0]["message"]["content"]), dict)
+        status, error, _ = self.chat(response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {
+                "code": {"type": "string", "pattern": "^[0-9]{3}$"}}}}})
+        self.assert_openai_error(status, error, 400, "invalid_request_error",
+                                 param="response_format.json_schema.schema.properties.code"
+                                       ".pattern")
+        self.assertEqual(self.chat(response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "string", "pattern": "^[0-9]{3}$"}}},
+            simulate={"ok_text": "123"})[1]["choices"][0]["message"]["content"], "123")
+
+    def test_a_script_drives_one_tool_round_then_a_final_answer(self):
+        simulate = {"script": [{"tool_calls": PARIS}, {"ok_text": "Sunny in Paris"}]}
+        headers = {"X-Trace-Id": "agent-1"}
+        first = self.chat(headers=headers, tools=OPENAI_TOOLS, simulate=simulate)[1]
+        call = first["choices"][0]["message"]["tool_calls"][0]
+        messages = [*HELLO, first["choices"][0]["message"],
+                    {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
+        second = self.chat(headers=headers, tools=OPENAI_TOOLS, messages=messages,
+                           simulate=simulate)[1]
+        self.assertEqual((second["choices"][0]["message"]["content"],
+                          second["choices"][0]["finish_reason"]), ("Sunny in Paris", "stop"))
+
+    def test_truncate_after_ends_the_stream_cleanly_without_the_finish(self):
+        response = self.open_stream(simulate={"token_ms": 0, "stream": {"truncate_after": 2}})
+        events = self.events(response)
+        self.assertEqual([event["choices"][0]["delta"].get("content") for event in events],
+                         ["", "Simu", "late"])
+        self.assertTrue(all(event["choices"][0]["finish_reason"] is None for event in events))
+        self.assertFalse(response.will_close)  # the body ended properly: the connection lives
+        self.assertEqual(self.chat()[0], 200)
+
+    def test_malformed_after_cuts_the_next_events_json_in_half(self):
+        response = self.open_stream(simulate={"token_ms": 0, "stream": {"malformed_after": 1}})
+        data = [line[6:].strip() for line in response.read().splitlines()
+                if line.startswith(b"data: ")]
+        self.assertEqual(len(data), 3)
+        json.loads(data[1])
+        with self.assertRaises(ValueError):
+            json.loads(data[2])
+        self.assertEqual(self.chat()[0], 200)
+
+    def test_a_prompt_over_the_context_window(self):
+        status, body, _ = self.chat(simulate={"context_window": 4})  # HELLO is 3 + 2 tokens
+        self.assert_openai_error(status, body, 400, "invalid_request_error", param="messages",
+                                 code="context_length_exceeded")
+        self.assertIn("5 tokens > 4", body["error"]["message"])
+        self.assertEqual(self.chat(simulate={"context_window": 5})[0], 200)
+
+    def test_quota_exhausted_is_a_429_without_retry_headers(self):
+        status, body, response = self.chat(simulate={"mode": "quota_exhausted"})
+        self.assert_openai_error(status, body, 429, "insufficient_quota",
+                                 code="insufficient_quota")
+        self.assertEqual([name for name, _ in response.getheaders()
+                          if name.lower().startswith(("retry-after", "x-ratelimit"))], [])
+
+
 class ApiKeyTest(ChatTestCase):
     options = {"api_key": "sk-test"}
 
@@ -1128,29 +1690,6 @@ class ApiKeyTest(ChatTestCase):
         self.assertEqual(self.call("GET", "/v1/models")[0], 401)
         self.assertEqual(self.chat(headers={"Authorization": "Bearer sk-test"})[0], 200)
         self.assertEqual(self.call("GET", "/health")[0], 200)  # the job API is open
-
-
-def optional_import(name):
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
-def needs(module, package, variable):
-    """Skip a test class when its package is missing, unless `variable` is
-    set (.ci/run sets it): then the missing package fails the class."""
-    if module is not None:
-        return lambda cls: cls
-    if not os.environ.get(variable):
-        return unittest.skip(f"the {package} package is not installed (.ci/run installs it)")
-
-    def fail(cls):
-        def setUp(self):
-            self.fail(f"{variable} is set, but {package} is missing")
-        cls.setUp = setUp
-        return cls
-    return fail
 
 
 openai = optional_import("openai")
@@ -1180,6 +1719,41 @@ class OpenAISDKTest(ChatTestCase):
         self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
                          "Simulated reply to: Hello")
         self.assertEqual(chunks[-1].usage.total_tokens, 12)
+
+    def test_parse_with_no_simulate_gives_the_model(self):
+        completion = self.client().chat.completions.parse(model="gpt-4o", messages=HELLO,
+                                                          response_format=City)
+        self.assertIsInstance(completion.choices[0].message.parsed, City)
+
+    def test_a_streamed_tool_call(self):
+        tools = [{"type": "function", "function": {"name": "get_weather",
+                                                   "parameters": WEATHER, "strict": True}}]
+        with self.client().chat.completions.stream(
+                model="m", messages=HELLO, tools=tools, tool_choice="required",
+                extra_body={"simulate": {"token_ms": 1}}) as stream:
+            completion = stream.get_final_completion()
+        [call] = completion.choices[0].message.tool_calls
+        self.assertEqual(set(json.loads(call.function.arguments)), {"city", "unit"})
+        self.assertEqual(completion.choices[0].finish_reason, "tool_calls")
+
+    def test_a_truncated_stream_raises_nothing(self):
+        stream = self.client().chat.completions.create(
+            model="m", messages=HELLO, stream=True,
+            extra_body={"simulate": {"token_ms": 0, "stream": {"truncate_after": 2}}})
+        chunks = list(stream)  # no error: the caller's code has to notice
+        self.assertEqual("".join(chunk.choices[0].delta.content or "" for chunk in chunks),
+                         "Simulate")
+        self.assertEqual({chunk.choices[0].finish_reason for chunk in chunks}, {None})
+
+    def test_quota_exhausted_is_retried_by_the_sdk_unless_told(self):
+        with self.assertRaises(openai.RateLimitError) as caught:
+            self.client(max_retries=2).chat.completions.create(
+                model="m", messages=HELLO, extra_headers={"X-Trace-Id": "quota"},
+                extra_body={"simulate": {"mode": "quota_exhausted"}})
+        self.assertEqual(caught.exception.code, "insufficient_quota")
+        # The SDK retries it (with backoff, no retry headers to go by): a client
+        # that must not retry it has to check the code itself.
+        self.assertEqual(len(self.journal("?trace_id=quota")), 3)
 
     def test_sdk_retries_429_honouring_retry_after_ms(self):
         with self.assertRaises(openai.RateLimitError):
@@ -1354,6 +1928,57 @@ class ResponsesTest(ServerTestCase):
         self.assertEqual((status, body["error"]["param"]), (400, "input"))
 
 
+class ResponsesAgentTest(ResponsesTest):
+    """Function calls and structured output in the Responses API."""
+
+    TOOLS = [{"type": "function", "name": "get_weather", "parameters": WEATHER},
+             {"type": "web_search"}]  # a built-in tool, which has no name
+
+    def test_function_call_items(self):
+        body = self.respond(tools=self.TOOLS, tool_choice="required")[1]
+        [item] = body["output"]
+        self.assertEqual((item["type"], item["status"], item["name"]),
+                         ("function_call", "completed", "get_weather"))
+        self.assertRegex(item["call_id"], r"\Acall_[0-9a-f]{24}\Z")
+        self.assertEqual(set(json.loads(item["arguments"])), {"city", "unit"})
+        body = self.respond(tools=self.TOOLS, tool_choice={"type": "function",
+                                                           "name": "get_weather"},
+                            simulate={"tool_calls": PARIS})[1]
+        self.assertEqual(json.loads(body["output"][0]["arguments"]), PARIS[0]["arguments"])
+
+    def test_streamed_function_call_events(self):
+        events = self.stream(tools=self.TOOLS, simulate={"tool_calls": PARIS, "token_ms": 0})
+        names = [name for name, _ in events]
+        self.assertEqual(names[:3], ["response.created", "response.in_progress",
+                                     "response.output_item.added"])
+        self.assertEqual(names[-3:], ["response.function_call_arguments.done",
+                                      "response.output_item.done", "response.completed"])
+        deltas = [data["delta"] for name, data in events
+                  if name == "response.function_call_arguments.delta"]
+        self.assertGreaterEqual(len(deltas), 2)
+        done = events[-3][1]
+        self.assertEqual(("".join(deltas), done["output_index"]), (done["arguments"], 0))
+        self.assertEqual(events[2][1]["item"]["arguments"], "")
+        self.assertEqual([data["sequence_number"] for _, data in events],
+                         list(range(len(events))))
+
+    def test_text_format_json_schema(self):
+        body = self.respond(text={"format": {"type": "json_schema", "name": "w",
+                                             "schema": WEATHER, "strict": True}})[1]
+        self.assertEqual(set(json.loads(body["output"][0]["content"][0]["text"])),
+                         {"city", "unit"})
+        status, error, _ = self.respond(text={"format": {"type": "json_schema", "name": "w",
+                                                         "schema": {"type": "wrong"}}})
+        self.assertEqual((status, error["error"]["param"]), (400, "text.format.schema.type"))
+
+    def test_truncate_after_leaves_out_the_completed_event(self):
+        events = self.stream(simulate={"token_ms": 0, "stream": {"truncate_after": 2}})
+        names = [name for name, _ in events]
+        self.assertEqual(names.count("response.output_text.delta"), 2)
+        self.assertNotIn("response.completed", names)
+        self.assertEqual(self.respond()[0], 200)  # the same connection, still good
+
+
 class EmbeddingsTest(ServerTestCase):
 
     def embed(self, server=None, **body):
@@ -1495,6 +2120,42 @@ class OllamaTest(ServerTestCase):
             self.conn.getresponse().read()
 
 
+class OllamaAgentTest(OllamaTest):
+    """Tool calls (arguments as an object), format, and a truncated stream."""
+
+    def test_tool_calls_plain_and_streamed(self):
+        ask = {"model": "llama3.2", "messages": [{"role": "user", "content": "Weather?"}],
+               "tools": OPENAI_TOOLS}
+        status, body, _ = self.call("POST", "/api/chat", {**ask, "stream": False, "simulate": {
+            "tool_calls": PARIS}})
+        self.assertEqual(status, 200)
+        [call] = body["message"]["tool_calls"]
+        self.assertEqual(call["function"]["arguments"], PARIS[0]["arguments"])
+        lines = self.lines("/api/chat", **ask, simulate={"tool_calls": PARIS, "token_ms": 0})
+        self.assertEqual(lines[0]["message"]["tool_calls"][0]["function"]["name"],
+                         "get_weather")
+        self.assertEqual((lines[-1]["done"], lines[-1]["done_reason"]), (True, "stop"))
+
+    def test_format_json_and_a_schema(self):
+        ask = {"model": "llama3.2", "stream": False, "messages": [{"role": "user",
+                                                                  "content": "Weather?"}]}
+        body = self.call("POST", "/api/chat", {**ask, "format": WEATHER})[1]
+        self.assertEqual(set(json.loads(body["message"]["content"])), {"city", "unit"})
+        body = self.call("POST", "/api/generate", {"model": "m", "prompt": "x", "stream": False,
+                                                   "format": "json"})[1]
+        self.assertIsInstance(json.loads(body["response"]), dict)
+        status, body, _ = self.call("POST", "/api/generate", {"model": "m", "prompt": "x",
+                                                              "format": "yaml"})
+        self.assertEqual((status, body), (400, {"error": 'format must be "json" or a JSON '
+                                                         'Schema'}))
+
+    def test_truncate_after_leaves_out_the_done_line(self):
+        lines = self.lines("/api/chat", model="m", messages=[{"role": "user", "content": "Hi"}],
+                           simulate={"token_ms": 0, "stream": {"truncate_after": 3}})
+        self.assertEqual(len(lines), 3)
+        self.assertTrue(all(line["done"] is False for line in lines))
+
+
 # --- Wire formats: Anthropic Messages -------------------------------------------------------
 
 def sse_events(response):
@@ -1634,6 +2295,69 @@ class AnthropicMessagesTest(AnthropicTestCase):
                                                "X-Trace-Id": "t1"})[0], 429)
 
 
+class AnthropicToolUseTest(AnthropicTestCase):
+    """tool_use blocks, streamed as Anthropic streams them, and the errors apps must handle."""
+
+    TOOLS = [{"name": "get_weather", "input_schema": WEATHER}, {"name": "get_time",
+                                                                "input_schema": {
+                                                                    "type": "object"}}]
+
+    def test_tool_use_blocks(self):
+        body = self.message(tools=self.TOOLS, tool_choice={"type": "tool", "name": "get_time"})[1]
+        self.assertEqual(body["stop_reason"], "tool_use")
+        [block] = body["content"]
+        self.assertEqual((block["type"], block["name"], block["input"]),
+                         ("tool_use", "get_time", {}))
+        body = self.message(tools=self.TOOLS, tool_choice={"type": "any"})[1]
+        self.assertEqual(set(body["content"][0]["input"]), {"city", "unit"})
+        status, error, response = self.message(tools=self.TOOLS, tool_choice={
+            "type": "tool", "name": "nope"})
+        self.assert_anthropic_error(status, error, response, 400, "invalid_request_error")
+        self.assertIn("tool_choice.name", error["error"]["message"])
+
+    def test_streamed_tool_use(self):
+        events = sse_events(self.open_stream(tools=self.TOOLS, simulate={
+            "tool_calls": PARIS, "token_ms": 0}))
+        names = [name for name, _ in events]
+        self.assertEqual(names[:3], ["message_start", "ping", "content_block_start"])
+        self.assertEqual(events[2][1]["content_block"]["input"], {})
+        deltas = [data["delta"] for name, data in events if name == "content_block_delta"]
+        self.assertGreaterEqual(len(deltas), 2)
+        self.assertEqual({delta["type"] for delta in deltas}, {"input_json_delta"})
+        self.assertEqual(json.loads("".join(delta["partial_json"] for delta in deltas)),
+                         PARIS[0]["arguments"])
+        self.assertEqual(names[-3:], ["content_block_stop", "message_delta", "message_stop"])
+        self.assertEqual(events[-2][1]["delta"]["stop_reason"], "tool_use")
+
+    def test_a_tool_result_is_the_last_turn(self):
+        self.call("POST", "/v1/rules", {"match": {"tool_result_for": "get_weather",
+                                                  "last_role": "tool"},
+                                        "simulate": {"ok_text": "Sunny"}})
+        messages = [*self.ASK, {"role": "assistant", "content": [{
+            "type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": "sunny"}]}]
+        self.assertEqual(self.message(messages=messages)[1]["content"][0]["text"], "Sunny")
+
+    def test_truncate_after_leaves_out_message_stop(self):
+        events = sse_events(self.open_stream(simulate={"token_ms": 0,
+                                                       "stream": {"truncate_after": 2}}))
+        names = [name for name, _ in events]
+        self.assertEqual(names.count("content_block_delta"), 2)
+        self.assertNotIn("message_stop", names)
+        self.assertNotIn("message_delta", names)
+
+    def test_the_context_window_and_the_spend_limit(self):
+        status, body, response = self.message(simulate={"context_window": 1})
+        self.assert_anthropic_error(status, body, response, 400, "invalid_request_error")
+        self.assertTrue(body["error"]["message"].startswith("prompt is too long"))
+        status, body, response = self.message(simulate={"mode": "quota_exhausted"})
+        self.assert_anthropic_error(status, body, response, 429, "rate_limit_error")
+        self.assertEqual(body["error"]["details"],
+                         {"error_code": "enforced_spend_limit_reached"})
+        self.assertIsNone(response.getheader("retry-after"))
+
+
 class AnthropicKeyTest(AnthropicTestCase):
     options = {"api_key": "sk-ant"}
 
@@ -1665,6 +2389,12 @@ class GeminiTestCase(ServerTestCase):
         return self.call("POST", f"/{version}/models/{model}:{call}{query}",
                          {**ASK_GEMINI, **body}, headers=headers)
 
+    def stream(self, query="?alt=sse", **simulate):
+        self.conn.request("POST", f"/v1beta/models/g:streamGenerateContent{query}",
+                          json.dumps({**ASK_GEMINI, "simulate": {"latency_ms": 0, "token_ms": 0,
+                                                                 **simulate}}))
+        return self.conn.getresponse()
+
     def assert_google_error(self, status, body, expected_status, google_status):
         self.assertEqual(status, expected_status, body)
         self.assertEqual((body["error"]["code"], body["error"]["status"]),
@@ -1695,12 +2425,6 @@ class GeminiTest(GeminiTestCase):
         self.assertEqual(body["candidates"][0]["content"]["parts"][0]["text"], "Simu")
         body = self.generate(generationConfig={"stopSequences": ["reply"]})[1]
         self.assertEqual(body["candidates"][0]["content"]["parts"][0]["text"], "Simulated ")
-
-    def stream(self, query="?alt=sse", **simulate):
-        self.conn.request("POST", f"/v1beta/models/g:streamGenerateContent{query}",
-                          json.dumps({**ASK_GEMINI, "simulate": {"latency_ms": 0, "token_ms": 0,
-                                                                 **simulate}}))
-        return self.conn.getresponse()
 
     def test_stream_as_server_sent_events(self):
         response = self.stream()
@@ -1759,6 +2483,64 @@ class GeminiTest(GeminiTestCase):
         self.assertEqual(response.getheader("retry-after"), "2")
 
 
+class GeminiFunctionCallTest(GeminiTestCase):
+    """functionCall parts, responseSchema, and the errors apps must handle."""
+
+    TOOLS = [{"functionDeclarations": [
+        {"name": "get_weather", "parameters": {
+            "type": "OBJECT", "properties": {"city": {"type": "STRING"},
+                                             "unit": {"type": "STRING", "enum": ["c", "f"]}},
+            "required": ["city", "unit"]}},
+        {"name": "get_time", "parameters_json_schema": {"type": "object", "properties": {
+            "zone": {"type": "string"}}, "required": ["zone"]}}]}]
+
+    def test_mode_any_calls_a_function(self):
+        for config, name, keys in [({"mode": "ANY"}, "get_weather", {"city", "unit"}),
+                                   ({"mode": "ANY", "allowedFunctionNames": ["get_time"]},
+                                    "get_time", {"zone"})]:
+            with self.subTest(config=config):
+                body = self.generate(tools=self.TOOLS, toolConfig={
+                    "functionCallingConfig": config})[1]
+                [part] = body["candidates"][0]["content"]["parts"]
+                self.assertEqual((part["functionCall"]["name"], set(part["functionCall"]["args"])),
+                                 (name, keys))
+                self.assertEqual(body["candidates"][0]["finishReason"], "STOP")
+        body = self.generate(tools=self.TOOLS)[1]  # AUTO: text
+        self.assertIn("text", body["candidates"][0]["content"]["parts"][0])
+
+    def test_a_streamed_function_call_comes_whole(self):
+        self.conn.request("POST", "/v1beta/models/g:streamGenerateContent?alt=sse", json.dumps({
+            **ASK_GEMINI, "tools": self.TOOLS, "simulate": {"token_ms": 0, "tool_calls": PARIS}}))
+        events = sse_events(self.conn.getresponse())
+        self.assertEqual(events[0][1]["candidates"][0]["content"]["parts"][0]["functionCall"][
+            "args"], PARIS[0]["arguments"])
+        self.assertEqual(events[-1][1]["candidates"][0]["finishReason"], "STOP")
+
+    def test_response_schema_and_json_mime_type(self):
+        schema = self.TOOLS[0]["functionDeclarations"][0]["parameters"]
+        body = self.generate(generationConfig={"responseMimeType": "application/json",
+                                               "responseSchema": schema})[1]
+        text = body["candidates"][0]["content"]["parts"][0]["text"]
+        self.assertEqual(set(json.loads(text)), {"city", "unit"})
+        body = self.generate(generationConfig={"responseMimeType": "application/json"})[1]
+        self.assertIsInstance(json.loads(body["candidates"][0]["content"]["parts"][0]["text"]),
+                              dict)
+
+    def test_truncate_after_leaves_out_the_finish(self):
+        response = self.stream(stream={"truncate_after": 2})
+        events = sse_events(response)
+        self.assertEqual(len(events), 2)
+        self.assertTrue(all("finishReason" not in data["candidates"][0] for _, data in events))
+
+    def test_the_context_window_and_the_quota(self):
+        status, body, _ = self.generate(simulate={"context_window": 1})
+        self.assert_google_error(status, body, 400, "INVALID_ARGUMENT")
+        status, body, response = self.generate(simulate={"mode": "quota_exhausted"})
+        self.assert_google_error(status, body, 429, "RESOURCE_EXHAUSTED")
+        self.assertNotIn("details", body["error"])  # no RetryInfo: do not retry
+        self.assertIsNone(response.getheader("retry-after"))
+
+
 class GeminiKeyTest(GeminiTestCase):
     options = {"api_key": "g-key"}
 
@@ -1785,8 +2567,23 @@ class AnthropicSDKTest(AnthropicTestCase):
         self.addCleanup(client.close)
         return client
 
+    def test_a_streamed_tool_use_and_the_spend_limit(self):
+        tools = [{"name": "get_weather", "description": "Weather", "input_schema": WEATHER}]
+        with self.client().messages.stream(model="claude-test", max_tokens=100,
+                                           messages=self.ASK, tools=tools,
+                                           tool_choice={"type": "any"}) as stream:
+            message = stream.get_final_message()
+        self.assertEqual(message.stop_reason, "tool_use")
+        self.assertEqual(set(message.content[0].input), {"city", "unit"})
+        with self.assertRaises(anthropic.RateLimitError) as caught:
+            self.client().messages.create(model="m", max_tokens=10, messages=self.ASK,
+                                          extra_body={"simulate": {"mode": "quota_exhausted"}})
+        self.assertEqual(type(caught.exception).__name__,
+                         getattr(anthropic, "EnforcedSpendLimitReachedError",
+                                 anthropic.RateLimitError).__name__)
+
     def test_create(self):
-        message = self.client().messages.create(model="claude-sonnet-4-5", max_tokens=100,
+        message = self.client().messages.create(model="claude-test", max_tokens=100,
                                                 messages=self.ASK)
         self.assertEqual((message.content[0].text, message.stop_reason, message.usage.output_tokens),
                          ("Simulated reply to: Hello", "end_turn", 7))
@@ -1848,6 +2645,25 @@ class GoogleGenAISDKTest(GeminiTestCase):
     def simulate(self, **settings):
         return genai.types.GenerateContentConfig(http_options=genai.types.HttpOptions(
             extra_body={"simulate": settings}))
+
+    def test_function_calling_mode_any_and_a_response_schema(self):
+        def get_weather(city: str) -> str:
+            """The weather of a city."""
+            return "sunny"
+        types = genai.types
+        response = self.client().models.generate_content(
+            model="gemini-2.5-flash", contents="Weather in Paris?",
+            config=types.GenerateContentConfig(
+                tools=[get_weather],
+                automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+                tool_config=types.ToolConfig(function_calling_config=types.FunctionCallingConfig(
+                    mode="ANY"))))
+        [call] = response.function_calls
+        self.assertEqual((call.name, set(call.args)), ("get_weather", {"city"}))
+        response = self.client().models.generate_content(
+            model="gemini-2.5-flash", contents="A city?", config=types.GenerateContentConfig(
+                response_mime_type="application/json", response_schema=City))
+        self.assertIsInstance(response.parsed, City)
 
     def test_generate_content(self):
         response = self.client().models.generate_content(model="gemini-2.5-flash",
@@ -1933,14 +2749,39 @@ class OpenAIAgentsTest(ServerTestCase):
     """The openai-agents default Runner, on the Responses API."""
 
     def test_the_default_runner(self):
-        client = openai.AsyncOpenAI(base_url=self.server.url + "/v1", api_key="x",
-                                    max_retries=0)
-        agents.set_default_openai_client(client, use_for_tracing=False)
-        agents.set_tracing_disabled(True)
-        result = agents.Runner.run_sync(agents.Agent(name="helper", instructions="Be brief."),
-                                        "Hello")
-        self.assertEqual(result.final_output, "Simulated reply to: Hello")
+        async def run():
+            async with openai.AsyncOpenAI(base_url=self.server.url + "/v1", api_key="x",
+                                          max_retries=0) as client:
+                agents.set_default_openai_client(client, use_for_tracing=False)
+                agents.set_tracing_disabled(True)
+                return await agents.Runner.run(agents.Agent(name="helper",
+                                                            instructions="Be brief."), "Hello")
+        self.assertEqual(asyncio.run(run()).final_output, "Simulated reply to: Hello")
         self.assertEqual([entry["path"] for entry in self.journal()], ["/v1/responses"])
+
+    def test_a_function_tool_loop(self):
+        calls = []
+
+        @agents.function_tool
+        def get_weather(city: str) -> str:
+            """The weather of a city."""
+            calls.append(city)
+            return "sunny"
+        script = {"script": [{"tool_calls": PARIS[:1]}, {"ok_text": "Sunny in Paris"}]}
+
+        async def run(model):
+            async with openai.AsyncOpenAI(
+                    base_url=self.server.url + "/v1", api_key="x", max_retries=0,
+                    default_headers={"X-Trace-Id": model.__name__,
+                                     "X-DummyLLM-Simulate": json.dumps(script)}) as client:
+                agent = agents.Agent(name="weather", tools=[get_weather],
+                                     model=model(model="gpt-4o", openai_client=client))
+                return await agents.Runner.run(agent, "Weather in Paris?", run_config=(
+                    agents.RunConfig(tracing_disabled=True)))
+        for model in (agents.OpenAIResponsesModel, agents.OpenAIChatCompletionsModel):
+            with self.subTest(model=model.__name__):
+                self.assertEqual(asyncio.run(run(model)).final_output, "Sunny in Paris")
+        self.assertEqual(calls, ["Paris", "Paris"])
 
 
 @needs(ollama, "ollama", "DUMMYLLM_REQUIRE_OLLAMA")
@@ -1950,7 +2791,25 @@ class OllamaSDKTest(ServerTestCase):
     ASK = [{"role": "user", "content": "Hello"}]
 
     def client(self, **options):
-        return ollama.Client(host=self.server.url, **options)
+        client = ollama.Client(host=self.server.url, **options)
+        self.addCleanup(client.close)
+        return client
+
+    def test_tool_calls_and_format(self):
+        def get_weather(city: str) -> str:
+            """The weather of a city."""
+            return "sunny"
+        scripted = {"X-DummyLLM-Simulate": json.dumps({"tool_calls": PARIS[:1]})}
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                answer = self.client(headers=scripted).chat(
+                    model="llama3.2", messages=self.ASK, tools=[get_weather], stream=stream)
+                message = (answer if not stream else next(iter(answer))).message
+                self.assertEqual(message.tool_calls[0].function.arguments,
+                                 PARIS[0]["arguments"])
+        answer = self.client().chat(model="llama3.2", messages=self.ASK,
+                                    format=City.model_json_schema())
+        self.assertIsInstance(City.model_validate_json(answer.message.content), City)
 
     def test_chat_plain_and_streamed(self):
         self.assertEqual(self.client().chat(model="llama3.2", messages=self.ASK).message.content,
@@ -1977,6 +2836,102 @@ class OllamaSDKTest(ServerTestCase):
                 model="m", messages=self.ASK)
         self.assertIn("Timeout", type(caught.exception).__name__)
         self.assertLess(time.monotonic() - started, 2)
+
+
+# --- Wire formats: agent frameworks, unchanged ------------------------------------------
+
+pydantic_ai = optional_import("pydantic_ai")
+langchain_openai = optional_import("langchain_openai")
+instructor = optional_import("instructor")
+
+
+@needs(pydantic_ai, "pydantic-ai", "DUMMYLLM_REQUIRE_PYDANTIC_AI")
+class PydanticAITest(ServerTestCase):
+    """pydantic-ai's Agent on the OpenAI chat model."""
+
+    def run_agent(self, prompt, headers=None, **options):
+        """The output of an Agent's run, its client closed after."""
+        from pydantic_ai.models.openai import OpenAIChatModel
+        from pydantic_ai.providers.openai import OpenAIProvider
+
+        async def run():
+            async with openai.AsyncOpenAI(base_url=self.server.url + "/v1", api_key="x",
+                                          max_retries=0, default_headers=headers) as client:
+                agent = pydantic_ai.Agent(OpenAIChatModel("gpt-4o", provider=OpenAIProvider(
+                    openai_client=client)), **options)
+                return (await agent.run(prompt)).output
+        return asyncio.run(run())
+
+    def test_an_agent_calls_its_tool_on_a_scripted_tool_call_and_finishes(self):
+        script = {"script": [{"tool_calls": PARIS[:1]}, {"ok_text": "Sunny in Paris"}]}
+        calls = []
+
+        def get_weather(city: str, unit: str) -> str:
+            calls.append((city, unit))
+            return "sunny"
+        output = self.run_agent("Weather in Paris?", tools=[get_weather], headers={
+            "X-Trace-Id": "pydantic-ai-1", "X-DummyLLM-Simulate": json.dumps(script)})
+        self.assertEqual(output, "Sunny in Paris")
+        self.assertEqual(calls, [("Paris", "c")])
+
+    def test_output_type_works_with_no_simulate_at_all(self):
+        self.assertIsInstance(self.run_agent("A city?", output_type=City), City)
+
+    def test_reply_rules_drive_the_loop_with_no_header(self):
+        self.server.add_rule({"match": {"last_role": "user", "text_contains": "weather"},
+                              "simulate": {"tool_calls": PARIS[:1]}})
+        self.server.add_rule({"match": {"tool_result_for": "get_weather"},
+                              "simulate": {"ok_text": "It is sunny"}})
+
+        def get_weather(city: str, unit: str) -> str:
+            return "sunny"
+        self.assertEqual(self.run_agent("What is the weather in Paris?", tools=[get_weather]),
+                         "It is sunny")
+        self.assertEqual([entry["rule"] for entry in self.journal()], [0, 1])
+
+
+@needs(langchain_openai, "langchain-openai", "DUMMYLLM_REQUIRE_LANGCHAIN")
+class LangChainTest(ServerTestCase):
+    """LangChain's ChatOpenAI."""
+
+    def model(self):
+        return langchain_openai.ChatOpenAI(model="gpt-4o", base_url=self.server.url + "/v1",
+                                           api_key="x", max_retries=0)
+
+    def test_bind_tools_gets_tool_calls(self):
+        from langchain_core.tools import tool
+
+        @tool
+        def get_weather(city: str, unit: str) -> str:
+            """The weather of a city."""
+            return "sunny"
+        message = self.model().bind_tools([get_weather], tool_choice="required").invoke(
+            "Weather in Paris?")
+        [call] = message.tool_calls
+        self.assertEqual((call["name"], set(call["args"])), ("get_weather", {"city", "unit"}))
+        message = self.model().bind_tools([get_weather]).invoke(
+            "Weather in Paris?", extra_body={"simulate": {"tool_calls": PARIS[:1]}})
+        self.assertEqual(message.tool_calls[0]["args"], PARIS[0]["arguments"])
+
+    def test_with_structured_output_returns_the_model(self):
+        for method in ("json_schema", "function_calling"):
+            with self.subTest(method=method):
+                city = self.model().with_structured_output(City, method=method).invoke("A city?")
+                self.assertIsInstance(city, City)
+
+
+@needs(instructor, "instructor", "DUMMYLLM_REQUIRE_INSTRUCTOR")
+class InstructorTest(ServerTestCase):
+    """instructor, in its default mode (a forced tool call)."""
+
+    def test_the_default_mode_returns_a_valid_model(self):
+        client = instructor.from_openai(openai.OpenAI(base_url=self.server.url + "/v1",
+                                                      api_key="x", max_retries=0))
+        city = client.chat.completions.create(model="gpt-4o", response_model=City,
+                                              messages=[{"role": "user", "content": "A city?"}])
+        self.assertIsInstance(city, City)
+        self.assertEqual(json.loads(self.journal()[0]["body"])["tool_choice"]["function"]["name"],
+                         "City")
 
 
 # --- Routes and handlers: retries, journal, operability ---------------------------------
@@ -2262,6 +3217,89 @@ class JobEventsTest(ServerTestCase):
 
     def test_unknown_job_is_404(self):
         self.assertEqual(self.call("GET", "/v1/jobs/job_000000000000/events")[0], 404)
+
+
+class ReplyRulesTest(ChatTestCase):
+    """Reply rules: POST, GET and DELETE /v1/rules, --rules, and their precedence."""
+
+    FILE_RULE = {"match": {"model": "file-*"}, "simulate": {"ok_text": "from the file"}}
+    options = {"rules": [FILE_RULE]}
+
+    def add(self, rule):
+        status, body, _ = self.call("POST", "/v1/rules", rule)
+        self.assertEqual(status, 201, body)
+        return body
+
+    def test_add_list_and_clear(self):
+        rule = {"match": {"text_contains": "weather"}, "simulate": {"tool_calls": PARIS}}
+        self.assertEqual(self.add(rule), {"index": 1, "source": "runtime", **rule})
+        status, body, _ = self.call("GET", "/v1/rules")
+        self.assertEqual(body["rules"], [{"index": 0, "source": "file", **self.FILE_RULE},
+                                         {"index": 1, "source": "runtime", **rule}])
+        self.assertIn("openai.chat", body["surfaces"])
+        self.assertIn("anthropic", body["surfaces"])
+        asked = self.chat(messages=[{"role": "user", "content": "The weather?"}])[1]
+        self.assertEqual(asked["choices"][0]["finish_reason"], "tool_calls")
+        self.assertEqual(self.call("DELETE", "/v1/rules")[1], {"removed": {"rules": 1}})
+        self.assertEqual(len(self.call("GET", "/v1/rules")[1]["rules"]), 1)
+
+    def test_reset_clears_the_rules_added_at_run_time_only(self):
+        self.add({"simulate": {"ok_text": "runtime"}})
+        self.assertEqual(self.call("POST", "/v1/reset")[1]["removed"]["rules"], 1)
+        self.assertEqual(self.chat(model="file-1")[1]["choices"][0]["message"]["content"],
+                         "from the file")
+        self.assertEqual(self.chat()[1]["choices"][0]["message"]["content"],
+                         "Simulated reply to: Hello")
+
+    def test_the_body_then_the_header_then_the_first_rule_field_by_field(self):
+        self.add({"match": {"trace_id": "p"}, "simulate": {
+            "mode": "fail", "fail_message": "rule", "latency_ms": 0}})
+        self.add({"match": {"trace_id": "p"}, "simulate": {"fail_message": "second rule"}})
+        trace = {"X-Trace-Id": "p"}
+        header = {**trace, "X-DummyLLM-Simulate": json.dumps({"fail_message": "header"})}
+        for headers, simulate, message in [
+                (trace, None, "rule"), (header, None, "header"),
+                (header, {"fail_message": "body"}, "body")]:
+            with self.subTest(message=message):
+                status, body, _ = self.chat(headers=headers, simulate=simulate)
+                self.assertEqual((status, body["error"]["message"]), (500, message))
+        self.assertEqual(self.chat(headers=trace, simulate={"mode": "ok"})[0], 200)
+        self.assertEqual([entry["rule"] for entry in self.journal("?path=/v1/chat/completions")],
+                         [1, 1, 1, 1])
+
+    def test_the_request_view_names_the_rule(self):
+        self.add({"match": {"surface": "openai.responses"}, "simulate": {"ok_text": "r"}})
+        body = self.call("POST", "/v1/responses", {"model": "m", "input": "x"})[1]
+        self.assertEqual(body["output"][0]["content"][0]["text"], "r")
+        self.assertEqual(self.call("GET", f"/v1/jobs/{body['id']}/request")[1]["rule"], 1)
+        self.assertIsNone(self.call("GET", f"/v1/jobs/{self.create()}/request")[1]["rule"])
+
+    def test_a_bad_rule_is_a_422_naming_the_field(self):
+        for rule, field in [({"match": {"text_matches": "(("}, "simulate": {}},
+                             "match.text_matches"),
+                            ({"simulate": {"stream": {"nope": 1}}}, "simulate.stream.nope"),
+                            ({"match": {"last_role": "robot"}, "simulate": {}},
+                             "match.last_role"), ([1], None)]:
+            with self.subTest(rule=rule):
+                status, body, _ = self.call("POST", "/v1/rules", rule)
+                self.assert_error(status, body, 422, "VALIDATION_ERROR", field)
+
+    def test_a_rules_setting_a_call_cannot_take_is_left_out(self):
+        self.add({"simulate": {"tool_calls": PARIS, "stream": {"truncate_after": 1}}})
+        body = self.chat()[1]  # not streamed: no stream failure
+        self.assertEqual(body["choices"][0]["finish_reason"], "tool_calls")
+        status, body, _ = self.call("POST", "/v1/embeddings", {"model": "e", "input": "x"})
+        self.assertEqual((status, len(body["data"])), (200, 1))  # no tool calls there
+        status, body, _ = self.call("POST", "/v1/embeddings", {
+            "model": "e", "input": "x", "simulate": {"tool_calls": PARIS}})
+        self.assertEqual((status, body["error"]["param"]), (400, "simulate.tool_calls"))
+
+    def test_embedded_add_rule(self):
+        listed = self.server.add_rule({"match": {"model": "emb"}, "simulate": {"ok_text": "e"}})
+        self.assertEqual((listed["index"], listed["source"]), (1, "runtime"))
+        self.assertEqual(self.chat(model="emb")[1]["choices"][0]["message"]["content"], "e")
+        with self.assertRaises(ValueError):
+            self.server.add_rule({"match": {"colour": "red"}, "simulate": {}})
 
 
 class ResetTest(ServerTestCase):
@@ -2986,16 +4024,18 @@ class AdminKeyTest(ServerTestCase):
 
     def test_state_changing_control_endpoints_need_the_admin_key(self):
         job_id = self.create()
-        for method, path in [("DELETE", "/v1/jobs/" + job_id), ("POST", "/v1/reset"),
-                             ("DELETE", "/v1/requests")]:
+        rule = json.dumps({"simulate": {"mode": "ok"}})
+        for method, path, body in [("DELETE", "/v1/jobs/" + job_id, None),
+                                   ("POST", "/v1/reset", None), ("DELETE", "/v1/requests", None),
+                                   ("POST", "/v1/rules", rule), ("DELETE", "/v1/rules", None)]:
             with self.subTest(path=path):
-                status, body, _ = self.call(method, path)
-                self.assert_error(status, body, 401, "UNAUTHORIZED")
-                self.assertIn("--admin-key", body["error"]["message"])
-                self.conn.request(method, path, headers={"Authorization": "Bearer adm"})
+                status, answer, _ = self.call(method, path, body)
+                self.assert_error(status, answer, 401, "UNAUTHORIZED")
+                self.assertIn("--admin-key", answer["error"]["message"])
+                self.conn.request(method, path, body, headers={"Authorization": "Bearer adm"})
                 response = self.conn.getresponse()
                 response.read()
-                self.assertIn(response.status, (200, 204))
+                self.assertIn(response.status, (200, 201, 204))
         self.assertEqual(self.call("POST", "/v1/jobs", {"op": "x"})[0], 201)  # the rest is open
 
     def test_a_warning_without_it_on_an_open_address(self):
@@ -3274,11 +4314,13 @@ class CommandLineTest(unittest.TestCase):
 
     def test_every_option_by_flag_and_by_variable(self):
         options = {option.name: option for option in dummyllm._OPTIONS}
-        self.assertEqual(set(self.GOOD) | {"host", "port"}, set(options))
+        rules = self.rules_file([{"match": {"model": "x"}, "simulate": {"mode": "fail"}}])
+        good = dict(self.GOOD, rules=rules)
+        self.assertEqual(set(good) | {"host", "port"}, set(options))
         flags = []
-        for name, value in self.GOOD.items():
+        for name, value in good.items():
             flags += [options[name].flag] if value is True else [options[name].flag, value]
-        env = {options[name].env: value for name, value in self.GOOD.items() if value is not True}
+        env = {options[name].env: value for name, value in good.items() if value is not True}
         for args, environ in [(flags, {}), (["--quiet"], env)]:
             with self.subTest(by="flags" if args is flags else "variables"):
                 proc, port = self.start_cli(*args, env=environ)
@@ -3290,6 +4332,30 @@ class CommandLineTest(unittest.TestCase):
                 self.assertEqual(proc.wait(5), 0)
                 self.assertEqual((health["defaults"]["mode"], health["defaults"]["slow_factor"],
                                   health["time_scale"]), ("fail", 2.5, 0.5))
+
+    def rules_file(self, rules):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+            file.write(rules if isinstance(rules, str) else json.dumps(rules))
+        self.addCleanup(os.unlink, file.name)
+        return file.name
+
+    def test_a_bad_rules_file_exits_2_naming_the_rule_and_field(self):
+        for rules, named in [
+                ([{"simulate": {"mode": "ok"}}, {"simulate": {"mode": "nope"}}],
+                 "rules[1].simulate.mode"),
+                ([{"match": {"text_matches": "("}, "simulate": {}}],
+                 "rules[0].match.text_matches"),
+                ([{"match": {"colour": "red"}, "simulate": {}}], "rules[0].match.colour"),
+                ([{"match": {}}], "rules[0].simulate is required"),
+                ('[{"match": ', "not valid JSON"), ({"match": {}}, "must be a list")]:
+            with self.subTest(named=named):
+                result = self.run_cli("--rules", self.rules_file(rules))
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn(named, result.stderr)
+        result = self.run_cli("--rules", "/nonexistent/rules.json")
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (2, 1))
+        self.assertIn("cannot be read", result.stderr)
 
     def test_version(self):
         result = self.run_cli("--version")
@@ -3376,12 +4442,48 @@ class ReadmeTest(ServerTestCase):
         status, body, _ = self.call("POST", "/v1/jobs", request)
         self.assertEqual((status, body), (422, example))
 
+    def test_the_match_keys_table_is_the_match_keys(self):
+        text = self.section("## Reply rules")
+        rows = re.findall(r"^\| `([a-z_]+)` \| (.*) \|$", text, re.M)
+        self.assertEqual([key for key, _ in rows], list(dummyllm._MATCH_KEYS))
+        surfaces = re.findall(r"`([a-z.]+)`", dict(rows)["surface"])
+        self.assertEqual(surfaces, [surface.name for surface in dummyllm._MODEL_SURFACES])
+
+    def test_the_rules_file_example_loads(self):
+        example = re.search(r"```json\n(.*?)\n```", self.section("## Reply rules"), re.S)
+        rules = dummyllm.make_config(rules=json.loads(example.group(1))).rules
+        self.assertEqual(len(rules), 3)
+
     def test_the_health_example_has_every_key(self):
         example = json.loads(re.search(r"```json\n(.*?)\n```", self.section("### `GET /health`"),
                                        re.S).group(1))
         body = self.call("GET", "/health")[1]
         self.assertEqual(set(example), set(body))
         self.assertEqual(set(example["jobs"]), set(body["jobs"]))
+
+
+@needs(openai and pydantic, "openai", "DUMMYLLM_REQUIRE_OPENAI")
+class ReadmeExampleTest(ServerTestCase):
+    """The README's Python examples run as written, against a server."""
+
+    section = ReadmeTest.section
+
+    def run_example(self, heading):
+        code = re.search(r"```python\n(.*?)\n```", self.section(heading), re.S).group(1)
+        code = code.replace("http://127.0.0.1:8787", self.server.url)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, f"README {heading}", "exec"), {"__name__": "readme"})
+        return printed.getvalue()
+
+    def test_the_agent_loop_example(self):
+        self.assertEqual(self.run_example("## Testing an agent loop"), "Sunny in Paris\n")
+        paths = [entry["path"] for entry in self.journal()]
+        self.assertEqual(paths, ["/v1/chat/completions"] * 2)
+
+    def test_the_structured_output_example(self):
+        self.assertRegex(self.run_example("## Structured output"),
+                         r"\Aname='[a-z ]+' population=\d+ founded=datetime.date\(")
 
 
 class StandardLibraryOnlyTest(unittest.TestCase):
