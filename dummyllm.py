@@ -675,9 +675,12 @@ _SIMULATE_FIELDS = {
 
 # A request's settings after the server's defaults are filled in: what it
 # asked for (op, args, deadline, key, callback) and how it behaves.
-# `rule` is the index of the reply rule that gave settings, or None.
-_JobSpec = collections.namedtuple("_JobSpec", ["op", "args", "timeout_ms", "trace_id",
-                                               "callback_url", "rule", *_SIMULATE_FIELDS])
+# `rule` is the index of the reply rule that gave settings, or None; a model
+# call that forces a tool has `forced_tool` {"name", "schema", "field"}, one
+# that asks for structured output `output` {"schema", "field"} (see _result).
+_JobSpec = collections.namedtuple("_JobSpec", [
+    "op", "args", "timeout_ms", "trace_id", "callback_url", "rule", "forced_tool", "output",
+    *_SIMULATE_FIELDS])
 
 _SIMULATE = _Check(lambda value, field: _given(value, _SIMULATE_FIELDS, field, strict=True),
                    _ref("Simulate"))
@@ -1011,33 +1014,35 @@ def _result(spec, kind, seed, n):
     request that forces a tool gets a call to it, with arguments drawn from
     its JSON Schema; else one that asks for structured output gets JSON
     valid against its schema; else the reply text."""
-    key, args, calls, text = spec.trace_id or "", spec.args, None, ""
-    draw = _series(seed, key, n, "json")
+    key = spec.trace_id or ""
     if kind == "echo":
         text = _result_text(spec, kind)
     elif spec.tool_calls is not None:
-        calls = [dict(call, id=call.get("id") or _call_id(seed, key, n, index))
-                 for index, call in enumerate(spec.tool_calls)]
+        return _tool_result(spec, [dict(call, id=call.get("id") or _call_id(seed, key, n, index))
+                                   for index, call in enumerate(spec.tool_calls)])
     elif spec.ok_text is not None:
         text = spec.ok_text
-    elif args.get("forced_tool") is not None:
-        tool = args["forced_tool"]
-        calls = [{"id": _call_id(seed, key, n, 0), "name": tool["name"],
-                  "arguments": _drawn(tool["schema"], draw, tool["field"])}]
-    elif args.get("output") is not None:
-        schema, field = args["output"]["schema"], args["output"]["field"]
+    elif spec.forced_tool is not None:
+        tool = spec.forced_tool
+        return _tool_result(spec, [{"id": _call_id(seed, key, n, 0), "name": tool["name"],
+                                    "arguments": _drawn(tool["schema"], _series(
+                                        seed, key, n, "json"), tool["field"])}])
+    elif spec.output is not None:
+        schema, field = spec.output["schema"], spec.output["field"]
         value = ({"text": _result_text(spec, kind)} if schema is True
-                 else _drawn(schema, draw, field))
+                 else _drawn(schema, _series(seed, key, n, "json"), field))
         text = json.dumps(value, ensure_ascii=False)
     else:
         text = _result_text(spec, kind)
-    result = {"text": text, "usage": {"prompt_tokens": _prompt_tokens(spec),
-                                      "completion_tokens": _tokens(text) + sum(
-                                          _tokens(call["name"] + _arguments_text(call))
-                                          for call in calls or ())}}
-    if calls is not None:
-        result["tool_calls"] = calls
-    return result
+    return {"text": text, "usage": {"prompt_tokens": _prompt_tokens(spec),
+                                    "completion_tokens": _tokens(text)}}
+
+
+def _tool_result(spec, calls):
+    return {"text": "", "tool_calls": calls, "usage": {
+        "prompt_tokens": _prompt_tokens(spec),
+        "completion_tokens": sum(_tokens(call["name"] + _arguments_text(call))
+                                 for call in calls)}}
 
 
 def _series(seed, key, n, purpose):
@@ -1702,38 +1707,30 @@ class _Surface:
                                _SIMULATE_HEADER)
         trace_id = _Nullable(_Text(_MAX_TRACE_ID_CHARS))(request.headers.get("x-trace-id"),
                                                          "X-Trace-Id") or user
-        facts = _Facts(self.name, request.path, model, messages, request.headers, trace_id)
-        rule = next((index for index, rule in enumerate(config.rules) if rule.holds(facts)), None)
-        sources = [("simulate", simulate or {}), (_SIMULATE_HEADER, header or {}),
-                   (f"rules[{rule}].simulate",
-                    {} if rule is None else config.rules[rule].simulate)]
-
-        def left_out(key, reason):
-            """Whether a setting the call cannot take is left out (a rule's,
-            which may match calls of every kind); else a 400 naming it."""
-            field = next(f"{name}.{key}" for name, given in sources if key in given)
-            if field.startswith("rules["):
-                return True
-            raise _ValidationError(field, reason)
-        given = {key: value for _, settings in reversed(sources)
-                 for key, value in settings.items()}
-        settings = _simulate_settings(given, config)
+        rule, ruled = None, ("", {})
+        if config.rules:
+            facts = _Facts(self.name, request.path, model, messages, request.headers, trace_id)
+            rule = next((index for index, rule in enumerate(config.rules) if rule.holds(facts)),
+                        None)
+            if rule is not None:
+                ruled = f"rules[{rule}].simulate", config.rules[rule].simulate
+        sources = (("simulate", simulate or {}), (_SIMULATE_HEADER, header or {}), ruled)
+        settings = _simulate_settings({**ruled[1], **sources[1][1], **sources[0][1]}, config)
         if settings["ttft_ms"] is not None:
             settings["latency_ms"] = settings["ttft_ms"]
-        if (settings["stream"] is not None and not stream
-                and left_out("stream", 'applies only with "stream": true')):
-            settings["stream"] = None
-        if (tools is None and settings["tool_calls"] is not None
-                and left_out("tool_calls", "applies only where the API has tools")):
-            settings["tool_calls"] = None
-        if (tools is None and any("tool_calls" in step for step in settings["script"] or ())
-                and left_out("script", "has tool calls, which this API has not")):
-            settings["script"] = None
-        steps = settings["script"] or ({},)
-        # Settings that give every answer's content: no JSON is drawn.
-        scripted = all(settings["ok_text"] is not None or settings["tool_calls"] is not None
-                       or "ok_text" in step or "tool_calls" in step for step in steps)
-        args = {"model": model, "messages": messages, **(args or {})}
+        if settings["stream"] is not None and not stream:
+            settings["stream"] = _left_out(sources, "stream", 'applies only with "stream": true')
+        if tools is None and settings["tool_calls"] is not None:
+            settings["tool_calls"] = _left_out(sources, "tool_calls",
+                                               "applies only where the API has tools")
+        if tools is None and any("tool_calls" in step for step in settings["script"] or ()):
+            settings["script"] = _left_out(sources, "script",
+                                           "has tool calls, which this API has not")
+        # When settings give every answer's content, no JSON is drawn.
+        scripted = (forced or output) and all(
+            settings["ok_text"] is not None or settings["tool_calls"] is not None
+            or "ok_text" in step or "tool_calls" in step for step in settings["script"] or ({},))
+        forced_tool = asked_output = None
         if forced is not None:
             choice, field = forced
             if not isinstance(choice, str):
@@ -1744,15 +1741,26 @@ class _Surface:
                                        "tools" if name is None else
                                        f"names {name!r}, which is not among the request's tools")
             schema, schema_field = tools[name]
-            args["forced_tool"] = {"name": name, "field": schema_field, "schema": (
+            forced_tool = {"name": name, "field": schema_field, "schema": (
                 schema if scripted else _check_schema(schema, schema_field))}
         if output is not None:
             schema, field = output
-            args["output"] = {"field": field, "schema": schema if scripted
-                              else _check_schema(schema, field)}
-        spec = _JobSpec(op="llm.chat", args=args, timeout_ms=timeout_ms, trace_id=trace_id,
-                        callback_url=callback_url, rule=rule, **settings)
+            asked_output = {"field": field, "schema": schema if scripted
+                            else _check_schema(schema, field)}
+        spec = _JobSpec(op="llm.chat", args={"model": model, "messages": messages, **(args or {})},
+                        timeout_ms=timeout_ms, trace_id=trace_id, callback_url=callback_url,
+                        rule=rule, forced_tool=forced_tool, output=asked_output, **settings)
         return _Call(spec, model, stream, max_tokens, tuple(stop), options)
+
+
+def _left_out(sources, key, reason):
+    """None, for a setting a model call cannot take that a reply rule gave
+    (a rule may match calls of every kind); from the body or the header, a
+    400 naming it.  sources: (name, settings) in the order they win."""
+    field = next(f"{name}.{key}" for name, given in sources if key in given)
+    if not field.startswith("rules["):
+        raise _ValidationError(field, reason)
+    return None
 
 
 _ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -1830,7 +1838,7 @@ class _JobApi(_Surface):
             _check_callback_url(values["callback_url"], "callback_url",
                                 config.allow_callback_hosts)
         settings = _simulate_settings(values.pop("simulate"), config)
-        return _JobSpec(**values, rule=None, **settings)
+        return _JobSpec(**values, rule=None, forced_tool=None, output=None, **settings)
 
 
 _JOB_API = _JobApi()

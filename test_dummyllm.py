@@ -43,7 +43,7 @@ HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content":
 def spec(**settings):
     """A _JobSpec with test defaults, for the pure simulation functions."""
     fields = dict(op="llm.chat", args={}, timeout_ms=8000, trace_id=None, callback_url=None,
-                  rule=None,
+                  rule=None, forced_tool=None, output=None,
                   **dummyllm._simulate_settings(None, dummyllm.make_config(latency_ms=100)))
     fields.update(settings)
     return dummyllm._JobSpec(**fields)
@@ -719,26 +719,30 @@ class SchemaSamplerTest(unittest.TestCase):
     def test_a_forced_tool_is_called_and_structured_output_is_json(self):
         tool = {"name": "get_weather", "field": "tools[0].function.parameters",
                 "schema": WEATHER}
-        result = plan(args={"forced_tool": tool}).result
+        result = plan(forced_tool=tool).result
         self.assertEqual(result["text"], "")
         [call] = result["tool_calls"]
         self.assertEqual(call["name"], "get_weather")
         self.assertRegex(call["id"], r"\Acall_[0-9a-f]{24}\Z")
         self.assertIn(call["arguments"]["unit"], ("c", "f"))
         output = {"schema": WEATHER, "field": "response_format"}
-        self.assertEqual(json.loads(plan(args={"output": output}).result["text"]).keys(),
+        self.assertEqual(json.loads(plan(output=output).result["text"]).keys(),
                          {"city", "unit"})
         json_object = {"schema": True, "field": "response_format"}
-        self.assertEqual(json.loads(plan(args={"output": json_object, "messages": HELLO})
+        self.assertEqual(json.loads(plan(output=json_object, args={"messages": HELLO})
                                     .result["text"]), {"text": "Simulated reply to: Hello"})
+
+    def test_a_jobs_free_form_args_ask_for_nothing(self):
+        result = plan(args={"forced_tool": 1, "output": 2, "messages": HELLO}).result
+        self.assertEqual(result["text"], "Simulated reply to: Hello")
 
     def test_simulate_wins_over_what_the_request_asks(self):
         tool = {"name": "f", "field": "tools", "schema": {}}
         calls = [{"name": "g", "arguments": "{not json", "id": None}]
-        result = plan(args={"forced_tool": tool}, tool_calls=calls).result
+        result = plan(forced_tool=tool, tool_calls=calls).result
         self.assertEqual([(call["name"], call["arguments"]) for call in result["tool_calls"]],
                          [("g", "{not json")])  # sent as given: the agent's error path
-        self.assertEqual(plan(args={"forced_tool": tool}, ok_text="plain").result["text"],
+        self.assertEqual(plan(forced_tool=tool, ok_text="plain").result["text"],
                          "plain")
 
 
