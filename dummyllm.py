@@ -816,7 +816,7 @@ def _check_rules(value, field):
             raise _ValidationError(field, error.message) from None
     if not isinstance(value, (list, tuple)):
         raise _ValidationError(field, "must be a list of rules, or a JSON file holding one")
-    try:
+    try:  # a Config's own rules pass as they are: make_config(**config._asdict())
         return tuple(rule if isinstance(rule, _ReplyRule) else
                      _reply_rule(rule, f"rules[{index}]", "file")
                      for index, rule in enumerate(value))
