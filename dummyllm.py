@@ -10,7 +10,8 @@ API, embeddings, legacy completions), Anthropic's Messages, Google's Gemini
 and Ollama (streaming included), scripted or forced tool calls, JSON drawn
 from a request's schema for structured output, reply rules matched on the
 request, and the faults that retry logic must survive (scripted attempts,
-transport faults, idempotency keys, a request journal).
+transport faults, idempotency keys, quotas per key, a request journal),
+and a verdict on the client's retries, back-off, polling and idempotency.
 
 Run it::
 
@@ -40,13 +41,14 @@ The sections of this file, in the order a request's data flows through them:
                           common call and how an answer, a stream and an error
                           are written; also the Prometheus exposition
     Job store             the dict behind one lock, its Timer, the injected
-                          clock, the request journal
+                          clock, the quotas per key, the request journal and
+                          the verdict it gives on the client
     Routes and handlers   what each endpoint does; _ROUTES holds every fact
                           of a route (surface, API key, chaos, journal)
     Server                connections, fault delivery, streams, webhooks, the
                           log; DummyLLMServer and start_server
-    API document and      /openapi.json from _ROUTES, the /docs page and the
-    pages                 dashboard
+    API document and      /openapi.json from _ROUTES, the /docs page, the
+    pages                 dashboard and the /journal timeline
     Command line          main()
 
 Job transitions are driven by one threading.Timer, armed for the earliest
@@ -227,16 +229,17 @@ class ApiError(Exception):
 
     Raised anywhere and written in one place, in the shape of the surface
     that answers.  `retry_after_ms` (simulated) becomes the retry headers;
-    `status` overrides the table's where the code has none or several.
+    `status` overrides the table's where the code has none or several;
+    `quota` is the quota that refused the request (see _Quotas.admit).
     """
 
     def __init__(self, code, message=None, field=None, status=None, retry_after_ms=None,
-                 headers=()):
+                 headers=(), quota=None):
         kind = _ERRORS[code]
         super().__init__(message or kind.message)
         self.code, self.status = code, status or kind.status
         self.message, self.field = message or kind.message, field
-        self.retry_after_ms, self.headers = retry_after_ms, tuple(headers)
+        self.retry_after_ms, self.headers, self.quota = retry_after_ms, tuple(headers), quota
 
 
 class _ValidationError(ApiError, ValueError):
@@ -272,6 +275,40 @@ _STREAM_FAILURES = {
     "truncate_after": "a clean end, without the finish event",
     "malformed_after": "the next event with its JSON cut in half, then a clean end",
 }
+
+
+# The stream failures that leave a partial answer a client may take for a whole one.
+_BROKEN_STREAM_FAILURES = ("cut_after", "truncate_after", "malformed_after")
+
+
+class _FindingKind(collections.namedtuple("_FindingKind", "severity about")):
+    """What the verdict on a client can find: its severity ("error" makes
+    the verdict fail; a query may raise a "warning" to it) and its meaning."""
+
+
+# The findings of the verdict on a client's requests (see _verdict).
+_FINDINGS = {code: _FindingKind(*row) for code, row in {
+    "RETRY_AFTER_IGNORED": ("error", "a retry came sooner than the retry-after of the answer "
+                            "before it"),
+    "NO_BACKOFF": ("warning", "three or more retries in a row, after failures that gave no "
+                   "retry-after, with gaps that do not grow"),
+    "NO_JITTER": ("warning", "three or more keys retried with the same gaps, to the "
+                  "millisecond: a thundering herd"),
+    "RETRIED_NON_RETRYABLE": ("error", "a retry after an answer no retry can change: a 4xx "
+                              "other than 408 and 429, or an exhausted quota"),
+    "GAVE_UP": ("warning", "the last attempt failed in a way worth retrying, and no retry "
+                "followed within settle_ms"),
+    "RETRY_STORM": ("warning", "more than max_attempts attempts of one request, or more than "
+                    "20 in one second"),
+    "DUPLICATE_WORK": ("error", "a second job or stored response created for an equal body "
+                       "after the first one's answer was lost, without an Idempotency-Key"),
+    "POLL_TOO_FAST": ("warning", "polls of one job closer than min_poll_ms on average, or "
+                      "going on more than 2 s after one said it had ended"),
+    "NO_CANCEL": ("warning", "a job or background response last seen active, then neither "
+                  "polled nor cancelled within settle_ms"),
+    "TRUNCATED_STREAM_ACCEPTED": ("warning", "a stream broken by cut_after, truncate_after or "
+                                  "malformed_after, and no retry"),
+}.items()}
 
 
 class _Fault(collections.namedtuple("_Fault", "kind status retry_after_ms state")):
@@ -662,6 +699,10 @@ _SIMULATE_FIELDS = {
         "Answer with these tool calls (arguments an object, or a string sent as given)."),
     "context_window": _Field(_Int(1, 100_000_000), None,
                              "A prompt of more tokens is refused with the context-length error."),
+    "rpm": _Field(_Nullable(_Int(1, 1_000_000_000)), _from_config("rpm"),
+                  "Requests per minute this request's key may make (default --rpm)."),
+    "tpm": _Field(_Nullable(_Int(1, 1_000_000_000)), _from_config("tpm"),
+                  "Tokens per minute this request's key may use (default --tpm)."),
     "fault": _Field(_Check(_check_fault, _FAULT_SCHEMA), None,
                     "A transport fault that spoils the answer."),
     "fault_phase": _Field(_Choice("before", "after"), "before", "Job create: lose the answer "
@@ -902,6 +943,11 @@ _OPTIONS = (
             _Nullable(_Int(1, 10_000_000)),
             "connections open at once (none: seven eighths of the open-file limit); at the "
             "limit the longest idle one is closed to make room"),
+    _Option("rpm", "--rpm", "DUMMYLLM_RPM", None, _Nullable(_Int(1, 1_000_000_000)),
+            "requests per minute each API key (else each sequence key) may make; beyond, a "
+            "429 that says the true wait"),
+    _Option("tpm", "--tpm", "DUMMYLLM_TPM", None, _Nullable(_Int(1, 1_000_000_000)),
+            "tokens per minute each key may use: a request's prompt tokens plus its max_tokens"),
     _Option("rules", "--rules", "DUMMYLLM_RULES", (), _Check(_check_rules, {"type": "array"}),
             "a JSON file of reply rules: settings chosen by what a model call asks"),
     _Option("quiet", "--quiet", None, False, _Bool(), "no access log"),
@@ -1667,7 +1713,7 @@ class _Surface:
         """(status, body, headers) of an error; retry_ms is the real delay
         its retry headers advertise, or None; now_ms the wall clock."""
         return error.status, self.error_body(error), error.headers + self.retry_headers(
-            error, retry_ms)
+            error, retry_ms, now_ms)
 
     def error_body(self, error):
         body = {"code": error.code, "message": error.message}
@@ -1675,16 +1721,25 @@ class _Surface:
             body["field"] = error.field
         return {"error": body}
 
-    def retry_headers(self, error, retry_ms):
+    def retry_headers(self, error, retry_ms, now_ms):
+        """retry-after and retry-after-ms; with a 429, the quota's headers too
+        (a simulated rate limit: 60 requests, none left)."""
         if retry_ms is None:
             return ()
         headers = (("retry-after", str(math.ceil(retry_ms / 1000))),
                    ("retry-after-ms", str(retry_ms)))
         if error.status == 429:
-            headers += (("x-ratelimit-limit-requests", "60"),
-                        ("x-ratelimit-remaining-requests", "0"),
-                        ("x-ratelimit-reset-requests", _duration_text(retry_ms)))
+            headers += self.quota_headers(error.quota or {"requests": (60, 0, retry_ms)}, now_ms)
         return headers
+
+    def quota_headers(self, quota, now_ms):
+        """The headers that tell a client its quota, OpenAI's x-ratelimit-*:
+        quota is {"requests" or "tokens": (limit, remaining, ms until the
+        window frees room)}; now_ms the wall clock."""
+        return tuple(header for kind, (limit, remaining, reset_ms) in quota.items() for header in (
+            (f"x-ratelimit-limit-{kind}", str(limit)),
+            (f"x-ratelimit-remaining-{kind}", str(remaining)),
+            (f"x-ratelimit-reset-{kind}", _duration_text(reset_ms))))
 
     def call(self, request, config, *, model, messages, stream, max_tokens, user, timeout_ms,
              simulate, stop=(), args=None, callback_url=None, tools=None, forced=None,
@@ -2228,17 +2283,13 @@ class _AnthropicMessages(_Surface):
             body["details"] = self.DETAILS[error.code]
         return {"type": "error", "error": body}
 
-    def retry_headers(self, error, retry_ms, now_ms):
-        if retry_ms is None:
-            return ()
-        headers = (("retry-after", str(math.ceil(retry_ms / 1000))),
-                   ("retry-after-ms", str(retry_ms)))
-        if error.status == 429:
-            reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((now_ms + retry_ms) / 1000))
-            headers += (("anthropic-ratelimit-requests-limit", "60"),
-                        ("anthropic-ratelimit-requests-remaining", "0"),
-                        ("anthropic-ratelimit-requests-reset", reset))
-        return headers
+    def quota_headers(self, quota, now_ms):
+        """Anthropic's anthropic-ratelimit-*, the reset an RFC 3339 time."""
+        return tuple(header for kind, (limit, remaining, reset_ms) in quota.items() for header in (
+            (f"anthropic-ratelimit-{kind}-limit", str(limit)),
+            (f"anthropic-ratelimit-{kind}-remaining", str(remaining)),
+            (f"anthropic-ratelimit-{kind}-reset", time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime((now_ms + reset_ms) / 1000)))))
 
     def messages(self, values):
         """The conversation as text messages (see _Surface.call), the system
@@ -2458,6 +2509,9 @@ class _Gemini(_Surface):
     def stream_type(self, call):
         return "text/event-stream" if call.options["sse"] else "application/json"
 
+    def quota_headers(self, quota, now_ms):
+        return ()  # Google tells the wait in the body's RetryInfo, and no quota
+
     @staticmethod
     def messages(values):
         """The conversation as text messages (see _Surface.call), the system
@@ -2615,6 +2669,7 @@ class _OpenAIResponses(_OpenAI):
     name = "openai.responses"
     STATUS = {"queued": "queued", "running": "in_progress", "fail": "failed",
               "timeout": "failed", "cancelled": "cancelled"}  # ok: completed or incomplete
+    ACTIVE = operator.itemgetter(*_ACTIVE_STATES)(STATUS)
     REQUEST = {
         "model": _MODEL,
         "input": _Field(_Check(_check_responses_input, {"oneOf": [
@@ -3083,10 +3138,8 @@ class _Ollama(_Surface):
     def error_body(self, error):
         return {"error": error.message}
 
-    def retry_headers(self, error, retry_ms):
-        if retry_ms is None:
-            return ()
-        return (("retry-after", str(math.ceil(retry_ms / 1000))), ("retry-after-ms", str(retry_ms)))
+    def quota_headers(self, quota, now_ms):
+        return ()  # Ollama tells no quota
 
     def stream_type(self, call):
         return "application/x-ndjson"
@@ -3764,6 +3817,81 @@ class _JobStore:
         job.changed.wait(timeout)
 
 
+class _Quotas:
+    """Requests and tokens per minute, per key (--rpm, --tpm, simulate.rpm
+    and tpm): a sliding window of one simulated minute over the requests
+    admitted, so no minute ever holds more than the limit.  Refused requests
+    do not count."""
+
+    WINDOW_MS = 60_000
+
+    def __init__(self, clock):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._windows = {}   # key -> [deque of (admitted at, tokens), tokens in it]
+        self._swept_at = 1024
+        self.refused = collections.Counter()  # "requests" or "tokens" -> refusals
+
+    def admit(self, key, rpm, tpm, tokens):
+        """Count a request of `tokens` tokens against the key's limits (None:
+        none).  Returns the quota left, {"requests" and/or "tokens": (limit,
+        remaining, real ms until the window frees room)}; over a limit,
+        raises the 429 that tells the true wait."""
+        now = self.clock.now_ms()
+        with self._lock:
+            if len(self._windows) > self._swept_at:
+                self._sweep(now)
+            window = self._windows.setdefault(key, [collections.deque(), 0])
+            admitted = window[0]
+            while admitted and admitted[0][0] <= now - self.WINDOW_MS:
+                window[1] -= admitted.popleft()[1]
+            waits = {}
+            if rpm is not None and len(admitted) >= rpm:
+                waits["requests"] = admitted[len(admitted) - rpm][0]
+            if tpm is not None and window[1] and window[1] + tokens > tpm:
+                freed = 0
+                for at, spent in admitted:  # the oldest leave first
+                    freed += spent
+                    if window[1] - freed + tokens <= tpm:
+                        break
+                waits["tokens"] = at
+            if not waits:
+                admitted.append((now, tokens))
+                window[1] += tokens
+            reset_ms = math.ceil(self.clock.real_ms(
+                admitted[0][0] + self.WINDOW_MS - now)) if admitted else 0
+            quota = {}
+            if rpm is not None:
+                quota["requests"] = (rpm, max(0, rpm - len(admitted)), reset_ms)
+            if tpm is not None:
+                quota["tokens"] = (tpm, max(0, tpm - window[1]), reset_ms)
+            if not waits:
+                return quota
+            kind = max(waits, key=waits.get)
+            self.refused[kind] += 1
+        wait_ms = math.ceil(self.clock.real_ms(waits[kind] + self.WINDOW_MS - now))
+        limit = f"{rpm} requests" if kind == "requests" else f"{tpm} tokens"
+        raise ApiError("RATE_LIMITED", f"rate limit of {limit} per minute reached for this "
+                       f"key; retry in {wait_ms} ms", retry_after_ms=wait_ms / self.clock.scale,
+                       quota=quota)
+
+    def _sweep(self, now):
+        """Forget the keys whose window is empty (under the lock)."""
+        self._windows = {key: window for key, window in self._windows.items()
+                         if window[0] and window[0][-1][0] > now - self.WINDOW_MS}
+        self._swept_at = max(1024, 2 * len(self._windows))
+
+    def counts(self):
+        """(keys with requests in their window, refusals by limit), for /health and /metrics."""
+        with self._lock:
+            return len(self._windows), dict(self.refused)
+
+    def clear(self):
+        with self._lock:
+            self._windows.clear()
+            self.refused.clear()
+
+
 _JOURNAL_BODY_BYTES = 4096
 _JOURNAL_HEADERS = ("Idempotency-Key", "X-Trace-Id", "User-Agent")
 
@@ -3778,7 +3906,15 @@ class _Journal:
         "body": {"type": "string"}, "body_truncated": {"type": "boolean"},
         "status": {"type": ["integer", "null"]}, "fault": {},
         "job_id": {"type": ["string", "null"]}, "trace_id": {"type": ["string", "null"]},
-        "rule": {"type": ["integer", "null"], "description": "The reply rule that matched"}}}
+        "rule": {"type": ["integer", "null"], "description": "The reply rule that matched"},
+        "answered_ms": {"type": "number", "description": "monotonic_ms of the answer going out"},
+        "code": {"type": ["string", "null"], "description": "The error code answered"},
+        "retry_after_ms": {"type": ["integer", "null"],
+                           "description": "The wait the retry headers advertised"},
+        "stream_failure": {"type": ["string", "null"]},
+        "job_ended": {"type": ["boolean", "null"],
+                      "description": "Whether the job the answer showed had ended"},
+        "body_digest": {"type": "string"}}}
 
     def __init__(self, size):
         self._entries = collections.deque(maxlen=size)
@@ -3787,7 +3923,7 @@ class _Journal:
 
     def record(self, request, status, fault, clock):
         """Record a request and how it was answered (status None: no answer)."""
-        body = request.body
+        body, note = request.body, request.note
         entry = {
             "at_ms": request.received_wall_ms,
             "monotonic_ms": round(clock.real_ms(request.received_ms), 3),
@@ -3797,9 +3933,13 @@ class _Journal:
             "body": body[:_JOURNAL_BODY_BYTES].decode("utf-8", "replace"),
             "body_truncated": len(body) > _JOURNAL_BODY_BYTES,
             "status": status, "fault": fault and fault.to_json(),
-            "job_id": request.note.get("job_id"),
-            "trace_id": request.note.get("trace_id") or request.headers.get("x-trace-id"),
-            "rule": request.note.get("rule"),
+            "job_id": note.get("job_id"),
+            "trace_id": note.get("trace_id") or request.headers.get("x-trace-id"),
+            "rule": note.get("rule"),
+            "answered_ms": round(clock.real_ms(clock.now_ms()), 3),
+            "code": note.get("code"), "retry_after_ms": note.get("retry_after_ms"),
+            "stream_failure": note.get("stream_failure"), "job_ended": note.get("job_ended"),
+            "body_digest": hashlib.blake2b(body, digest_size=8).hexdigest(),
         }
         with self._lock:
             entry["seq"] = next(self._seq)
@@ -3818,6 +3958,268 @@ class _Journal:
             removed = len(self._entries)
             self._entries.clear()
             return removed
+
+
+# The verdict on a client: what its requests, as the journal holds them, say
+# about its retries, back-off, polling and idempotency (see _FINDINGS).
+# Requests are judged by sequence key: their trace_id, else that of the job
+# they name.  A retry is the next request of a key with the same method, path
+# and body after one that failed.
+
+_EARLY_SLACK_MS = 2          # a retry this much before the retry-after is on time
+_STORM_PER_SECOND = 20
+_POLLS_AFTER_END_MS = 2000
+_LOST_FAULTS = ("reset", "disconnect", "empty", "malformed")  # the answer never arrived whole
+
+
+def _failed(entry):
+    """Whether a request failed: no answer, an error, a broken answer or stream."""
+    fault = entry["fault"]
+    return (entry["status"] is None or entry["status"] >= 400 or entry["stream_failure"]
+            is not None or (isinstance(fault, str) and fault in _LOST_FAULTS))
+
+
+def _retryable(entry):
+    """Whether a failed request is worth retrying: not a 4xx but 408 and 429,
+    not an exhausted quota."""
+    status = entry["status"]
+    return status is None or not (400 <= status < 500) or (
+        status in (408, 429) and entry["code"] != "QUOTA_EXHAUSTED")
+
+
+def _outcome(entry):
+    """A request's outcome in a word or two: its status, fault or stream failure."""
+    fault = entry["fault"]
+    what = entry["stream_failure"] or (fault if isinstance(fault, str) else None)
+    return f"{entry['status'] or 'no answer'}" + (f" ({what})" if what else "")
+
+
+class _Judge:
+    """Findings from the requests of one key, oldest first (see _verdict)."""
+
+    def __init__(self, now_ms, settle_ms, max_attempts, min_poll_ms):
+        self.now_ms, self.settle_ms = now_ms, settle_ms
+        self.max_attempts, self.min_poll_ms = max_attempts, min_poll_ms
+
+    def judge(self, requests):
+        """(attempts as the verdict lists them, findings, retry gaps for NO_JITTER)."""
+        attempts, chains, last, retries = [], [], {}, []  # retries: (failed request, retry)
+        chain_of = {}  # seq -> the chain of attempts it ends
+        for entry in requests:
+            target = (entry["method"], entry["path"], entry["body_digest"])
+            before = last.get(target)
+            last[target] = entry
+            gap = None if before is None else entry["monotonic_ms"] - before["answered_ms"]
+            is_retry = before is not None and _failed(before)
+            attempts.append((entry, gap, is_retry))
+            if is_retry:
+                retries.append((before, entry, gap))
+                chain = chain_of.pop(before["seq"])
+                chain.append(entry)
+            else:
+                chain = [entry]
+                chains.append(chain)
+            chain_of[entry["seq"]] = chain
+        findings = [self.early(retries), self.non_retryable(retries), self.no_backoff(chains),
+                    self.storm(chains), *self.unfinished(requests, last.values()),
+                    self.duplicates(requests), *self.polls(requests)]
+        plain = [gap for before, _, gap in retries
+                 if _retryable(before) and before["retry_after_ms"] is None]
+        return attempts, [finding for finding in findings if finding], plain
+
+    @staticmethod
+    def finding(code, evidence, message):
+        return evidence and {"code": code, "evidence": evidence, "message": message}
+
+    def early(self, retries):
+        early = [(before, retry, gap) for before, retry, gap in retries
+                 if before["retry_after_ms"] is not None
+                 and gap < before["retry_after_ms"] - _EARLY_SLACK_MS]
+        return early and self.finding(
+            "RETRY_AFTER_IGNORED", [retry["seq"] for _, retry, _ in early],
+            "; ".join(f"request {retry['seq']} came {gap:.0f} ms after a {_outcome(before)} "
+                      f"that asked for {before['retry_after_ms']} ms"
+                      for before, retry, gap in early))
+
+    def non_retryable(self, retries):
+        again = [(before, retry) for before, retry, _ in retries if not _retryable(before)]
+        return again and self.finding(
+            "RETRIED_NON_RETRYABLE", [retry["seq"] for _, retry in again],
+            "; ".join(f"request {retry['seq']} repeated request {before['seq']}, answered "
+                      f"{_outcome(before)}" + (f" {before['code']}" if before["code"] else "")
+                      for before, retry in again))
+
+    def no_backoff(self, chains):
+        evidence, messages = [], []
+        for chain in chains:
+            run = []  # (gap, seq) of retries in a row after failures with no retry-after
+            for before, retry in zip(chain, chain[1:] + [None]):
+                if retry is not None and _retryable(before) and before["retry_after_ms"] is None:
+                    run.append((retry["monotonic_ms"] - before["answered_ms"], retry["seq"]))
+                    continue
+                # Grown: the last gap half as long again as the first, beyond timer noise.
+                if len(run) >= 3 and run[-1][0] <= run[0][0] * 1.5 + 5:
+                    evidence += [seq for _, seq in run]
+                    messages.append(f"{len(run)} retries of request {chain[0]['seq']} came "
+                                    + ", ".join(f"{gap:.0f}" for gap, _ in run) + " ms apart")
+                run = []
+        return self.finding("NO_BACKOFF", evidence, "; ".join(messages))
+
+    def storm(self, chains):
+        evidence, messages = [], []
+        for chain in chains:
+            times = [entry["monotonic_ms"] for entry in chain]
+            burst = [entry["seq"] for index, entry in enumerate(chain)
+                     if index >= _STORM_PER_SECOND
+                     and times[index] - times[index - _STORM_PER_SECOND] < 1000]
+            beyond = [entry["seq"] for entry in chain[self.max_attempts:]]
+            if beyond:
+                messages.append(f"request {chain[0]['seq']} was tried {len(chain)} times, "
+                                f"more than max_attempts={self.max_attempts}")
+            if burst:
+                messages.append(f"request {chain[0]['seq']} was tried more than "
+                                f"{_STORM_PER_SECOND} times in one second")
+            evidence += sorted(set(beyond + burst))
+        return self.finding("RETRY_STORM", evidence, "; ".join(messages))
+
+    def unfinished(self, requests, lasts):
+        """GAVE_UP and TRUNCATED_STREAM_ACCEPTED: the last attempt of a request
+        failed, worth a retry, and none came before settle_ms or the next request."""
+        gave_up, truncated = [], []
+        for entry in lasts:
+            settled = (self.now_ms - entry["answered_ms"] >= self.settle_ms
+                       or requests[-1] is not entry)
+            if _failed(entry) and _retryable(entry) and settled:
+                broken = entry["stream_failure"] in _BROKEN_STREAM_FAILURES
+                (truncated if broken else gave_up).append(entry)
+        return (self.finding("GAVE_UP", [entry["seq"] for entry in gave_up], "; ".join(
+                    f"request {entry['seq']} ended {_outcome(entry)} and was not tried again"
+                    for entry in gave_up)),
+                self.finding("TRUNCATED_STREAM_ACCEPTED", [entry["seq"] for entry in truncated],
+                             "; ".join(f"the stream of request {entry['seq']} broke "
+                                       f"({entry['stream_failure']}) and was not tried again"
+                                       for entry in truncated)))
+
+    def duplicates(self, requests):
+        evidence, messages, lost = [], [], {}  # lost: body digest -> the create that lost
+        for entry in requests:
+            if entry["method"] != "POST" or entry["job_id"] is None:
+                continue
+            first = lost.get(entry["body_digest"])
+            if first is not None and first["job_id"] != entry["job_id"]:
+                evidence += [first["seq"], entry["seq"]]
+                messages.append(f"request {entry['seq']} created {entry['job_id']} for the body "
+                                f"of request {first['seq']}, whose {first['job_id']} was "
+                                f"created but its answer lost ({_outcome(first)})")
+            elif first is None and _failed(entry):  # created, but the client never knew
+                lost[entry["body_digest"]] = entry
+        return self.finding("DUPLICATE_WORK", sorted(set(evidence)), "; ".join(messages))
+
+    def polls(self, requests):
+        """POLL_TOO_FAST and NO_CANCEL, from what each answer said of its job."""
+        by_job = {}
+        for entry in requests:
+            if entry["job_id"] is not None:
+                by_job.setdefault(entry["job_id"], []).append(entry)
+        fast, fast_messages, left, left_messages = [], [], [], []
+        for job_id, named in by_job.items():
+            polls = [entry for entry in named
+                     if entry["method"] == "GET" and entry["job_ended"] is not None]
+            if len(polls) >= 3:
+                mean = (polls[-1]["monotonic_ms"] - polls[0]["monotonic_ms"]) / (len(polls) - 1)
+                if mean < self.min_poll_ms:
+                    fast += [entry["seq"] for entry in polls[1:]]
+                    fast_messages.append(f"{len(polls)} polls of {job_id} came {mean:.0f} ms "
+                                         f"apart on average (min_poll_ms={self.min_poll_ms})")
+            ended = next((entry for entry in polls if entry["job_ended"]), None)
+            late = ended and [entry["seq"] for entry in polls if entry["monotonic_ms"]
+                              > ended["answered_ms"] + _POLLS_AFTER_END_MS]
+            if late:
+                fast += late
+                fast_messages.append(f"{len(late)} polls of {job_id} came more than "
+                                     f"{_POLLS_AFTER_END_MS} ms after request {ended['seq']} "
+                                     "said it had ended")
+            final = named[-1]
+            settled = self.now_ms - final["answered_ms"] >= self.settle_ms
+            if final["job_ended"] is False and settled:
+                left.append(final["seq"])
+                left_messages.append(f"{job_id} was last seen active by request {final['seq']}, "
+                                     f"then neither polled nor cancelled")
+        return (self.finding("POLL_TOO_FAST", sorted(set(fast)), "; ".join(fast_messages)),
+                self.finding("NO_CANCEL", left, "; ".join(left_messages)))
+
+
+def _herd(plain_gaps):
+    """NO_JITTER: three or more keys whose first two retries (after failures
+    that gave no retry-after) came after gaps equal to the millisecond.
+    plain_gaps: {key: [gap, ...]}."""
+    keys = [key for key, gaps in plain_gaps.items() if len(gaps) >= 2]
+    herds = []
+    for key in keys:
+        herd = next((herd for herd in herds if all(
+            abs(a - b) <= 1 for a, b in zip(plain_gaps[herd[0]][:2], plain_gaps[key][:2]))), None)
+        if herd is None:
+            herds.append([key])
+        else:
+            herd.append(key)
+    return [herd for herd in herds if len(herd) >= 3]
+
+
+def _verdict(entries, now_ms, trace_id=None, path=None, since_seq=0, settle_ms=2000,
+             max_attempts=10, min_poll_ms=50, errors=()):
+    """The verdict on a client, from journal entries (oldest first) at now_ms
+    (monotonic, real): {"requests", "attempts", "findings", "ok"}.  Without
+    trace_id, every key is judged, and so is how the keys retry together."""
+    key_of_job = {}
+    for entry in entries:
+        if entry["job_id"] is not None and entry["trace_id"] is not None:
+            key_of_job.setdefault(entry["job_id"], entry["trace_id"])
+    by_key = {}
+    for entry in entries:
+        key = entry["trace_id"] if entry["trace_id"] is not None else key_of_job.get(
+            entry["job_id"])
+        if (entry["seq"] >= since_seq and (path is None or entry["path"] == path)
+                and (trace_id is None or key == trace_id)):
+            by_key.setdefault(key, []).append(entry)
+    judge = _Judge(now_ms, settle_ms, max_attempts, min_poll_ms)
+    start = min((requests[0]["monotonic_ms"] for requests in by_key.values()), default=0)
+    attempts, findings, plain_gaps = [], [], {}
+    for key, requests in by_key.items():
+        judged, found, plain_gaps[key] = judge.judge(requests)
+        attempts += [_attempt(key, start, *attempt) for attempt in judged]
+        findings += [dict(finding, key=key) for finding in found]
+    for herd in (_herd(plain_gaps) if trace_id is None else ()):
+        gaps = ", ".join(f"{gap:.0f}" for gap in plain_gaps[herd[0]][:2])
+        findings.append({"code": "NO_JITTER", "key": None, "evidence": sorted(
+            attempt["seq"] for attempt in attempts if attempt["key"] in herd and attempt["retry"]),
+            "message": f"{len(herd)} keys ({', '.join(map(str, herd))}) retried after the "
+                       f"same gaps: {gaps} ms"})
+    for finding in findings:
+        finding["severity"] = "error" if finding["code"] in errors else _FINDINGS[
+            finding["code"]].severity
+    attempts.sort(key=operator.itemgetter("seq"))
+    findings.sort(key=lambda finding: finding["evidence"][0])
+    return {"requests": len(attempts), "attempts": attempts,
+            "findings": [{name: finding[name] for name in _FINDING_KEYS} for finding in findings],
+            "ok": not any(finding["severity"] == "error" for finding in findings)}
+
+
+_FINDING_KEYS = ("code", "severity", "key", "message", "evidence")
+
+
+def _attempt(key, start_ms, entry, gap, is_retry):
+    """A request as the verdict lists it; times in ms from the first request
+    judged, gap_ms from the answer to the last request like it."""
+    fault = entry["fault"]
+    return {"seq": entry["seq"], "key": key, "at_ms": round(entry["monotonic_ms"] - start_ms),
+            "answered_at_ms": round(entry["answered_ms"] - start_ms),
+            "gap_ms": None if gap is None else round(gap), "retry": is_retry,
+            "method": entry["method"], "path": entry["path"], "status": entry["status"],
+            "fault": entry["stream_failure"] or (
+                fault if isinstance(fault, str) else fault and next(iter(fault))),
+            "code": entry["code"], "retry_after_ms": entry["retry_after_ms"],
+            "idempotency_key": entry["headers"].get("Idempotency-Key"),
+            "job_id": entry["job_id"]}
 
 
 # --- Routes and handlers ---------------------------------------------------------
@@ -3903,6 +4305,8 @@ def _health(server, request):
                      "slow_factor": config.slow_factor},
         "jobs": server.store.counts(),
         "chaos": {"rate": config.chaos, "faults": _plain(config.chaos_faults)},
+        "quotas": dict(zip(("rpm", "tpm", "keys", "refused"), (
+            config.rpm, config.tpm, *server.quotas.counts()))),
         "time_scale": config.time_scale,
     })
 
@@ -3914,6 +4318,7 @@ def _create_job(server, request):
     body = _json_body(request)
     spec = _JOB_API.parse_create(body, server.config)
     request.note["trace_id"] = spec.trace_id
+    _admit(server, request, spec)
     key = request.headers.get("idempotency-key")
     idempotency = None if key is None else (
         key, hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest())
@@ -3921,6 +4326,8 @@ def _create_job(server, request):
     if job is None:
         return _Answer(fault=spec.fault)  # lost before the job was created
     request.note["job_id"] = job["id"]
+    if spec.fault is None or replayed:
+        request.note["job_ended"] = job["state"] in _TERMINAL_STATES
     headers = [("Location", "/v1/jobs/" + job["id"])]
     if replayed:  # the answer that was lost the first time, without its fault
         return _Answer(200, job, headers + [("Idempotent-Replayed", "true")])
@@ -3932,6 +4339,8 @@ def _create_job(server, request):
 def _get_job(server, request):
     job, fault = server.store.poll(request.params["id"], request.args["wait_ms"])
     request.note["job_id"] = job["id"]
+    if fault is None:
+        request.note["job_ended"] = job["state"] in _TERMINAL_STATES
     if fault is not None and fault.kind == "unknown_state":
         request.note["fault"] = fault
         return _Answer(200, {**job, "state": fault.state})
@@ -3951,6 +4360,7 @@ def _list_jobs(server, request):
 
 @_api("Cancel a job if active, and forget it", answers={204: None})
 def _delete_job(server, request):
+    request.note["job_id"] = request.params["id"]
     server.store.delete(request.params["id"])
     return _Answer(204)
 
@@ -3966,6 +4376,7 @@ def _job_events(server, request):
 
 @_api("Cancel a job (idempotent, best effort)", answers={200: "Cancelled"})
 def _cancel_job(server, request):
+    request.note["job_id"] = request.params["id"]
     return _Answer(200, server.store.cancel(request.params["id"]))
 
 
@@ -3978,11 +4389,22 @@ _SIMULATE_HEADERS = {_SIMULATE_HEADER: "Simulate settings as JSON; the body's wi
                      "X-Trace-Id": "The key of seeded sequences and scripts"}
 
 
+def _admit(server, request, spec, max_tokens=None):
+    """Count a model call or a job against its key's quota, if it has one:
+    the API key, else the sequence key.  Over it, the surface's 429."""
+    if spec.rpm is None and spec.tpm is None:
+        return
+    key = request.route.surface.credential(request) or spec.trace_id or ""
+    request.note["quota"] = server.quotas.admit(key, spec.rpm, spec.tpm,
+                                                _prompt_tokens(spec) + (max_tokens or 0))
+
+
 def _model_call(server, request):
     """Answer a model call in its route's surface: plan it, then answer,
     refuse, fail, hang or stream as the plan says."""
     surface = request.route.surface
     call = surface.parse(request, server.config)
+    _admit(server, request, call.spec, call.max_tokens)
     spec, plan = server.store.plan_call(call.spec)
     call = call._replace(spec=spec)
     request.note.update(trace_id=spec.trace_id, rule=spec.rule)
@@ -4054,6 +4476,7 @@ def _get_gemini_model(server, request):
 def _create_response(server, request):
     surface = request.route.surface
     call = surface.parse(request, server.config)
+    _admit(server, request, call.spec, call.max_tokens)
     echo = call.spec.args["echo"]
     if echo["store"]:
         spec, response, _, plan = server.store.create(call.spec, prefix="resp",
@@ -4075,6 +4498,8 @@ def _create_response(server, request):
         events = surface.events(response_id, created_at, spec, plan, echo["background"])
         return _response_stream(server, request, response_id, events, spec, plan, echo)
     if echo["background"]:
+        if spec.fault is None:
+            request.note["job_ended"] = response["status"] not in surface.ACTIVE
         return _Answer(200, response, fault=spec.fault, dribble_ms=spec.dribble_ms)
     if plan.ends_at_ms is None:
         return _Answer(status=None)  # hang
@@ -4133,6 +4558,8 @@ def _get_response(server, request):
                                 start_ms=job.start_ms,
                                 starting_after=request.args["starting_after"])
     response, fault = server.store.poll(response_id, view=surface.view)
+    if fault is None and response["background"]:
+        request.note["job_ended"] = response["status"] not in surface.ACTIVE
     if fault is not None and fault.kind == "unknown_state":
         request.note["fault"] = fault
         return _Answer(200, {**response, "status": fault.state})
@@ -4141,13 +4568,14 @@ def _get_response(server, request):
 
 @_api("OpenAI Responses: cancel a background response", answers={200: "Response"})
 def _cancel_response(server, request):
+    request.note["job_id"] = request.params["id"]
     return _Answer(200, server.store.cancel(_response_id(request),
                                             view=request.route.surface.view))
 
 
 @_api("OpenAI Responses: forget a stored response", answers={200: "ResponseDeleted"})
 def _delete_response(server, request):
-    response_id = _response_id(request)
+    response_id = request.note["job_id"] = _response_id(request)
     server.store.delete(response_id)
     return _Answer(200, {"id": response_id, "object": "response", "deleted": True})
 
@@ -4247,9 +4675,48 @@ def _list_requests(server, request):
     return _Answer(200, {"requests": server.journal.find(**request.args)})
 
 
+def _check_findings(value, field):
+    if not isinstance(value, (list, tuple)) or not all(code in _FINDINGS for code in value):
+        raise _ValidationError(field, "must list codes of findings: " + ", ".join(_FINDINGS))
+    return tuple(value)
+
+
+# The questions a verdict takes, as query parameters and as keywords of
+# DummyLLMServer.verdict.
+_VERDICT_QUERY = {
+    "trace_id": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
+                       "Judge this sequence key only; without it, every key and the herd"),
+    "key": _Field(_Text(_MAX_TRACE_ID_CHARS), None, "The same, by the name model calls give "
+                  "it (X-Trace-Id, else the body's user)"),
+    "path": _Field(_Text(), None, "Only requests to this path"),
+    "since_seq": _Field(_Int(0, 2 ** 63), 0, "Only requests from this journal seq on"),
+    "settle_ms": _Field(_Int(0, 3_600_000), 2000, "How long after a failure a retry may "
+                        "still come (GAVE_UP, NO_CANCEL, TRUNCATED_STREAM_ACCEPTED)"),
+    "max_attempts": _Field(_Int(1, 1_000_000), 10, "Attempts of one request beyond which it "
+                           "is a RETRY_STORM"),
+    "min_poll_ms": _Field(_Int(0, 3_600_000), 50, "The mean gap between polls below which it "
+                          "is POLL_TOO_FAST"),
+    "errors": _Field(_Check(_check_findings, {"type": "array", "items": {"enum": list(_FINDINGS)}},
+                            from_text=lambda text: [code for code in text.split(",") if code]),
+                     (), "Findings to count as errors, comma-separated"),
+}
+
+
+@_api("The verdict on the client: its retries, back-off, polling and idempotency, judged "
+      "from the journal", answers={200: "Verdict"}, query=_VERDICT_QUERY)
+def _judge_client(server, request):
+    return _Answer(200, server.verdict(**request.args))
+
+
 @_api("Clear the request journal", answers={200: "Removed"})
 def _clear_requests(server, request):
     return _Answer(200, {"removed": {"journal_entries": server.journal.clear()}})
+
+
+@_api("The request timeline: each key's requests on one time axis, with the verdict",
+      answers={200: "text/html"})
+def _journal_page(server, request):
+    return _Answer(200, _JOURNAL_PAGE.encode(), content_type="text/html; charset=utf-8")
 
 
 @_api("Prometheus metrics", answers={200: "text/plain"})
@@ -4276,6 +4743,12 @@ def _metrics(server, request):
     text.samples("dummyllm_job_duration_seconds_count", [({}, cumulative[-1])])
     text.family("dummyllm_faults_injected_total", "counter", "Transport faults injected, by kind.",
                 [({"kind": kind}, n) for kind, n in sorted(faults.items())])
+    keys, refused = server.quotas.counts()
+    text.family("dummyllm_quota_keys", "gauge", "Keys with requests in their quota's window.",
+                [({}, keys)])
+    text.family("dummyllm_quota_refused_total", "counter",
+                "Requests refused by --rpm or --tpm, by the limit reached.",
+                [({"limit": limit}, refused.get(limit, 0)) for limit in ("requests", "tokens")])
     return _Answer(200, str(text).encode(), content_type=_Exposition.content_type)
 
 
@@ -4364,7 +4837,9 @@ _ROUTES = (
     _route("DELETE", "/v1/rules", _clear_rules, admin=True, **_CONTROL),
     _route("GET", "/v1/requests", _list_requests, **_UNRECORDED),
     _route("DELETE", "/v1/requests", _clear_requests, admin=True, **_UNRECORDED),
+    _route("GET", "/v1/verdict", _judge_client, **_UNRECORDED),
     _route("GET", "/", _dashboard, **_CONTROL),
+    _route("GET", "/journal", _journal_page, **_UNRECORDED),
     _route("GET", "/docs", _docs, **_CONTROL),
     _route("GET", "/openapi.json", _openapi, **_CONTROL),
 )
@@ -5057,6 +5532,8 @@ class _Handler(BaseHTTPRequestHandler):
                 request.path)
         retry_ms = None if error.retry_after_ms is None else round(
             self.server.clock.real_ms(error.retry_after_ms))
+        if request is not None:
+            request.note.update(code=error.code, retry_after_ms=retry_ms)
         status, body, headers = surface.error(error, retry_ms, self.server.clock.wall_ms())
         return status, headers, _json_bytes(body), "application/json"
 
@@ -5069,6 +5546,7 @@ class _Handler(BaseHTTPRequestHandler):
                                    itertools.groupby(answer.stream, key=operator.itemgetter(0)))
                   if data)
         head = self._head(answer.status, answer.headers, answer.content_type, None)
+        self._request.note["stream_failure"] = answer.failure
         self._answered(answer.status)
         if not self.server.streams.write(self.connection, head, frames):
             self.close_connection = True
@@ -5286,12 +5764,12 @@ _FAULT_DELIVERY = {"reset": _deliver_reset, "disconnect": _deliver_disconnect,
                    "status": _deliver_status, "empty": _deliver_empty,
                    "malformed": _deliver_malformed, "dribble": _deliver_dribble}
 
-_CORS_EXPOSED_HEADERS = ("Location, Retry-After, retry-after-ms, Idempotent-Replayed, "
-                         "x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
-                         "x-ratelimit-reset-requests, request-id, "
-                         "anthropic-ratelimit-requests-limit, "
-                         "anthropic-ratelimit-requests-remaining, "
-                         "anthropic-ratelimit-requests-reset")
+_CORS_EXPOSED_HEADERS = ", ".join([
+    "Location", "Retry-After", "retry-after-ms", "Idempotent-Replayed", "request-id",
+    *(f"x-ratelimit-{part}-{kind}" for kind in ("requests", "tokens")
+      for part in ("limit", "remaining", "reset")),
+    *(f"anthropic-ratelimit-{kind}-{part}" for kind in ("requests", "tokens")
+      for part in ("limit", "remaining", "reset"))])
 _CORS_ALLOWED_HEADERS = ("Content-Type, Authorization, Idempotency-Key, X-Trace-Id, "
                          "X-DummyLLM-Simulate, x-api-key, anthropic-version, x-goog-api-key")
 
@@ -5361,6 +5839,7 @@ class DummyLLMServer(ThreadingHTTPServer):
         super().__init__((self.config.host, self.config.port), _Handler)
         self.store = _JobStore(self.config, clock)
         self.clock = self.store.clock
+        self.quotas = _Quotas(self.clock)
         self.webhooks = _Webhooks(self.store, self.stopping, self.log)
         self.store.on_finish = self.webhooks.send
 
@@ -5472,6 +5951,9 @@ class DummyLLMServer(ThreadingHTTPServer):
             request.args = _query_args(request, query)
         answer = route.handler(self, request)
         answer.fault = answer.fault or chaos
+        if "quota" in request.note:
+            answer.headers += route.surface.quota_headers(request.note["quota"],
+                                                          self.clock.wall_ms())
         return answer
 
     def _preflight(self, request):
@@ -5531,10 +6013,34 @@ class DummyLLMServer(ThreadingHTTPServer):
         """Start clean: cancel and forget every job, forget every counter,
         idempotency key and journal entry.  Returns how many of each went."""
         removed = self.store.reset()
+        self.quotas.clear()
         removed["journal_entries"] = self.journal.clear()
         removed["rules"] = self.clear_rules()
         self._chaos_count = itertools.count()
         return removed
+
+    def verdict(self, trace_id=None, **query):
+        """The verdict on the client, from the journal, as GET /v1/verdict
+        answers it: {"requests", "attempts", "findings", "ok"}.  Takes the
+        query's parameters as keywords (see _VERDICT_QUERY); a bad one
+        raises a ValueError naming it."""
+        query = _with_defaults(_given(dict(query, trace_id=trace_id), _VERDICT_QUERY, None,
+                                      strict=True), _VERDICT_QUERY, self.config)
+        key = query.pop("key")
+        if key is not None and query["trace_id"] not in (None, key):
+            raise _ValidationError("key", "names another key than trace_id")
+        query["trace_id"] = query["trace_id"] or key
+        return _verdict(self.journal.find(), self.clock.real_ms(self.clock.now_ms()), **query)
+
+    def assert_client_ok(self, trace_id=None, **query):
+        """Raise AssertionError, its message the findings, unless the verdict
+        on the client is ok (no finding of severity error); else return it."""
+        verdict = self.verdict(trace_id, **query)
+        if not verdict["ok"]:
+            raise AssertionError("the client broke the rules:\n" + "\n".join(
+                f"{finding['code']} ({finding['severity']}): {finding['message']}"
+                for finding in verdict["findings"]))
+        return verdict
 
     def rules(self):
         """The reply rules, in the order they are tried, as GET /v1/rules lists them."""
@@ -5673,7 +6179,10 @@ _SCHEMAS = {
         "jobs": {"type": "object", "properties": {
             "stored": {"type": "integer"}, "active": {"type": "integer"},
             "by_state": {"type": "object"}}},
-        "chaos": {"type": "object"}, "time_scale": {"type": "number"}}},
+        "chaos": {"type": "object"}, "time_scale": {"type": "number"},
+        "quotas": {"type": "object", "properties": {
+            "rpm": {"type": ["integer", "null"]}, "tpm": {"type": ["integer", "null"]},
+            "keys": {"type": "integer"}, "refused": {"type": "object"}}}}},
     "Scripts": {"type": "object", "properties": {"scripts": {"type": "array", "items": {
         "type": "object", "properties": {"key": {"type": "string"},
                                          "attempts": {"type": "integer"}}}}}},
@@ -5681,6 +6190,27 @@ _SCHEMAS = {
         "type": "object", "additionalProperties": {"type": "integer"}}}},
     "Journal": {"type": "object", "properties": {"requests": {
         "type": "array", "items": _Journal.ENTRY_SCHEMA}}},
+    "Verdict": {"type": "object", "required": ["requests", "attempts", "findings", "ok"],
+                "properties": {
+        "requests": {"type": "integer"}, "ok": {"type": "boolean",
+                                                "description": "No finding of severity error"},
+        "attempts": {"type": "array", "items": {"type": "object", "properties": {
+            "seq": {"type": "integer"}, "key": {"type": ["string", "null"]},
+            "at_ms": {"type": "integer", "description": "From the first request judged"},
+            "answered_at_ms": {"type": "integer"},
+            "gap_ms": {"type": ["integer", "null"],
+                       "description": "From the answer to the last request like it"},
+            "retry": {"type": "boolean"}, "method": {"type": "string"},
+            "path": {"type": "string"}, "status": {"type": ["integer", "null"]},
+            "fault": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]},
+            "retry_after_ms": {"type": ["integer", "null"]},
+            "idempotency_key": {"type": ["string", "null"]},
+            "job_id": {"type": ["string", "null"]}}}},
+        "findings": {"type": "array", "items": {"type": "object", "properties": {
+            "code": {"enum": list(_FINDINGS)}, "severity": {"enum": ["error", "warning"]},
+            "key": {"type": ["string", "null"]}, "message": {"type": "string"},
+            "evidence": {"type": "array", "items": {"type": "integer"},
+                         "description": "The seq of each offending request"}}}}}},
     "ReplyRule": _object_schema(_REPLY_RULE_FIELDS, strict=True, example={
         "match": {"surface": "openai.chat", "text_contains": "weather"},
         "simulate": {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}}),
@@ -5748,7 +6278,8 @@ button { padding: 0.3em 1.2em; } .status { font-weight: bold; }
 """
 
 _DOCS_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>dummyLLM API</title>
+<html lang="en"><head><meta charset="utf-8">
+<link rel="icon" href="data:,"><title>dummyLLM API</title>
 <style>""" + _PAGE_STYLE + """</style></head>
 <body>
 <h1>dummyLLM API</h1>
@@ -5857,11 +6388,12 @@ fetch("/openapi.json").then((r) => r.json()).then((document_) => {
 """
 
 _DASHBOARD_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>dummyLLM</title>
+<html lang="en"><head><meta charset="utf-8">
+<link rel="icon" href="data:,"><title>dummyLLM</title>
 <style>""" + _PAGE_STYLE + """</style></head>
 <body>
 <h1>dummyLLM</h1>
-<nav><a href="/docs">API docs</a><a href="/metrics">metrics</a><a href="/v1/requests">request journal</a></nav>
+<nav><a href="/docs">API docs</a><a href="/metrics">metrics</a><a href="/journal">request timeline</a><a href="/v1/requests">request journal</a></nav>
 <p class="counts" id="counts">...</p>
 <table id="jobs"><thead><tr><th>id</th><th>op</th><th>mode</th><th>state</th><th>age</th></tr></thead>
 <tbody></tbody></table>
@@ -5899,6 +6431,150 @@ async function refresh() {
 }
 refresh();
 setInterval(refresh, 500);
+</script>
+</body></html>
+"""
+
+# The timeline of /journal: a row per key, a mark per request on one time
+# axis, the wait a 429 or 503 asked for shaded after it, the verdict beside.
+_JOURNAL_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<link rel="icon" href="data:,"><title>dummyLLM journal</title>
+<style>""" + _PAGE_STYLE + """
+body { max-width: none; } #rows td { vertical-align: top; } .key { width: 10em; }
+.findings { width: 28em; font-size: 13px; } .findings li { margin-bottom: 0.3em; }
+.error { color: #b42318; } .warning { color: #9a6700; } svg { display: block; }
+.mark { stroke: #fff; stroke-width: 1.5; } .mark.flagged { stroke: #b42318; stroke-width: 3; }
+.s2xx { fill: #1a7f37; } .s4xx { fill: #d97706; } .s5xx { fill: #b42318; }
+.transport { fill: #6f42c1; } .stream { fill: #1d232a; }
+.retry-after { fill: #d97706; opacity: 0.18; } .gap, .tick { font: 11px system-ui; fill: #57606a; }
+.legend span { margin-right: 1.2em; } .legend b { display: inline-block; width: 0.8em;
+  height: 0.8em; border-radius: 50%; margin-right: 0.3em; vertical-align: -1px; }
+</style></head>
+<body>
+<h1>Request timeline</h1>
+<nav><a href="/">dashboard</a><a href="/docs">API docs</a><a href="/v1/requests">journal JSON</a>
+<a href="/v1/verdict">verdict JSON</a></nav>
+<p><label>key <input id="key" placeholder="every key"></label>
+<label>path <input id="path" placeholder="every path"></label></p>
+<p class="legend"><span><b class="s2xx"></b>2xx</span><span><b class="s4xx"></b>4xx</span>
+<span><b class="s5xx"></b>5xx</span><span><b class="transport"></b>transport fault</span>
+<span><b class="stream"></b>stream fault</span><span><b class="retry-after"></b>retry-after
+asked for</span><span id="summary"></span></p>
+<table id="rows"><thead><tr><th class="key">key</th><th id="axis"></th>
+<th class="findings">findings</th></tr></thead><tbody></tbody></table>
+<p id="herd"></p>
+<script>
+"use strict";
+const SVG = "http://www.w3.org/2000/svg", WIDTH = 760, HEIGHT = 34, LOST = """ + json.dumps(
+    list(_LOST_FAULTS)) + """, BROKEN = """ + json.dumps(list(_STREAM_FAILURES)) + """;
+function draw(tag, attributes, parent) {
+  const element = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes)) element.setAttribute(name, value);
+  parent.append(element);
+  return element;
+}
+function outcome(attempt) {
+  if (BROKEN.includes(attempt.fault)) return "stream";
+  if (attempt.status === null || LOST.includes(attempt.fault)) return "transport";
+  return "s" + String(attempt.status)[0] + "xx";
+}
+function findingList(findings) {
+  const list = document.createElement("ul");
+  for (const finding of findings) {
+    const item = document.createElement("li");
+    item.className = "finding " + finding.severity;
+    item.dataset.code = finding.code;
+    item.textContent = finding.code + ": " + finding.message;
+    list.append(item);
+  }
+  return list;
+}
+async function refresh() {
+  const query = new URLSearchParams();
+  for (const name of ["key", "path"]) {
+    const value = document.getElementById(name).value.trim();
+    if (value) query.set(name, value);
+  }
+  let verdict, journal;
+  try {
+    [verdict, journal] = await Promise.all([
+      fetch("/v1/verdict?" + query).then((r) => r.json()),
+      fetch("/v1/requests").then((r) => r.json())]);
+  } catch (error) {
+    document.getElementById("summary").textContent = "server unreachable: " + error;
+    return;
+  }
+  if (!verdict.attempts) {
+    document.getElementById("summary").textContent = verdict.error.message;
+    return;
+  }
+  const entries = new Map(journal.requests.map((entry) => [entry.seq, entry]));
+  const flagged = new Set(verdict.findings.flatMap((finding) => finding.evidence));
+  const end = Math.max(1000, ...verdict.attempts.map((a) => Math.max(
+    a.at_ms, a.answered_at_ms + (a.retry_after_ms || 0)))) * 1.05;
+  const x = (ms) => 6 + ms * (WIDTH - 12) / end;
+  const axis = document.getElementById("axis");
+  axis.textContent = "";
+  const scale = draw("svg", {width: WIDTH, height: 18}, axis);
+  const step = Math.pow(10, Math.floor(Math.log10(end / 4)));
+  for (let ms = 0; ms <= end; ms += step * (end / step > 20 ? 5 : end / step > 8 ? 2 : 1)) {
+    draw("text", {x: x(ms), y: 13, class: "tick"}, scale).textContent =
+      ms >= 1000 ? ms / 1000 + " s" : ms + " ms";
+  }
+  const rows = new Map();
+  for (const attempt of verdict.attempts) {
+    const key = attempt.key === null ? "(no key)" : attempt.key;
+    if (!rows.has(key)) rows.set(key, []);
+    rows.get(key).push(attempt);
+  }
+  const body = document.querySelector("#rows tbody");
+  body.textContent = "";
+  for (const [key, attempts] of rows) {
+    const row = body.insertRow();
+    row.className = "key-row";
+    row.dataset.key = key;
+    row.insertCell().textContent = key;
+    const svg = draw("svg", {width: WIDTH, height: HEIGHT}, row.insertCell());
+    draw("line", {x1: 0, x2: WIDTH, y1: HEIGHT / 2, y2: HEIGHT / 2, stroke: "#dde2e7"}, svg);
+    let previous = null;
+    for (const attempt of attempts) {
+      if (attempt.retry_after_ms !== null) {
+        draw("rect", {class: "retry-after", x: x(attempt.answered_at_ms), y: 3, height: HEIGHT - 6,
+                      width: x(attempt.answered_at_ms + attempt.retry_after_ms) -
+                             x(attempt.answered_at_ms)}, svg);
+      }
+      if (attempt.retry && previous !== null) {
+        draw("text", {class: "gap", "text-anchor": "middle", y: 10,
+                      x: (x(previous.at_ms) + x(attempt.at_ms)) / 2}, svg).textContent =
+          attempt.gap_ms + " ms";
+      }
+      previous = attempt;
+    }
+    for (const attempt of attempts) {
+      const mark = draw("circle", {cx: x(attempt.at_ms), cy: HEIGHT / 2, r: 6,
+                                   class: "mark " + outcome(attempt) +
+                                          (flagged.has(attempt.seq) ? " flagged" : "")}, svg);
+      mark.dataset.seq = attempt.seq;
+      draw("title", {}, mark).textContent = JSON.stringify(
+        entries.get(attempt.seq) || attempt, null, 1);
+    }
+    const cell = row.insertCell();
+    cell.className = "findings";
+    cell.append(findingList(verdict.findings.filter(
+      (finding) => finding.code !== "NO_JITTER" && finding.key === attempts[0].key)));
+  }
+  const herd = document.getElementById("herd");
+  herd.textContent = "";
+  herd.append(findingList(verdict.findings.filter((finding) => finding.code === "NO_JITTER")));
+  document.getElementById("summary").textContent = verdict.requests + " requests, " +
+    verdict.findings.length + " findings, " + (verdict.ok ? "ok" : "not ok");
+}
+refresh();
+setInterval(refresh, 1000);
+for (const name of ["key", "path"]) {
+  document.getElementById(name).addEventListener("input", refresh);
+}
 </script>
 </body></html>
 """

@@ -1724,6 +1724,24 @@ class OpenAISDKTest(ChatTestCase):
                          "Simulated reply to: Hello")
         self.assertEqual(chunks[-1].usage.total_tokens, 12)
 
+    def test_its_retries_honour_retry_after(self):
+        limited = {"mode": "rate_limit", "retry_after_ms": 200}
+        completion = self.client(max_retries=2).chat.completions.create(
+            model="m", messages=HELLO, user="sdk-retry",
+            extra_body={"simulate": {"script": [limited, limited, "ok"]}})
+        self.assertEqual(completion.choices[0].finish_reason, "stop")
+        verdict = self.server.assert_client_ok("sdk-retry")
+        self.assertEqual([attempt["status"] for attempt in verdict["attempts"]], [429, 429, 200])
+        self.assertGreaterEqual(min(a["gap_ms"] for a in verdict["attempts"][1:]), 200)
+
+    def test_the_verdict_sees_it_retry_an_exhausted_quota(self):
+        with self.assertRaises(openai.RateLimitError):
+            self.client(max_retries=1).chat.completions.create(
+                model="m", messages=HELLO, user="sdk-quota",
+                extra_body={"simulate": {"mode": "quota_exhausted"}})
+        codes = [finding["code"] for finding in self.server.verdict("sdk-quota")["findings"]]
+        self.assertEqual(codes, ["RETRIED_NON_RETRYABLE"])
+
     def test_parse_with_no_simulate_gives_the_model(self):
         completion = self.client().chat.completions.parse(model="gpt-4o", messages=HELLO,
                                                           response_format=City)
@@ -3376,7 +3394,7 @@ class RouteFactsTest(unittest.TestCase):
                 self.assertTrue(route.api["summary"])
                 self.assertIsInstance(route.surface, dummyllm._Surface)
         quiet = {route.path for route in dummyllm._ROUTES if not route.journal}
-        self.assertEqual(quiet, {"/health", "/v1/requests"})
+        self.assertEqual(quiet, {"/health", "/v1/requests", "/v1/verdict", "/journal"})
 
     def test_unmatched_paths_answer_in_the_nearest_routes_format(self):
         router = dummyllm._Router(dummyllm._ROUTES)
@@ -3387,6 +3405,423 @@ class RouteFactsTest(unittest.TestCase):
         self.assertIs(router.surface_of("/v1/messages/nope"), dummyllm._ANTHROPIC_MESSAGES)
         self.assertIs(router.surface_of("/v1beta/files"), dummyllm._GEMINI)
         self.assertIs(router.surface_of("/nope"), dummyllm._JOB_API)
+
+
+# --- Routes and handlers: the verdict on the client -------------------------------------
+
+class VerdictTestCase(ServerTestCase):
+    """A server on a fake clock: the clients written in these tests wait by
+    moving it, so every gap the verdict measures is exact."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.server = self.start({"latency_ms": 0, "seed": 1, "clock": self.clock})
+        self.conn = self.connect(self.server)
+
+    def send(self, method, path, body=None, headers=None):
+        """(status, lower-case headers, body) of one request on a connection
+        of its own; status None when the answer was lost."""
+        conn = self.connect(self.server)
+        try:
+            conn.request(method, path, None if body is None else json.dumps(body), headers or {})
+            response = conn.getresponse()
+            data = response.read()
+        except (ConnectionError, http.client.HTTPException, socket.timeout):
+            return None, {}, None
+        headers = {name.lower(): value for name, value in response.getheaders()}
+        return response.status, headers, data
+
+    def chat(self, key, steps, content="Hello", **body):
+        """One chat call with key, scripted by steps (the same for each call)."""
+        return self.send("POST", "/v1/chat/completions", dict({
+            "model": "m", "messages": [{"role": "user", "content": content}],
+            "simulate": {"script": steps}}, **body), {"X-Trace-Id": key})
+
+    def retry_loop(self, send, delays, honour_retry_after=False, retry_statuses=(429, 500, 503)):
+        """The client under test: send until an answer that is not worth
+        retrying, waiting delays[i] ms before retry i (or what retry-after-ms
+        asks, when honouring it); the statuses it saw."""
+        statuses = []
+        for delay in [*delays, None]:
+            status, headers, _ = send()
+            statuses.append(status)
+            if delay is None or (status is not None and status not in retry_statuses):
+                break
+            if honour_retry_after and "retry-after-ms" in headers:
+                delay = max(delay, int(headers["retry-after-ms"]))
+            self.clock.advance(delay)
+        return statuses
+
+    def findings(self, trace_id=None, **query):
+        return {finding["code"]: finding for finding in
+                self.server.verdict(trace_id, **query)["findings"]}
+
+    def seqs(self, trace_id=None):
+        return [attempt["seq"] for attempt in self.server.verdict(trace_id)["attempts"]]
+
+
+class VerdictTest(VerdictTestCase):
+
+    RATE_LIMITED = {"mode": "rate_limit", "retry_after_ms": 1000}
+
+    def test_a_retry_before_retry_after_is_an_error(self):
+        steps = [self.RATE_LIMITED, self.RATE_LIMITED, "ok"]
+        self.assertEqual(self.retry_loop(lambda: self.chat("eager", steps), [100, 1000]),
+                         [429, 429, 200])
+        verdict = self.server.verdict("eager")
+        self.assertFalse(verdict["ok"])
+        [finding] = verdict["findings"]
+        self.assertEqual((finding["code"], finding["severity"], finding["key"]),
+                         ("RETRY_AFTER_IGNORED", "error", "eager"))
+        first, early, late = verdict["attempts"]
+        self.assertEqual(finding["evidence"], [early["seq"]])
+        self.assertIn("came 100 ms after a 429 that asked for 1000 ms", finding["message"])
+        self.assertEqual([(a["status"], a["gap_ms"], a["retry_after_ms"], a["retry"])
+                          for a in verdict["attempts"]],
+                         [(429, None, 1000, False), (429, 100, 1000, True),
+                          (200, 1000, None, True)])
+        self.assertEqual((first["at_ms"], early["at_ms"], late["at_ms"]), (0, 100, 1100))
+
+    def test_a_client_that_honours_retry_after_is_ok(self):
+        steps = [self.RATE_LIMITED, self.RATE_LIMITED, "ok"]
+        self.retry_loop(lambda: self.chat("patient", steps), [100, 100], honour_retry_after=True)
+        verdict = self.server.assert_client_ok("patient")
+        self.assertEqual((verdict["requests"], verdict["findings"]), (3, []))
+
+    def test_retries_at_a_constant_gap_have_no_backoff(self):
+        steps = ["fail"] * 3 + ["ok"]
+        self.retry_loop(lambda: self.chat("flat", steps), [100, 100, 100])
+        finding = self.findings("flat")["NO_BACKOFF"]
+        self.assertEqual((finding["severity"], finding["evidence"]), ("warning", self.seqs()[1:]))
+        self.assertIn("3 retries of request 0 came 100, 100, 100 ms apart", finding["message"])
+        self.assertTrue(self.server.verdict("flat")["ok"])  # a warning only...
+        verdict = self.server.verdict("flat", errors=["NO_BACKOFF"])
+        self.assertFalse(verdict["ok"])                    # ...unless raised
+        self.assertEqual(verdict["findings"][0]["severity"], "error")
+
+    def test_growing_gaps_are_backoff(self):
+        self.retry_loop(lambda: self.chat("exp", ["fail"] * 3 + ["ok"]), [100, 200, 400])
+        self.assertEqual(self.findings("exp"), {})
+
+    def test_keys_retrying_in_step_are_a_herd(self):
+        for key in ("a", "b", "c"):
+            self.retry_loop(lambda: self.chat(key, ["fail", "fail", "ok"]), [100, 200])
+        finding = self.findings()["NO_JITTER"]
+        self.assertEqual(finding["key"], None)
+        self.assertEqual(len(finding["evidence"]), 6)
+        self.assertIn("3 keys (a, b, c) retried after the same gaps: 100, 200 ms",
+                      finding["message"])
+        self.assertNotIn("NO_JITTER", self.findings("a"))  # one key is no herd
+
+    def test_jittered_keys_are_no_herd(self):
+        for index, key in enumerate(("a", "b", "c")):
+            self.retry_loop(lambda: self.chat(key, ["fail", "fail", "ok"]),
+                            [100 + 7 * index, 200 + 13 * index])
+        self.assertEqual(self.findings(), {})
+
+    def test_repeating_a_bad_request_is_an_error(self):
+        bad = {"model": "m", "messages": "not a list"}
+        self.retry_loop(lambda: self.send("POST", "/v1/chat/completions", bad,
+                                          {"X-Trace-Id": "stubborn"}), [100],
+                        retry_statuses=(400,))
+        finding = self.findings("stubborn")["RETRIED_NON_RETRYABLE"]
+        self.assertEqual(finding["severity"], "error")
+        self.assertIn("repeated request 0, answered 400 VALIDATION_ERROR", finding["message"])
+
+    def test_repeating_an_exhausted_quota_is_an_error(self):
+        self.retry_loop(lambda: self.chat("broke", ["quota_exhausted"]), [100],
+                        retry_statuses=(429,))
+        self.assertIn("RETRIED_NON_RETRYABLE", self.findings("broke"))
+
+    def test_stopping_at_a_bad_request_is_ok(self):
+        statuses = self.retry_loop(lambda: self.send(
+            "POST", "/v1/chat/completions", {"model": "m"}, {"X-Trace-Id": "wise"}), [100])
+        self.assertEqual(statuses, [400])
+        self.clock.advance(5000)
+        self.server.assert_client_ok("wise")
+        self.assertEqual(self.findings("wise"), {})  # not GAVE_UP either
+
+    def test_giving_up_on_a_retryable_failure(self):
+        self.retry_loop(lambda: self.chat("quitter", ["overloaded"] * 3 + ["ok"]), [100, 200],
+                        honour_retry_after=True)
+        self.assertEqual(self.findings("quitter"), {})  # not settled yet
+        self.clock.advance(2000)
+        finding = self.findings("quitter")["GAVE_UP"]
+        self.assertEqual(finding["evidence"], self.seqs()[-1:])
+        self.assertIn("ended 503 and was not tried again", finding["message"])
+        self.assertNotIn("GAVE_UP", self.findings("quitter", settle_ms=60_000))
+
+    def test_retrying_to_success_is_not_giving_up(self):
+        self.retry_loop(lambda: self.chat("stayer", ["overloaded"] * 2 + ["ok"]), [100, 200],
+                        honour_retry_after=True)
+        self.clock.advance(5000)
+        self.assertEqual(self.findings("stayer"), {})
+
+    def test_too_many_attempts_are_a_storm(self):
+        self.retry_loop(lambda: self.chat("storm", ["fail"]), [100 * 2 ** i for i in range(11)])
+        finding = self.findings("storm")["RETRY_STORM"]
+        self.assertEqual(finding["evidence"], self.seqs()[10:])
+        self.assertIn("tried 12 times, more than max_attempts=10", finding["message"])
+        self.assertNotIn("RETRY_STORM", self.findings("storm", max_attempts=12))
+
+    def test_more_than_twenty_attempts_in_a_second_are_a_storm(self):
+        self.retry_loop(lambda: self.chat("burst", ["fail"] * 21 + ["ok"]), [10] * 21)
+        finding = self.findings("burst", max_attempts=100)["RETRY_STORM"]
+        self.assertEqual(finding["evidence"], self.seqs()[20:])  # the 21st and 22nd
+        self.retry_loop(lambda: self.chat("calm", ["fail"] * 5 + ["ok"]), [60] * 21)
+        self.assertNotIn("RETRY_STORM", self.findings("calm"))
+
+    def test_a_second_job_after_a_lost_answer_is_duplicate_work(self):
+        body = {"op": "x", "trace_id": "dup", "simulate": {"script": [
+            {"fault": {"status": 503}, "fault_phase": "after"}, "ok"]}}
+        self.assertEqual(self.retry_loop(lambda: self.send("POST", "/v1/jobs", body), [100]),
+                         [503, 201])
+        finding = self.findings("dup")["DUPLICATE_WORK"]
+        self.assertEqual((finding["severity"], finding["evidence"]), ("error", self.seqs()))
+        self.assertIn("whose job_", finding["message"])
+        self.assertEqual(self.server.store.counts()["stored"], 2)
+
+    def test_an_idempotency_key_makes_the_retry_safe(self):
+        body = {"op": "x", "trace_id": "safe", "simulate": {"script": [
+            {"fault": {"status": 503}, "fault_phase": "after"}, "ok"]}}
+        statuses = self.retry_loop(lambda: self.send("POST", "/v1/jobs", body,
+                                                     {"Idempotency-Key": "once"}), [100])
+        self.assertEqual(statuses, [503, 200])  # the replay
+        verdict = self.server.assert_client_ok("safe")
+        self.assertEqual([a["idempotency_key"] for a in verdict["attempts"]], ["once"] * 2)
+
+    def poll(self, job_id, every_ms, times):
+        for _ in range(times):
+            self.send("GET", f"/v1/jobs/{job_id}")
+            self.clock.advance(every_ms)
+
+    def test_polling_faster_than_min_poll_ms(self):
+        job_id = json.loads(self.send("POST", "/v1/jobs", {
+            "op": "x", "trace_id": "eager", "simulate": {"latency_ms": 1000}})[2])["id"]
+        self.poll(job_id, 10, 20)
+        finding = self.findings("eager")["POLL_TOO_FAST"]
+        self.assertIn(f"20 polls of {job_id} came 10 ms apart on average", finding["message"])
+        self.assertEqual(len(finding["evidence"]), 19)
+        self.assertNotIn("POLL_TOO_FAST", self.findings("eager", min_poll_ms=10))
+
+    def test_polling_on_after_the_end(self):
+        job_id = json.loads(self.send("POST", "/v1/jobs", {
+            "op": "x", "trace_id": "late", "simulate": {"latency_ms": 100}})[2])["id"]
+        self.poll(job_id, 500, 10)  # ends at 100 ms; seen ended at 500
+        finding = self.findings("late")["POLL_TOO_FAST"]
+        self.assertIn("4 polls", finding["message"])
+        self.assertIn("more than 2000 ms after request 2 said it had ended", finding["message"])
+
+    def test_polling_at_a_sane_pace_until_the_end(self):
+        job_id = json.loads(self.send("POST", "/v1/jobs", {
+            "op": "x", "trace_id": "calm", "simulate": {"latency_ms": 1000}})[2])["id"]
+        self.poll(job_id, 250, 5)
+        self.clock.advance(5000)
+        self.assertEqual(self.findings("calm"), {})
+
+    def test_a_job_left_running_was_not_cancelled(self):
+        job_id = json.loads(self.send("POST", "/v1/jobs", {
+            "op": "x", "trace_id": "left", "simulate": {"mode": "hang"}})[2])["id"]
+        self.poll(job_id, 500, 3)  # then the client's own deadline passes
+        self.assertEqual(self.findings("left"), {})
+        self.clock.advance(2000)
+        finding = self.findings("left")["NO_CANCEL"]
+        self.assertEqual(finding["evidence"], self.seqs()[-1:])
+        self.assertIn(f"{job_id} was last seen active", finding["message"])
+
+    def test_a_cancelled_job_was_not_left_running(self):
+        job_id = json.loads(self.send("POST", "/v1/jobs", {
+            "op": "x", "trace_id": "tidy", "simulate": {"mode": "hang"}})[2])["id"]
+        self.poll(job_id, 500, 3)
+        self.assertEqual(self.send("POST", f"/v1/jobs/{job_id}/cancel")[0], 200)
+        self.clock.advance(5000)
+        self.assertEqual(self.findings("tidy"), {})
+
+    def test_a_background_response_left_running(self):
+        status, _, data = self.send("POST", "/v1/responses", {
+            "model": "m", "input": "hi", "background": True,
+            "simulate": {"mode": "hang"}}, {"X-Trace-Id": "bg"})
+        self.assertEqual(status, 200)
+        self.send("GET", "/v1/responses/" + json.loads(data)["id"])
+        self.clock.advance(2000)
+        self.assertIn("NO_CANCEL", self.findings("bg"))
+
+    def stream(self, key, steps, content="Hello"):
+        status, _, data = self.chat(key, steps, content, stream=True)
+        return data
+
+    def test_a_truncated_stream_taken_as_whole(self):
+        data = self.stream("trusting", [{"stream": {"truncate_after": 1}}])
+        self.assertNotIn(b"[DONE]", data)
+        self.stream("trusting", ["ok"], content="And then?")  # the next turn, as if all was well
+        finding = self.findings("trusting")["TRUNCATED_STREAM_ACCEPTED"]
+        self.assertEqual(finding["evidence"], self.seqs()[:1])
+        self.assertIn("(truncate_after) and was not tried again", finding["message"])
+        self.assertNotIn("GAVE_UP", self.findings("trusting"))
+        self.assertEqual(self.server.verdict("trusting")["attempts"][0]["fault"],
+                         "truncate_after")
+
+    def test_a_truncated_stream_retried(self):
+        steps = [{"stream": {"truncate_after": 1}}, "ok"]
+        for _ in range(2):
+            data = self.stream("careful", steps)
+            if b"[DONE]" in data:
+                break
+            self.clock.advance(100)
+        self.clock.advance(5000)
+        self.assertEqual(self.findings("careful"), {})
+
+    def test_assert_client_ok_lists_the_findings(self):
+        steps = [self.RATE_LIMITED, "ok"]
+        self.retry_loop(lambda: self.chat("eager", steps), [10])
+        with self.assertRaises(AssertionError) as caught:
+            self.server.assert_client_ok("eager")
+        self.assertIn("RETRY_AFTER_IGNORED (error): request 1 came 10 ms after a 429",
+                      str(caught.exception))
+
+    def test_the_verdict_over_http(self):
+        self.retry_loop(lambda: self.chat("http", [self.RATE_LIMITED, "ok"]), [10])
+        self.send("GET", "/v1/jobs/job_000000000000", headers={"X-Trace-Id": "other"})
+        status, body, _ = self.call("GET", "/v1/verdict?trace_id=http")
+        self.assertEqual((status, body["ok"], body["requests"]), (200, False, 2))
+        self.assertEqual(self.call("GET", "/v1/verdict?key=http")[1], body)
+        self.assertEqual(self.call("GET", "/v1/verdict?since_seq=1&trace_id=http")[1][
+            "requests"], 1)
+        self.assertEqual(self.call("GET", "/v1/verdict?path=/v1/jobs/job_000000000000")[1][
+            "requests"], 1)
+        raised = self.call("GET", "/v1/verdict?errors=RETRY_AFTER_IGNORED,NO_BACKOFF")[1]
+        self.assertEqual(raised["findings"][0]["severity"], "error")
+        for query, field in (("settle_ms=soon", "settle_ms"), ("since_seq=-1", "since_seq"),
+                             ("errors=NOPE", "errors"), ("trace_id=a&key=b", "key")):
+            with self.subTest(query=query):
+                status, body, _ = self.call("GET", "/v1/verdict?" + query)
+                self.assert_error(status, body, 422, "VALIDATION_ERROR", field)
+        with self.assertRaises(ValueError):
+            self.server.verdict(settle_ms="soon")
+        self.assertEqual(self.server.journal.find(path="/v1/verdict"), [])  # not journaled
+
+
+class QuotaTest(VerdictTestCase):
+    """--rpm and --tpm on the fake clock: the headers say when the next
+    request succeeds, to the millisecond."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.server = self.start({"latency_ms": 0, "rpm": 3, "clock": self.clock})
+        self.conn = self.connect(self.server)
+
+    def call_as(self, key, surface="openai", **simulate):
+        if surface == "anthropic":
+            return self.send("POST", "/v1/messages", {
+                "model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}],
+                "simulate": simulate}, {"x-api-key": key})
+        return self.send("POST", "/v1/chat/completions", {
+            "model": "m", "messages": [{"role": "user", "content": "Hi"}],
+            "simulate": simulate}, {"Authorization": "Bearer " + key})
+
+    def test_the_retry_after_is_the_true_wait(self):
+        remaining = []
+        for _ in range(3):
+            status, headers, _ = self.call_as("sk-a")
+            self.assertEqual((status, headers["x-ratelimit-limit-requests"]), (200, "3"))
+            remaining.append(headers["x-ratelimit-remaining-requests"])
+            self.clock.advance(1000)
+        self.assertEqual(remaining, ["2", "1", "0"])
+        status, headers, body = self.call_as("sk-a")
+        self.assertEqual(status, 429)
+        self.assertEqual(json.loads(body)["error"]["code"], "rate_limit_exceeded")
+        wait = int(headers["retry-after-ms"])
+        self.assertEqual((wait, headers["retry-after"], headers["x-ratelimit-reset-requests"]),
+                         (57_000, "57", "57s"))
+        self.clock.advance(wait - 1)
+        status, headers, _ = self.call_as("sk-a")
+        self.assertEqual((status, headers["retry-after-ms"]), (429, "1"))
+        self.clock.advance(1)
+        self.assertEqual(self.call_as("sk-a")[0], 200)  # the first request left the window
+        self.assertEqual(self.call_as("sk-a")[0], 429)  # the second has not yet
+
+    def test_refused_requests_do_not_count(self):
+        for _ in range(3):
+            self.call_as("sk-a")
+        for _ in range(10):
+            self.assertEqual(self.call_as("sk-a")[0], 429)
+        self.clock.advance(60_000)
+        self.assertEqual([self.call_as("sk-a")[0] for _ in range(4)], [200, 200, 200, 429])
+        health = self.call("GET", "/health")[1]["quotas"]
+        self.assertEqual(health, {"rpm": 3, "tpm": None, "keys": 1,
+                                  "refused": {"requests": 11}})
+        self.assertIn('dummyllm_quota_refused_total{limit="requests"} 11',
+                      self.send("GET", "/metrics")[2].decode())
+
+    def test_each_key_has_its_own_window(self):
+        for _ in range(3):
+            self.call_as("sk-a")
+        self.assertEqual(self.call_as("sk-a")[0], 429)
+        self.assertEqual(self.call_as("sk-b")[0], 200)
+        status, _, _ = self.chat("no-api-key", ["ok"])  # keyed by X-Trace-Id
+        self.assertEqual(status, 200)
+        self.assertEqual(self.call_as("sk-c", rpm=1)[0], 200)  # simulate.rpm
+        self.assertEqual(self.call_as("sk-c", rpm=1)[0], 429)
+
+    def test_tokens_per_minute(self):
+        self.server.stop()
+        self.server = self.start({"latency_ms": 0, "tpm": 100, "clock": self.clock})
+        big = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40}
+        seen = []
+        for _ in range(3):
+            status, headers, _ = self.send("POST", "/v1/chat/completions", big,
+                                           {"Authorization": "Bearer sk-t"})
+            seen.append((status, headers.get("x-ratelimit-remaining-tokens")))
+            self.clock.advance(10_000)
+        self.assertEqual(seen, [(200, "59"), (200, "18"), (429, "18")])
+        self.assertEqual(headers["retry-after-ms"], "40000")  # when the first leaves
+
+    def test_anthropic_says_it_in_its_headers(self):
+        status, headers, _ = self.call_as("sk-a", "anthropic")
+        self.assertEqual((status, headers["anthropic-ratelimit-requests-limit"],
+                          headers["anthropic-ratelimit-requests-remaining"]), (200, "3", "2"))
+        self.assertNotIn("x-ratelimit-limit-requests", headers)
+        for _ in range(2):
+            self.call_as("sk-a", "anthropic")
+        status, headers, body = self.call_as("sk-a", "anthropic")
+        self.assertEqual((status, json.loads(body)["error"]["type"]), (429, "rate_limit_error"))
+        self.assertEqual(headers["retry-after-ms"], "60000")
+        self.assertRegex(headers["anthropic-ratelimit-requests-reset"],
+                         r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\Z")
+
+    def test_a_quota_refusal_is_judged_like_any_429(self):
+        for _ in range(4):
+            self.call_as("sk-a")
+        self.call_as("sk-a")  # at once, although told to wait a minute
+        finding = self.findings()["RETRY_AFTER_IGNORED"]
+        self.assertEqual(finding["evidence"], self.seqs()[4:])
+
+
+class QuotaRateTest(ServerTestCase):
+    """The quota on the real clock (at --time-scale 0.02 a minute is 1.2 s)."""
+
+    options = {"latency_ms": 0, "rpm": 20, "time_scale": 0.02}
+
+    def test_a_client_that_waits_as_told_always_gets_in(self):
+        statuses, start = [], time.monotonic()
+        while time.monotonic() - start < 1.5:
+            status, _, response = self.call("POST", "/v1/chat/completions", {
+                "model": "m", "messages": HELLO}, headers={"Authorization": "Bearer sk-r"})
+            statuses.append(status)
+            if status == 429:
+                time.sleep(int(response.getheader("retry-after-ms")) / 1000)
+        refusals = [i for i, status in enumerate(statuses) if status == 429]
+        self.assertEqual(statuses[:21], [200] * 20 + [429])
+        self.assertTrue(all(statuses[i + 1] == 200 for i in refusals[:-1]), statuses)
+
+    def test_no_minute_holds_more_than_the_limit(self):
+        admitted, start = [], time.monotonic()
+        while time.monotonic() - start < 1.8:  # a minute and a half
+            if self.call("POST", "/v1/chat/completions", {"model": "m", "messages": HELLO},
+                         headers={"Authorization": "Bearer sk-h"})[0] == 200:
+                admitted.append(time.monotonic())
+        self.assertEqual(len(admitted), 40)  # the first minute's, then the second's
+        self.assertGreater(admitted[20] - admitted[0], 1.2 * 0.99)
 
 
 # --- Server ----------------------------------------------------------------------------
@@ -4140,15 +4575,16 @@ class OpenAPITest(ServerTestCase):
         self.assert_error(status, body, 422, "VALIDATION_ERROR", "limit")
 
     def test_pages_are_self_contained(self):
-        for path in ("/docs", "/"):
+        for path in ("/docs", "/", "/journal"):
             with self.subTest(path=path):
                 self.conn.request("GET", path)
                 response = self.conn.getresponse()
                 page = response.read().decode()
                 self.assertEqual(response.getheader("Content-Type"), "text/html; charset=utf-8")
                 self.assertIn("<script>", page)
+                page = page.replace('"http://www.w3.org/2000/svg"', "")  # a name, not a fetch
                 self.assertEqual(re.findall(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", page), [])
-                self.assertNotRegex(page, r"<(script|link|img)[^>]+(src|href)=")
+                self.assertNotRegex(page, r"<(script|link|img)[^>]+(src|href)=\"(?!data:)")
 
     def test_the_dashboard_takes_its_states_from_the_vocabulary(self):
         self.conn.request("GET", "/")
@@ -4269,6 +4705,39 @@ class BrowserTest(ServerTestCase):
         counts = self.browser.script("return document.getElementById('counts').textContent")
         self.assertIn("ok: 1", counts)
 
+    def test_the_timeline_draws_a_retry_loop_and_flags_the_early_retry(self):
+        limited = {"mode": "rate_limit", "retry_after_ms": 300}
+        body = {"model": "m", "messages": HELLO, "simulate": {"script": [limited, limited, "ok"]}}
+        for wait in (0.05, 0.35, None):  # the first retry 250 ms too early
+            status = self.call("POST", "/v1/chat/completions", body,
+                               headers={"X-Trace-Id": "loop"})[0]
+            if wait is not None:
+                time.sleep(wait)
+        self.assertEqual(status, 200)
+        self.browser.open(self.server.url + "/journal")
+        row = "document.querySelector('tr.key-row[data-key=\"loop\"]')"
+        self.browser.wait_for(f"return {row}")
+        drawn = self.browser.script(f"""
+            const row = {row};
+            return {{marks: [...row.querySelectorAll('circle.mark')].map((m) => m.getAttribute('class')),
+                     spans: row.querySelectorAll('rect.retry-after').length,
+                     gaps: [...row.querySelectorAll('text.gap')].map((t) => t.textContent),
+                     findings: [...row.querySelectorAll('li.finding')].map((f) => f.dataset.code),
+                     hover: row.querySelector('circle.mark title').textContent}};""")
+        self.assertEqual(drawn["marks"], ["mark s4xx", "mark s4xx flagged", "mark s2xx"])
+        self.assertEqual(drawn["spans"], 2)
+        self.assertEqual(len(drawn["gaps"]), 2)
+        self.assertEqual(drawn["findings"], ["RETRY_AFTER_IGNORED"])
+        self.assertEqual(json.loads(drawn["hover"])["status"], 429)
+        # The filter by key keeps only that key's row.
+        self.call("POST", "/v1/jobs", {"op": "x", "trace_id": "other"})
+        self.browser.wait_for("return [...document.querySelectorAll('tr.key-row')].map("
+                              "(row) => row.dataset.key).join() === 'loop,other'")
+        self.browser.script("const k = document.getElementById('key'); k.value = 'other';"
+                            "k.dispatchEvent(new Event('input'));")
+        self.browser.wait_for("const rows = document.querySelectorAll('tr.key-row');"
+                              "return rows.length === 1 && rows[0].dataset.key === 'other'")
+
 
 
 # --- Command line ---------------------------------------------------------------------
@@ -4314,7 +4783,8 @@ class CommandLineTest(unittest.TestCase):
             "time_scale": "0.5",
             "log_format": "json", "cors": "*", "allow_callback_hosts": "a.test,b.test",
             "chaos": "0", "chaos_faults": "reset,status:503,status:429,dribble",
-            "journal_size": "10", "max_connections": "100", "quiet": True}
+            "journal_size": "10", "max_connections": "100", "rpm": "60", "tpm": "10000",
+            "quiet": True}
 
     def test_every_option_by_flag_and_by_variable(self):
         options = {option.name: option for option in dummyllm._OPTIONS}
@@ -4484,6 +4954,10 @@ class ReadmeExampleTest(ServerTestCase):
         self.assertEqual(self.run_example("## Testing an agent loop"), "Sunny in Paris\n")
         paths = [entry["path"] for entry in self.journal()]
         self.assertEqual(paths, ["/v1/chat/completions"] * 2)
+
+    def test_the_verdict_example(self):
+        self.assertEqual(self.run_example("### The verdict on the client: `GET /v1/verdict`"),
+                         "[429, 200] False\nRETRY_AFTER_IGNORED\n")
 
     def test_the_structured_output_example(self):
         self.assertRegex(self.run_example("## Structured output"),
