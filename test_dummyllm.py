@@ -787,6 +787,9 @@ class FakeClock(dummyllm._Clock):
     def now_ms(self):
         return self.now
 
+    def of_monotonic(self, seconds):
+        return self.now  # a request arrives when it is read
+
     def wall_ms(self):
         return 1_700_000_000_000 + round(self.real_ms(self.now))
 
@@ -4335,6 +4338,26 @@ class SlowClientTest(ServerTestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
         self.assertLess(time.monotonic() - started, 3.5)
 
+    def test_an_answer_the_client_does_not_read_is_given_up(self):
+        class Server(LoggingServer):
+            send_timeout_s = 0.3
+            lines = []
+        server = self.start({"latency_ms": 0, "quiet": False, "max_body_bytes": 16 << 20},
+                            Server)
+        body = {"model": "m", "messages": [{"role": "user", "content": "x" * (8 << 20)}],
+                "simulate": {"mode": "echo"}}  # more than the socket buffers hold
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads slowly
+        sock.connect(server.server_address[:2])
+        self.addCleanup(sock.close)
+        sock.sendall(http_bytes("POST", "/v1/chat/completions", body, [("Connection", "close")]))
+        time.sleep(1.5)  # reads nothing while the server's send times out
+        answer = self.read_all(sock)
+        length = int(re.search(rb"Content-Length: (\d+)", answer).group(1))
+        self.assertLess(len(answer.partition(b"\r\n\r\n")[2]), length)  # cut off
+        self.assertEqual(self.call("GET", "/health", conn=self.connect(server))[0], 200)
+        self.assertEqual([line for line in Server.lines if "Traceback" in line], [])
+
     def test_a_slow_but_steady_request_within_the_deadline_is_served(self):
         answer, _ = self.trickle(http_bytes("GET", "/health"), gap_s=0.005)
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
@@ -4392,6 +4415,31 @@ class FileLimitTest(unittest.TestCase):
 
     def test_at_the_limit_itself_the_longest_idle_connection_makes_room(self):
         self.crowd_then_health("--max-connections", "1000")
+
+
+@unittest.skipIf(dummyllm._ARRIVAL_STAMPS is None, "the kernel's arrival stamps are Linux's")
+class ArrivalStampTest(unittest.TestCase):
+    """Simulated time counts from when a request reached the machine, as the
+    kernel stamped it, not from when a thread got round to reading it."""
+
+    def test_a_read_knows_when_its_bytes_arrived(self):
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            self.addCleanup(client.close)
+            server_side, _ = listener.accept()
+            self.addCleanup(server_side.close)
+            reader = dummyllm._RequestReader(server_side, 10)
+            for _ in range(100):  # the kernel starts stamping a moment after it is asked
+                client.sendall(b"\r\n")
+                reader.readinto(bytearray(2))
+                if reader.arrived is not None:
+                    break
+                time.sleep(0.01)
+            client.sendall(b"GET /health HTTP/1.1\r\n")
+            sent = time.monotonic()
+            time.sleep(0.3)  # the bytes wait in the kernel, as behind a busy GIL
+            self.assertEqual(reader.readinto(bytearray(100)), 22)
+            self.assertLess(abs(reader.arrived - sent), 0.15)
 
 
 class HttpHardeningTest(ServerTestCase):
