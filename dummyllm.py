@@ -5593,8 +5593,9 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._refuse("HEADERS_TOO_LARGE", f"more than {_MAX_HEADER_FIELDS} header fields")
             return False
-        # The fields are checked and split in one pass over the head, not line by
-        # line (a fifth of a chat request's time went to the lines' checks).
+        # The fields are checked and split in one pass over the head (line by
+        # line, two regular expressions each, took 0.8 us more of a chat
+        # request's 43).
         fields = b"".join(lines).decode("latin-1")
         if not _HEADER_FIELDS.fullmatch(fields):
             self._refuse("BAD_REQUEST", self._malformed(lines))
