@@ -3938,8 +3938,10 @@ class _Quotas:
 
     def counts(self):
         """(keys with requests in their window, refusals by limit), for /health and /metrics."""
+        since = self.clock.now_ms() - self.WINDOW_MS
         with self._lock:
-            return len(self._windows), dict(self.refused)
+            return (sum(1 for admitted, _ in self._windows.values()
+                        if admitted and admitted[-1][0] > since), dict(self.refused))
 
     def clear(self):
         with self._lock:
@@ -4461,6 +4463,7 @@ _SIMULATE_HEADERS = {_SIMULATE_HEADER: "Simulate settings as JSON; the body's wi
 def _admit(server, request, spec, max_tokens=None):
     """Count a model call or a job against its key's quota, if it has one:
     the API key, else the sequence key.  Over it, the surface's 429."""
+    request.note["trace_id"] = spec.trace_id  # a refused call is journaled under its key
     if spec.rpm is None and spec.tpm is None:
         return
     key = request.route.surface.credential(request) or spec.trace_id or ""

@@ -3755,6 +3755,8 @@ class QuotaTest(VerdictTestCase):
                                   "refused": {"requests": 11}})
         self.assertIn('dummyllm_quota_refused_total{limit="requests"} 11',
                       self.send("GET", "/metrics")[2].decode())
+        self.clock.advance(60_000)
+        self.assertEqual(self.call("GET", "/health")[1]["quotas"]["keys"], 0)  # all left
 
     def test_each_key_has_its_own_window(self):
         for _ in range(3):
@@ -3798,6 +3800,11 @@ class QuotaTest(VerdictTestCase):
         self.call_as("sk-a")  # at once, although told to wait a minute
         finding = self.findings()["RETRY_AFTER_IGNORED"]
         self.assertEqual(finding["evidence"], self.seqs()[4:])
+        for _ in range(2):  # keyed by the body's user: the refusal is that key's too
+            self.send("POST", "/v1/chat/completions", {"model": "m", "user": "u-1", "messages": [
+                {"role": "user", "content": "Hi"}], "simulate": {"rpm": 1}})
+        self.assertEqual([a["status"] for a in self.server.verdict("u-1")["attempts"]],
+                         [200, 429])
 
 
 class QuotaRateTest(ServerTestCase):
