@@ -2523,14 +2523,10 @@ class _Gemini(_Surface):
         status = 400 if error.status == 422 else error.status
         body = {"error": {"code": status, "message": error.message,
                           "status": _ERRORS[error.code].google_status}}
-        headers = error.headers
-        if retry_ms is not None:
-            headers += (("retry-after", str(math.ceil(retry_ms / 1000))),
-                        ("retry-after-ms", str(retry_ms)))
-            if status == 429:  # how Google's clients learn the delay
-                body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                                             "retryDelay": f"{retry_ms / 1000:g}s"}]
-        return status, body, headers
+        if retry_ms is not None and status == 429:  # how Google's clients learn the delay
+            body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                                         "retryDelay": f"{retry_ms / 1000:g}s"}]
+        return status, body, error.headers + self.retry_headers(error, retry_ms, now_ms)
 
     def stream_type(self, call):
         return "text/event-stream" if call.options["sse"] else "application/json"
@@ -4106,7 +4102,7 @@ class _Judge:
         early = [(before, retry, gap) for before, retry, gap in retries
                  if before["retry_after_ms"] is not None
                  and gap < before["retry_after_ms"] - _EARLY_SLACK_MS]
-        return early and self.finding(
+        return self.finding(
             "RETRY_AFTER_IGNORED", [retry["seq"] for _, retry, _ in early],
             "; ".join(f"request {retry['seq']} came {gap:.0f} ms after a {_outcome(before)} "
                       f"that asked for {before['retry_after_ms']} ms"
@@ -4114,7 +4110,7 @@ class _Judge:
 
     def non_retryable(self, retries):
         again = [(before, retry) for before, retry, _ in retries if not _retryable(before)]
-        return again and self.finding(
+        return self.finding(
             "RETRIED_NON_RETRYABLE", [retry["seq"] for _, retry in again],
             "; ".join(f"request {retry['seq']} repeated request {before['seq']}, answered "
                       f"{_outcome(before)}" + (f" {before['code']}" if before["code"] else "")
