@@ -66,6 +66,7 @@ import collections
 import email.utils
 import errno
 import fnmatch
+import functools
 import hashlib
 import heapq
 import hmac
@@ -157,63 +158,37 @@ def _draws(mode_name):
     return _MODES[mode_name].draws or _DRAWABLE_MODES
 
 
-class _ErrorKind(collections.namedtuple("_ErrorKind", "status message openai_type openai_code "
-                                                      "anthropic_type google_status")):
-    """One error code: its HTTP status (None: chosen where it is raised),
-    its default message, and how each provider's API names it."""
+class _ErrorKind(collections.namedtuple("_ErrorKind", "status message")):
+    """One error code: its HTTP status (None: chosen where it is raised) and
+    its default message.  Each surface says how its shape names it."""
 
 
-# Every error the server answers, and the codes a job's `error` carries:
-# status, default message; OpenAI's type and code; Anthropic's type; Google's status.
+# Every error the server answers, and the codes a job's `error` carries.
 _ERRORS = {code: _ErrorKind(*row) for code, row in {
-    "BAD_REQUEST": (400, "malformed HTTP request",
-                    "invalid_request_error", None, "invalid_request_error", "INVALID_ARGUMENT"),
-    "INVALID_JSON": (400, "request body is not valid JSON",
-                     "invalid_request_error", None, "invalid_request_error", "INVALID_ARGUMENT"),
-    "UNAUTHORIZED": (401, "incorrect or missing API key", "invalid_request_error",
-                     "invalid_api_key", "authentication_error", "UNAUTHENTICATED"),
-    "NOT_FOUND": (404, "not found",
-                  "invalid_request_error", "not_found", "not_found_error", "NOT_FOUND"),
-    "METHOD_NOT_ALLOWED": (405, "method not allowed",
-                           "invalid_request_error", None, "invalid_request_error", "NOT_FOUND"),
-    "REQUEST_TIMEOUT": (408, "the request did not arrive in time", "invalid_request_error",
-                        None, "invalid_request_error", "DEADLINE_EXCEEDED"),
-    "IDEMPOTENCY_CONFLICT": (409, "this Idempotency-Key was used with a different request",
-                             "invalid_request_error", "idempotency_conflict",
-                             "invalid_request_error", "ABORTED"),
-    "PAYLOAD_TOO_LARGE": (413, "request body is too large",
-                          "invalid_request_error", None, "request_too_large", "INVALID_ARGUMENT"),
-    "URI_TOO_LONG": (414, "request line is too long",
-                     "invalid_request_error", None, "invalid_request_error", "INVALID_ARGUMENT"),
-    "VALIDATION_ERROR": (422, "a field breaks its rule",
-                         "invalid_request_error", None, "invalid_request_error",
-                         "INVALID_ARGUMENT"),
-    "RATE_LIMITED": (429, "simulated rate limit: too many requests",
-                     "requests", "rate_limit_exceeded", "rate_limit_error", "RESOURCE_EXHAUSTED"),
-    "QUOTA_EXHAUSTED": (429, "simulated quota exhausted: check your plan and billing details",
-                        "insufficient_quota", "insufficient_quota", "rate_limit_error",
-                        "RESOURCE_EXHAUSTED"),
-    "CONTEXT_LENGTH_EXCEEDED": (400, "the prompt is longer than the context window",
-                                "invalid_request_error", "context_length_exceeded",
-                                "invalid_request_error", "INVALID_ARGUMENT"),
-    "HEADERS_TOO_LARGE": (431, "request header fields are too large", "invalid_request_error",
-                          None, "invalid_request_error", "INVALID_ARGUMENT"),
-    "INTERNAL": (500, "internal error", "server_error", None, "api_error", "INTERNAL"),
-    "SIM_FAIL": (500, "simulated error", "server_error", None, "api_error", "INTERNAL"),
-    "NOT_IMPLEMENTED": (501, "not implemented",
-                        "server_error", None, "api_error", "UNIMPLEMENTED"),
-    "OVERLOADED": (503, "simulated overload: the server is too busy", "service_unavailable_error",
-                   "server_is_overloaded", "overloaded_error", "UNAVAILABLE"),
-    "CAPACITY": (503, "every stored job is still active; retry later",
-                 "server_error", None, "overloaded_error", "UNAVAILABLE"),
-    "TOO_MANY_CONNECTIONS": (503, "every connection is busy; retry later",
-                             "server_error", None, "overloaded_error", "UNAVAILABLE"),
-    "TIMEOUT": (504, "job passed its timeout_ms deadline",
-                "server_error", "timeout", "timeout_error", "DEADLINE_EXCEEDED"),
-    "HTTP_VERSION_NOT_SUPPORTED": (505, "only HTTP/1.0 and HTTP/1.1 are served", "server_error",
-                                   None, "invalid_request_error", "INVALID_ARGUMENT"),
-    "INJECTED_FAULT": (None, "simulated HTTP fault", "server_error", None, "api_error", "UNKNOWN"),
-    "CANCELLED": (None, "job was cancelled by the client", None, None, None, "CANCELLED"),
+    "BAD_REQUEST": (400, "malformed HTTP request"),
+    "INVALID_JSON": (400, "request body is not valid JSON"),
+    "UNAUTHORIZED": (401, "incorrect or missing API key"),
+    "NOT_FOUND": (404, "not found"),
+    "METHOD_NOT_ALLOWED": (405, "method not allowed"),
+    "REQUEST_TIMEOUT": (408, "the request did not arrive in time"),
+    "IDEMPOTENCY_CONFLICT": (409, "this Idempotency-Key was used with a different request"),
+    "PAYLOAD_TOO_LARGE": (413, "request body is too large"),
+    "URI_TOO_LONG": (414, "request line is too long"),
+    "VALIDATION_ERROR": (422, "a field breaks its rule"),
+    "RATE_LIMITED": (429, "simulated rate limit: too many requests"),
+    "QUOTA_EXHAUSTED": (429, "simulated quota exhausted: check your plan and billing details"),
+    "CONTEXT_LENGTH_EXCEEDED": (400, "the prompt is longer than the context window"),
+    "HEADERS_TOO_LARGE": (431, "request header fields are too large"),
+    "INTERNAL": (500, "internal error"),
+    "SIM_FAIL": (500, "simulated error"),
+    "NOT_IMPLEMENTED": (501, "not implemented"),
+    "OVERLOADED": (503, "simulated overload: the server is too busy"),
+    "CAPACITY": (503, "every stored job is still active; retry later"),
+    "TOO_MANY_CONNECTIONS": (503, "every connection is busy; retry later"),
+    "TIMEOUT": (504, "job passed its timeout_ms deadline"),
+    "HTTP_VERSION_NOT_SUPPORTED": (505, "only HTTP/1.0 and HTTP/1.1 are served"),
+    "INJECTED_FAULT": (None, "simulated HTTP fault"),
+    "CANCELLED": (None, "job was cancelled by the client"),
 }.items()}
 # The reason phrase of each status: HTTP's, and Anthropic's 529.
 _REASONS = {**{status.value: status.phrase for status in HTTPStatus}, 529: "Overloaded"}
@@ -798,7 +773,7 @@ def _check_headers(value, field):
 
 
 def _check_surface_name(value, field):
-    names = [surface.name for surface in _MODEL_SURFACES]
+    names = _surface_names()
     if value not in names:
         raise _ValidationError(field, "must be one of " + ", ".join(names))
     return value
@@ -907,6 +882,33 @@ def _check_callback_url(value, field, allowed_hosts):
         raise _ValidationError(field, f"names host {host!r}, which is not loopback; "
                                "allow it with --allow-callback-host")
     return value
+
+
+def _check_findings(value, field):
+    if not isinstance(value, (list, tuple)) or not all(code in _FINDINGS for code in value):
+        raise _ValidationError(field, "must list codes of findings: " + ", ".join(_FINDINGS))
+    return tuple(value)
+
+
+# The questions a verdict takes, as query parameters and as keywords of
+# DummyLLMServer.verdict.
+_VERDICT_QUERY = {
+    "trace_id": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
+                       "Judge this sequence key only; without it, every key and the herd"),
+    "key": _Field(_Text(_MAX_TRACE_ID_CHARS), None, "The same, by the name model calls give "
+                  "it (X-Trace-Id, else the body's user)"),
+    "path": _Field(_Text(), None, "Only requests to this path"),
+    "since_seq": _Field(_Int(0, 2 ** 63), 0, "Only requests from this journal seq on"),
+    "settle_ms": _Field(_Int(0, 3_600_000), 2000, "How long after a failure a retry may "
+                        "still come (GAVE_UP, NO_CANCEL, TRUNCATED_STREAM_ACCEPTED)"),
+    "max_attempts": _Field(_Int(1, 1_000_000), 10, "Attempts of one request beyond which it "
+                           "is a RETRY_STORM"),
+    "min_poll_ms": _Field(_Int(0, 3_600_000), 50, "The mean gap between polls below which it "
+                          "is POLL_TOO_FAST"),
+    "errors": _Field(_Check(_check_findings, {"type": "array", "items": {"enum": list(_FINDINGS)}},
+                            from_text=lambda text: [code for code in text.split(",") if code]),
+                     (), "Findings to count as errors, comma-separated"),
+}
 
 
 # Server options: one row each for the command line, the environment and
@@ -1412,12 +1414,6 @@ def _drawn(schema, draw, field):
         raise _ValidationError(field, "is not a JSON Schema dummyLLM can read") from None
 
 
-def _check_schema(schema, field):
-    """A JSON Schema a value can be drawn for."""
-    _drawn(schema, _series(0, "", 0, "check"), field)
-    return schema
-
-
 def _unit_draw(seed, key, n, purpose):
     """A number in [0, 1) that depends only on its arguments.
 
@@ -1467,6 +1463,8 @@ def _plan(spec, n, seed, server_weights, slow_factor):
     state, result, error = mode.state, None, None
     if mode.text:
         result = _result(spec, mode.text, seed, n)
+    if mode.text != "reply" and (spec.forced_tool is not None or spec.output is not None):
+        _result(spec, "reply", seed, n)  # its schema is checked by its draw, whatever the mode
     if mode.error:
         message = spec.fail_message if mode.error == "SIM_FAIL" else None
         error = {"code": mode.error, "message": message or _ERRORS[mode.error].message}
@@ -1479,10 +1477,14 @@ def _plan(spec, n, seed, server_weights, slow_factor):
     return _Plan(name, weights, latency_ms, running_at_ms, ends_at_ms, state, result, error)
 
 
-def _script_step(spec, n):
-    """The settings of the n-th request carrying spec's script: that step's
-    settings over the others (past the end, the last step repeats)."""
-    return spec._replace(**spec.script[min(n, len(spec.script) - 1)])
+def _attempt_settings(spec, step):
+    """The settings of one attempt: its script's step-th step over the
+    others (past the end, the last step repeats; None: no script), and a
+    status fault without retry_after_ms taking the request's."""
+    if step is not None:
+        spec = spec._replace(**spec.script[min(step, len(spec.script) - 1)])
+    fault = _with_retry_after(spec.fault, spec)
+    return spec if fault is spec.fault else spec._replace(fault=fault)
 
 
 def _with_retry_after(fault, spec):
@@ -1609,14 +1611,17 @@ def _cut_in_half(data):
     if not mark:
         head, payload = b"", body
     return head + mark + payload[:len(payload) // 2] + data[len(body):]
+# --- Surfaces --------------------------------------------------------------------
+# A surface is one provider's API, declared as one unit: its routes and their
+# descriptions, how a request in its format becomes the common call, how an
+# answer, an error and a stream are written in its format (a stream as a
+# table of events), the headers it reads and sends, and the schemas it adds
+# to the API document.  The shared code (simulation, faults, scripts, rules,
+# quotas, the journal, the verdict, stream timing) knows the surfaces only
+# through the protocol below.  A new provider is its unit and one entry in
+# _SURFACES.
 
-
-# --- Wire formats ----------------------------------------------------------------
-# A provider surface is one unit: how a request in its format becomes the
-# common call (a _Call), and how an answer, a stream and an error are
-# written in its provider's format.  The routes name the surface that
-# answers them; the store and the simulation know nothing of any of them.
-# The Prometheus exposition is here too.
+# --- Surfaces: the protocol ------------------------------------------------------
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
@@ -1690,13 +1695,6 @@ def _json_body(request):
     return value
 
 
-def _sse(payload, event=None):
-    """One server-sent event carrying JSON (or the text [DONE])."""
-    data = b"[DONE]" if payload == "[DONE]" else _json_bytes(payload)
-    head = b"" if event is None else b"event: " + event.encode() + b"\n"
-    return head + b"data: " + data + b"\n\n"
-
-
 def _random_hex(digits):
     """A random id of hex digits: unique enough for an answer's id, and
     without the system call of secrets (6% of a chat answer's time)."""
@@ -1708,38 +1706,218 @@ def _duration_text(ms):
     return f"{ms}ms" if ms < 1000 else f"{ms / 1000:g}s"
 
 
+# What a request learns on its way and tells the journal, the access log and
+# the verdict: each field, with its schema in a journal entry.
+_NOTE_FIELDS = {
+    "job_id": ({"type": ["string", "null"]}, "The job or stored response it created or named"),
+    "trace_id": ({"type": ["string", "null"]}, "Its sequence key: X-Trace-Id, the body's "
+                 "trace_id or user, or that of the job it names"),
+    "rule": ({"type": ["integer", "null"]}, "The reply rule that matched"),
+    "code": ({"type": ["string", "null"]}, "The error code answered"),
+    "retry_after_ms": ({"type": ["integer", "null"]},
+                       "The wait the retry headers advertised (real ms)"),
+    "stream_failure": ({"type": ["string", "null"]}, "The stream failure it was given"),
+    "job_ended": ({"type": ["boolean", "null"]},
+                  "Whether the job the answer showed had ended"),
+}
+
+
+class _Note:
+    """What a request learns on its way: the fields of _NOTE_FIELDS (None
+    until learnt), and two more that stay in the server:
+
+    fault   the fault a poll's answer was given in place of the job's state
+            (the journal records it with the faults that spoil answers)
+    quota   the quota its key has left, {"requests" and/or "tokens": (limit,
+            remaining, real ms until the window frees room)}, for the headers
+    """
+
+    __slots__ = (*_NOTE_FIELDS, "fault", "quota")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, None)
+
+
+class _Request:
+    """One request as the application sees it.
+
+    method, path, query    as the request line gave them (path without the query)
+    headers                by lower-case name
+    body                   bytes
+    received_ms            when it arrived, on the store's clock (simulated ms)
+    received_wall_ms       when it arrived, epoch milliseconds
+    route                  the _Route that answers it, once routed
+    params, args           its path parameters and checked query parameters
+    note                   what it learns on its way (a _Note)
+    """
+
+    __slots__ = ("method", "path", "query", "headers", "body", "received_ms",
+                 "received_wall_ms", "route", "params", "args", "note")
+
+    def __init__(self, method, path, query, headers, received_ms, received_wall_ms, body=b""):
+        self.method, self.path, self.query, self.headers = method, path, query, headers
+        self.received_ms, self.received_wall_ms, self.body = received_ms, received_wall_ms, body
+        self.route, self.params, self.args, self.note = None, {}, {}, _Note()
+
+
+class _Answer:
+    """What a handler answers, and when.
+
+    `payload` is a JSON value, bytes of `content_type`, or an ApiError
+    (written in the route's surface's format); `at` is the clock time to
+    answer (None: now).  `stream` makes it a stream of (ms after `at`,
+    bytes) that ends as its `failure` says (see _STREAM_FAILURES), and
+    `stream_error()` the bytes that end it early when a frame fails to
+    render; `live` one of bytes sent as they come.  A status of None sends
+    nothing: the connection is held until the client or the server closes
+    it.  A `fault` spoils the answer as it goes out (see _FAULTS).
+    """
+
+    __slots__ = ("status", "payload", "headers", "at", "stream", "stream_error", "failure",
+                 "fault", "dribble_ms", "live", "content_type")
+
+    def __init__(self, status=200, payload=None, headers=(), at=None, stream=None,
+                 stream_error=None, failure=None, fault=None, dribble_ms=50, live=None,
+                 content_type="application/json"):
+        self.status, self.payload, self.headers, self.at = status, payload, tuple(headers), at
+        self.stream, self.stream_error, self.failure, self.live = (stream, stream_error, failure,
+                                                                    live)
+        self.fault, self.dribble_ms, self.content_type = fault, dribble_ms, content_type
+
+
+class _Route(collections.namedtuple("_Route", "method path handler surface auth admin chaos "
+                                              "journal api")):
+    """An endpoint: ``handler(surface, app, request)`` gives its _Answer (or
+    raises ApiError); `surface` is the unit that declares it (set when it is
+    registered) and writes its answers; whether it needs --api-key or
+    --admin-key, may meet chaos and is journaled; its description (see
+    _describe)."""
+
+
+def _route(method, path, handler, auth=None, admin=False, chaos=True, journal=True, api=None):
+    """A route as a surface declares it; `auth` None takes the surface's own
+    (its `keyed`).  {name} in the path matches one segment, {name+} the rest."""
+    return _Route(method, path, handler, None, auth, admin, chaos, journal,
+                  api or handler.api)
+
+
+def _describe(summary, request=None, answers=None, query=None, headers=None):
+    """An endpoint's description: its summary, request body schema, answers
+    ({status: schema name, media type, or None}), query parameters (a table
+    of _Field, which also checks them) and request headers."""
+    return {"summary": summary, "request": request, "answers": answers or {200: None},
+            "query": query or {}, "headers": headers or {}}
+
+
+def _api(*args, **kwargs):
+    """Describe a handler (see _describe); a route may describe itself instead."""
+    def describe(handler):
+        handler.api = _describe(*args, **kwargs)
+        return handler
+    return describe
+
+
+def _query_args(request, fields):
+    """The request's query parameters, checked by the handler's rules."""
+    values = urllib.parse.parse_qs(request.query) if request.query else {}
+    args = {}
+    for name, spec in fields.items():
+        if name in values:
+            args[name] = spec.rule(spec.rule.from_text(values[name][-1]), name)
+        else:
+            args[name] = spec.default
+    return args
+
+
 # The common call: what every model-call surface's request comes down to.
 # `spec` holds the operation, the messages, the simulate settings and the
 # sequence key; `options` what only that surface needs back.
 _Call = collections.namedtuple("_Call", "spec model stream max_tokens stop options")
 
+_TRACE_ID_HEADER = _Nullable(_Text(_MAX_TRACE_ID_CHARS))
+# The request headers every surface reads (a surface adds its own for CORS).
+_COMMON_REQUEST_HEADERS = ("Content-Type", "Authorization", "Idempotency-Key", "X-Trace-Id",
+                           _SIMULATE_HEADER)
+# The answer headers every surface may send.
+_COMMON_ANSWER_HEADERS = ("Location", "Retry-After", "retry-after-ms", "Idempotent-Replayed")
+_SIMULATE_HEADERS = {_SIMULATE_HEADER: "Simulate settings as JSON; the body's win, field by field",
+                     "X-Trace-Id": "The key of seeded sequences and scripts"}
+
 
 class _Surface:
-    """A provider's wire format.  This base is dummyLLM's own error shape;
-    a model-call surface adds a name (that reply rules match), parse (a
-    request to a _Call), answer (a reply as a JSON body) and stream (a
-    reply as events)."""
+    """A provider's API, declared as one unit.  This base is dummyLLM's own:
+    its error shape, the common path of a model call, and the defaults.
+
+    What a surface declares:
+
+    name              the name reply rules know its model calls by (None:
+                      it answers no model calls)
+    routes            its endpoints (see _route), tried in this order
+    keyed             whether its routes need --api-key (see credential)
+    error_schema      the API document's schema of its errors
+    error_types       what its errors call each error: by code, else by
+                      status, else by "4xx" or "5xx" (see error_type)
+    validation_status the status of a field that breaks its rule
+    overloaded_status of mode overloaded when simulate.status gives none
+    stream_error      (code, default message) of the event error_after sends
+    finish            its reason for each way a reply ends (_Reply.end)
+    framing           how its streams are written (see _Framing)
+    stream_events     what it writes for each event of a stream's timeline,
+                      in order: {kind: ((name, build), ...)}, build(surface,
+                      render, piece) giving an event's JSON, bytes, or None
+                      for no event (see _Render)
+    request_headers   the headers it reads, besides the common ones
+    answer_headers    the headers it sends, besides the common ones and its
+                      quota's (CORS lets a browser read them)
+    quota_header      the pattern of its quota headers' names ({part} is
+                      limit, remaining or reset; {kind} requests or tokens),
+                      or None where the API tells no quota
+
+    What it does: parse(request, config) reads a model call into a _Call;
+    respond(app, request, call) answers it (the common path is here);
+    answer(call, reply, created) writes a reply; error(...) an error; and
+    schemas() gives what it adds to the API document.
+    """
 
     name = None
+    routes = ()
+    keyed = False
     error_schema = "Error"
-    overloaded_status = 503  # of mode overloaded, when simulate.status gives none
-    schemas = {}
+    error_types = {}
+    validation_status = 422
+    overloaded_status = 503
+    stream_error = ("SIM_FAIL", "simulated stream error")
+    finish = {}
+    framing = None
+    stream_events = {}
+    request_headers = ()
+    answer_headers = ()
+    quota_header = "x-ratelimit-{part}-{kind}"
 
-    def stream_type(self, call):
-        return "text/event-stream"
+    def schemas(self):
+        """The schemas it adds to the API document, by name (made at first use)."""
+        return {}
 
     def credential(self, request):
         """The API key a request carries, for --api-key."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return token if scheme.lower() == "bearer" else None
 
+    def error_type(self, error, status):
+        """What its errors call this one: by code, by status, by class."""
+        types = self.error_types
+        return types.get(error.code) or types.get(status) or types.get(
+            "4xx" if status < 500 else "5xx")
+
     def error(self, error, retry_ms, now_ms):
         """(status, body, headers) of an error; retry_ms is the real delay
         its retry headers advertise, or None; now_ms the wall clock."""
-        return error.status, self.error_body(error), error.headers + self.retry_headers(
-            error, retry_ms, now_ms)
+        status = self.validation_status if error.status == 422 else error.status
+        return status, self.error_body(error, status, retry_ms), error.headers + (
+            self.retry_headers(error, retry_ms, now_ms))
 
-    def error_body(self, error):
+    def error_body(self, error, status, retry_ms):
         body = {"code": error.code, "message": error.message}
         if error.field:
             body["field"] = error.field
@@ -1757,13 +1935,28 @@ class _Surface:
         return headers
 
     def quota_headers(self, quota, now_ms):
-        """The headers that tell a client its quota, OpenAI's x-ratelimit-*:
-        quota is {"requests" or "tokens": (limit, remaining, ms until the
-        window frees room)}; now_ms the wall clock."""
+        """The headers that tell a client its quota: quota is {"requests" or
+        "tokens": (limit, remaining, ms until the window frees room)}; now_ms
+        the wall clock."""
+        if self.quota_header is None:
+            return ()
         return tuple(header for kind, (limit, remaining, reset_ms) in quota.items() for header in (
-            (f"x-ratelimit-limit-{kind}", str(limit)),
-            (f"x-ratelimit-remaining-{kind}", str(remaining)),
-            (f"x-ratelimit-reset-{kind}", _duration_text(reset_ms))))
+            (self.quota_header.format(part="limit", kind=kind), str(limit)),
+            (self.quota_header.format(part="remaining", kind=kind), str(remaining)),
+            (self.quota_header.format(part="reset", kind=kind),
+             self.reset_text(reset_ms, now_ms))))
+
+    @staticmethod
+    def reset_text(reset_ms, now_ms):
+        """How its quota headers say when the window frees room."""
+        return _duration_text(reset_ms)
+
+    def stream_framing(self, call):
+        """The framing of a call's stream (most surfaces have one)."""
+        return self.framing
+
+    def begin_stream(self, render):
+        """Set on a stream's render what its events share (its id...)."""
 
     def call(self, request, config, *, model, messages, stream, max_tokens, user, timeout_ms,
              simulate, stop=(), args=None, callback_url=None, tools=None, forced=None,
@@ -1779,7 +1972,9 @@ class _Surface:
         tools to (JSON Schema of their arguments, field), None where the API
         has no tools; `forced` is (a tool's name or "any", field) when the
         request forces a tool call; `output` is (JSON Schema, field) when it
-        asks for structured output (the schema True: any JSON object)."""
+        asks for structured output (the schema True: any JSON object).  The
+        schemas are checked where a value is drawn from them, once, by the
+        plan (see _result)."""
         header = request.headers.get("x-dummyllm-simulate")
         if header is not None:
             header = _SIMULATE(_json_value(header, _SIMULATE_HEADER, _SIMULATE_HEADER),
@@ -1804,10 +1999,6 @@ class _Surface:
         if tools is None and any("tool_calls" in step for step in settings["script"] or ()):
             settings["script"] = _left_out(sources, "script",
                                            "has tool calls, which this API has not")
-        # When settings give every answer's content, no JSON is drawn.
-        scripted = (forced or output) and all(
-            settings["ok_text"] is not None or settings["tool_calls"] is not None
-            or "ok_text" in step or "tool_calls" in step for step in settings["script"] or ({},))
         forced_tool = asked_output = None
         if forced is not None:
             choice, field = forced
@@ -1819,19 +2010,39 @@ class _Surface:
                                        "tools" if name is None else
                                        f"names {name!r}, which is not among the request's tools")
             schema, schema_field = tools[name]
-            forced_tool = {"name": name, "field": schema_field, "schema": (
-                schema if scripted else _check_schema(schema, schema_field))}
+            forced_tool = {"name": name, "field": schema_field, "schema": schema}
         if output is not None:
             schema, field = output
-            asked_output = {"field": field, "schema": schema if scripted
-                            else _check_schema(schema, field)}
+            asked_output = {"field": field, "schema": schema}
         spec = _JobSpec(op="llm.chat", args={"model": model, "messages": messages, **(args or {})},
                         timeout_ms=timeout_ms, trace_id=trace_id, callback_url=callback_url,
                         rule=rule, forced_tool=forced_tool, output=asked_output, **settings)
         return _Call(spec, model, stream, max_tokens, tuple(stop), options)
 
-
-_TRACE_ID_HEADER = _Nullable(_Text(_MAX_TRACE_ID_CHARS))
+    def respond(self, app, request, call):
+        """The common path of a model call, once parsed and admitted: take
+        its place in the store's sequences, then refuse, fail, hang, answer
+        or stream as its plan says."""
+        spec, plan = app.store.plan_call(call.spec)
+        call = call._replace(spec=spec)
+        request.note.rule = spec.rule
+        _no_dribbled_stream(call)
+        if plan.state in _REFUSED_STATES:
+            raise _refusal(spec, plan, self.overloaded_status)
+        if plan.ends_at_ms is None:
+            return _Answer(status=None)  # hang
+        at_ms = request.received_ms + plan.ends_at_ms
+        if plan.state != "ok":
+            return _Answer(payload=ApiError(plan.error["code"], plan.error["message"]), at=at_ms,
+                           fault=spec.fault, dribble_ms=spec.dribble_ms)
+        reply = _reply(spec, plan, call.max_tokens, call.stop)
+        created = app.clock.wall_ms() // 1000
+        if call.stream and spec.fault is None:
+            render = _Render(self, call, reply, created)
+            return render.answer(_stream_timeline(reply, spec.token_ms, spec.stream), at=at_ms,
+                                 failure=next(iter(spec.stream)) if spec.stream else None)
+        return _Answer(200, self.answer(call, reply, created), at=at_ms, fault=spec.fault,
+                       dribble_ms=spec.dribble_ms)
 
 
 def _left_out(sources, key, reason):
@@ -1844,86 +2055,143 @@ def _left_out(sources, key, reason):
     return None
 
 
-_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["code", "message"], "properties": {
-        "code": {"type": "string", "enum": list(_ERRORS)}, "message": {"type": "string"},
-        "field": {"type": "string"}}}}}
+def _no_dribbled_stream(call):
+    if call.stream and call.spec.fault is not None and call.spec.fault.kind == "dribble":
+        raise _ValidationError("simulate.fault", "dribble applies to JSON answers; a stream "
+                               "is paced by token_ms")
 
 
-# The keys of a job's JSON, each also the name of a _Job attribute.
-_JOB_JSON = {
-    "id": {"type": "string", "pattern": "^job_[0-9a-f]{12}$"},
-    "state": {"type": "string", "enum": list(_JOB_STATES)},
-    "op": {"type": "string"},
-    "trace_id": {"type": ["string", "null"]},
-    "created_at": {"type": "integer", "description": "Epoch seconds"},
-    "updated_at": {"type": "integer", "description": "Epoch seconds"},
-    "created_at_ms": {"type": "integer", "description": "Epoch milliseconds"},
-    "updated_at_ms": {"type": "integer", "description": "Epoch milliseconds"},
-    "result": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
-        "text": {"type": "string"}, "usage": {"type": "object", "properties": {
-            "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}}},
-        "tool_calls": {"type": "array", "items": {"type": "object", "properties": {
-            "id": {"type": "string"}, "name": {"type": "string"}, "arguments": {}}}}}}]},
-    "error": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
-        "code": {"type": "string", "enum": list(_JOB_ERROR_CODES)},
-        "message": {"type": "string"}}}]},
-}
-
-_JOB_REQUEST = {
-    "op": _Field(_Text(non_empty=True), _REQUIRED, "The operation; llm.chat gets a chat-like reply."),
-    "args": _Field(_OBJECT, {}, "Free-form; args.messages feeds replies, echo and usage."),
-    "timeout_ms": _Field(_Int(1, _MAX_TIMEOUT_MS), _from_config("timeout_ms"),
-                         "The server-side deadline (default --timeout-ms)."),
-    "trace_id": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
-                       "Your correlation id; the key of seeded sequences and scripts."),
-    "callback_url": _Field(_Text(2048, non_empty=True), None,
-                           "Loopback URL the final job is POSTed to."),
-    "simulate": _Field(_SIMULATE, None, "How the job behaves."),
-}
+def _admit(app, request, spec, max_tokens=None):
+    """Count a model call or a job against its key's quota, if it has one:
+    the API key, else the sequence key.  Over it, the surface's 429."""
+    request.note.trace_id = spec.trace_id  # a refused call is journaled under its key
+    if spec.rpm is None and spec.tpm is None:
+        return
+    key = request.route.surface.credential(request) or spec.trace_id or ""
+    request.note.quota = app.quotas.admit(key, spec.rpm, spec.tpm,
+                                          _prompt_tokens(spec) + (max_tokens or 0))
 
 
-class _JobApi(_Surface):
-    """dummyLLM's own job API: a job is created, polled, listed, watched,
-    cancelled and deleted; its JSON always has every key of _JOB_JSON."""
-
-    schemas = {
-        "Error": _ERROR_SCHEMA,
-        "Simulate": _object_schema(_SIMULATE_FIELDS, strict=True),
-        "CreateJob": _object_schema(_JOB_REQUEST, example={
-            "op": "llm.chat", "trace_id": "try-1",
-            "args": {"model": "llama3.1:8b", "messages": [{"role": "user", "content": "Hello"}]},
-            "simulate": {"mode": "ok", "latency_ms": 500}}),
-        "JobCreated": {"type": "object", "required": ["id", "state", "created_at"],
-                       "properties": {key: _JOB_JSON[key]
-                                      for key in ("id", "state", "created_at")}},
-        "Job": {"type": "object", "required": list(_JOB_JSON), "properties": _JOB_JSON},
-        "JobList": {"type": "object", "required": ["jobs", "next"], "properties": {
-            "jobs": {"type": "array", "items": _ref("Job")},
-            "next": {"type": ["integer", "null"]}}},
-        "Cancelled": {"type": "object", "properties": {"id": {"type": "string"},
-                                                       "state": {"type": "string"}}},
-        "JobRequest": {"type": "object", "properties": {
-            "id": {"type": "string"}, "op": {"type": "string"}, "args": {"type": "object"},
-            "timeout_ms": {"type": "integer"}, "trace_id": {"type": ["string", "null"]},
-            "created_at_ms": {"type": "integer"}, "polls": {"type": "integer"},
-            "idempotency_key": {"type": ["string", "null"]},
-            "callback": {"type": ["object", "null"]}, "simulate": {"type": "object"},
-            "outcome": {"type": "object"}}},
-    }
-
-    def parse_create(self, body, config):
-        """The _JobSpec of a create request's body."""
-        values = _with_defaults(_given(body, _JOB_REQUEST, None), _JOB_REQUEST, config)
-        if values["callback_url"] is not None:
-            _check_callback_url(values["callback_url"], "callback_url",
-                                config.allow_callback_hosts)
-        settings = _simulate_settings(values.pop("simulate"), config)
-        return _JobSpec(**values, rule=None, forced_tool=None, output=None, **settings)
+def _model_call(surface, app, request):
+    """Answer a model call in its route's surface: parse it, count it
+    against its key's quota, then let the surface respond."""
+    call = surface.parse(request, app.config)
+    _admit(app, request, call.spec, call.max_tokens)
+    return surface.respond(app, request, call)
 
 
-_JOB_API = _JobApi()
+def _model_api(summary, request, answers, query=None):
+    """The description of a model call's route."""
+    return _describe(summary, request, answers, query, headers=_SIMULATE_HEADERS)
 
+
+class _Framing(collections.namedtuple("_Framing", "content_type event start end")):
+    """How a stream is written: its content type; event(render, name, data)
+    the bytes of one event (data its JSON, encoded); the bytes before its
+    first event and after its last (a JSON array's brackets)."""
+
+
+def _data_event(render, name, data):
+    return b"data: " + data + b"\n\n"
+
+
+def _named_event(render, name, data):
+    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def _json_line(render, name, data):
+    return data + b"\n"
+
+
+def _array_item(render, name, data):
+    return data if render.written == 0 else b",\r\n" + data
+
+
+_SSE = _Framing("text/event-stream", _data_event, b"", b"")
+_NAMED_SSE = _Framing("text/event-stream", _named_event, b"", b"")
+_NDJSON = _Framing("application/x-ndjson", _json_line, b"", b"")
+_JSON_ARRAY = _Framing("application/json", _array_item, b"[", b"]")
+
+
+class _Render:
+    """One stream written out: for each event of its timeline, the
+    surface's stream_events, each built from the call and the reply and
+    written in the surface's framing.  `written` counts the events written
+    (sequence numbers; a JSON array's commas), those up to `skip` included
+    are counted but not written (a stream resumed after one of them).
+
+    A text piece is most of a stream, and its event differs from the last
+    only in the text: it is encoded once around a marker and filled in (a
+    tenth of the cost of encoding each)."""
+
+    _MARKER = "\0"
+    _ENCODED_MARKER = b'"\\u0000"'
+
+    def __init__(self, surface, call, reply, created, skip=-1, **fields):
+        self.surface, self.call, self.reply, self.created = surface, call, reply, created
+        self.framing, self.skip = surface.stream_framing(call), skip
+        self.written = 0
+        self._pieces = {}  # a text piece's events, encoded around the marker
+        self.__dict__.update(fields)
+        surface.begin_stream(self)
+
+    def __call__(self, kind, piece=None):
+        """The bytes of one event of the timeline."""
+        framing, surface = self.framing, self.surface
+        out = [framing.start] if kind == "open" and framing.start else []
+        for position, (name, build) in enumerate(surface.stream_events[kind]):
+            if kind == "piece" and isinstance(piece, str):
+                data = self._text_piece(position, name, build, piece)
+            else:
+                payload = build(surface, self, piece)
+                if payload is None:
+                    continue
+                data = payload if isinstance(payload, bytes) else _json_bytes(payload)
+            if self.written > self.skip:
+                out.append(framing.event(self, name, data))
+            self.written += 1
+        if kind in ("close", "error") and framing.end:
+            out.append(framing.end)
+        return b"".join(out)
+
+    def _text_piece(self, position, name, build, text):
+        around = self._pieces.get(position)
+        if around is None:
+            encoded = _json_bytes(build(self.surface, self, self._MARKER))
+            # Only where the marker is the text alone (a model's name may hold it).
+            around = self._pieces[position] = (encoded.split(self._ENCODED_MARKER)
+                                               if encoded.count(self._ENCODED_MARKER) == 1
+                                               else False)
+        if around is False:
+            return _json_bytes(build(self.surface, self, text))
+        return around[0] + _json_bytes(text) + around[1]
+
+    def frames(self, timeline):
+        """(ms, bytes) of each event of a timeline (see _stream_timeline),
+        lazily; a "malformed" one is cut in half."""
+        for ms, kind, piece in timeline:
+            if kind == "malformed":
+                yield ms, _cut_in_half(self(*piece))
+            else:
+                yield ms, self(kind, piece)
+
+    def error_event(self):
+        """The bytes that end the stream early: the surface's error event."""
+        return self("error")
+
+    def answer(self, timeline, at, failure=None, frames=None):
+        """The _Answer that streams a timeline (or frames made from it)."""
+        return _Answer(200, at=at, stream=frames or self.frames(timeline),
+                       stream_error=self.error_event, failure=failure,
+                       content_type=self.framing.content_type)
+
+    def stream_error(self):
+        """The error of error_after: the surface's own, with the request's fail_message."""
+        code, message = self.surface.stream_error
+        return ApiError(code, self.call.spec.fail_message or message)
+
+
+# What the requests of several surfaces share.
 
 def _check_messages(value, field, allow_empty=False):
     if not isinstance(value, list) or not (value or allow_empty):
@@ -1945,15 +2213,6 @@ def _check_strings(value, field, most=None):
 
 
 _STRINGS_SCHEMA = {"type": "array", "items": {"type": "string"}}
-
-
-def _check_one(value, field):
-    if value != 1:
-        raise _ValidationError(field, "must be 1: dummyLLM answers with one choice")
-    return value
-
-
-_STREAM_OPTIONS = {"include_usage": _Field(_Bool(), False, "End with a usage chunk.")}
 
 
 def _text_messages(messages):
@@ -2006,6 +2265,412 @@ def _tool_table(tools, field, inner=None, schema_keys=("parameters",)):
     return table
 
 
+def _check_blocks(value, field):
+    """Content: a string, or content blocks (objects with a string type)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _ValidationError(field, "must be a string or an array of content blocks")
+    for index, block in enumerate(value):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise _ValidationError(f"{field}[{index}]", "must be a content block with a type")
+    return value
+
+
+def _check_list(value, field):
+    if not isinstance(value, list):
+        raise _ValidationError(field, "must be an array")
+    return value
+
+
+_LIST = _Check(_check_list, {"type": "array"})
+
+
+# --- Surfaces: the job API --------------------------------------------------------
+
+# The keys of a job's JSON, each also the name of a _Job attribute.
+_JOB_JSON = {
+    "id": {"type": "string", "pattern": "^job_[0-9a-f]{12}$"},
+    "state": {"type": "string", "enum": list(_JOB_STATES)},
+    "op": {"type": "string"},
+    "trace_id": {"type": ["string", "null"]},
+    "created_at": {"type": "integer", "description": "Epoch seconds"},
+    "updated_at": {"type": "integer", "description": "Epoch seconds"},
+    "created_at_ms": {"type": "integer", "description": "Epoch milliseconds"},
+    "updated_at_ms": {"type": "integer", "description": "Epoch milliseconds"},
+    "result": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
+        "text": {"type": "string"}, "usage": {"type": "object", "properties": {
+            "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}}},
+        "tool_calls": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "name": {"type": "string"}, "arguments": {}}}}}}]},
+    "error": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
+        "code": {"type": "string", "enum": list(_JOB_ERROR_CODES)},
+        "message": {"type": "string"}}}]},
+}
+
+_JOB_REQUEST = {
+    "op": _Field(_Text(non_empty=True), _REQUIRED, "The operation; llm.chat gets a chat-like reply."),
+    "args": _Field(_OBJECT, {}, "Free-form; args.messages feeds replies, echo and usage."),
+    "timeout_ms": _Field(_Int(1, _MAX_TIMEOUT_MS), _from_config("timeout_ms"),
+                         "The server-side deadline (default --timeout-ms)."),
+    "trace_id": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
+                       "Your correlation id; the key of seeded sequences and scripts."),
+    "callback_url": _Field(_Text(2048, non_empty=True), None,
+                           "Loopback URL the final job is POSTed to."),
+    "simulate": _Field(_SIMULATE, None, "How the job behaves."),
+}
+
+
+class _JobApi(_Surface):
+    """dummyLLM's own job API: a job is created, polled, listed, watched,
+    cancelled and deleted; its JSON always has every key of _JOB_JSON."""
+
+    def schemas(self):
+        return {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"], "properties": {
+                    "code": {"type": "string", "enum": list(_ERRORS)},
+                    "message": {"type": "string"}, "field": {"type": "string"}}}}},
+            "Simulate": _object_schema(_SIMULATE_FIELDS, strict=True),
+            "CreateJob": _object_schema(_JOB_REQUEST, example={
+                "op": "llm.chat", "trace_id": "try-1",
+                "args": {"model": "llama3.1:8b",
+                         "messages": [{"role": "user", "content": "Hello"}]},
+                "simulate": {"mode": "ok", "latency_ms": 500}}),
+            "JobCreated": {"type": "object", "required": ["id", "state", "created_at"],
+                           "properties": {key: _JOB_JSON[key]
+                                          for key in ("id", "state", "created_at")}},
+            "Job": {"type": "object", "required": list(_JOB_JSON), "properties": _JOB_JSON},
+            "JobList": {"type": "object", "required": ["jobs", "next"], "properties": {
+                "jobs": {"type": "array", "items": _ref("Job")},
+                "next": {"type": ["integer", "null"]}}},
+            "Cancelled": {"type": "object", "properties": {"id": {"type": "string"},
+                                                           "state": {"type": "string"}}},
+            "JobRequest": {"type": "object", "properties": {
+                "id": {"type": "string"}, "op": {"type": "string"}, "args": {"type": "object"},
+                "timeout_ms": {"type": "integer"}, "trace_id": {"type": ["string", "null"]},
+                "rule": {"type": ["integer", "null"]},
+                "created_at_ms": {"type": "integer"}, "polls": {"type": "integer"},
+                "idempotency_key": {"type": ["string", "null"]},
+                "callback": {"type": ["object", "null"]}, "simulate": {"type": "object"},
+                "outcome": {"type": "object"}}},
+        }
+
+    def parse_create(self, body, config):
+        """The _JobSpec of a create request's body."""
+        values = _with_defaults(_given(body, _JOB_REQUEST, None), _JOB_REQUEST, config)
+        if values["callback_url"] is not None:
+            _check_callback_url(values["callback_url"], "callback_url",
+                                config.allow_callback_hosts)
+        settings = _simulate_settings(values.pop("simulate"), config)
+        return _JobSpec(**values, rule=None, forced_tool=None, output=None, **settings)
+
+    @_api("Create a simulated job", request="CreateJob",
+          answers={201: "JobCreated", 200: "JobCreated", 409: "Error", 429: "Error", 503: "Error"},
+          headers={"Idempotency-Key": "Repeat-safe key: the same key and body answer the same "
+                                      "job"})
+    def create(self, app, request):
+        body = _json_body(request)
+        spec = self.parse_create(body, app.config)
+        _admit(app, request, spec)
+        key = request.headers.get("idempotency-key")
+        idempotency = None if key is None else (
+            key, hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest())
+        spec, job, replayed, _ = app.store.create(spec, idempotency)
+        if job is None:
+            return _Answer(fault=spec.fault)  # lost before the job was created
+        request.note.job_id = job["id"]
+        if spec.fault is None or replayed:
+            request.note.job_ended = job["state"] in _TERMINAL_STATES
+        headers = [("Location", "/v1/jobs/" + job["id"])]
+        if replayed:  # the answer that was lost the first time, without its fault
+            return _Answer(200, job, headers + [("Idempotent-Replayed", "true")])
+        return _Answer(201, job, headers, fault=spec.fault, dribble_ms=spec.dribble_ms)
+
+    @_api("Poll a job; wait_ms waits until it ends", answers={200: "Job"}, query={
+        "wait_ms": _Field(_Int(0, 60_000), 0, "Answer as soon as the job ends, or after this "
+                                              "long")})
+    def poll(self, app, request):
+        job, fault = app.store.poll(request.params["id"], request.args["wait_ms"])
+        request.note.job_id = job["id"]
+        return _polled(request, job, fault, "state", job["state"] in _TERMINAL_STATES)
+
+    @_api("List jobs, newest first", answers={200: "JobList"}, query={
+        "state": _Field(_Choice(*_JOB_STATES), None, "Only jobs in this state"),
+        "trace_id": _Field(_Text(), None, "Only jobs with this trace_id"),
+        "op": _Field(_Text(), None, "Only jobs with this op"),
+        "limit": _Field(_Int(1, 1000), 100, "Page size"),
+        "after": _Field(_Int(1, 2 ** 63), None, "The `next` of the previous page")})
+    def list_jobs(self, app, request):
+        jobs, cursor = app.store.list_jobs(**request.args)
+        return _Answer(200, {"jobs": jobs, "next": cursor})
+
+    @_api("Cancel a job if active, and forget it", answers={204: None})
+    def delete(self, app, request):
+        request.note.job_id = request.params["id"]
+        app.store.delete(request.params["id"])
+        return _Answer(204)
+
+    @_api("Server-sent events: the job now and at each change",
+          answers={200: "text/event-stream"})
+    def events(self, app, request):
+        def events(snapshots):
+            for snapshot in snapshots:
+                yield (b": heartbeat\n\n" if snapshot is None
+                       else _named_event(None, "state", _json_bytes(snapshot)))
+        return _Answer(200, live=events(app.store.watch(request.params["id"], app.heartbeat_s)))
+
+    @_api("Cancel a job (idempotent, best effort)", answers={200: "Cancelled"})
+    def cancel(self, app, request):
+        request.note.job_id = request.params["id"]
+        return _Answer(200, app.store.cancel(request.params["id"]))
+
+    @_api("What the server received for a job and decided", answers={200: "JobRequest"})
+    def request_view(self, app, request):
+        return _Answer(200, app.store.request_view(request.params["id"]))
+
+    routes = (
+        _route("POST", "/v1/jobs", create),
+        _route("GET", "/v1/jobs", list_jobs),
+        _route("GET", "/v1/jobs/{id}", poll),
+        _route("DELETE", "/v1/jobs/{id}", delete, admin=True),
+        _route("GET", "/v1/jobs/{id}/events", events),
+        _route("POST", "/v1/jobs/{id}/cancel", cancel),
+        _route("GET", "/v1/jobs/{id}/request", request_view),
+    )
+
+
+def _polled(request, view, fault, state_key, ended):
+    """The answer to a poll of a job (or a stored response): its view, or
+    the fault its poll_faults give this poll (an unknown state in place of
+    its own, or a fault that spoils the answer)."""
+    if fault is None:
+        request.note.job_ended = ended
+    elif fault.kind == "unknown_state":
+        request.note.fault = fault
+        return _Answer(200, {**view, state_key: fault.state})
+    return _Answer(200, view, fault=fault)
+
+
+_JOB_API = _JobApi()
+
+
+# --- Surfaces: the server's own endpoints -----------------------------------------
+# What dummyLLM says about itself and takes as commands: health, metrics,
+# the scripts' counters, reset, the reply rules, the journal and the verdict,
+# the pages and the API document.  They answer in dummyLLM's error shape;
+# --chaos spares them, and the journal skips the ones that read it.
+
+class _Exposition:
+    """Prometheus text exposition format, version 0.0.4."""
+
+    content_type = "text/plain; version=0.0.4; charset=utf-8"
+
+    def __init__(self):
+        self._lines = []
+
+    def family(self, name, kind, help_text, samples, suffix=""):
+        self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        self.samples(name + suffix, samples)
+
+    def samples(self, name, samples):
+        for labels, value in samples:
+            text = ",".join(f'{key}="{self._label_value(value)}"'
+                            for key, value in labels.items())
+            self._lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
+
+    @staticmethod
+    def _label_value(value):
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    def __str__(self):
+        return "\n".join(self._lines) + "\n"
+
+
+def _html(page):
+    return _Answer(200, page.encode(), content_type="text/html; charset=utf-8")
+
+
+class _Control(_Surface):
+    """The server's own endpoints (see the banner above)."""
+
+    def schemas(self):
+        return {
+            "Health": {"type": "object", "required": ["ok", "name", "time", "version"],
+                       "properties": {
+                "ok": {"type": "boolean"}, "name": {"type": "string"},
+                "time": {"type": "integer"}, "version": {"type": "string"},
+                "defaults": {"type": "object"},
+                "jobs": {"type": "object", "properties": {
+                    "stored": {"type": "integer"}, "active": {"type": "integer"},
+                    "by_state": {"type": "object"}}},
+                "chaos": {"type": "object"}, "time_scale": {"type": "number"},
+                "quotas": {"type": "object", "properties": {
+                    "rpm": {"type": ["integer", "null"]}, "tpm": {"type": ["integer", "null"]},
+                    "keys": {"type": "integer"}, "refused": {"type": "object"}}}}},
+            "Scripts": {"type": "object", "properties": {"scripts": {"type": "array", "items": {
+                "type": "object", "properties": {"key": {"type": "string"},
+                                                 "attempts": {"type": "integer"}}}}}},
+            "Removed": {"type": "object", "properties": {"removed": {
+                "type": "object", "additionalProperties": {"type": "integer"}}}},
+            "Journal": {"type": "object", "properties": {"requests": {
+                "type": "array", "items": _Journal.ENTRY_SCHEMA}}},
+            "Verdict": _VERDICT_SCHEMA,
+            "ReplyRule": _object_schema(_REPLY_RULE_FIELDS, strict=True, example={
+                "match": {"surface": "openai.chat", "text_contains": "weather"},
+                "simulate": {"tool_calls": [{"name": "get_weather",
+                                             "arguments": {"city": "Paris"}}]}}),
+            "ListedRule": {"allOf": [_ref("ReplyRule"), {"type": "object", "properties": {
+                "index": {"type": "integer"}, "source": {"enum": ["file", "runtime"]}}}]},
+            "ReplyRules": {"type": "object", "properties": {
+                "rules": {"type": "array", "items": _ref("ListedRule")},
+                "surfaces": {"type": "array", "items": {"type": "string"}}}},
+            "OpenAPI": {"type": "object"},
+        }
+
+    @_api("Health, version, defaults and job counts", answers={200: "Health"})
+    def health(self, app, request):
+        config = app.config
+        return _Answer(200, {
+            "ok": True, "name": "dummyLLM", "time": app.clock.wall_ms() // 1000,
+            "version": __version__,
+            "defaults": {"mode": config.mode, "latency_ms": config.latency_ms,
+                         "seed": config.seed, "weights": config.weights,
+                         "timeout_ms": config.timeout_ms, "slow_factor": config.slow_factor},
+            "jobs": app.store.counts(),
+            "chaos": {"rate": config.chaos, "faults": _plain(config.chaos_faults)},
+            "quotas": dict(zip(("rpm", "tpm", "keys", "refused"), (
+                config.rpm, config.tpm, *app.quotas.counts()))),
+            "time_scale": config.time_scale,
+        })
+
+    @_api("Prometheus metrics", answers={200: "text/plain"})
+    def metrics(self, app, request):
+        created, finished, active, (buckets, seconds) = app.store.metrics()
+        requests, faults, stream_errors = app.counted()
+        text = _Exposition()
+        text.family("dummyllm_jobs_created_total", "counter",
+                    "Jobs created, by the mode that ran.",
+                    [({"mode": mode}, n) for mode, n in sorted(created.items())])
+        text.family("dummyllm_jobs_finished_total", "counter",
+                    "Jobs that reached a final state, by state.",
+                    [({"state": state}, n) for state, n in sorted(finished.items())])
+        text.family("dummyllm_jobs_active", "gauge", "Jobs queued or running.", [({}, active)])
+        text.family("dummyllm_http_requests_total", "counter",
+                    "HTTP requests answered, by method, route and status.",
+                    [({"method": method, "route": route, "status": status}, n)
+                     for (method, route, status), n in sorted(requests.items(), key=str)])
+        cumulative = list(itertools.accumulate(buckets))
+        bounds = [str(bound) for bound in _JobStore.DURATION_BUCKETS] + ["+Inf"]
+        text.family("dummyllm_job_duration_seconds", "histogram",
+                    "Time from a job's creation to its final state.",
+                    [({"le": le}, n) for le, n in zip(bounds, cumulative)], suffix="_bucket")
+        text.samples("dummyllm_job_duration_seconds_sum", [({}, round(seconds, 6))])
+        text.samples("dummyllm_job_duration_seconds_count", [({}, cumulative[-1])])
+        text.family("dummyllm_faults_injected_total", "counter",
+                    "Transport faults injected, by kind.",
+                    [({"kind": kind}, n) for kind, n in sorted(faults.items())])
+        text.family("dummyllm_stream_errors_total", "counter",
+                    "Streams ended early because a frame failed to render (a bug; the log "
+                    "has the traceback).", [({}, stream_errors)])
+        keys, refused = app.quotas.counts()
+        text.family("dummyllm_quota_keys", "gauge",
+                    "Keys with requests in their quota's window.", [({}, keys)])
+        text.family("dummyllm_quota_refused_total", "counter",
+                    "Requests refused by --rpm or --tpm, by the limit reached.",
+                    [({"limit": limit}, refused.get(limit, 0)) for limit in ("requests",
+                                                                             "tokens")])
+        return _Answer(200, str(text).encode(), content_type=_Exposition.content_type)
+
+    @_api("Attempt counters of scripted requests", answers={200: "Scripts"})
+    def scripts(self, app, request):
+        return _Answer(200, {"scripts": app.store.scripts()})
+
+    @_api("Forget every job, counter, key, journal entry and rule added at run time",
+          answers={200: "Removed"})
+    def reset(self, app, request):
+        return _Answer(200, {"removed": app.reset()})
+
+    @_api("The reply rules, in the order they are tried, and the surfaces they may name",
+          answers={200: "ReplyRules"})
+    def rules(self, app, request):
+        return _Answer(200, {"rules": app.rules(), "surfaces": _surface_names()})
+
+    @_api("Add a reply rule after the others", request="ReplyRule", answers={201: "ListedRule"})
+    def add_rule(self, app, request):
+        return _Answer(201, app.add_rule(_json_body(request)))
+
+    @_api("Remove the reply rules added at run time (those of --rules stay)",
+          answers={200: "Removed"})
+    def clear_rules(self, app, request):
+        return _Answer(200, {"removed": {"rules": app.clear_rules()}})
+
+    @_api("The request journal, oldest first", answers={200: "Journal"}, query={
+        "trace_id": _Field(_Text(), None, "Only requests with this key"),
+        "path": _Field(_Text(), None, "Only requests to this path"),
+        "limit": _Field(_Int(1, 1_000_000), None, "Only the newest this many")})
+    def requests(self, app, request):
+        return _Answer(200, {"requests": app.journal.find(**request.args)})
+
+    @_api("Clear the request journal", answers={200: "Removed"})
+    def clear_requests(self, app, request):
+        return _Answer(200, {"removed": {"journal_entries": app.journal.clear()}})
+
+    @_api("The verdict on the client: its retries, back-off, polling and idempotency, judged "
+          "from the journal", answers={200: "Verdict"}, query=_VERDICT_QUERY)
+    def verdict(self, app, request):
+        return _Answer(200, app.verdict(**request.args))
+
+    @_api("Live dashboard of the newest jobs", answers={200: "text/html"})
+    def dashboard(self, app, request):
+        return _html(_DASHBOARD_PAGE)
+
+    @_api("The request timeline: each key's requests on one time axis, with the verdict",
+          answers={200: "text/html"})
+    def timeline(self, app, request):
+        return _html(_JOURNAL_PAGE)
+
+    @_api("Interactive API documentation (one self-contained page)", answers={200: "text/html"})
+    def docs(self, app, request):
+        return _html(_DOCS_PAGE)
+
+    @_api("This API as an OpenAPI 3.1 document", answers={200: "OpenAPI"})
+    def openapi(self, app, request):
+        return _Answer(200, _registry().document)
+
+    routes = (
+        _route("GET", "/health", health, chaos=False, journal=False),
+        _route("GET", "/metrics", metrics, chaos=False),
+        _route("GET", "/v1/scripts", scripts, chaos=False),
+        _route("POST", "/v1/reset", reset, admin=True, chaos=False),
+        _route("GET", "/v1/rules", rules, chaos=False),
+        _route("POST", "/v1/rules", add_rule, admin=True, chaos=False),
+        _route("DELETE", "/v1/rules", clear_rules, admin=True, chaos=False),
+        _route("GET", "/v1/requests", requests, chaos=False, journal=False),
+        _route("DELETE", "/v1/requests", clear_requests, admin=True, chaos=False,
+               journal=False),
+        _route("GET", "/v1/verdict", verdict, chaos=False, journal=False),
+        _route("GET", "/", dashboard, chaos=False),
+        _route("GET", "/journal", timeline, chaos=False, journal=False),
+        _route("GET", "/docs", docs, chaos=False),
+        _route("GET", "/openapi.json", openapi, chaos=False),
+    )
+
+
+_CONTROL = _Control()
+
+
+# --- Surfaces: OpenAI ------------------------------------------------------------
+# Chat completions, the Responses API, embeddings and legacy completions share
+# the error shape, the finish reasons and the usage of _OpenAI.
+
+
+def _check_one(value, field):
+    if value != 1:
+        raise _ValidationError(field, "must be 1: dummyLLM answers with one choice")
+    return value
+
+
 def _openai_forced(choice, field):
     """(tool name or "any", field) of an OpenAI tool_choice that forces a
     call ("required", or a function named as chat or Responses names it)."""
@@ -2041,29 +2706,59 @@ def _openai_output(response_format, field):
 
 
 class _OpenAI(_Surface):
-    """What OpenAI's endpoints share: the error shape, and the finish reasons."""
+    """What OpenAI's endpoints share: the error shape, the finish reasons,
+    the usage and the key."""
 
+    keyed = True
     error_schema = "OpenAIError"
-    schemas = {"OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
-        "type": "object", "required": ["message", "type", "param", "code"], "properties": {
-            "message": {"type": "string"}, "type": {"type": "string"},
-            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}
-    FINISH = {"end": "stop", "max_tokens": "length", "stop_sequence": "stop",
+    validation_status = 400  # OpenAI has no 422
+    error_types = {  # (type, code)
+        "UNAUTHORIZED": ("invalid_request_error", "invalid_api_key"),
+        "NOT_FOUND": ("invalid_request_error", "not_found"),
+        "IDEMPOTENCY_CONFLICT": ("invalid_request_error", "idempotency_conflict"),
+        "RATE_LIMITED": ("requests", "rate_limit_exceeded"),
+        "QUOTA_EXHAUSTED": ("insufficient_quota", "insufficient_quota"),
+        "CONTEXT_LENGTH_EXCEEDED": ("invalid_request_error", "context_length_exceeded"),
+        "OVERLOADED": ("service_unavailable_error", "server_is_overloaded"),
+        "TIMEOUT": ("server_error", "timeout"),
+        "INJECTED_FAULT": ("server_error", None),
+        "4xx": ("invalid_request_error", None), "5xx": ("server_error", None),
+    }
+    finish = {"end": "stop", "max_tokens": "length", "stop_sequence": "stop",
               "tool_calls": "tool_calls"}
+    framing = _SSE
 
-    def error(self, error, retry_ms, now_ms):
-        status, body, headers = super().error(error, retry_ms, now_ms)
-        return 400 if status == 422 else status, body, headers  # OpenAI has no 422
+    def schemas(self):
+        return {"OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}
 
-    def error_body(self, error):
-        kind = _ERRORS[error.code]
-        return {"error": {"message": error.message, "type": kind.openai_type or "server_error",
-                          "param": error.field, "code": kind.openai_code}}
+    def error_body(self, error, status, retry_ms):
+        kind, code = self.error_type(error, status)
+        return {"error": {"message": error.message, "type": kind, "param": error.field,
+                          "code": code}}
 
     @staticmethod
     def usage(reply):
         return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                 "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+    def error_event(self, render, piece):
+        return self.error_body(render.stream_error(), 500, None)
+
+    def done(self, render, piece):
+        return b"[DONE]"
+
+
+_STREAM_OPTIONS = {"include_usage": _Field(_Bool(), False, "End with a usage chunk.")}
+_STREAM_OPTIONS_FIELD = _Field(_Check(lambda value, field: _given(value, _STREAM_OPTIONS, field),
+                                      _object_schema(_STREAM_OPTIONS)), {}, None)
+_ONE_CHOICE = _Field(_Check(_check_one, {"const": 1}), 1, "Only 1.")
+_OPENAI_STOP = _Field(_Check(lambda value, field: _check_strings(
+    [value] if isinstance(value, str) else value, field, 4), _STRINGS_SCHEMA), (),
+    "The reply ends before the first of these it meets.")
+_MODEL_ERRORS = {429: None, 500: None, 503: None, 504: None}  # the model calls' failures
 
 
 class _OpenAIChat(_OpenAI):
@@ -2079,15 +2774,12 @@ class _OpenAIChat(_OpenAI):
                     "role": {"type": "string"}, "content": {}}}}),
             _REQUIRED, "The conversation; the last user message feeds the reply."),
         "stream": _Field(_Bool(), False, "Answer as server-sent events."),
-        "stream_options": _Field(_Check(lambda value, field: _given(value, _STREAM_OPTIONS, field),
-                                        _object_schema(_STREAM_OPTIONS)), {}, None),
+        "stream_options": _STREAM_OPTIONS_FIELD,
         "max_tokens": _Field(_Int(1, 10_000_000), None,
                              "Cut the reply to this many tokens (finish_reason length)."),
         "max_completion_tokens": _Field(_Int(1, 10_000_000), None, "As max_tokens."),
-        "n": _Field(_Check(_check_one, {"const": 1}), 1, "Only 1."),
-        "stop": _Field(_Check(lambda value, field: _check_strings(
-            [value] if isinstance(value, str) else value, field, 4), _STRINGS_SCHEMA), (),
-            "The reply ends before the first of these it meets."),
+        "n": _ONE_CHOICE,
+        "stop": _OPENAI_STOP,
         "tools": _Field(_TOOLS, (), "Functions the reply may call."),
         "tool_choice": _Field(_Check(lambda value, field: value, {"oneOf": [
             {"enum": ["none", "auto", "required"]}, {"type": "object"}]}), "auto",
@@ -2099,23 +2791,27 @@ class _OpenAIChat(_OpenAI):
         **_EXTENSIONS,
     }
 
-    schemas = {
-        "ChatRequest": _object_schema(REQUEST, example={
-            "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}],
-            "simulate": {"latency_ms": 300}}),
-        "ChatCompletion": {"type": "object", "required": [
-            "id", "object", "created", "model", "choices", "usage"], "properties": {
-            "id": {"type": "string"}, "object": {"const": "chat.completion"},
-            "created": {"type": "integer"}, "model": {"type": "string"},
-            "choices": {"type": "array"}, "usage": {"type": "object", "properties": {
-                "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
-                "total_tokens": {"type": "integer"}}}}},
-        "Model": {"type": "object", "required": ["id", "object"], "properties": {
-            "id": {"type": "string"}, "object": {"const": "model"},
-            "created": {"type": "integer"}, "owned_by": {"type": "string"}}},
-        "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
-            "object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}},
-    }
+    def schemas(self):
+        return {
+            **super().schemas(),
+            "ChatRequest": _object_schema(self.REQUEST, example={
+                "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}],
+                "simulate": {"latency_ms": 300}}),
+            "ChatCompletion": {"type": "object", "required": [
+                "id", "object", "created", "model", "choices", "usage"], "properties": {
+                "id": {"type": "string"}, "object": {"const": "chat.completion"},
+                "created": {"type": "integer"}, "model": {"type": "string"},
+                "choices": {"type": "array"}, "usage": {"type": "object", "properties": {
+                    "prompt_tokens": {"type": "integer"},
+                    "completion_tokens": {"type": "integer"},
+                    "total_tokens": {"type": "integer"}}}}},
+            "Model": {"type": "object", "required": ["id", "object"], "properties": {
+                "id": {"type": "string"}, "object": {"const": "model"},
+                "created": {"type": "integer"}, "owned_by": {"type": "string"}}},
+            "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
+                "object": {"const": "list"}, "data": {"type": "array",
+                                                      "items": _ref("Model")}}},
+        }
 
     def parse(self, request, config):
         body = _json_body(request)
@@ -2145,520 +2841,79 @@ class _OpenAIChat(_OpenAI):
             "id": "chatcmpl-" + _random_hex(24), "object": "chat.completion",
             "created": created, "model": call.model, "system_fingerprint": "dummyllm",
             "choices": [{"index": 0, "message": message,
-                         "logprobs": None, "finish_reason": self.FINISH[reply.end]}],
+                         "logprobs": None, "finish_reason": self.finish[reply.end]}],
             "usage": self.usage(reply),
         }
 
-    def stream(self, call, reply, created):
-        """A function from the events of _stream_timeline to their bytes."""
-        completion_id = "chatcmpl-" + _random_hex(24)
-        include_usage = call.options["include_usage"]
+    def begin_stream(self, render):
+        render.id = "chatcmpl-" + _random_hex(24)
 
-        def chunk(delta, finish_reason=None):
-            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                    "model": call.model, "system_fingerprint": "dummyllm",
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                 "finish_reason": finish_reason}]}
-            if include_usage:
-                body["usage"] = None
-            return body
+    def chunk(self, render, delta, finish_reason=None):
+        body = {"id": render.id, "object": "chat.completion.chunk", "created": render.created,
+                "model": render.call.model, "system_fingerprint": "dummyllm",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": finish_reason}]}
+        if render.call.options["include_usage"]:
+            body["usage"] = None
+        return body
 
-        # Content chunks differ only in their text: encode one around a marker
-        # and fill in each piece (a tenth of the cost of encoding every chunk).
-        before, after = _sse(chunk({"content": "\0"})).rsplit(b'"\\u0000"', 1)
+    def role_chunk(self, render, piece):
+        return self.chunk(render, {"role": "assistant",
+                                   "content": None if render.reply.tool_calls else ""})
 
-        def render(event, piece):
-            if event == "piece":
-                return before + _json_bytes(piece) + after
-            if event == "open":
-                return _sse(chunk({"role": "assistant",
-                                   "content": None if reply.tool_calls else ""}))
-            if event == "call":  # its id and name, then its arguments in pieces
-                tool_call = self.tool_call(reply.tool_calls[piece], index=piece)
-                tool_call["function"]["arguments"] = ""
-                return _sse(chunk({"tool_calls": [tool_call]}))
-            if event == "arguments":
-                index, text = piece
-                return _sse(chunk({"tool_calls": [{"index": index,
-                                                   "function": {"arguments": text}}]}))
-            if event == "call_done":
-                return b""
-            if event == "error":
-                return _sse(self.error_body(ApiError(
-                    "SIM_FAIL", call.spec.fail_message or "simulated stream error")))
-            data = _sse(chunk({}, self.FINISH[reply.end]))
-            if include_usage:
-                data += _sse(dict(chunk({}), choices=[], usage=self.usage(reply)))
-            return data + _sse("[DONE]")
-        return render
+    def text_chunk(self, render, text):
+        return self.chunk(render, {"content": text})
+
+    def call_chunk(self, render, index):
+        """A tool call's id and name; its arguments follow in pieces."""
+        tool_call = self.tool_call(render.reply.tool_calls[index], index=index)
+        tool_call["function"]["arguments"] = ""
+        return self.chunk(render, {"tool_calls": [tool_call]})
+
+    def arguments_chunk(self, render, piece):
+        index, text = piece
+        return self.chunk(render, {"tool_calls": [{"index": index,
+                                                   "function": {"arguments": text}}]})
+
+    def finish_chunk(self, render, piece):
+        return self.chunk(render, {}, self.finish[render.reply.end])
+
+    def usage_chunk(self, render, piece):
+        if render.call.options["include_usage"]:
+            return dict(self.chunk(render, {}), choices=[], usage=self.usage(render.reply))
+        return None
+
+    stream_events = {
+        "open": ((None, role_chunk),),
+        "piece": ((None, text_chunk),),
+        "call": ((None, call_chunk),),
+        "arguments": ((None, arguments_chunk),),
+        "call_done": (),
+        "close": ((None, finish_chunk), (None, usage_chunk), (None, _OpenAI.done)),
+        "error": ((None, _OpenAI.error_event),),
+    }
 
     def model(self, model_id):
         return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "dummyllm"}
 
+    @_api("OpenAI-compatible model list", answers={200: "ModelList"})
+    def list_models(self, app, request):
+        return _Answer(200, {"object": "list", "data": [self.model("dummyllm")]})
+
+    @_api("A model (every name is served)", answers={200: "Model"})
+    def get_model(self, app, request):
+        return _Answer(200, self.model(request.params["id"]))
+
+    routes = (
+        _route("POST", "/v1/chat/completions", _model_call, api=_model_api(
+            "OpenAI-compatible chat completion, streamed or not", "ChatRequest",
+            {200: "ChatCompletion", **_MODEL_ERRORS})),
+        _route("GET", "/v1/models", list_models),
+        _route("GET", "/v1/models/{id+}", get_model),
+    )
+
 
 _OPENAI_CHAT = _OpenAIChat()
-
-
-def _check_anthropic_messages(value, field):
-    if not isinstance(value, list) or not value:
-        raise _ValidationError(field, "must be a non-empty array of messages")
-    for index, message in enumerate(value):
-        name = f"{field}[{index}]"
-        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            raise _ValidationError(name, 'must be an object with role "user" or "assistant"')
-        _check_blocks(message.get("content"), name + ".content")
-    return value
-
-
-def _check_blocks(value, field):
-    """Content: a string, or content blocks (objects with a string type)."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise _ValidationError(field, "must be a string or an array of content blocks")
-    for index, block in enumerate(value):
-        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise _ValidationError(f"{field}[{index}]", "must be a content block with a type")
-    return value
-
-
-def _check_list(value, field):
-    if not isinstance(value, list):
-        raise _ValidationError(field, "must be an array")
-    return value
-
-
-_LIST = _Check(_check_list, {"type": "array"})
-_ANTHROPIC_METADATA = {"user_id": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
-                                         "The key of seeded sequences when X-Trace-Id is absent.")}
-
-
-class _AnthropicMessages(_Surface):
-    """Anthropic's Messages API: a message, streamed or not, and token counting.
-
-    Mode overloaded answers 529 here; mode timeout and the deadline answer
-    504 timeout_error; error_after sends an overloaded_error event.
-    """
-
-    name = "anthropic"
-    error_schema = "AnthropicError"
-    overloaded_status = 529
-    STOP_REASONS = {"end": "end_turn", "max_tokens": "max_tokens",
-                    "stop_sequence": "stop_sequence", "tool_calls": "tool_use"}
-    # What Anthropic adds to an error's body, by code.
-    DETAILS = {"QUOTA_EXHAUSTED": {"error_code": "enforced_spend_limit_reached"}}
-    REQUEST = {
-        "model": _MODEL,
-        "max_tokens": _Field(_Int(1, 10_000_000), _REQUIRED,
-                             "Cut the reply to this many tokens (stop_reason max_tokens)."),
-        "messages": _Field(_Check(_check_anthropic_messages, {
-            "type": "array", "minItems": 1, "items": {
-                "type": "object", "required": ["role", "content"], "properties": {
-                    "role": {"enum": ["user", "assistant"]},
-                    "content": {"oneOf": [{"type": "string"}, {"type": "array"}]}}}}),
-            _REQUIRED, "The conversation; the last user message feeds the reply."),
-        "system": _Field(_Check(_check_blocks, {"oneOf": [{"type": "string"},
-                                                          {"type": "array"}]}),
-                         None, "A system prompt: text or text blocks."),
-        "stream": _Field(_Bool(), False, "Answer as server-sent events."),
-        "stop_sequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
-                                 "The reply ends before the first of these it meets."),
-        "temperature": _Field(_Number(0, 1), None, "Accepted."),
-        "tools": _Field(_TOOLS, (), "Tools the reply may use."),
-        "tool_choice": _Field(_OBJECT, {"type": "auto"}, "any or a named tool: the reply "
-                              "uses it, with input drawn from its input_schema."),
-        "metadata": _Field(_Check(lambda value, field: _given(value, _ANTHROPIC_METADATA, field),
-                                  _object_schema(_ANTHROPIC_METADATA)), {}, None),
-        **_EXTENSIONS,
-    }
-    COUNT_REQUEST = _pick(REQUEST, "model", "messages", "system", "tools")
-
-    schemas = {
-        "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
-            "type": {"const": "error"}, "request_id": {"type": "string"},
-            "error": {"type": "object", "required": ["type", "message"], "properties": {
-                "type": {"type": "string"}, "message": {"type": "string"}}}}},
-        "AnthropicRequest": _object_schema(REQUEST, example={
-            "model": "claude-sonnet-4-5", "max_tokens": 256,
-            "messages": [{"role": "user", "content": "Hello"}],
-            "simulate": {"latency_ms": 300}}),
-        "AnthropicCountRequest": _object_schema(COUNT_REQUEST, example={
-            "model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Hello"}]}),
-        "AnthropicMessage": {"type": "object", "required": [
-            "id", "type", "role", "model", "content", "stop_reason", "usage"], "properties": {
-            "id": {"type": "string"}, "type": {"const": "message"},
-            "role": {"const": "assistant"}, "model": {"type": "string"},
-            "content": {"type": "array"}, "stop_reason": {"type": "string"},
-            "stop_sequence": {"type": ["string", "null"]}, "usage": {"type": "object"}}},
-        "AnthropicTokens": {"type": "object", "properties": {"input_tokens": {"type": "integer"}}},
-    }
-
-    def credential(self, request):
-        return request.headers.get("x-api-key") or super().credential(request)
-
-    def error(self, error, retry_ms, now_ms):
-        request_id = "req_" + _random_hex(24)
-        body = dict(self.error_body(error), request_id=request_id)
-        return (400 if error.status == 422 else error.status, body,
-                error.headers + self.retry_headers(error, retry_ms, now_ms)
-                + (("request-id", request_id),))
-
-    def error_body(self, error):
-        body = {"type": _ERRORS[error.code].anthropic_type, "message": error.message}
-        if error.code in self.DETAILS:
-            body["details"] = self.DETAILS[error.code]
-        return {"type": "error", "error": body}
-
-    def quota_headers(self, quota, now_ms):
-        """Anthropic's anthropic-ratelimit-*, the reset an RFC 3339 time."""
-        return tuple(header for kind, (limit, remaining, reset_ms) in quota.items() for header in (
-            (f"anthropic-ratelimit-{kind}-limit", str(limit)),
-            (f"anthropic-ratelimit-{kind}-remaining", str(remaining)),
-            (f"anthropic-ratelimit-{kind}-reset", time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime((now_ms + reset_ms) / 1000)))))
-
-    def messages(self, values):
-        """The conversation as text messages (see _Surface.call), the system
-        prompt first; a user message of tool_result blocks is the results."""
-        messages, names = [], {}
-        if values.get("system") is not None:
-            messages.append({"role": "system", "content": _content_text(values["system"])})
-        for message in values["messages"]:
-            blocks = message["content"] if isinstance(message["content"], list) else []
-            names.update((block.get("id"), block.get("name")) for block in blocks
-                         if block["type"] == "tool_use")
-            results = [block for block in blocks if block["type"] == "tool_result"]
-            messages.extend({"role": "tool", "content": _content_text(block.get("content")),
-                             "tool": names.get(block.get("tool_use_id"))} for block in results)
-            if not results:
-                messages.append({"role": message["role"],
-                                 "content": _content_text(message["content"])})
-        return messages
-
-    def parse(self, request, config):
-        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
-                                config)
-        choice = values["tool_choice"]
-        forced = {"any": ("any", "tool_choice"), "tool": (choice.get("name"), "tool_choice.name")
-                  }.get(choice.get("type"))
-        return self.call(request, config, model=values["model"], messages=self.messages(values),
-                         stream=values["stream"], max_tokens=values["max_tokens"],
-                         stop=values["stop_sequences"], user=values["metadata"].get("user_id"),
-                         timeout_ms=values["timeout_ms"], simulate=values["simulate"],
-                         tools=_tool_table(values["tools"], "tools",
-                                           schema_keys=("input_schema",)),
-                         forced=forced)
-
-    def count_tokens(self, request, config):
-        values = _with_defaults(_given(_json_body(request), self.COUNT_REQUEST, None),
-                                self.COUNT_REQUEST, config)
-        return {"input_tokens": sum(_tokens(message["content"])
-                                    for message in self.messages(values))}
-
-    def _message(self, call, reply, content, stop_reason, output_tokens):
-        return {"id": "msg_" + _random_hex(24), "type": "message", "role": "assistant",
-                "model": call.model, "content": content, "stop_reason": stop_reason,
-                "stop_sequence": reply.stop_sequence if stop_reason else None,
-                "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": output_tokens}}
-
-    @staticmethod
-    def tool_use(call, **fields):
-        return {"type": "tool_use", "id": call["id"], "name": call["name"], **fields}
-
-    def answer(self, call, reply, created):
-        content = ([{"type": "text", "text": reply.text}] if reply.tool_calls is None else
-                   [self.tool_use(tool_call, input=_arguments_object(tool_call))
-                    for tool_call in reply.tool_calls])
-        return self._message(call, reply, content, self.STOP_REASONS[reply.end],
-                             reply.completion_tokens)
-
-    def stream(self, call, reply, created):
-        """A function from the events of _stream_timeline to their bytes: a
-        text block, or a tool_use block per call (opened with empty input,
-        then its input as input_json_delta pieces)."""
-        message = self._message(call, reply, [], None, 0)
-        before, after = _sse({"type": "content_block_delta", "index": 0, "delta": {
-            "type": "text_delta", "text": "\0"}}, "content_block_delta").rsplit(b'"\\u0000"', 1)
-        text_block = reply.tool_calls is None
-
-        def block_stop(index):
-            return _sse({"type": "content_block_stop", "index": index}, "content_block_stop")
-
-        def render(event, piece):
-            if event == "piece":
-                return before + _json_bytes(piece) + after
-            if event == "open":
-                return (_sse({"type": "message_start", "message": message}, "message_start")
-                        + (_sse({"type": "content_block_start", "index": 0,
-                                 "content_block": {"type": "text", "text": ""}},
-                                "content_block_start") if text_block else b"")
-                        + _sse({"type": "ping"}, "ping"))
-            if event == "call":
-                return _sse({"type": "content_block_start", "index": piece, "content_block":
-                             self.tool_use(reply.tool_calls[piece], input={})},
-                            "content_block_start")
-            if event == "arguments":
-                index, text = piece
-                return _sse({"type": "content_block_delta", "index": index, "delta": {
-                    "type": "input_json_delta", "partial_json": text}}, "content_block_delta")
-            if event == "call_done":
-                return block_stop(piece)
-            if event == "error":
-                return _sse(self.error_body(ApiError("OVERLOADED", call.spec.fail_message
-                                                     or "Overloaded")), "error")
-            return ((block_stop(0) if text_block else b"")
-                    + _sse({"type": "message_delta", "delta": {
-                        "stop_reason": self.STOP_REASONS[reply.end],
-                        "stop_sequence": reply.stop_sequence},
-                        "usage": {"output_tokens": reply.completion_tokens}}, "message_delta")
-                    + _sse({"type": "message_stop"}, "message_stop"))
-        return render
-
-
-_ANTHROPIC_MESSAGES = _AnthropicMessages()
-
-
-def _check_contents(value, field):
-    if not isinstance(value, list) or not value:
-        raise _ValidationError(field, "must be a non-empty array of contents")
-    for index, content in enumerate(value):
-        _check_content(content, f"{field}[{index}]")
-    return value
-
-
-def _check_content(value, field):
-    """A Gemini content: {"role": "user" or "model", "parts": [{"text": ...}, ...]}
-    (role "function" too: the older way to give a function's response)."""
-    if not isinstance(value, dict) or value.get("role", "user") not in ("user", "model",
-                                                                        "function"):
-        raise _ValidationError(field, 'must be an object with role "user" or "model"')
-    parts = value.get("parts")
-    if not isinstance(parts, list) or not all(isinstance(part, dict) for part in parts):
-        raise _ValidationError(f"{field}.parts", "must be an array of parts")
-    return value
-
-
-_GENERATION_CONFIG = {
-    "maxOutputTokens": _Field(_Int(1, 10_000_000), None,
-                              "Cut the reply to this many tokens (finishReason MAX_TOKENS)."),
-    "stopSequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
-                            "The reply ends before the first of these it meets."),
-    "responseMimeType": _Field(_Text(), None, "application/json: the reply is a JSON object."),
-    "responseSchema": _Field(_OBJECT, None, "The reply is JSON valid against this (OpenAPI) "
-                             "schema."),
-    "responseJsonSchema": _Field(_Check(lambda value, field: value, {}), None,
-                                 "The reply is JSON valid against this JSON Schema."),
-}
-_FUNCTION_CALLING = {
-    "mode": _Field(_Choice("AUTO", "ANY", "NONE", "VALIDATED", "MODE_UNSPECIFIED"), "AUTO",
-                   "ANY: the reply calls a function (the first allowed), with arguments drawn "
-                   "from its parameters."),
-    "allowedFunctionNames": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
-                                   "The functions ANY may call."),
-}
-_TOOL_CONFIG = {"functionCallingConfig": _Field(_Check(
-    lambda value, field: _given(value, _FUNCTION_CALLING, field),
-    _object_schema(_FUNCTION_CALLING)), {}, None)}
-
-
-class _Gemini(_Surface):
-    """Google's Generative Language API (Gemini): generateContent, its stream
-    (server-sent events with ?alt=sse, else one JSON array written as it
-    grows), countTokens and the models."""
-
-    name = "gemini"
-    error_schema = "GoogleError"
-    FINISH = {"end": "STOP", "max_tokens": "MAX_TOKENS", "stop_sequence": "STOP",
-              "tool_calls": "STOP"}
-    CONTENT = {"type": "object", "properties": {
-        "role": {"enum": ["user", "model"]},
-        "parts": {"type": "array", "items": {"type": "object", "properties": {
-            "text": {"type": "string"}}}}}}
-    REQUEST = {
-        "contents": _Field(_Check(_check_contents, {"type": "array", "minItems": 1,
-                                                    "items": CONTENT}),
-                           _REQUIRED, "The conversation; the last user content feeds the reply."),
-        "systemInstruction": _Field(_Check(_check_content, CONTENT), None, "A system prompt."),
-        "generationConfig": _Field(_Check(
-            lambda value, field: _given(value, _GENERATION_CONFIG, field),
-            _object_schema(_GENERATION_CONFIG)), {}, None),
-        "tools": _Field(_TOOLS, (), "functionDeclarations the reply may call."),
-        "toolConfig": _Field(_Check(lambda value, field: _given(value, _TOOL_CONFIG, field),
-                                    _object_schema(_TOOL_CONFIG)), {}, None),
-        "safetySettings": _Field(_LIST, None, "Accepted."),
-        **_EXTENSIONS,
-    }
-    COUNT_REQUEST = _pick(REQUEST, "contents", "systemInstruction")
-
-    schemas = {
-        "GoogleError": {"type": "object", "required": ["error"], "properties": {"error": {
-            "type": "object", "required": ["code", "message", "status"], "properties": {
-                "code": {"type": "integer"}, "message": {"type": "string"},
-                "status": {"type": "string"}, "details": {"type": "array"}}}}},
-        "GeminiRequest": _object_schema(REQUEST, example={
-            "contents": [{"role": "user", "parts": [{"text": "Hello"}]}],
-            "simulate": {"latency_ms": 300}}),
-        "GeminiCountRequest": _object_schema(COUNT_REQUEST, example={
-            "contents": [{"role": "user", "parts": [{"text": "Hello"}]}]}),
-        "GeminiResponse": {"type": "object", "required": ["candidates", "usageMetadata"],
-                           "properties": {"candidates": {"type": "array"},
-                                          "usageMetadata": {"type": "object"},
-                                          "modelVersion": {"type": "string"},
-                                          "responseId": {"type": "string"}}},
-        "GeminiTokens": {"type": "object", "properties": {"totalTokens": {"type": "integer"}}},
-        "GeminiModel": {"type": "object", "properties": {
-            "name": {"type": "string"}, "displayName": {"type": "string"},
-            "supportedGenerationMethods": {"type": "array"}}},
-        "GeminiModelList": {"type": "object", "properties": {
-            "models": {"type": "array", "items": _ref("GeminiModel")}}},
-    }
-
-    def credential(self, request):
-        key = request.headers.get("x-goog-api-key")
-        if key is None and request.query:
-            key = urllib.parse.parse_qs(request.query).get("key", [None])[-1]
-        return key
-
-    def error(self, error, retry_ms, now_ms):
-        status = 400 if error.status == 422 else error.status
-        body = {"error": {"code": status, "message": error.message,
-                          "status": _ERRORS[error.code].google_status}}
-        if retry_ms is not None and status == 429:  # how Google's clients learn the delay
-            body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                                         "retryDelay": f"{retry_ms / 1000:g}s"}]
-        return status, body, error.headers + self.retry_headers(error, retry_ms, now_ms)
-
-    def stream_type(self, call):
-        return "text/event-stream" if call.options["sse"] else "application/json"
-
-    def quota_headers(self, quota, now_ms):
-        return ()  # Google tells the wait in the body's RetryInfo, and no quota
-
-    @staticmethod
-    def messages(values):
-        """The conversation as text messages (see _Surface.call), the system
-        instruction first; a functionResponse part is a tool's result."""
-        contents = ([dict(values["systemInstruction"], role="system")]
-                    if values.get("systemInstruction") else [])
-        messages = []
-        for content in contents + values["contents"]:
-            results = [part["functionResponse"] for part in content["parts"]
-                       if isinstance(part.get("functionResponse"), dict)]
-            messages.extend({"role": "tool", "content": json.dumps(result.get("response")),
-                             "tool": result.get("name")} for result in results)
-            if not results:
-                role = content.get("role", "user")
-                messages.append({"role": {"model": "assistant"}.get(role, role),
-                                 "content": _content_text(content["parts"])})
-        return messages
-
-    @staticmethod
-    def tools(values):
-        """The functionDeclarations of the request's tools, and the one it forces."""
-        declared = {}
-        for index, tool in enumerate(values["tools"]):
-            declared.update(_tool_table(tool.get("functionDeclarations"),
-                                        f"tools[{index}].functionDeclarations",
-                                        # google-genai 3.6 writes the last
-                                        schema_keys=("parameters", "parametersJsonSchema",
-                                                     "parameters_json_schema")))
-        calling = values["toolConfig"].get("functionCallingConfig", {})
-        forced = None
-        if calling.get("mode") == "ANY":
-            allowed = calling.get("allowedFunctionNames") or ("any",)
-            forced = (allowed[0], "toolConfig.functionCallingConfig.allowedFunctionNames[0]")
-        return declared, forced
-
-    @staticmethod
-    def output(generation):
-        """(JSON Schema, field) of the structured output a request asks for."""
-        for key in ("responseJsonSchema", "responseSchema"):
-            if generation.get(key) is not None:
-                return generation[key], "generationConfig." + key
-        if generation.get("responseMimeType") == "application/json":
-            return True, "generationConfig.responseMimeType"
-        return None
-
-    def parse(self, request, config):
-        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
-                                config)
-        generation = values["generationConfig"]
-        tools, forced = self.tools(values)
-        return self.call(request, config, model=request.params["model"],
-                         messages=self.messages(values),
-                         stream=request.path.endswith(":streamGenerateContent"),
-                         max_tokens=generation.get("maxOutputTokens"),
-                         stop=generation.get("stopSequences", ()), user=None,
-                         timeout_ms=values["timeout_ms"], simulate=values["simulate"],
-                         tools=tools, forced=forced, output=self.output(generation),
-                         sse=request.args.get("alt") == "sse")
-
-    def count_tokens(self, request, config):
-        values = _with_defaults(_given(_json_body(request), self.COUNT_REQUEST, None),
-                                self.COUNT_REQUEST, config)
-        return {"totalTokens": sum(_tokens(message["content"])
-                                   for message in self.messages(values))}
-
-    @staticmethod
-    def _response(call, response_id, parts, finish=None, reply=None):
-        candidate = {"content": {"role": "model", "parts": parts}, "index": 0}
-        body = {"candidates": [candidate]}
-        if finish is not None:
-            candidate["finishReason"] = finish
-            body["usageMetadata"] = {
-                "promptTokenCount": reply.prompt_tokens,
-                "candidatesTokenCount": reply.completion_tokens,
-                "totalTokenCount": reply.prompt_tokens + reply.completion_tokens}
-        body.update(modelVersion=call.model, responseId=response_id)
-        return body
-
-    @staticmethod
-    def function_call(call):
-        return {"functionCall": {"id": call["id"], "name": call["name"],
-                                 "args": _arguments_object(call)}}
-
-    def answer(self, call, reply, created):
-        parts = ([{"text": reply.text}] if reply.tool_calls is None else
-                 [self.function_call(tool_call) for tool_call in reply.tool_calls])
-        return self._response(call, _random_hex(24), parts, self.FINISH[reply.end], reply)
-
-    def stream(self, call, reply, created):
-        response_id = _random_hex(24)
-        sse, first = call.options["sse"], [True]
-
-        def frame(payload, last=False):
-            if sse:
-                return _sse(payload)
-            separator, first[0] = b"" if first[0] else b",\r\n", False
-            return separator + _json_bytes(payload) + (b"]" if last else b"")
-
-        def render(event, piece):
-            if event == "piece":
-                return frame(self._response(call, response_id, [{"text": piece}]))
-            if event == "call":  # whole, as Gemini streams them
-                return frame(self._response(call, response_id,
-                                            [self.function_call(reply.tool_calls[piece])]))
-            if event in ("arguments", "call_done"):
-                return b""
-            if event == "open":
-                return b"" if sse else b"["
-            if event == "error":
-                status, body, _ = self.error(ApiError(
-                    "SIM_FAIL", call.spec.fail_message or "simulated stream error"), None, 0)
-                return frame(body, last=True)
-            return frame(self._response(call, response_id, [{"text": ""}],
-                                        self.FINISH[reply.end], reply), last=True)
-        return render
-
-    @staticmethod
-    def model(model_id):
-        return {"name": "models/" + model_id, "version": "001", "displayName": model_id,
-                "inputTokenLimit": 1_048_576, "outputTokenLimit": 65_536,
-                "supportedGenerationMethods": ["generateContent", "streamGenerateContent",
-                                               "countTokens"]}
-
-
-_GEMINI = _Gemini()
 
 
 def _check_responses_input(value, field):
@@ -2680,6 +2935,13 @@ def _check_responses_input(value, field):
         elif not isinstance(item.get("type"), str):
             raise _ValidationError(name, "must be a message (with a role) or an item with a type")
     return value
+
+
+def _numbered_event(render, name, data):
+    """A Responses event: named, its type and sequence number first."""
+    head = b'event: %s\ndata: {"type":"%s","sequence_number":%d' % (
+        name.encode(), name.encode(), render.written)
+    return head + (b"," + data[1:] if len(data) > 2 else b"}") + b"\n\n"
 
 
 class _OpenAIResponses(_OpenAI):
@@ -2725,23 +2987,26 @@ class _OpenAIResponses(_OpenAI):
     QUERY = {"stream": _Field(_Choice("true", "false"), "false", "Stream its events again"),
              "starting_after": _Field(_Int(-1, 10_000_000), -1,
                                       "Only the events after this sequence number")}
+    framing = _Framing("text/event-stream", _numbered_event, b"", b"")
 
-    schemas = {
-        "ResponseRequest": _object_schema(REQUEST, example={
-            "model": "gpt-4.1-mini", "input": "Hello", "simulate": {"latency_ms": 300}}),
-        "Response": {"type": "object", "required": [
-            "id", "object", "created_at", "status", "model", "output"], "properties": {
-            "id": {"type": "string", "pattern": "^resp_"}, "object": {"const": "response"},
-            "created_at": {"type": "integer"}, "model": {"type": "string"},
-            "status": {"enum": ["queued", "in_progress", "completed", "incomplete", "failed",
-                                "cancelled"]},
-            "output": {"type": "array"}, "usage": {"type": ["object", "null"]},
-            "error": {"type": ["object", "null"]},
-            "incomplete_details": {"type": ["object", "null"]}}},
-        "ResponseDeleted": {"type": "object", "properties": {
-            "id": {"type": "string"}, "object": {"const": "response"},
-            "deleted": {"type": "boolean"}}},
-    }
+    def schemas(self):
+        return {
+            **super().schemas(),
+            "ResponseRequest": _object_schema(self.REQUEST, example={
+                "model": "gpt-4.1-mini", "input": "Hello", "simulate": {"latency_ms": 300}}),
+            "Response": {"type": "object", "required": [
+                "id", "object", "created_at", "status", "model", "output"], "properties": {
+                "id": {"type": "string", "pattern": "^resp_"}, "object": {"const": "response"},
+                "created_at": {"type": "integer"}, "model": {"type": "string"},
+                "status": {"enum": ["queued", "in_progress", "completed", "incomplete", "failed",
+                                    "cancelled"]},
+                "output": {"type": "array"}, "usage": {"type": ["object", "null"]},
+                "error": {"type": ["object", "null"]},
+                "incomplete_details": {"type": ["object", "null"]}}},
+            "ResponseDeleted": {"type": "object", "properties": {
+                "id": {"type": "string"}, "object": {"const": "response"},
+                "deleted": {"type": "boolean"}}},
+        }
 
     def parse(self, request, config):
         values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
@@ -2781,6 +3046,41 @@ class _OpenAIResponses(_OpenAI):
                 messages.append({"role": item["role"],
                                  "content": _content_text(item.get("content"))})
         return messages
+
+    def respond(self, app, request, call):
+        """A response: stored (a job, which background answers at once,
+        queued) or not; streamed, with its lifecycle's events, or not."""
+        echo = call.spec.args["echo"]
+        if echo["store"]:
+            spec, response, _, plan = app.store.create(call.spec, prefix="resp",
+                                                       view=self.view)
+            if response is None:
+                return _Answer(fault=spec.fault)  # lost before the response was created
+            response_id, created_at = response["id"], response["created_at"]
+            request.note.job_id = response_id
+        else:
+            spec, plan = app.store.plan_call(call.spec)
+            if plan.state in _REFUSED_STATES:
+                raise _refusal(spec, plan, self.overloaded_status)
+            response_id, created_at = "resp_" + _random_hex(12), request.received_wall_ms // 1000
+        request.note.rule = spec.rule
+        _no_dribbled_stream(call._replace(spec=spec))
+        if call.stream and spec.fault is None and (echo["background"]
+                                                   or plan.ends_at_ms is not None):
+            return self.streamed(app, response_id, created_at, spec, plan, request.received_ms)
+        if echo["background"]:
+            if spec.fault is None:
+                request.note.job_ended = response["status"] not in self.ACTIVE
+            return _Answer(200, response, fault=spec.fault, dribble_ms=spec.dribble_ms)
+        if plan.ends_at_ms is None:
+            return _Answer(status=None)  # hang
+        at_ms = request.received_ms + plan.ends_at_ms
+        status, reply, _ = self.outcome(spec, plan)
+        if reply is None:
+            return _Answer(payload=ApiError(plan.error["code"], plan.error["message"]), at=at_ms,
+                           fault=spec.fault, dribble_ms=spec.dribble_ms)
+        return _Answer(200, self.response(response_id, created_at, spec.args, status, reply),
+                       at=at_ms, fault=spec.fault, dribble_ms=spec.dribble_ms)
 
     @staticmethod
     def function_call_item(response_id, index, call, status):
@@ -2844,105 +3144,185 @@ class _OpenAIResponses(_OpenAI):
                 "code": "server_error", "message": job.error["message"]}
         return self.response(job.id, job.created_at, job.spec.args, status, reply, error)
 
-    def events(self, response_id, created_at, spec, plan, background):
-        """A response's server-sent events, lazily: (ms after it was created,
-        its sequence number, the event as bytes, whether to cut it in half),
-        numbered from 0.  A background one is created queued and runs as its
-        plan says; the reply streams from when the plan ends, every token_ms."""
-        numbers = itertools.count()
-        # Text deltas differ only in their number and text: encode one around
-        # markers and fill those in (encoding each made the stream cost 2.8
-        # times a chat completion's).
-        where = {"item_id": "msg_" + response_id[5:], "output_index": 0, "content_index": 0}
-        head, middle, tail = _sse(
-            {"type": "response.output_text.delta", "sequence_number": "\1", **where,
-             "delta": "\0", "logprobs": []}, "response.output_text.delta").split(b'"\\u000', 2)
-        middle, tail = middle[2:], tail[2:]
+    # A response's stream: its lifecycle, then its content as chat streams it.
 
-        def event(kind, **fields):
-            number = next(numbers)
-            return number, _sse({"type": kind, "sequence_number": number, **fields}, kind)
+    def streamed(self, app, response_id, created_at, spec, plan, start_ms, skip=-1):
+        """The _Answer that streams a response's events from start_ms (its
+        request's arrival), those after sequence number `skip`; a background
+        one's end once it is cancelled or deleted."""
+        status, reply, error = self.outcome(spec, plan)
+        call = _Call(spec, spec.args["model"], True, spec.args["max_output_tokens"], (), {})
+        render = _Render(self, call, reply, created_at, skip, id=response_id, status=status,
+                         error=error)
+        background = spec.args["echo"]["background"]
+        frames = render.frames(self.timeline(spec, plan, status, reply, background))
+        if background:
+            frames = self.until_cancelled(app, response_id, start_ms, frames)
+        failure = "stall_after" if plan.ends_at_ms is None else (
+            next(iter(spec.stream)) if spec.stream else None)
+        return render.answer(None, start_ms, failure, frames)
 
-        def with_response(kinds, status):
-            """Events carrying the same response, encoded once (8 us each)."""
-            encoded = _json_bytes(response(status))
-            for kind in kinds:
-                number = next(numbers)
-                yield number, b'event: %s\ndata: {"type":"%s","sequence_number":%d,"response":' \
-                    b'%s}\n\n' % (kind.encode(), kind.encode(), number, encoded)
-
-        def response(status, reply=None, error=None):
-            return self.response(response_id, created_at, spec.args, status, reply, error)
-
+    @staticmethod
+    def timeline(spec, plan, status, reply, background):
+        """A response's events as (ms after its creation, kind, piece),
+        lazily.  A background one is created queued and runs as its plan
+        says; the reply streams from when the plan ends, every token_ms."""
         start = plan.ends_at_ms
         if background:
-            for number, data in with_response(("response.created", "response.queued"), "queued"):
-                yield 0, number, data, False
+            yield 0, "created", "queued"
+            yield 0, "queued", "queued"
             if plan.running_at_ms is not None:
-                yield (plan.running_at_ms, *event("response.in_progress",
-                                                  response=response("in_progress")), False)
+                yield plan.running_at_ms, "in_progress", "in_progress"
         elif start is not None:
-            for number, data in with_response(("response.created", "response.in_progress"),
-                                              "in_progress"):
-                yield start, number, data, False
+            yield start, "created", "in_progress"
+            yield start, "in_progress", "in_progress"
         if start is None:
             return  # hang
-        status, reply, error = self.outcome(spec, plan)
         if reply is None:
-            yield (start, *event("response.failed", response=response(status, error=error)),
-                   False)
+            yield start, "failed", None
             return
         for ms, kind, piece in _stream_timeline(reply, spec.token_ms, spec.stream):
-            malformed = kind == "malformed"
-            if malformed:
-                kind, piece = piece
-            if kind == "piece" and reply.tool_calls is None:
-                number = next(numbers)
-                yield (start + ms, number, b"%s%d%s%s%s" % (head, number, middle,
-                                                            _json_bytes(piece), tail), malformed)
-                continue
-            if kind == "error":
-                yield (start + ms, *event("error", code="server_error", param=None, message=(
-                    spec.fail_message or "simulated stream error")), False)
-            for kind, fields in self.content_events(response_id, status, reply, kind, piece):
-                if fields is None:  # the end: the response as it is now
-                    fields = {"response": response(status, reply)}
-                yield (start + ms, *event(kind, **fields), malformed)
+            yield start + ms, kind, piece
+            if kind == "close":
+                yield start + ms, status, None
 
-    def content_events(self, response_id, status, reply, kind, piece):
-        """(type, fields) of the events that stream an event of
-        _stream_timeline (the response's own last, its fields None)."""
-        where = {"item_id": "msg_" + response_id[5:], "output_index": 0, "content_index": 0}
-        part = {"type": "output_text", "text": "", "annotations": []}
-        if kind == "open" and reply.tool_calls is None:
-            yield "response.output_item.added", {
-                "output_index": 0, "item": self.message_item(response_id, "in_progress", None)}
-            yield "response.content_part.added", dict(part=part, **where)
-        elif kind == "piece":
-            yield "response.output_text.delta", dict(delta=piece, logprobs=[], **where)
-        elif kind == "call":
-            yield "response.output_item.added", {"output_index": piece, "item": (
-                self.function_call_item(response_id, piece, reply.tool_calls[piece],
-                                        "in_progress"))}
-        elif kind in ("arguments", "call_done"):
-            index = piece[0] if kind == "arguments" else piece
-            item = self.function_call_item(response_id, index, reply.tool_calls[index],
-                                           "completed")
-            where = {"item_id": item["id"], "output_index": index}
-            if kind == "arguments":
-                yield "response.function_call_arguments.delta", dict(delta=piece[1], **where)
-            else:
-                yield "response.function_call_arguments.done", dict(
-                    arguments=item["arguments"], **where)
-                yield "response.output_item.done", {"output_index": index, "item": item}
-        elif kind == "close":
-            if reply.tool_calls is None:
-                yield "response.output_text.done", dict(text=reply.text, logprobs=[], **where)
-                yield "response.content_part.done", dict(part=dict(part, text=reply.text),
-                                                         **where)
-                yield "response.output_item.done", {
-                    "output_index": 0, "item": self.message_item(response_id, status, reply.text)}
-            yield "response." + status, None
+    @staticmethod
+    def until_cancelled(app, response_id, start_ms, frames):
+        """A background response's frames, each as its time comes, until it
+        is cancelled or deleted."""
+        for index, (ms, data) in enumerate(frames):
+            if index and not app.store.active_until(response_id, start_ms + ms):
+                return
+            yield ms, data
+
+    def lifecycle(self, render, status):
+        return {"response": self.response(render.id, render.created, render.call.spec.args,
+                                          status)}
+
+    def where(self, render):
+        return {"item_id": "msg_" + render.id[5:], "output_index": 0, "content_index": 0}
+
+    def message_added(self, render, piece):
+        if render.reply.tool_calls is None:
+            return {"output_index": 0, "item": self.message_item(render.id, "in_progress", None)}
+        return None
+
+    def part_added(self, render, piece):
+        if render.reply.tool_calls is None:
+            return dict(self.where(render),
+                        part={"type": "output_text", "text": "", "annotations": []})
+        return None
+
+    def text_delta(self, render, text):
+        return dict(self.where(render), delta=text, logprobs=[])
+
+    def call_added(self, render, index):
+        return {"output_index": index, "item": self.function_call_item(
+            render.id, index, render.reply.tool_calls[index], "in_progress")}
+
+    def call_item(self, render, index):
+        return self.function_call_item(render.id, index, render.reply.tool_calls[index],
+                                       "completed")
+
+    def arguments_delta(self, render, piece):
+        index, text = piece
+        return {"item_id": self.call_item(render, index)["id"], "output_index": index,
+                "delta": text}
+
+    def arguments_done(self, render, index):
+        item = self.call_item(render, index)
+        return {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}
+
+    def call_done(self, render, index):
+        return {"output_index": index, "item": self.call_item(render, index)}
+
+    def text_done(self, render, piece):
+        if render.reply.tool_calls is None:
+            return dict(self.where(render), text=render.reply.text, logprobs=[])
+        return None
+
+    def part_done(self, render, piece):
+        if render.reply.tool_calls is None:
+            return dict(self.where(render), part={
+                "type": "output_text", "text": render.reply.text, "annotations": []})
+        return None
+
+    def message_done(self, render, piece):
+        if render.reply.tool_calls is None:
+            return {"output_index": 0, "item": self.message_item(render.id, render.status,
+                                                                 render.reply.text)}
+        return None
+
+    def final(self, render, piece):
+        return {"response": self.response(render.id, render.created, render.call.spec.args,
+                                          render.status, render.reply)}
+
+    def failed(self, render, piece):
+        return {"response": self.response(render.id, render.created, render.call.spec.args,
+                                          render.status, error=render.error)}
+
+    def error_event(self, render, piece):
+        return {"code": "server_error", "param": None, "message": render.stream_error().message}
+
+    stream_events = {
+        "created": (("response.created", lifecycle),),
+        "queued": (("response.queued", lifecycle),),
+        "in_progress": (("response.in_progress", lifecycle),),
+        "open": (("response.output_item.added", message_added),
+                 ("response.content_part.added", part_added)),
+        "piece": (("response.output_text.delta", text_delta),),
+        "call": (("response.output_item.added", call_added),),
+        "arguments": (("response.function_call_arguments.delta", arguments_delta),),
+        "call_done": (("response.function_call_arguments.done", arguments_done),
+                      ("response.output_item.done", call_done)),
+        "close": (("response.output_text.done", text_done),
+                  ("response.content_part.done", part_done),
+                  ("response.output_item.done", message_done)),
+        "completed": (("response.completed", final),),
+        "incomplete": (("response.incomplete", final),),
+        "failed": (("response.failed", failed),),
+        "error": (("error", error_event),),
+    }
+
+    @staticmethod
+    def response_id(request):
+        response_id = request.params["id"]
+        if not response_id.startswith("resp_"):
+            raise ApiError("NOT_FOUND", f"no response with id {response_id!r}", "id")
+        return response_id
+
+    @_api("OpenAI Responses: a stored response; stream=true streams its events again",
+          answers={200: "Response"}, query=QUERY)
+    def retrieve(self, app, request):
+        response_id = self.response_id(request)
+        request.note.job_id = response_id
+        if request.args["stream"] == "true":
+            job = app.store.snapshot(response_id, lambda job: job)
+            return self.streamed(app, response_id, job.created_at, job.spec, job.plan,
+                                 job.start_ms, request.args["starting_after"])
+        response, fault = app.store.poll(response_id, view=self.view)
+        return _polled(request, response, fault, "status", response["status"] not in self.ACTIVE
+                       if response["background"] else None)
+
+    @_api("OpenAI Responses: cancel a background response", answers={200: "Response"})
+    def cancel(self, app, request):
+        request.note.job_id = request.params["id"]
+        return _Answer(200, app.store.cancel(self.response_id(request), view=self.view))
+
+    @_api("OpenAI Responses: forget a stored response", answers={200: "ResponseDeleted"})
+    def delete(self, app, request):
+        response_id = request.note.job_id = self.response_id(request)
+        app.store.delete(response_id)
+        return _Answer(200, {"id": response_id, "object": "response", "deleted": True})
+
+    routes = (
+        _route("POST", "/v1/responses", _model_call, api=_model_api(
+            "OpenAI Responses: create a response; background: a job to poll",
+            "ResponseRequest", {200: "Response", **_MODEL_ERRORS})),
+        _route("GET", "/v1/responses/{id}", retrieve),
+        _route("POST", "/v1/responses/{id}/cancel", cancel),
+        _route("DELETE", "/v1/responses/{id}", delete),
+    )
 
 
 _OPENAI_RESPONSES = _OpenAIResponses()
@@ -2983,14 +3363,18 @@ class _OpenAIEmbeddings(_OpenAI):
         "user": _USER,
         **_EXTENSIONS,
     }
-    schemas = {
-        "EmbeddingRequest": _object_schema(REQUEST, example={"model": "text-embedding-3-small",
-                                                             "input": "Hello"}),
-        "EmbeddingList": {"type": "object", "required": ["object", "data", "model", "usage"],
-                          "properties": {"object": {"const": "list"}, "data": {"type": "array"},
-                                         "model": {"type": "string"},
-                                         "usage": {"type": "object"}}},
-    }
+
+    def schemas(self):
+        return {
+            **super().schemas(),
+            "EmbeddingRequest": _object_schema(self.REQUEST, example={
+                "model": "text-embedding-3-small", "input": "Hello"}),
+            "EmbeddingList": {"type": "object", "required": ["object", "data", "model", "usage"],
+                              "properties": {"object": {"const": "list"},
+                                             "data": {"type": "array"},
+                                             "model": {"type": "string"},
+                                             "usage": {"type": "object"}}},
+        }
 
     @staticmethod
     def texts(items):
@@ -3020,6 +3404,10 @@ class _OpenAIEmbeddings(_OpenAI):
         tokens = sum(count for _, count in texts)
         return {"object": "list", "data": data, "model": call.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    routes = (_route("POST", "/v1/embeddings", _model_call, api=_model_api(
+        "OpenAI embeddings: vectors that are a pure function of model and text",
+        "EmbeddingRequest", {200: "EmbeddingList", 429: None})),)
 
 
 _OPENAI_EMBEDDINGS = _OpenAIEmbeddings()
@@ -3052,20 +3440,25 @@ class _OpenAICompletions(_OpenAI):
         "max_tokens": _Field(_Int(1, 10_000_000), None,
                              "Cut the reply to this many tokens (finish_reason length)."),
         "stream": _Field(_Bool(), False, "Answer as server-sent events."),
-        "stream_options": _OpenAIChat.REQUEST["stream_options"],
-        "n": _OpenAIChat.REQUEST["n"],
+        "stream_options": _STREAM_OPTIONS_FIELD,
+        "n": _ONE_CHOICE,
         "echo": _Field(_Check(_check_false, {"const": False}), False, "Only false."),
-        "stop": _OpenAIChat.REQUEST["stop"],
+        "stop": _OPENAI_STOP,
         "user": _USER,
         **_EXTENSIONS,
     }
-    schemas = {
-        "CompletionRequest": _object_schema(REQUEST, example={"model": "gpt-3.5-turbo-instruct",
-                                                              "prompt": "Hello"}),
-        "Completion": {"type": "object", "required": ["id", "object", "choices"], "properties": {
-            "id": {"type": "string"}, "object": {"const": "text_completion"},
-            "choices": {"type": "array"}, "usage": {"type": "object"}}},
-    }
+
+    def schemas(self):
+        return {
+            **super().schemas(),
+            "CompletionRequest": _object_schema(self.REQUEST, example={
+                "model": "gpt-3.5-turbo-instruct", "prompt": "Hello"}),
+            "Completion": {"type": "object", "required": ["id", "object", "choices"],
+                           "properties": {"id": {"type": "string"},
+                                          "object": {"const": "text_completion"},
+                                          "choices": {"type": "array"},
+                                          "usage": {"type": "object"}}},
+        }
 
     def parse(self, request, config):
         values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
@@ -3085,29 +3478,563 @@ class _OpenAICompletions(_OpenAI):
 
     def answer(self, call, reply, created):
         return dict(self.completion("cmpl-" + _random_hex(24), created, call, reply.text,
-                                    self.FINISH[reply.end]), usage=self.usage(reply))
+                                    self.finish[reply.end]), usage=self.usage(reply))
 
-    def stream(self, call, reply, created):
-        completion_id = "cmpl-" + _random_hex(24)
+    def begin_stream(self, render):
+        render.id = "cmpl-" + _random_hex(24)
 
-        def render(event, piece):
-            if event == "piece":
-                return _sse(self.completion(completion_id, created, call, piece, None))
-            if event == "open":
-                return b""
-            if event == "error":
-                return _sse(self.error_body(ApiError(
-                    "SIM_FAIL", call.spec.fail_message or "simulated stream error")))
-            data = _sse(self.completion(completion_id, created, call, "", self.FINISH[reply.end]))
-            if call.options["include_usage"]:
-                data += _sse(dict(self.completion(completion_id, created, call, "", None),
-                                  choices=[], usage=self.usage(reply)))
-            return data + _sse("[DONE]")
-        return render
+    def text_chunk(self, render, text):
+        return self.completion(render.id, render.created, render.call, text, None)
+
+    def finish_chunk(self, render, piece):
+        return self.completion(render.id, render.created, render.call, "",
+                               self.finish[render.reply.end])
+
+    def usage_chunk(self, render, piece):
+        if render.call.options["include_usage"]:
+            return dict(self.text_chunk(render, ""), choices=[], usage=self.usage(render.reply))
+        return None
+
+    stream_events = {
+        "open": (), "call": (), "arguments": (), "call_done": (),
+        "piece": ((None, text_chunk),),
+        "close": ((None, finish_chunk), (None, usage_chunk), (None, _OpenAI.done)),
+        "error": ((None, _OpenAI.error_event),),
+    }
+
+    routes = (_route("POST", "/v1/completions", _model_call, api=_model_api(
+        "OpenAI legacy completions, streamed or not", "CompletionRequest",
+        {200: "Completion", 429: None})),)
 
 
 _OPENAI_COMPLETIONS = _OpenAICompletions()
 
+
+# --- Surfaces: Anthropic Messages -------------------------------------------------
+
+def _check_anthropic_messages(value, field):
+    if not isinstance(value, list) or not value:
+        raise _ValidationError(field, "must be a non-empty array of messages")
+    for index, message in enumerate(value):
+        name = f"{field}[{index}]"
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise _ValidationError(name, 'must be an object with role "user" or "assistant"')
+        _check_blocks(message.get("content"), name + ".content")
+    return value
+
+
+_ANTHROPIC_METADATA = {"user_id": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
+                                         "The key of seeded sequences when X-Trace-Id is absent.")}
+
+
+class _AnthropicMessages(_Surface):
+    """Anthropic's Messages API: a message, streamed or not, and token counting.
+
+    Mode overloaded answers 529 here; mode timeout and the deadline answer
+    504 timeout_error; error_after sends an overloaded_error event.
+    """
+
+    name = "anthropic"
+    keyed = True
+    error_schema = "AnthropicError"
+    validation_status = 400
+    overloaded_status = 529
+    error_types = {
+        401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+        413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+        503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error",
+        "OVERLOADED": "overloaded_error", "INJECTED_FAULT": "api_error",
+        "4xx": "invalid_request_error", "5xx": "api_error",
+    }
+    stream_error = ("OVERLOADED", "Overloaded")
+    finish = {"end": "end_turn", "max_tokens": "max_tokens", "stop_sequence": "stop_sequence",
+              "tool_calls": "tool_use"}
+    framing = _NAMED_SSE
+    request_headers = ("x-api-key", "anthropic-version")
+    answer_headers = ("request-id",)
+    quota_header = "anthropic-ratelimit-{kind}-{part}"
+    # What Anthropic adds to an error's body, by code.
+    DETAILS = {"QUOTA_EXHAUSTED": {"error_code": "enforced_spend_limit_reached"}}
+    REQUEST = {
+        "model": _MODEL,
+        "max_tokens": _Field(_Int(1, 10_000_000), _REQUIRED,
+                             "Cut the reply to this many tokens (stop_reason max_tokens)."),
+        "messages": _Field(_Check(_check_anthropic_messages, {
+            "type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["role", "content"], "properties": {
+                    "role": {"enum": ["user", "assistant"]},
+                    "content": {"oneOf": [{"type": "string"}, {"type": "array"}]}}}}),
+            _REQUIRED, "The conversation; the last user message feeds the reply."),
+        "system": _Field(_Check(_check_blocks, {"oneOf": [{"type": "string"},
+                                                          {"type": "array"}]}),
+                         None, "A system prompt: text or text blocks."),
+        "stream": _Field(_Bool(), False, "Answer as server-sent events."),
+        "stop_sequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
+                                 "The reply ends before the first of these it meets."),
+        "temperature": _Field(_Number(0, 1), None, "Accepted."),
+        "tools": _Field(_TOOLS, (), "Tools the reply may use."),
+        "tool_choice": _Field(_OBJECT, {"type": "auto"}, "any or a named tool: the reply "
+                              "uses it, with input drawn from its input_schema."),
+        "metadata": _Field(_Check(lambda value, field: _given(value, _ANTHROPIC_METADATA, field),
+                                  _object_schema(_ANTHROPIC_METADATA)), {}, None),
+        **_EXTENSIONS,
+    }
+    COUNT_REQUEST = _pick(REQUEST, "model", "messages", "system", "tools")
+
+    def schemas(self):
+        return {
+            "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
+                "type": {"const": "error"}, "request_id": {"type": "string"},
+                "error": {"type": "object", "required": ["type", "message"], "properties": {
+                    "type": {"type": "string"}, "message": {"type": "string"}}}}},
+            "AnthropicRequest": _object_schema(self.REQUEST, example={
+                "model": "claude-sonnet-4-5", "max_tokens": 256,
+                "messages": [{"role": "user", "content": "Hello"}],
+                "simulate": {"latency_ms": 300}}),
+            "AnthropicCountRequest": _object_schema(self.COUNT_REQUEST, example={
+                "model": "claude-sonnet-4-5",
+                "messages": [{"role": "user", "content": "Hello"}]}),
+            "AnthropicMessage": {"type": "object", "required": [
+                "id", "type", "role", "model", "content", "stop_reason", "usage"],
+                "properties": {
+                "id": {"type": "string"}, "type": {"const": "message"},
+                "role": {"const": "assistant"}, "model": {"type": "string"},
+                "content": {"type": "array"}, "stop_reason": {"type": "string"},
+                "stop_sequence": {"type": ["string", "null"]}, "usage": {"type": "object"}}},
+            "AnthropicTokens": {"type": "object",
+                                "properties": {"input_tokens": {"type": "integer"}}},
+        }
+
+    def credential(self, request):
+        return request.headers.get("x-api-key") or super().credential(request)
+
+    def error(self, error, retry_ms, now_ms):
+        """Its shape, with the request id in the body and a header."""
+        status, body, headers = super().error(error, retry_ms, now_ms)
+        request_id = "req_" + _random_hex(24)
+        return status, dict(body, request_id=request_id), headers + (("request-id", request_id),)
+
+    def error_body(self, error, status, retry_ms):
+        body = {"type": self.error_type(error, status), "message": error.message}
+        if error.code in self.DETAILS:
+            body["details"] = self.DETAILS[error.code]
+        return {"type": "error", "error": body}
+
+    @staticmethod
+    def reset_text(reset_ms, now_ms):
+        """An RFC 3339 time."""
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((now_ms + reset_ms) / 1000))
+
+    def messages(self, values):
+        """The conversation as text messages (see _Surface.call), the system
+        prompt first; a user message of tool_result blocks is the results."""
+        messages, names = [], {}
+        if values.get("system") is not None:
+            messages.append({"role": "system", "content": _content_text(values["system"])})
+        for message in values["messages"]:
+            blocks = message["content"] if isinstance(message["content"], list) else []
+            names.update((block.get("id"), block.get("name")) for block in blocks
+                         if block["type"] == "tool_use")
+            results = [block for block in blocks if block["type"] == "tool_result"]
+            messages.extend({"role": "tool", "content": _content_text(block.get("content")),
+                             "tool": names.get(block.get("tool_use_id"))} for block in results)
+            if not results:
+                messages.append({"role": message["role"],
+                                 "content": _content_text(message["content"])})
+        return messages
+
+    def parse(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
+                                config)
+        choice = values["tool_choice"]
+        forced = {"any": ("any", "tool_choice"), "tool": (choice.get("name"), "tool_choice.name")
+                  }.get(choice.get("type"))
+        return self.call(request, config, model=values["model"], messages=self.messages(values),
+                         stream=values["stream"], max_tokens=values["max_tokens"],
+                         stop=values["stop_sequences"], user=values["metadata"].get("user_id"),
+                         timeout_ms=values["timeout_ms"], simulate=values["simulate"],
+                         tools=_tool_table(values["tools"], "tools",
+                                           schema_keys=("input_schema",)),
+                         forced=forced)
+
+    def message(self, call, reply, content, stop_reason, output_tokens):
+        return {"id": "msg_" + _random_hex(24), "type": "message", "role": "assistant",
+                "model": call.model, "content": content, "stop_reason": stop_reason,
+                "stop_sequence": reply.stop_sequence if stop_reason else None,
+                "usage": {"input_tokens": reply.prompt_tokens, "output_tokens": output_tokens}}
+
+    @staticmethod
+    def tool_use(call, **fields):
+        return {"type": "tool_use", "id": call["id"], "name": call["name"], **fields}
+
+    def answer(self, call, reply, created):
+        content = ([{"type": "text", "text": reply.text}] if reply.tool_calls is None else
+                   [self.tool_use(tool_call, input=_arguments_object(tool_call))
+                    for tool_call in reply.tool_calls])
+        return self.message(call, reply, content, self.finish[reply.end],
+                            reply.completion_tokens)
+
+    # Its stream: a text block, or a tool_use block per call (opened with
+    # empty input, then its input as input_json_delta pieces).
+
+    def message_start(self, render, piece):
+        return {"type": "message_start",
+                "message": self.message(render.call, render.reply, [], None, 0)}
+
+    def text_block_start(self, render, piece):
+        if render.reply.tool_calls is None:
+            return {"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "text", "text": ""}}
+        return None
+
+    def ping(self, render, piece):
+        return {"type": "ping"}
+
+    def text_delta(self, render, text):
+        return {"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": text}}
+
+    def tool_use_start(self, render, index):
+        return {"type": "content_block_start", "index": index,
+                "content_block": self.tool_use(render.reply.tool_calls[index], input={})}
+
+    def input_delta(self, render, piece):
+        index, text = piece
+        return {"type": "content_block_delta", "index": index,
+                "delta": {"type": "input_json_delta", "partial_json": text}}
+
+    def block_stop(self, render, index):
+        return {"type": "content_block_stop", "index": index}
+
+    def text_block_stop(self, render, piece):
+        return self.block_stop(render, 0) if render.reply.tool_calls is None else None
+
+    def message_delta(self, render, piece):
+        reply = render.reply
+        return {"type": "message_delta", "delta": {"stop_reason": self.finish[reply.end],
+                                                   "stop_sequence": reply.stop_sequence},
+                "usage": {"output_tokens": reply.completion_tokens}}
+
+    def message_stop(self, render, piece):
+        return {"type": "message_stop"}
+
+    def error_event(self, render, piece):
+        return self.error_body(render.stream_error(), 529, None)
+
+    stream_events = {
+        "open": (("message_start", message_start), ("content_block_start", text_block_start),
+                 ("ping", ping)),
+        "piece": (("content_block_delta", text_delta),),
+        "call": (("content_block_start", tool_use_start),),
+        "arguments": (("content_block_delta", input_delta),),
+        "call_done": (("content_block_stop", block_stop),),
+        "close": (("content_block_stop", text_block_stop), ("message_delta", message_delta),
+                  ("message_stop", message_stop)),
+        "error": (("error", error_event),),
+    }
+
+    @_api("Anthropic Messages: count a request's input tokens", request="AnthropicCountRequest",
+          answers={200: "AnthropicTokens"})
+    def count_tokens(self, app, request):
+        values = _with_defaults(_given(_json_body(request), self.COUNT_REQUEST, None),
+                                self.COUNT_REQUEST, app.config)
+        return _Answer(200, {"input_tokens": sum(_tokens(message["content"])
+                                                 for message in self.messages(values))})
+
+    routes = (
+        _route("POST", "/v1/messages", _model_call, api=_model_api(
+            "Anthropic Messages: a message, streamed or not", "AnthropicRequest",
+            {200: "AnthropicMessage", 429: None, 500: None, 504: None, 529: None})),
+        _route("POST", "/v1/messages/count_tokens", count_tokens),
+    )
+
+
+_ANTHROPIC_MESSAGES = _AnthropicMessages()
+
+
+# --- Surfaces: Gemini ------------------------------------------------------------
+
+def _check_contents(value, field):
+    if not isinstance(value, list) or not value:
+        raise _ValidationError(field, "must be a non-empty array of contents")
+    for index, content in enumerate(value):
+        _check_content(content, f"{field}[{index}]")
+    return value
+
+
+def _check_content(value, field):
+    """A Gemini content: {"role": "user" or "model", "parts": [{"text": ...}, ...]}
+    (role "function" too: the older way to give a function's response)."""
+    if not isinstance(value, dict) or value.get("role", "user") not in ("user", "model",
+                                                                        "function"):
+        raise _ValidationError(field, 'must be an object with role "user" or "model"')
+    parts = value.get("parts")
+    if not isinstance(parts, list) or not all(isinstance(part, dict) for part in parts):
+        raise _ValidationError(f"{field}.parts", "must be an array of parts")
+    return value
+
+
+_GENERATION_CONFIG = {
+    "maxOutputTokens": _Field(_Int(1, 10_000_000), None,
+                              "Cut the reply to this many tokens (finishReason MAX_TOKENS)."),
+    "stopSequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
+                            "The reply ends before the first of these it meets."),
+    "responseMimeType": _Field(_Text(), None, "application/json: the reply is a JSON object."),
+    "responseSchema": _Field(_OBJECT, None, "The reply is JSON valid against this (OpenAPI) "
+                             "schema."),
+    "responseJsonSchema": _Field(_Check(lambda value, field: value, {}), None,
+                                 "The reply is JSON valid against this JSON Schema."),
+}
+_FUNCTION_CALLING = {
+    "mode": _Field(_Choice("AUTO", "ANY", "NONE", "VALIDATED", "MODE_UNSPECIFIED"), "AUTO",
+                   "ANY: the reply calls a function (the first allowed), with arguments drawn "
+                   "from its parameters."),
+    "allowedFunctionNames": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
+                                   "The functions ANY may call."),
+}
+_TOOL_CONFIG = {"functionCallingConfig": _Field(_Check(
+    lambda value, field: _given(value, _FUNCTION_CALLING, field),
+    _object_schema(_FUNCTION_CALLING)), {}, None)}
+
+
+class _Gemini(_Surface):
+    """Google's Generative Language API (Gemini): generateContent, its stream
+    (server-sent events with ?alt=sse, else one JSON array written as it
+    grows), countTokens and the models.  The calls answer under /v1beta and
+    under /v1 (google-genai's default); the model list only under /v1beta, as
+    /v1/models is OpenAI's."""
+
+    name = "gemini"
+    keyed = True
+    error_schema = "GoogleError"
+    validation_status = 400
+    error_types = {
+        400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+        404: "NOT_FOUND", 405: "NOT_FOUND", 408: "DEADLINE_EXCEEDED", 409: "ABORTED",
+        429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
+        503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+        "OVERLOADED": "UNAVAILABLE", "INJECTED_FAULT": "UNKNOWN",
+        "4xx": "INVALID_ARGUMENT", "5xx": "UNKNOWN",
+    }
+    finish = {"end": "STOP", "max_tokens": "MAX_TOKENS", "stop_sequence": "STOP",
+              "tool_calls": "STOP"}
+    request_headers = ("x-goog-api-key",)
+    quota_header = None  # Google tells the wait in the body's RetryInfo, and no quota
+    CONTENT = {"type": "object", "properties": {
+        "role": {"enum": ["user", "model"]},
+        "parts": {"type": "array", "items": {"type": "object", "properties": {
+            "text": {"type": "string"}}}}}}
+    REQUEST = {
+        "contents": _Field(_Check(_check_contents, {"type": "array", "minItems": 1,
+                                                    "items": CONTENT}),
+                           _REQUIRED, "The conversation; the last user content feeds the reply."),
+        "systemInstruction": _Field(_Check(_check_content, CONTENT), None, "A system prompt."),
+        "generationConfig": _Field(_Check(
+            lambda value, field: _given(value, _GENERATION_CONFIG, field),
+            _object_schema(_GENERATION_CONFIG)), {}, None),
+        "tools": _Field(_TOOLS, (), "functionDeclarations the reply may call."),
+        "toolConfig": _Field(_Check(lambda value, field: _given(value, _TOOL_CONFIG, field),
+                                    _object_schema(_TOOL_CONFIG)), {}, None),
+        "safetySettings": _Field(_LIST, None, "Accepted."),
+        **_EXTENSIONS,
+    }
+    COUNT_REQUEST = _pick(REQUEST, "contents", "systemInstruction")
+    QUERY = {"alt": _Field(_Choice("sse", "json"), None, "sse: stream server-sent events"),
+             "key": _Field(_Text(), None, "The API key, when no x-goog-api-key header")}
+
+    def schemas(self):
+        return {
+            "GoogleError": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message", "status"], "properties": {
+                    "code": {"type": "integer"}, "message": {"type": "string"},
+                    "status": {"type": "string"}, "details": {"type": "array"}}}}},
+            "GeminiRequest": _object_schema(self.REQUEST, example={
+                "contents": [{"role": "user", "parts": [{"text": "Hello"}]}],
+                "simulate": {"latency_ms": 300}}),
+            "GeminiCountRequest": _object_schema(self.COUNT_REQUEST, example={
+                "contents": [{"role": "user", "parts": [{"text": "Hello"}]}]}),
+            "GeminiResponse": {"type": "object", "required": ["candidates", "usageMetadata"],
+                               "properties": {"candidates": {"type": "array"},
+                                              "usageMetadata": {"type": "object"},
+                                              "modelVersion": {"type": "string"},
+                                              "responseId": {"type": "string"}}},
+            "GeminiTokens": {"type": "object",
+                             "properties": {"totalTokens": {"type": "integer"}}},
+            "GeminiModel": {"type": "object", "properties": {
+                "name": {"type": "string"}, "displayName": {"type": "string"},
+                "supportedGenerationMethods": {"type": "array"}}},
+            "GeminiModelList": {"type": "object", "properties": {
+                "models": {"type": "array", "items": _ref("GeminiModel")}}},
+        }
+
+    def credential(self, request):
+        key = request.headers.get("x-goog-api-key")
+        if key is None and request.query:
+            key = urllib.parse.parse_qs(request.query).get("key", [None])[-1]
+        return key
+
+    def error_body(self, error, status, retry_ms):
+        body = {"error": {"code": status, "message": error.message,
+                          "status": self.error_type(error, status)}}
+        if retry_ms is not None and status == 429:  # how Google's clients learn the delay
+            body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                                         "retryDelay": f"{retry_ms / 1000:g}s"}]
+        return body
+
+    def stream_framing(self, call):
+        return _SSE if call.options["sse"] else _JSON_ARRAY
+
+    @staticmethod
+    def messages(values):
+        """The conversation as text messages (see _Surface.call), the system
+        instruction first; a functionResponse part is a tool's result."""
+        contents = ([dict(values["systemInstruction"], role="system")]
+                    if values.get("systemInstruction") else [])
+        messages = []
+        for content in contents + values["contents"]:
+            results = [part["functionResponse"] for part in content["parts"]
+                       if isinstance(part.get("functionResponse"), dict)]
+            messages.extend({"role": "tool", "content": json.dumps(result.get("response")),
+                             "tool": result.get("name")} for result in results)
+            if not results:
+                role = content.get("role", "user")
+                messages.append({"role": {"model": "assistant"}.get(role, role),
+                                 "content": _content_text(content["parts"])})
+        return messages
+
+    @staticmethod
+    def tools(values):
+        """The functionDeclarations of the request's tools, and the one it forces."""
+        declared = {}
+        for index, tool in enumerate(values["tools"]):
+            declared.update(_tool_table(tool.get("functionDeclarations"),
+                                        f"tools[{index}].functionDeclarations",
+                                        # google-genai 3.6 writes the last
+                                        schema_keys=("parameters", "parametersJsonSchema",
+                                                     "parameters_json_schema")))
+        calling = values["toolConfig"].get("functionCallingConfig", {})
+        forced = None
+        if calling.get("mode") == "ANY":
+            allowed = calling.get("allowedFunctionNames") or ("any",)
+            forced = (allowed[0], "toolConfig.functionCallingConfig.allowedFunctionNames[0]")
+        return declared, forced
+
+    @staticmethod
+    def output(generation):
+        """(JSON Schema, field) of the structured output a request asks for."""
+        for key in ("responseJsonSchema", "responseSchema"):
+            if generation.get(key) is not None:
+                return generation[key], "generationConfig." + key
+        if generation.get("responseMimeType") == "application/json":
+            return True, "generationConfig.responseMimeType"
+        return None
+
+    def parse(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
+                                config)
+        generation = values["generationConfig"]
+        tools, forced = self.tools(values)
+        return self.call(request, config, model=request.params["model"],
+                         messages=self.messages(values),
+                         stream=request.path.endswith(":streamGenerateContent"),
+                         max_tokens=generation.get("maxOutputTokens"),
+                         stop=generation.get("stopSequences", ()), user=None,
+                         timeout_ms=values["timeout_ms"], simulate=values["simulate"],
+                         tools=tools, forced=forced, output=self.output(generation),
+                         sse=request.args.get("alt") == "sse")
+
+    @staticmethod
+    def response(call, response_id, parts, finish=None, reply=None):
+        candidate = {"content": {"role": "model", "parts": parts}, "index": 0}
+        body = {"candidates": [candidate]}
+        if finish is not None:
+            candidate["finishReason"] = finish
+            body["usageMetadata"] = {
+                "promptTokenCount": reply.prompt_tokens,
+                "candidatesTokenCount": reply.completion_tokens,
+                "totalTokenCount": reply.prompt_tokens + reply.completion_tokens}
+        body.update(modelVersion=call.model, responseId=response_id)
+        return body
+
+    @staticmethod
+    def function_call(call):
+        return {"functionCall": {"id": call["id"], "name": call["name"],
+                                 "args": _arguments_object(call)}}
+
+    def answer(self, call, reply, created):
+        parts = ([{"text": reply.text}] if reply.tool_calls is None else
+                 [self.function_call(tool_call) for tool_call in reply.tool_calls])
+        return self.response(call, _random_hex(24), parts, self.finish[reply.end], reply)
+
+    # Its stream: a response per piece of text, a function call whole.
+
+    def begin_stream(self, render):
+        render.id = _random_hex(24)
+
+    def text_part(self, render, text):
+        return self.response(render.call, render.id, [{"text": text}])
+
+    def call_part(self, render, index):
+        return self.response(render.call, render.id,
+                             [self.function_call(render.reply.tool_calls[index])])
+
+    def last_part(self, render, piece):
+        return self.response(render.call, render.id, [{"text": ""}],
+                             self.finish[render.reply.end], render.reply)
+
+    def error_event(self, render, piece):
+        return self.error_body(render.stream_error(), 500, None)
+
+    stream_events = {
+        "open": (), "arguments": (), "call_done": (),
+        "piece": ((None, text_part),),
+        "call": ((None, call_part),),
+        "close": ((None, last_part),),
+        "error": ((None, error_event),),
+    }
+
+    def model(self, model_id):
+        return {"name": "models/" + model_id, "version": "001", "displayName": model_id,
+                "inputTokenLimit": 1_048_576, "outputTokenLimit": 65_536,
+                "supportedGenerationMethods": ["generateContent", "streamGenerateContent",
+                                               "countTokens"]}
+
+    @_api("Gemini: count a request's tokens", request="GeminiCountRequest",
+          answers={200: "GeminiTokens"}, query=QUERY)
+    def count_tokens(self, app, request):
+        values = _with_defaults(_given(_json_body(request), self.COUNT_REQUEST, None),
+                                self.COUNT_REQUEST, app.config)
+        return _Answer(200, {"totalTokens": sum(_tokens(message["content"])
+                                                for message in self.messages(values))})
+
+    @_api("Gemini: the models (every name is served)", answers={200: "GeminiModelList"},
+          query=QUERY)
+    def list_models(self, app, request):
+        return _Answer(200, {"models": [self.model("gemini-dummyllm")]})
+
+    @_api("Gemini: a model (every name is served)", answers={200: "GeminiModel"}, query=QUERY)
+    def get_model(self, app, request):
+        return _Answer(200, self.model(request.params["model"]))
+
+    CALLS = (("generateContent", _model_call, _model_api(
+                  "Gemini: generate content", "GeminiRequest",
+                  {200: "GeminiResponse", 429: None, 500: None, 503: None, 504: None}, QUERY)),
+             ("streamGenerateContent", _model_call, _model_api(
+                 "Gemini: generate content as a stream (?alt=sse for server-sent events)",
+                 "GeminiRequest", {200: "text/event-stream", 429: None}, QUERY)),
+             ("countTokens", count_tokens, None))
+    routes = (
+        *(_route("POST", f"{version}/models/{{model}}:{call}", handler, api=api)
+          for version, (call, handler, api) in itertools.product(("/v1beta", "/v1"), CALLS)),
+        _route("GET", "/v1beta/models", list_models),
+        _route("GET", "/v1beta/models/{model}", get_model),
+    )
+
+
+_GEMINI = _Gemini()
+
+
+# --- Surfaces: Ollama ------------------------------------------------------------
 
 _OLLAMA_OPTIONS = {
     "num_predict": _Field(_Int(-2, 10_000_000), None,
@@ -3129,10 +4056,15 @@ class _Ollama(_Surface):
     version.  Errors are {"error": message}."""
 
     name = "ollama"
+    keyed = True
     error_schema = "OllamaError"
+    validation_status = 400
+    finish = {"end": "stop", "max_tokens": "length", "stop_sequence": "stop",
+              "tool_calls": "stop"}
+    framing = _NDJSON
+    quota_header = None  # Ollama tells no quota
     VERSION = "0.12.0"
     MODEL = "dummyllm:latest"
-    DONE = {"end": "stop", "max_tokens": "length", "stop_sequence": "stop", "tool_calls": "stop"}
     COMMON = {
         "model": _MODEL,
         "stream": _Field(_Bool(), True, "NDJSON lines as the reply grows (default true)."),
@@ -3158,43 +4090,34 @@ class _Ollama(_Surface):
              **_pick(COMMON, "options", "keep_alive", "timeout_ms", "simulate")}
     EMBEDDINGS = {"model": COMMON["model"], "prompt": _Field(_Text(), _REQUIRED, "The text."),
                   **_pick(COMMON, "options", "keep_alive", "timeout_ms", "simulate")}
+    KINDS = {"chat": CHAT, "generate": GENERATE, "embed": EMBED, "embeddings": EMBEDDINGS}
 
-    schemas = {
-        "OllamaError": {"type": "object", "required": ["error"],
-                        "properties": {"error": {"type": "string"}}},
-        "OllamaChat": _object_schema(CHAT, example={
-            "model": "llama3.2", "messages": [{"role": "user", "content": "Hello"}],
-            "stream": False}),
-        "OllamaGenerate": _object_schema(GENERATE, example={"model": "llama3.2",
-                                                            "prompt": "Hello", "stream": False}),
-        "OllamaEmbed": _object_schema(EMBED, example={"model": "nomic-embed-text",
-                                                      "input": "Hello"}),
-        "OllamaEmbeddings": _object_schema(EMBEDDINGS, example={"model": "nomic-embed-text",
-                                                                "prompt": "Hello"}),
-        "OllamaAnswer": {"type": "object", "properties": {
-            "model": {"type": "string"}, "created_at": {"type": "string"},
-            "done": {"type": "boolean"}}},
-        "OllamaModels": {"type": "object", "properties": {"models": {"type": "array"}}},
-    }
+    def schemas(self):
+        return {
+            "OllamaError": {"type": "object", "required": ["error"],
+                            "properties": {"error": {"type": "string"}}},
+            "OllamaChat": _object_schema(self.CHAT, example={
+                "model": "llama3.2", "messages": [{"role": "user", "content": "Hello"}],
+                "stream": False}),
+            "OllamaGenerate": _object_schema(self.GENERATE, example={
+                "model": "llama3.2", "prompt": "Hello", "stream": False}),
+            "OllamaEmbed": _object_schema(self.EMBED, example={"model": "nomic-embed-text",
+                                                               "input": "Hello"}),
+            "OllamaEmbeddings": _object_schema(self.EMBEDDINGS, example={
+                "model": "nomic-embed-text", "prompt": "Hello"}),
+            "OllamaAnswer": {"type": "object", "properties": {
+                "model": {"type": "string"}, "created_at": {"type": "string"},
+                "done": {"type": "boolean"}}},
+            "OllamaModels": {"type": "object", "properties": {"models": {"type": "array"}}},
+        }
 
-    def error(self, error, retry_ms, now_ms):
-        status, body, headers = super().error(error, retry_ms, now_ms)
-        return 400 if status == 422 else status, body, headers
-
-    def error_body(self, error):
+    def error_body(self, error, status, retry_ms):
         return {"error": error.message}
-
-    def quota_headers(self, quota, now_ms):
-        return ()  # Ollama tells no quota
-
-    def stream_type(self, call):
-        return "application/x-ndjson"
 
     def parse(self, request, config):
         """A call to /api/chat, /api/generate, /api/embed or /api/embeddings."""
         kind = request.path.rsplit("/", 1)[1]
-        fields = {"chat": self.CHAT, "generate": self.GENERATE, "embed": self.EMBED,
-                  "embeddings": self.EMBEDDINGS}[kind]
+        fields = self.KINDS[kind]
         values = _with_defaults(_given(_json_body(request), fields, None), fields, config)
         options = values["options"]
         tools = output = None
@@ -3246,7 +4169,7 @@ class _Ollama(_Surface):
             reply.elapsed_ms, reply.completion_tokens * call.spec.token_ms)
         nanoseconds = 1_000_000
         body = self.line(call, created, text, done=True, tool_calls=tool_calls)
-        body.update(done_reason=self.DONE[reply.end],
+        body.update(done_reason=self.finish[reply.end],
                     total_duration=(reply.elapsed_ms + streamed_ms) * nanoseconds,
                     load_duration=0, prompt_eval_count=reply.prompt_tokens,
                     prompt_eval_duration=max(0, (reply.elapsed_ms + streamed_ms) * nanoseconds
@@ -3270,23 +4193,31 @@ class _Ollama(_Surface):
         return self.final(call, reply, created, reply.text, 0,
                           list(enumerate(reply.tool_calls or ())))
 
-    def stream(self, call, reply, created):
-        pieces = sum(1 for _ in _stream_pieces(reply))
-        streamed_ms = max(0, pieces - 1) * call.spec.token_ms
+    # Its stream: a line per piece of text, a tool call whole, then the
+    # final line with the counts.
 
-        def render(event, piece):
-            if event == "piece":
-                return _json_bytes(self.line(call, created, piece)) + b"\n"
-            if event == "call":  # whole, as Ollama streams them
-                return _json_bytes(self.line(call, created, "", tool_calls=[
-                    (piece, reply.tool_calls[piece])])) + b"\n"
-            if event in ("open", "arguments", "call_done"):
-                return b""
-            if event == "error":
-                return _json_bytes({"error": call.spec.fail_message or "simulated stream error"}
-                                   ) + b"\n"
-            return _json_bytes(self.final(call, reply, created, "", streamed_ms)) + b"\n"
-        return render
+    def text_line(self, render, text):
+        return self.line(render.call, render.created, text)
+
+    def call_line(self, render, index):
+        return self.line(render.call, render.created, "",
+                         tool_calls=[(index, render.reply.tool_calls[index])])
+
+    def final_line(self, render, piece):
+        pieces = sum(1 for _ in _stream_pieces(render.reply))
+        streamed_ms = max(0, pieces - 1) * render.call.spec.token_ms
+        return self.final(render.call, render.reply, render.created, "", streamed_ms)
+
+    def error_line(self, render, piece):
+        return self.error_body(render.stream_error(), 500, None)
+
+    stream_events = {
+        "open": (), "arguments": (), "call_done": (),
+        "piece": ((None, text_line),),
+        "call": ((None, call_line),),
+        "close": ((None, final_line),),
+        "error": ((None, error_line),),
+    }
 
     def model(self, name=None):
         return {"name": name or self.MODEL, "model": name or self.MODEL,
@@ -3295,34 +4226,184 @@ class _Ollama(_Surface):
                 "details": {"format": "gguf", "family": "dummyllm", "parameter_size": "0B",
                             "quantization_level": "none"}}
 
+    @_api("Ollama: the local models", answers={200: "OllamaModels"})
+    def tags(self, app, request):
+        return _Answer(200, {"models": [self.model()]})
+
+    @_api("Ollama: the running models", answers={200: "OllamaModels"})
+    def running(self, app, request):
+        return _Answer(200, {"models": [dict(self.model(), expires_at="2099-01-01T00:00:00Z",
+                                             size_vram=0)]})
+
+    @_api("Ollama: a model's details (every name is served)", answers={200: "OllamaAnswer"})
+    def show(self, app, request):
+        body = _json_body(request)
+        name = _Text(non_empty=True)(body.get("model", body.get("name")), "model")
+        model = self.model(name)
+        return _Answer(200, {"modelfile": f"FROM {name}", "parameters": "",
+                             "template": "{{ .Prompt }}", "details": model["details"],
+                             "model_info": {}, "capabilities": ["completion", "tools", "embedding"],
+                             "modified_at": model["modified_at"]})
+
+    @_api("Ollama: the server's version", answers={200: "OllamaAnswer"})
+    def version(self, app, request):
+        return _Answer(200, {"version": self.VERSION})
+
+    routes = (
+        _route("POST", "/api/chat", _model_call, api=_model_api(
+            "Ollama chat (NDJSON lines unless stream is false)", "OllamaChat",
+            {200: "OllamaAnswer"})),
+        _route("POST", "/api/generate", _model_call, api=_model_api(
+            "Ollama generate (NDJSON lines unless stream is false)", "OllamaGenerate",
+            {200: "OllamaAnswer"})),
+        _route("POST", "/api/embed", _model_call, api=_model_api(
+            "Ollama embed: the vectors of /v1/embeddings", "OllamaEmbed", {200: "OllamaAnswer"})),
+        _route("POST", "/api/embeddings", _model_call, api=_model_api(
+            "Ollama embeddings (the older call)", "OllamaEmbeddings", {200: "OllamaAnswer"})),
+        _route("GET", "/api/tags", tags),
+        _route("POST", "/api/show", show),
+        _route("GET", "/api/ps", running),
+        _route("GET", "/api/version", version),
+    )
+
 
 _OLLAMA = _Ollama()
 
 
-class _Exposition:
-    """Prometheus text exposition format, version 0.0.4."""
+# --- Surfaces: registration --------------------------------------------------------
 
-    content_type = "text/plain; version=0.0.4; charset=utf-8"
+# The surfaces served, in the order their routes are tried.  A new provider
+# is its unit above and one entry here.
+_SURFACES = [_CONTROL, _JOB_API, _OPENAI_CHAT, _OPENAI_RESPONSES, _OPENAI_EMBEDDINGS,
+             _OPENAI_COMPLETIONS, _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA]
 
-    def __init__(self):
-        self._lines = []
 
-    def family(self, name, kind, help_text, samples, suffix=""):
-        self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        self.samples(name + suffix, samples)
+def _register(surface):
+    """Serve a surface too (after those registered before it); the
+    application takes the routes of the surfaces registered when it starts."""
+    global _REGISTRY
+    _SURFACES.append(surface)
+    _REGISTRY = None
 
-    def samples(self, name, samples):
-        for labels, value in samples:
-            text = ",".join(f'{key}="{self._label_value(value)}"'
-                            for key, value in labels.items())
-            self._lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
+
+def _unregister(surface):
+    global _REGISTRY
+    _SURFACES.remove(surface)
+    _REGISTRY = None
+
+
+_REGISTRY = None
+
+
+def _registry():
+    """What derives from the registered surfaces (made at first use)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = _Registry(_SURFACES)
+    return _REGISTRY
+
+
+def _surface_names():
+    """The names of the surfaces that answer model calls, which reply rules match."""
+    return [surface.name for surface in _registry().model_surfaces]
+
+
+class _Registry:
+    """The registered surfaces, and what derives from them: the routes (each
+    with its surface), the router, the surfaces of model calls, the CORS
+    headers and the API document.  Each is made at first use."""
+
+    def __init__(self, surfaces):
+        self.surfaces = tuple(surfaces)
+        self.routes = tuple(
+            route._replace(surface=surface, auth=surface.keyed if route.auth is None
+                           else route.auth)
+            for surface in self.surfaces for route in surface.routes)
+        self.model_surfaces = tuple(surface for surface in self.surfaces if surface.name)
+
+    @functools.cached_property
+    def router(self):
+        return _Router(self.routes)
+
+    @functools.cached_property
+    def cors_allowed(self):
+        """The request headers a browser may send (CORS)."""
+        return ", ".join(dict.fromkeys(_COMMON_REQUEST_HEADERS + tuple(
+            name for surface in self.surfaces for name in surface.request_headers)))
+
+    @functools.cached_property
+    def cors_exposed(self):
+        """The answer headers a browser may read (CORS)."""
+        names = list(_COMMON_ANSWER_HEADERS)
+        for surface in self.surfaces:
+            names += surface.answer_headers
+            if surface.quota_header is not None:
+                names += [surface.quota_header.format(part=part, kind=kind)
+                          for kind in ("requests", "tokens")
+                          for part in ("limit", "remaining", "reset")]
+        return ", ".join(dict.fromkeys(names))
+
+    @functools.cached_property
+    def document(self):
+        return _openapi_document(self)
+
+
+class _Router:
+    """Match a method and path to a route; 404 and 405 come from here."""
+
+    def __init__(self, routes):
+        self._routes = [(route, re.compile(self._pattern(route.path))) for route in routes]
+        # The paths without parameters that no route with parameters matches:
+        # their routes are found by the path alone, not by trying every pattern.
+        self._exact = {}
+        for route, _ in self._routes:
+            if "{" not in route.path and not any(
+                    "{" in other.path and pattern.match(route.path)
+                    for other, pattern in self._routes):
+                self._exact.setdefault(route.path, []).append(route)
 
     @staticmethod
-    def _label_value(value):
-        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def _pattern(path):
+        path = re.sub(r"\{(\w+)\+\}", r"(?P<\1>.+)", path)
+        return re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + r"\Z"
 
-    def __str__(self):
-        return "\n".join(self._lines) + "\n"
+    def match(self, method, path):
+        """(the route, its path parameters), or the 404 or 405."""
+        for route in self._exact.get(path, ()):
+            if route.method == method or (method == "HEAD" and route.method == "GET"):
+                return route, {}
+        for route, pattern in self._routes:
+            found = pattern.match(path)
+            if found and (route.method == method or (method == "HEAD" and route.method == "GET")):
+                return route, found.groupdict()
+        allowed = self.methods(path)
+        if not allowed:
+            raise ApiError("NOT_FOUND", f"no endpoint at {path}")
+        raise ApiError("METHOD_NOT_ALLOWED", f"{path} does not answer {method}",
+                       headers=[("Allow", ", ".join(allowed))])
+
+    def methods(self, path):
+        """The methods the path answers (HEAD wherever GET)."""
+        methods = [route.method for route, pattern in self._routes if pattern.match(path)]
+        return methods + ["HEAD"] if "GET" in methods else methods
+
+    def surface_of(self, path):
+        """The surface that answers for a path: that of a route the path
+        matches, else the one surface whose routes share the longest leading
+        segments with it (/v1/chat/nope is OpenAI's, /v1beta/nope Gemini's,
+        /v1/nope shared by several), else the job API."""
+        segments = path.split("/")[1:]
+        best, surfaces = 0, set()
+        for route, pattern in self._routes:
+            if pattern.match(path):
+                return route.surface
+            shared = len(list(itertools.takewhile(
+                lambda pair: pair[0] == pair[1], zip(segments, route.path.split("/")[1:]))))
+            if shared > best:
+                best, surfaces = shared, set()
+            if shared == best:
+                surfaces.add(route.surface)
+        return surfaces.pop() if best and len(surfaces) == 1 else _JOB_API
 
 
 # --- Job store -------------------------------------------------------------------
@@ -3365,6 +4446,11 @@ class _Clock:
     def seconds_until(self, at_ms):
         """Real seconds from now to a simulated instant (0 if past)."""
         return max(0.0, (at_ms - self.now_ms()) * self.scale / 1000)
+
+    def wait(self, condition, at_ms):
+        """Wait on a condition (its lock held) until it is notified or a
+        simulated instant comes.  A test's clock moves itself instead."""
+        condition.wait(self.seconds_until(at_ms))
 
     def timer(self, at_ms, function):
         """A threading.Timer that calls function at a simulated instant, once
@@ -3515,27 +4601,29 @@ class _JobStore:
         replayed True and no step taken; with another, IDEMPOTENCY_CONFLICT.
         A fault that loses the request first creates nothing.  Raises CAPACITY
         when full of active jobs, or the refusal the job's mode draws.  The
-        job's id is `prefix`_ and 12 hex digits.
+        job's id is `prefix`_ and 12 hex digits.  The plan is drawn between
+        the two holds of the lock, outside it.
         """
         with self._lock:
             self._apply_due()
-            if idempotency is not None and idempotency[0] in self._idempotency:
-                job = self._jobs[self._idempotency[idempotency[0]]]
-                if job.idempotency != idempotency:
-                    raise ApiError("IDEMPOTENCY_CONFLICT", field="Idempotency-Key")
-                return _Created(spec, view(job), True, job.plan)
-            spec, step = self._take_step(spec)
-            if _lost_before_work(spec):
-                return _Created(spec, None, False, None)
-            full = len(self._jobs) >= self.config.max_jobs
-            if full and not self._finished:
-                raise ApiError("CAPACITY", f"all {self.config.max_jobs} stored jobs are still "
-                               "active; retry later", headers=[("Retry-After", "1")])
-            plan, n = self._plan(spec)
-            if plan.state in _REFUSED_STATES:
-                raise _refusal(spec, plan)
-            if full:
-                self._forget(self._finished.popitem(last=False)[0])
+            replayed = self._replayed(spec, idempotency, view)
+            if replayed is not None:
+                return replayed
+            step, seed, n = self._take(spec)
+        spec = _attempt_settings(spec, step)
+        if _lost_before_work(spec):
+            return _Created(spec, None, False, None)
+        with self._lock:
+            self._make_room(evict=False)
+        plan = _plan(spec, n or 0, seed, self.config.weights, self.config.slow_factor)
+        if plan.state in _REFUSED_STATES:
+            raise _refusal(spec, plan)
+        with self._lock:
+            self._apply_due()
+            replayed = self._replayed(spec, idempotency, view)  # a twin got there first
+            if replayed is not None:
+                return replayed
+            self._make_room(evict=True)
             job = _Job()
             job.id, job.seq = self._new_id(prefix), next(self._seq)
             job.spec, job.op, job.trace_id = spec, spec.op, spec.trace_id
@@ -3556,10 +4644,12 @@ class _JobStore:
 
     def plan_call(self, spec):
         """Take a model call's script step and draw its plan: (the settings of
-        this attempt, its plan).  Nothing is stored."""
+        this attempt, its plan).  Nothing is stored; the plan is drawn
+        outside the lock."""
         with self._lock:
-            spec, _ = self._take_step(spec)
-            return spec, self._plan(spec)[0]
+            step, seed, n = self._take(spec)
+        spec = _attempt_settings(spec, step)
+        return spec, _plan(spec, n or 0, seed, self.config.weights, self.config.slow_factor)
 
     def poll(self, job_id, wait_ms=0, view=_Job.to_json):
         """(view(job), the fault simulate.poll_faults gives this poll of it).
@@ -3573,14 +4663,27 @@ class _JobStore:
             job = self._job(job_id)
             if wait_ms:
                 deadline_ms = self.clock.after(wait_ms)
-                while job.state in _ACTIVE_STATES and not self._closed:
-                    remaining = self.clock.seconds_until(deadline_ms)
-                    if remaining <= 0:
-                        break
-                    self._wait_for_change(job, remaining)
+                while (job.state in _ACTIVE_STATES and not self._closed
+                       and self.clock.now_ms() < deadline_ms):
+                    self._wait_for_change(job, deadline_ms)
+                    self._apply_due()
             faults, job.polls = job.spec.poll_faults or (), job.polls + 1
             fault = faults[job.polls - 1] if job.polls <= len(faults) else None
             return view(job), _with_retry_after(fault, job.spec)
+
+    def active_until(self, job_id, at_ms):
+        """Wait until a simulated instant; False if the job is cancelled or
+        forgotten first (or the store closes)."""
+        with self._lock:
+            while not self._closed:
+                self._apply_due()
+                job = self._jobs.get(job_id)
+                if job is None or job.state == "cancelled":
+                    return False
+                if self.clock.now_ms() >= at_ms:
+                    return True
+                self._wait_for_change(job, at_ms)
+            return False
 
     def snapshot(self, job_id, view=_Job.to_json):
         """view(job) now; unlike poll, not counted as a poll."""
@@ -3602,7 +4705,8 @@ class _JobStore:
         while True:
             with self._lock:
                 if seen == job.version and not self._closed:
-                    self._wait_for_change(job, heartbeat_s)
+                    self._wait_for_change(job, self.clock.after(heartbeat_s * 1000))
+                    self._apply_due()
                 if self._closed:
                     return
                 changed, seen = seen != job.version, job.version
@@ -3743,15 +4847,41 @@ class _JobStore:
         self._timer = self.clock.timer(at_ms, self._fire)
         self._lock.later(self._timer.start)
 
-    def _take_step(self, spec):
-        """(the settings of this attempt, its step number): a script's next step
-        applied, counted per key (step None without a script)."""
-        n = None
+    def _take(self, spec):
+        """What must be ordered, and nothing else: (its script step, the
+        seed of its draws, its place in that seed's sequence for its key).
+        A script's steps are counted per key (step None without a script);
+        a request with no seed draws a fresh one (n None)."""
+        step = n = None
+        seed = spec.seed
         if spec.script is not None:
-            n = self._count(self._scripts, spec.trace_id or "")
-            spec = _script_step(spec, n)
-        fault = _with_retry_after(spec.fault, spec)
-        return spec if fault is spec.fault else spec._replace(fault=fault), n
+            step = self._count(self._scripts, spec.trace_id or "")
+            seed = spec.script[min(step, len(spec.script) - 1)].get("seed", seed)
+        if seed is None:
+            seed = self._ids.getrandbits(64)
+        else:
+            n = self._count(self._sequences, (seed, spec.trace_id or ""))
+        return step, seed, n
+
+    def _replayed(self, spec, idempotency, view):
+        """The _Created of a replay of an Idempotency-Key seen before (with
+        the settings asked, no step taken), or None."""
+        if idempotency is None or idempotency[0] not in self._idempotency:
+            return None
+        job = self._jobs[self._idempotency[idempotency[0]]]
+        if job.idempotency != idempotency:
+            raise ApiError("IDEMPOTENCY_CONFLICT", field="Idempotency-Key")
+        return _Created(spec, view(job), True, job.plan)
+
+    def _make_room(self, evict):
+        """At max_jobs, CAPACITY unless an ended job can go (and, with evict, goes)."""
+        if len(self._jobs) < self.config.max_jobs:
+            return
+        if not self._finished:
+            raise ApiError("CAPACITY", f"all {self.config.max_jobs} stored jobs are still "
+                           "active; retry later", headers=[("Retry-After", "1")])
+        if evict:
+            self._forget(self._finished.popitem(last=False)[0])
 
     def _cancel(self, job_id):
         self._apply_due()
@@ -3789,14 +4919,6 @@ class _JobStore:
         self._finished.pop(job_id, None)
         if job.idempotency is not None:
             del self._idempotency[job.idempotency[0]]
-
-    def _plan(self, spec):
-        """Draw the request's plan; n is its place in its seeded sequence, or None."""
-        if spec.seed is None:
-            seed, n = self._ids.getrandbits(64), None
-        else:
-            seed, n = spec.seed, self._count(self._sequences, (spec.seed, spec.trace_id or ""))
-        return _plan(spec, n or 0, seed, self.config.weights, self.config.slow_factor), n
 
     def _schedule_next(self, job):
         plan = job.plan
@@ -3860,12 +4982,12 @@ class _JobStore:
         if job.changed is not None:
             job.changed.notify_all()
 
-    def _wait_for_change(self, job, timeout):
+    def _wait_for_change(self, job, until_ms):
         # A condition per watched job, on the store's lock: a transition wakes
         # only the waiters of that job.
         if job.changed is None:
             job.changed = threading.Condition(self._lock.lock)
-        job.changed.wait(timeout)
+        self.clock.wait(job.changed, until_ms)
 
 
 class _Quotas:
@@ -3946,11 +5068,11 @@ class _Quotas:
 
 
 _JOURNAL_BODY_BYTES = 4096
+_JOURNAL_HEADERS = ("Idempotency-Key", "X-Trace-Id", "User-Agent")
 
 
 def _body_digest(body):
     return hashlib.blake2b(body, digest_size=8).hexdigest()
-_JOURNAL_HEADERS = ("Idempotency-Key", "X-Trace-Id", "User-Agent")
 
 
 class _Journal:
@@ -3962,15 +5084,9 @@ class _Journal:
         "path": {"type": "string"}, "query": {"type": "string"}, "headers": {"type": "object"},
         "body": {"type": "string"}, "body_truncated": {"type": "boolean"},
         "status": {"type": ["integer", "null"]}, "fault": {},
-        "job_id": {"type": ["string", "null"]}, "trace_id": {"type": ["string", "null"]},
-        "rule": {"type": ["integer", "null"], "description": "The reply rule that matched"},
         "answered_ms": {"type": "number", "description": "monotonic_ms of the answer going out"},
-        "code": {"type": ["string", "null"], "description": "The error code answered"},
-        "retry_after_ms": {"type": ["integer", "null"],
-                           "description": "The wait the retry headers advertised"},
-        "stream_failure": {"type": ["string", "null"]},
-        "job_ended": {"type": ["boolean", "null"],
-                      "description": "Whether the job the answer showed had ended"},
+        **{name: dict(schema, description=about) for name, (schema, about)
+           in _NOTE_FIELDS.items()},
         "body_digest": {"type": "string"}}}
 
     def __init__(self, size):
@@ -4003,11 +5119,9 @@ class _Journal:
                         if name.lower() in headers},
             "body": body.decode("utf-8", "replace"), "body_truncated": digest is not None,
             "status": status, "fault": fault and fault.to_json(),
-            "job_id": note.get("job_id"),
-            "trace_id": note.get("trace_id") or headers.get("x-trace-id"),
-            "rule": note.get("rule"), "answered_ms": round(answered_ms, 3),
-            "code": note.get("code"), "retry_after_ms": note.get("retry_after_ms"),
-            "stream_failure": note.get("stream_failure"), "job_ended": note.get("job_ended"),
+            "answered_ms": round(answered_ms, 3),
+            **{name: getattr(note, name) for name in _NOTE_FIELDS},
+            "trace_id": note.trace_id or headers.get("x-trace-id"),
             "body_digest": digest or _body_digest(body),
         }
 
@@ -4027,11 +5141,12 @@ class _Journal:
             return removed
 
 
-# The verdict on a client: what its requests, as the journal holds them, say
-# about its retries, back-off, polling and idempotency (see _FINDINGS).
-# Requests are judged by sequence key: their trace_id, else that of the job
-# they name.  A retry is the next request of a key with the same method, path
-# and body after one that failed.
+# --- Verdict ---------------------------------------------------------------------
+# What a client's requests, as the journal holds them, say about its retries,
+# back-off, polling and idempotency (see _FINDINGS).  Pure: journal entries
+# and a "now" in, findings out.  Requests are judged by sequence key: their
+# trace_id, else that of the job they name.  A retry is the next request of a
+# key with the same method, path and body after one that failed.
 
 _EARLY_SLACK_MS = 2          # a retry this much before the retry-after is on time
 _STORM_PER_SECOND = 20
@@ -4289,803 +5404,77 @@ def _attempt(key, start_ms, entry, gap, is_retry):
             "job_id": entry["job_id"]}
 
 
-# --- Routes and handlers ---------------------------------------------------------
-# A handler turns a request into an _Answer, ``handler(server, request)``,
-# and raises ApiError for anything else.  _ROUTES holds every fact of an
-# endpoint: its handler, the surface whose format it answers in, and
-# whether it needs the API key, may meet chaos and is journaled.
-
-class _Request:
-    """One request as the handlers see it.  `headers` are by lower-case
-    name; `params` come from the path, `args` from the query (checked by the
-    handler's query rules); `note` is where handlers tell the journal what
-    they learnt (job_id, trace_id, fault)."""
-
-    __slots__ = ("method", "path", "query", "headers", "body", "received_ms",
-                 "received_wall_ms", "route", "params", "args", "note")
-
-    def __init__(self, method, path, query, headers, received_ms, received_wall_ms):
-        self.method, self.path, self.query, self.headers = method, path, query, headers
-        self.received_ms, self.received_wall_ms = received_ms, received_wall_ms
-        self.body, self.route, self.params, self.args, self.note = b"", None, {}, {}, {}
-
-
-class _Answer:
-    """What a handler answers, and when.
-
-    `payload` is a JSON value, bytes of `content_type`, or an ApiError
-    (written in the route's surface's format); `at` is the clock time to
-    answer (None: now).  `stream` makes it a stream of (ms after `at`,
-    bytes) that ends as its `failure` says (see _STREAM_FAILURES); `live`
-    one of bytes sent as they come.  A status of None sends nothing: the
-    connection is held until the client or the server closes it.  A `fault`
-    spoils the answer as it goes out (see _FAULTS).
-    """
-
-    __slots__ = ("status", "payload", "headers", "at", "stream", "failure", "fault",
-                 "dribble_ms", "live", "content_type")
-
-    def __init__(self, status=200, payload=None, headers=(), at=None, stream=None,
-                 failure=None, fault=None, dribble_ms=50, live=None,
-                 content_type="application/json"):
-        self.status, self.payload, self.headers, self.at = status, payload, tuple(headers), at
-        self.stream, self.failure, self.live = stream, failure, live
-        self.fault, self.dribble_ms, self.content_type = fault, dribble_ms, content_type
-
-
-def _describe(summary, request=None, answers=None, query=None, headers=None):
-    """An endpoint's description: its summary, request body schema, answers
-    ({status: schema name, media type, or None}), query parameters (a table
-    of _Field, which also checks them) and request headers."""
-    return {"summary": summary, "request": request, "answers": answers or {200: None},
-            "query": query or {}, "headers": headers or {}}
-
-
-def _api(*args, **kwargs):
-    """Describe a handler (see _describe); a route may describe itself instead."""
-    def describe(handler):
-        handler.api = _describe(*args, **kwargs)
-        return handler
-    return describe
-
-
-def _query_args(request, fields):
-    """The request's query parameters, checked by the handler's rules."""
-    values = urllib.parse.parse_qs(request.query) if request.query else {}
-    args = {}
-    for name, spec in fields.items():
-        if name in values:
-            args[name] = spec.rule(spec.rule.from_text(values[name][-1]), name)
-        else:
-            args[name] = spec.default
-    return args
-
-
-@_api("Health, version, defaults and job counts", answers={200: "Health"})
-def _health(server, request):
-    config = server.config
-    return _Answer(200, {
-        "ok": True, "name": "dummyLLM", "time": server.clock.wall_ms() // 1000,
-        "version": __version__,
-        "defaults": {"mode": config.mode, "latency_ms": config.latency_ms, "seed": config.seed,
-                     "weights": config.weights, "timeout_ms": config.timeout_ms,
-                     "slow_factor": config.slow_factor},
-        "jobs": server.store.counts(),
-        "chaos": {"rate": config.chaos, "faults": _plain(config.chaos_faults)},
-        "quotas": dict(zip(("rpm", "tpm", "keys", "refused"), (
-            config.rpm, config.tpm, *server.quotas.counts()))),
-        "time_scale": config.time_scale,
-    })
-
-
-@_api("Create a simulated job", request="CreateJob",
-      answers={201: "JobCreated", 200: "JobCreated", 409: "Error", 429: "Error", 503: "Error"},
-      headers={"Idempotency-Key": "Repeat-safe key: the same key and body answer the same job"})
-def _create_job(server, request):
-    body = _json_body(request)
-    spec = _JOB_API.parse_create(body, server.config)
-    request.note["trace_id"] = spec.trace_id
-    _admit(server, request, spec)
-    key = request.headers.get("idempotency-key")
-    idempotency = None if key is None else (
-        key, hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest())
-    spec, job, replayed, _ = server.store.create(spec, idempotency)
-    if job is None:
-        return _Answer(fault=spec.fault)  # lost before the job was created
-    request.note["job_id"] = job["id"]
-    if spec.fault is None or replayed:
-        request.note["job_ended"] = job["state"] in _TERMINAL_STATES
-    headers = [("Location", "/v1/jobs/" + job["id"])]
-    if replayed:  # the answer that was lost the first time, without its fault
-        return _Answer(200, job, headers + [("Idempotent-Replayed", "true")])
-    return _Answer(201, job, headers, fault=spec.fault, dribble_ms=spec.dribble_ms)
-
-
-@_api("Poll a job; wait_ms waits until it ends", answers={200: "Job"}, query={
-    "wait_ms": _Field(_Int(0, 60_000), 0, "Answer as soon as the job ends, or after this long")})
-def _get_job(server, request):
-    job, fault = server.store.poll(request.params["id"], request.args["wait_ms"])
-    request.note["job_id"] = job["id"]
-    if fault is None:
-        request.note["job_ended"] = job["state"] in _TERMINAL_STATES
-    if fault is not None and fault.kind == "unknown_state":
-        request.note["fault"] = fault
-        return _Answer(200, {**job, "state": fault.state})
-    return _Answer(200, job, fault=fault)
-
-
-@_api("List jobs, newest first", answers={200: "JobList"}, query={
-    "state": _Field(_Choice(*_JOB_STATES), None, "Only jobs in this state"),
-    "trace_id": _Field(_Text(), None, "Only jobs with this trace_id"),
-    "op": _Field(_Text(), None, "Only jobs with this op"),
-    "limit": _Field(_Int(1, 1000), 100, "Page size"),
-    "after": _Field(_Int(1, 2 ** 63), None, "The `next` of the previous page")})
-def _list_jobs(server, request):
-    jobs, cursor = server.store.list_jobs(**request.args)
-    return _Answer(200, {"jobs": jobs, "next": cursor})
-
-
-@_api("Cancel a job if active, and forget it", answers={204: None})
-def _delete_job(server, request):
-    request.note["job_id"] = request.params["id"]
-    server.store.delete(request.params["id"])
-    return _Answer(204)
-
-
-@_api("Server-sent events: the job now and at each change", answers={200: "text/event-stream"})
-def _job_events(server, request):
-    def events(snapshots):
-        for snapshot in snapshots:
-            yield b": heartbeat\n\n" if snapshot is None else _sse(snapshot, "state")
-    return _Answer(200, live=events(server.store.watch(request.params["id"],
-                                                       server.heartbeat_s)))
-
-
-@_api("Cancel a job (idempotent, best effort)", answers={200: "Cancelled"})
-def _cancel_job(server, request):
-    request.note["job_id"] = request.params["id"]
-    return _Answer(200, server.store.cancel(request.params["id"]))
-
-
-@_api("What the server received for a job and decided", answers={200: "JobRequest"})
-def _job_request(server, request):
-    return _Answer(200, server.store.request_view(request.params["id"]))
-
-
-_SIMULATE_HEADERS = {_SIMULATE_HEADER: "Simulate settings as JSON; the body's win, field by field",
-                     "X-Trace-Id": "The key of seeded sequences and scripts"}
-
-
-def _admit(server, request, spec, max_tokens=None):
-    """Count a model call or a job against its key's quota, if it has one:
-    the API key, else the sequence key.  Over it, the surface's 429."""
-    request.note["trace_id"] = spec.trace_id  # a refused call is journaled under its key
-    if spec.rpm is None and spec.tpm is None:
-        return
-    key = request.route.surface.credential(request) or spec.trace_id or ""
-    request.note["quota"] = server.quotas.admit(key, spec.rpm, spec.tpm,
-                                                _prompt_tokens(spec) + (max_tokens or 0))
-
-
-def _model_call(server, request):
-    """Answer a model call in its route's surface: plan it, then answer,
-    refuse, fail, hang or stream as the plan says."""
-    surface = request.route.surface
-    call = surface.parse(request, server.config)
-    _admit(server, request, call.spec, call.max_tokens)
-    spec, plan = server.store.plan_call(call.spec)
-    call = call._replace(spec=spec)
-    request.note.update(trace_id=spec.trace_id, rule=spec.rule)
-    if call.stream and spec.fault is not None and spec.fault.kind == "dribble":
-        raise _ValidationError("simulate.fault", "dribble applies to JSON answers; a stream "
-                               "is paced by token_ms")
-    if plan.state in _REFUSED_STATES:
-        raise _refusal(spec, plan, surface.overloaded_status)
-    if plan.ends_at_ms is None:
-        return _Answer(status=None)  # hang
-    at_ms = request.received_ms + plan.ends_at_ms
-    if plan.state != "ok":
-        return _Answer(payload=ApiError(plan.error["code"], plan.error["message"]), at=at_ms,
-                       fault=spec.fault, dribble_ms=spec.dribble_ms)
-    reply = _reply(spec, plan, call.max_tokens, call.stop)
-    created = server.clock.wall_ms() // 1000
-    if call.stream and spec.fault is None:
-        render = surface.stream(call, reply, created)
-        timeline = _stream_timeline(reply, spec.token_ms, spec.stream)
-        events = ((ms, _cut_in_half(render(*piece)) if event == "malformed"
-                   else render(event, piece)) for ms, event, piece in timeline)
-        return _Answer(200, at=at_ms, stream=events, content_type=surface.stream_type(call),
-                       failure=next(iter(spec.stream)) if spec.stream else None)
-    return _Answer(200, surface.answer(call, reply, created), at=at_ms, fault=spec.fault,
-                   dribble_ms=spec.dribble_ms)
-
-
-@_api("OpenAI-compatible model list", answers={200: "ModelList"})
-def _list_models(server, request):
-    return _Answer(200, {"object": "list", "data": [request.route.surface.model("dummyllm")]})
-
-
-@_api("A model (every name is served)", answers={200: "Model"})
-def _get_model(server, request):
-    return _Answer(200, request.route.surface.model(request.params["id"]))
-
-
-@_api("Anthropic Messages: count a request's input tokens", request="AnthropicCountRequest",
-      answers={200: "AnthropicTokens"})
-def _count_message_tokens(server, request):
-    return _Answer(200, request.route.surface.count_tokens(request, server.config))
-
-
-_GEMINI_QUERY = {"alt": _Field(_Choice("sse", "json"), None, "sse: stream server-sent events"),
-                 "key": _Field(_Text(), None, "The API key, when no x-goog-api-key header")}
-
-
-@_api("Gemini: count a request's tokens", request="GeminiCountRequest",
-      answers={200: "GeminiTokens"}, query=_GEMINI_QUERY)
-def _count_tokens(server, request):
-    return _Answer(200, request.route.surface.count_tokens(request, server.config))
-
-
-@_api("Gemini: the models (every name is served)", answers={200: "GeminiModelList"},
-      query=_GEMINI_QUERY)
-def _list_gemini_models(server, request):
-    return _Answer(200, {"models": [request.route.surface.model("gemini-dummyllm")]})
-
-
-@_api("Gemini: a model (every name is served)", answers={200: "GeminiModel"},
-      query=_GEMINI_QUERY)
-def _get_gemini_model(server, request):
-    return _Answer(200, request.route.surface.model(request.params["model"]))
-
-
-@_api("OpenAI Responses: create a response; background: a job to poll", request="ResponseRequest",
-      answers={200: "Response", 429: "OpenAIError", 500: "OpenAIError", 503: "OpenAIError",
-               504: "OpenAIError"}, headers=_SIMULATE_HEADERS)
-def _create_response(server, request):
-    surface = request.route.surface
-    call = surface.parse(request, server.config)
-    _admit(server, request, call.spec, call.max_tokens)
-    echo = call.spec.args["echo"]
-    if echo["store"]:
-        spec, response, _, plan = server.store.create(call.spec, prefix="resp",
-                                                      view=surface.view)
-        if response is None:
-            return _Answer(fault=spec.fault)  # lost before the response was created
-        response_id, created_at = response["id"], response["created_at"]
-        request.note["job_id"] = response_id
-    else:
-        spec, plan = server.store.plan_call(call.spec)
-        if plan.state in _REFUSED_STATES:
-            raise _refusal(spec, plan)
-        response_id, created_at = "resp_" + _random_hex(12), request.received_wall_ms // 1000
-    request.note.update(trace_id=spec.trace_id, rule=spec.rule)
-    if call.stream and spec.fault is not None and spec.fault.kind == "dribble":
-        raise _ValidationError("simulate.fault", "dribble applies to JSON answers; a stream "
-                               "is paced by token_ms")
-    if call.stream and spec.fault is None and (echo["background"] or plan.ends_at_ms is not None):
-        events = surface.events(response_id, created_at, spec, plan, echo["background"])
-        return _response_stream(server, request, response_id, events, spec, plan, echo)
-    if echo["background"]:
-        if spec.fault is None:
-            request.note["job_ended"] = response["status"] not in surface.ACTIVE
-        return _Answer(200, response, fault=spec.fault, dribble_ms=spec.dribble_ms)
-    if plan.ends_at_ms is None:
-        return _Answer(status=None)  # hang
-    at_ms = request.received_ms + plan.ends_at_ms
-    status, reply, _ = surface.outcome(spec, plan)
-    if reply is None:
-        return _Answer(payload=ApiError(plan.error["code"], plan.error["message"]), at=at_ms,
-                       fault=spec.fault, dribble_ms=spec.dribble_ms)
-    return _Answer(200, surface.response(response_id, created_at, spec.args, status, reply),
-                   at=at_ms, fault=spec.fault, dribble_ms=spec.dribble_ms)
-
-
-def _response_stream(server, request, response_id, events, spec, plan, echo, start_ms=None,
-                     starting_after=-1):
-    """A response's events as an answer: from start_ms (the request's arrival),
-    those after starting_after; a background one's end once it is cancelled."""
-    def sent(events):
-        for ms, number, data, malformed in events:
-            if number <= starting_after:
-                continue
-            if echo["background"] and number > 0:
-                try:
-                    if server.store.snapshot(response_id, _job_state) == "cancelled":
-                        return
-                except ApiError:
-                    return  # deleted meanwhile
-            yield ms, _cut_in_half(data) if malformed else data
-    failure = "stall_after" if plan.ends_at_ms is None else (
-        next(iter(spec.stream)) if spec.stream else None)
-    return _Answer(200, at=request.received_ms if start_ms is None else start_ms,
-                   stream=sent(events), failure=failure)
-
-
-_job_state = operator.attrgetter("state")
-
-
-def _response_id(request):
-    response_id = request.params["id"]
-    if not response_id.startswith("resp_"):
-        raise ApiError("NOT_FOUND", f"no response with id {response_id!r}", "id")
-    return response_id
-
-
-@_api("OpenAI Responses: a stored response; stream=true streams its events again",
-      answers={200: "Response"}, query=_OpenAIResponses.QUERY)
-def _get_response(server, request):
-    surface, response_id = request.route.surface, _response_id(request)
-    request.note["job_id"] = response_id
-    if request.args["stream"] == "true":
-        job = server.store.snapshot(response_id, lambda job: job)
-        echo = job.spec.args["echo"]
-        events = surface.events(response_id, job.created_at, job.spec, job.plan,
-                                echo["background"])
-        return _response_stream(server, request, response_id, events, job.spec, job.plan, echo,
-                                start_ms=job.start_ms,
-                                starting_after=request.args["starting_after"])
-    response, fault = server.store.poll(response_id, view=surface.view)
-    if fault is None and response["background"]:
-        request.note["job_ended"] = response["status"] not in surface.ACTIVE
-    if fault is not None and fault.kind == "unknown_state":
-        request.note["fault"] = fault
-        return _Answer(200, {**response, "status": fault.state})
-    return _Answer(200, response, fault=fault)
-
-
-@_api("OpenAI Responses: cancel a background response", answers={200: "Response"})
-def _cancel_response(server, request):
-    request.note["job_id"] = request.params["id"]
-    return _Answer(200, server.store.cancel(_response_id(request),
-                                            view=request.route.surface.view))
-
-
-@_api("OpenAI Responses: forget a stored response", answers={200: "ResponseDeleted"})
-def _delete_response(server, request):
-    response_id = request.note["job_id"] = _response_id(request)
-    server.store.delete(response_id)
-    return _Answer(200, {"id": response_id, "object": "response", "deleted": True})
-
-
-@_api("Ollama: the local models", answers={200: "OllamaModels"})
-def _ollama_tags(server, request):
-    return _Answer(200, {"models": [request.route.surface.model()]})
-
-
-@_api("Ollama: the running models", answers={200: "OllamaModels"})
-def _ollama_ps(server, request):
-    model = dict(request.route.surface.model(), expires_at="2099-01-01T00:00:00Z", size_vram=0)
-    return _Answer(200, {"models": [model]})
-
-
-@_api("Ollama: a model's details (every name is served)", answers={200: "OllamaAnswer"})
-def _ollama_show(server, request):
-    surface = request.route.surface
-    body = _json_body(request)
-    name = _Text(non_empty=True)(body.get("model", body.get("name")), "model")
-    return _Answer(200, {"modelfile": f"FROM {name}", "parameters": "", "template": "{{ .Prompt }}",
-                         "details": surface.model(name)["details"], "model_info": {},
-                         "capabilities": ["completion", "tools", "embedding"],
-                         "modified_at": surface.model(name)["modified_at"]})
-
-
-@_api("Ollama: the server's version", answers={200: "OllamaAnswer"})
-def _ollama_version(server, request):
-    return _Answer(200, {"version": request.route.surface.VERSION})
-
-
-# The model calls: each route below answers with _model_call, in its surface.
-def _model_api(summary, request, answers, query=None):
-    return _describe(summary, request, answers, query, headers=_SIMULATE_HEADERS)
-
-
-_CHAT_API = _model_api("OpenAI-compatible chat completion, streamed or not", "ChatRequest",
-                       {200: "ChatCompletion", 429: "OpenAIError", 500: "OpenAIError",
-                        503: "OpenAIError", 504: "OpenAIError"})
-_EMBEDDINGS_API = _model_api("OpenAI embeddings: vectors that are a pure function of model "
-                             "and text", "EmbeddingRequest",
-                             {200: "EmbeddingList", 429: "OpenAIError"})
-_COMPLETIONS_API = _model_api("OpenAI legacy completions, streamed or not", "CompletionRequest",
-                              {200: "Completion", 429: "OpenAIError"})
-_MESSAGES_API = _model_api("Anthropic Messages: a message, streamed or not", "AnthropicRequest",
-                           {200: "AnthropicMessage", 429: "AnthropicError",
-                            500: "AnthropicError", 504: "AnthropicError", 529: "AnthropicError"})
-_GENERATE_API = _model_api("Gemini: generate content", "GeminiRequest",
-                           {200: "GeminiResponse", 429: "GoogleError", 500: "GoogleError",
-                            503: "GoogleError", 504: "GoogleError"}, _GEMINI_QUERY)
-_STREAM_GENERATE_API = _model_api("Gemini: generate content as a stream (?alt=sse for "
-                                  "server-sent events)", "GeminiRequest",
-                                  {200: "text/event-stream", 429: "GoogleError"}, _GEMINI_QUERY)
-_OLLAMA_CHAT_API = _model_api("Ollama chat (NDJSON lines unless stream is false)",
-                              "OllamaChat", {200: "OllamaAnswer"})
-_OLLAMA_GENERATE_API = _model_api("Ollama generate (NDJSON lines unless stream is false)",
-                                  "OllamaGenerate", {200: "OllamaAnswer"})
-_OLLAMA_EMBED_API = _model_api("Ollama embed: the vectors of /v1/embeddings", "OllamaEmbed",
-                               {200: "OllamaAnswer"})
-_OLLAMA_EMBEDDINGS_API = _model_api("Ollama embeddings (the older call)", "OllamaEmbeddings",
-                                    {200: "OllamaAnswer"})
-
-@_api("Attempt counters of scripted requests", answers={200: "Scripts"})
-def _list_scripts(server, request):
-    return _Answer(200, {"scripts": server.store.scripts()})
-
-
-@_api("Forget every job, counter, key, journal entry and rule added at run time",
-      answers={200: "Removed"})
-def _reset_server(server, request):
-    return _Answer(200, {"removed": server.reset()})
-
-
-@_api("The reply rules, in the order they are tried, and the surfaces they may name",
-      answers={200: "ReplyRules"})
-def _list_rules(server, request):
-    return _Answer(200, {"rules": server.rules(),
-                         "surfaces": [surface.name for surface in _MODEL_SURFACES]})
-
-
-@_api("Add a reply rule after the others", request="ReplyRule", answers={201: "ListedRule"})
-def _add_rule(server, request):
-    return _Answer(201, server.add_rule(_json_body(request)))
-
-
-@_api("Remove the reply rules added at run time (those of --rules stay)",
-      answers={200: "Removed"})
-def _clear_rules(server, request):
-    return _Answer(200, {"removed": {"rules": server.clear_rules()}})
-
-
-@_api("The request journal, oldest first", answers={200: "Journal"}, query={
-    "trace_id": _Field(_Text(), None, "Only requests with this key"),
-    "path": _Field(_Text(), None, "Only requests to this path"),
-    "limit": _Field(_Int(1, 1_000_000), None, "Only the newest this many")})
-def _list_requests(server, request):
-    return _Answer(200, {"requests": server.journal.find(**request.args)})
-
-
-def _check_findings(value, field):
-    if not isinstance(value, (list, tuple)) or not all(code in _FINDINGS for code in value):
-        raise _ValidationError(field, "must list codes of findings: " + ", ".join(_FINDINGS))
-    return tuple(value)
-
-
-# The questions a verdict takes, as query parameters and as keywords of
-# DummyLLMServer.verdict.
-_VERDICT_QUERY = {
-    "trace_id": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
-                       "Judge this sequence key only; without it, every key and the herd"),
-    "key": _Field(_Text(_MAX_TRACE_ID_CHARS), None, "The same, by the name model calls give "
-                  "it (X-Trace-Id, else the body's user)"),
-    "path": _Field(_Text(), None, "Only requests to this path"),
-    "since_seq": _Field(_Int(0, 2 ** 63), 0, "Only requests from this journal seq on"),
-    "settle_ms": _Field(_Int(0, 3_600_000), 2000, "How long after a failure a retry may "
-                        "still come (GAVE_UP, NO_CANCEL, TRUNCATED_STREAM_ACCEPTED)"),
-    "max_attempts": _Field(_Int(1, 1_000_000), 10, "Attempts of one request beyond which it "
-                           "is a RETRY_STORM"),
-    "min_poll_ms": _Field(_Int(0, 3_600_000), 50, "The mean gap between polls below which it "
-                          "is POLL_TOO_FAST"),
-    "errors": _Field(_Check(_check_findings, {"type": "array", "items": {"enum": list(_FINDINGS)}},
-                            from_text=lambda text: [code for code in text.split(",") if code]),
-                     (), "Findings to count as errors, comma-separated"),
-}
-
-
-@_api("The verdict on the client: its retries, back-off, polling and idempotency, judged "
-      "from the journal", answers={200: "Verdict"}, query=_VERDICT_QUERY)
-def _judge_client(server, request):
-    return _Answer(200, server.verdict(**request.args))
-
-
-@_api("Clear the request journal", answers={200: "Removed"})
-def _clear_requests(server, request):
-    return _Answer(200, {"removed": {"journal_entries": server.journal.clear()}})
-
-
-@_api("The request timeline: each key's requests on one time axis, with the verdict",
-      answers={200: "text/html"})
-def _journal_page(server, request):
-    return _Answer(200, _JOURNAL_PAGE.encode(), content_type="text/html; charset=utf-8")
-
-
-@_api("Prometheus metrics", answers={200: "text/plain"})
-def _metrics(server, request):
-    created, finished, active, (buckets, seconds) = server.store.metrics()
-    requests, faults = server.counted()
-    text = _Exposition()
-    text.family("dummyllm_jobs_created_total", "counter", "Jobs created, by the mode that ran.",
-                [({"mode": mode}, n) for mode, n in sorted(created.items())])
-    text.family("dummyllm_jobs_finished_total", "counter",
-                "Jobs that reached a final state, by state.",
-                [({"state": state}, n) for state, n in sorted(finished.items())])
-    text.family("dummyllm_jobs_active", "gauge", "Jobs queued or running.", [({}, active)])
-    text.family("dummyllm_http_requests_total", "counter",
-                "HTTP requests answered, by method, route and status.",
-                [({"method": method, "route": route, "status": status}, n)
-                 for (method, route, status), n in sorted(requests.items(), key=str)])
-    cumulative = list(itertools.accumulate(buckets))
-    bounds = [str(bound) for bound in _JobStore.DURATION_BUCKETS] + ["+Inf"]
-    text.family("dummyllm_job_duration_seconds", "histogram",
-                "Time from a job's creation to its final state.",
-                [({"le": le}, n) for le, n in zip(bounds, cumulative)], suffix="_bucket")
-    text.samples("dummyllm_job_duration_seconds_sum", [({}, round(seconds, 6))])
-    text.samples("dummyllm_job_duration_seconds_count", [({}, cumulative[-1])])
-    text.family("dummyllm_faults_injected_total", "counter", "Transport faults injected, by kind.",
-                [({"kind": kind}, n) for kind, n in sorted(faults.items())])
-    keys, refused = server.quotas.counts()
-    text.family("dummyllm_quota_keys", "gauge", "Keys with requests in their quota's window.",
-                [({}, keys)])
-    text.family("dummyllm_quota_refused_total", "counter",
-                "Requests refused by --rpm or --tpm, by the limit reached.",
-                [({"limit": limit}, refused.get(limit, 0)) for limit in ("requests", "tokens")])
-    return _Answer(200, str(text).encode(), content_type=_Exposition.content_type)
-
-
-@_api("This API as an OpenAPI 3.1 document", answers={200: "OpenAPI"})
-def _openapi(server, request):
-    return _Answer(200, _openapi_document())
-
-
-@_api("Interactive API documentation (one self-contained page)", answers={200: "text/html"})
-def _docs(server, request):
-    return _Answer(200, _DOCS_PAGE.encode(), content_type="text/html; charset=utf-8")
-
-
-@_api("Live dashboard of the newest jobs", answers={200: "text/html"})
-def _dashboard(server, request):
-    return _Answer(200, _DASHBOARD_PAGE.encode(), content_type="text/html; charset=utf-8")
-
-
-class _Route(collections.namedtuple("_Route",
-                                    "method path handler surface auth admin chaos journal api")):
-    """An endpoint: its handler; the surface whose format it answers in;
-    whether it needs --api-key, or --admin-key; whether --chaos may strike
-    it; whether the journal records it; its description (see _describe)."""
-
-
-def _route(method, path, handler, surface=_JOB_API, auth=False, admin=False, chaos=True,
-           journal=True, api=None):
-    return _Route(method, path, handler, surface, auth, admin, chaos, journal,
-                  api or handler.api)
-
-
-_CONTROL = {"chaos": False}                    # chaos spares the control endpoints
-_UNRECORDED = {"chaos": False, "journal": False}  # ...and the journal skips these
-_OPENAI = {"surface": _OPENAI_CHAT, "auth": True}
-_ANTHROPIC = {"surface": _ANTHROPIC_MESSAGES, "auth": True}
-_GEMINI_ROUTE = {"surface": _GEMINI, "auth": True}
-_RESPONSES = {"surface": _OPENAI_RESPONSES, "auth": True}
-_OLLAMA_ROUTE = {"surface": _OLLAMA, "auth": True}
-
-# The routing table.  A new endpoint is one entry here and one handler above.
-# {name} matches one path segment, {name+} the rest of the path.
-_ROUTES = (
-    _route("GET", "/health", _health, **_UNRECORDED),
-    _route("GET", "/metrics", _metrics, **_CONTROL),
-    _route("POST", "/v1/jobs", _create_job),
-    _route("GET", "/v1/jobs", _list_jobs),
-    _route("GET", "/v1/jobs/{id}", _get_job),
-    _route("DELETE", "/v1/jobs/{id}", _delete_job, admin=True),
-    _route("GET", "/v1/jobs/{id}/events", _job_events),
-    _route("POST", "/v1/jobs/{id}/cancel", _cancel_job),
-    _route("GET", "/v1/jobs/{id}/request", _job_request),
-    _route("POST", "/v1/chat/completions", _model_call, api=_CHAT_API, **_OPENAI),
-    _route("GET", "/v1/models", _list_models, **_OPENAI),
-    _route("GET", "/v1/models/{id+}", _get_model, **_OPENAI),
-    _route("POST", "/v1/responses", _create_response, **_RESPONSES),
-    _route("GET", "/v1/responses/{id}", _get_response, **_RESPONSES),
-    _route("POST", "/v1/responses/{id}/cancel", _cancel_response, **_RESPONSES),
-    _route("DELETE", "/v1/responses/{id}", _delete_response, **_RESPONSES),
-    _route("POST", "/v1/embeddings", _model_call, _OPENAI_EMBEDDINGS, auth=True,
-           api=_EMBEDDINGS_API),
-    _route("POST", "/v1/completions", _model_call, _OPENAI_COMPLETIONS, auth=True,
-           api=_COMPLETIONS_API),
-    _route("POST", "/v1/messages", _model_call, api=_MESSAGES_API, **_ANTHROPIC),
-    _route("POST", "/v1/messages/count_tokens", _count_message_tokens, **_ANTHROPIC),
-    # The Gemini calls answer under /v1beta and under /v1 (google-genai's default);
-    # the model list only under /v1beta, as /v1/models is OpenAI's.
-    *(_route("POST", f"{version}/models/{{model}}:{call}", handler, api=api, **_GEMINI_ROUTE)
-      for version in ("/v1beta", "/v1")
-      for call, handler, api in (("generateContent", _model_call, _GENERATE_API),
-                                 ("streamGenerateContent", _model_call, _STREAM_GENERATE_API),
-                                 ("countTokens", _count_tokens, None))),
-    _route("GET", "/v1beta/models", _list_gemini_models, **_GEMINI_ROUTE),
-    _route("GET", "/v1beta/models/{model}", _get_gemini_model, **_GEMINI_ROUTE),
-    _route("POST", "/api/chat", _model_call, api=_OLLAMA_CHAT_API, **_OLLAMA_ROUTE),
-    _route("POST", "/api/generate", _model_call, api=_OLLAMA_GENERATE_API, **_OLLAMA_ROUTE),
-    _route("POST", "/api/embed", _model_call, api=_OLLAMA_EMBED_API, **_OLLAMA_ROUTE),
-    _route("POST", "/api/embeddings", _model_call, api=_OLLAMA_EMBEDDINGS_API, **_OLLAMA_ROUTE),
-    _route("GET", "/api/tags", _ollama_tags, **_OLLAMA_ROUTE),
-    _route("POST", "/api/show", _ollama_show, **_OLLAMA_ROUTE),
-    _route("GET", "/api/ps", _ollama_ps, **_OLLAMA_ROUTE),
-    _route("GET", "/api/version", _ollama_version, **_OLLAMA_ROUTE),
-    _route("GET", "/v1/scripts", _list_scripts, **_CONTROL),
-    _route("POST", "/v1/reset", _reset_server, admin=True, **_CONTROL),
-    _route("GET", "/v1/rules", _list_rules, **_CONTROL),
-    _route("POST", "/v1/rules", _add_rule, admin=True, **_CONTROL),
-    _route("DELETE", "/v1/rules", _clear_rules, admin=True, **_CONTROL),
-    _route("GET", "/v1/requests", _list_requests, **_UNRECORDED),
-    _route("DELETE", "/v1/requests", _clear_requests, admin=True, **_UNRECORDED),
-    _route("GET", "/v1/verdict", _judge_client, **_UNRECORDED),
-    _route("GET", "/", _dashboard, **_CONTROL),
-    _route("GET", "/journal", _journal_page, **_UNRECORDED),
-    _route("GET", "/docs", _docs, **_CONTROL),
-    _route("GET", "/openapi.json", _openapi, **_CONTROL),
-)
-# The surfaces that answer model calls; reply rules match them by name.
-_MODEL_SURFACES = tuple(dict.fromkeys(route.surface for route in _ROUTES if route.surface.name))
-
-
-class _Router:
-    """Match a method and path to a route; 404 and 405 come from here."""
-
-    def __init__(self, routes):
-        self._routes = [(route, re.compile(self._pattern(route.path))) for route in routes]
-        # The paths without parameters that no route with parameters matches:
-        # their routes are found by the path alone, not by trying every pattern.
-        self._exact = {}
-        for route, _ in self._routes:
-            if "{" not in route.path and not any(
-                    "{" in other.path and pattern.match(route.path)
-                    for other, pattern in self._routes):
-                self._exact.setdefault(route.path, []).append(route)
-
-    @staticmethod
-    def _pattern(path):
-        path = re.sub(r"\{(\w+)\+\}", r"(?P<\1>.+)", path)
-        return re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + r"\Z"
-
-    def match(self, method, path):
-        """(the route, its path parameters), or the 404 or 405."""
-        for route in self._exact.get(path, ()):
-            if route.method == method or (method == "HEAD" and route.method == "GET"):
-                return route, {}
-        for route, pattern in self._routes:
-            found = pattern.match(path)
-            if found and (route.method == method or (method == "HEAD" and route.method == "GET")):
-                return route, found.groupdict()
-        allowed = self.methods(path)
-        if not allowed:
-            raise ApiError("NOT_FOUND", f"no endpoint at {path}")
-        raise ApiError("METHOD_NOT_ALLOWED", f"{path} does not answer {method}",
-                       headers=[("Allow", ", ".join(allowed))])
-
-    def methods(self, path):
-        """The methods the path answers (HEAD wherever GET)."""
-        methods = [route.method for route, pattern in self._routes if pattern.match(path)]
-        return methods + ["HEAD"] if "GET" in methods else methods
-
-    def surface_of(self, path):
-        """The surface that answers for a path: that of a route the path
-        matches, else the one surface whose routes share the longest leading
-        segments with it (/v1/chat/nope is OpenAI's, /v1beta/nope Gemini's,
-        /v1/nope shared by several), else the job API."""
-        segments = path.split("/")[1:]
-        best, surfaces = 0, set()
-        for route, pattern in self._routes:
-            if pattern.match(path):
-                return route.surface
-            shared = len(list(itertools.takewhile(
-                lambda pair: pair[0] == pair[1], zip(segments, route.path.split("/")[1:]))))
-            if shared > best:
-                best, surfaces = shared, set()
-            if shared == best:
-                surfaces.add(route.surface)
-        return surfaces.pop() if best and len(surfaces) == 1 else _JOB_API
+# The verdict's answer, as GET /v1/verdict and DummyLLMServer.verdict give it.
+_VERDICT_SCHEMA = {"type": "object", "required": ["requests", "attempts", "findings", "ok"],
+                   "properties": {
+    "requests": {"type": "integer"},
+    "ok": {"type": "boolean", "description": "No finding of severity error"},
+    "attempts": {"type": "array", "items": {"type": "object", "properties": {
+        "seq": {"type": "integer"}, "key": {"type": ["string", "null"]},
+        "at_ms": {"type": "integer", "description": "From the first request judged"},
+        "answered_at_ms": {"type": "integer"},
+        "gap_ms": {"type": ["integer", "null"],
+                   "description": "From the answer to the last request like it"},
+        "retry": {"type": "boolean"}, "method": {"type": "string"},
+        "path": {"type": "string"}, "status": {"type": ["integer", "null"]},
+        "fault": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]},
+        "retry_after_ms": {"type": ["integer", "null"]},
+        "idempotency_key": {"type": ["string", "null"]},
+        "job_id": {"type": ["string", "null"]}}}},
+    "findings": {"type": "array", "items": {"type": "object", "properties": {
+        "code": {"enum": list(_FINDINGS)}, "severity": {"enum": ["error", "warning"]},
+        "key": {"type": ["string", "null"]}, "message": {"type": "string"},
+        "evidence": {"type": "array", "items": {"type": "integer"},
+                     "description": "The seq of each offending request"}}}}}}
 
 
 # --- Server ----------------------------------------------------------------------
-# The wire work: a thread per connection (ThreadingHTTPServer) reads each
-# request with its own parser, has the server answer it, and writes the
-# answer in one send, as a stream, or spoiled by a fault.  One thread sends
-# every stream's chunks, a few post webhooks, one writes the log.
+# The wire work.  A thread per connection (ThreadingHTTPServer) reads each
+# request with its own parser, has the application answer it, and writes
+# the answer in one send, as a stream, or spoiled by a fault.  One thread
+# sends every stream's chunks, one keeps the idle and held connections, a
+# few post webhooks, one writes the log.
 
-class _Stream:
-    __slots__ = ("sock", "frames", "pending", "done", "ok")
+# --- Server: the log -------------------------------------------------------------
 
-    def __init__(self, sock, frames, pending):
-        self.sock, self.frames, self.pending = sock, frames, pending
-        self.done, self.ok = threading.Event(), False
+class _LogWriter:
+    """Write log lines from one thread, so a parent that never reads our
+    stderr blocks only this thread; lines beyond the backlog are dropped."""
 
-    def finish(self, ok):
-        self.ok = ok
-        self.done.set()
+    def __init__(self, backlog=10_000):
+        self._lines = queue.Queue(backlog)
+        self._thread = threading.Thread(target=self._run, name="dummyllm-log", daemon=True)
+        self._thread.start()
 
+    def write(self, line):
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            pass
 
-class _StreamWriter:
-    """Sends the chunks of every open stream when they are due, from one thread.
-
-    A thread per stream waking every token_ms fights the others for the GIL:
-    with 200 streams at token_ms 10 chunks came 47 ms late at the median.  One
-    thread sending each chunk at its time keeps them on time; a chunk is
-    encoded when it is due, so a stream holds its text, not its frames.  New
-    streams come through an inbox: the lock is never held while sending (held
-    through the sends, it kept 200 streams arriving at once waiting for it,
-    and their first chunks 50 ms late).
-    """
-
-    RETRY_S = 0.005  # a client that reads slowly is tried again this soon
-
-    def __init__(self):
-        self._lock = threading.Lock()   # guards _inbox, _closed and _thread
-        self._inbox = collections.deque()
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread = None
-
-    def start(self, sock, head, frames):
-        """Send head with the first of frames, an iterator of (time.monotonic()
-        time, bytes), then each at its time.  The socket must be non-blocking.
-        Returns the stream, for wait(); None if the server stops."""
-        when, data = next(frames)
-        stream = _Stream(sock, frames, head + data)
-        with self._lock:
-            if self._closed:
-                return None
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="dummyllm-streams",
-                                                daemon=True)
-                self._thread.start()
-            self._inbox.append((when, stream))
-        self._wake.set()
-        return stream
-
-    @staticmethod
-    def wait(stream):
-        """Block until a stream is sent; False if the client went away or the
-        server stopped first."""
-        stream.done.wait()
-        return stream.ok
-
-    def close(self):
-        with self._lock:
-            self._closed = True
-            thread = self._thread
-        self._wake.set()
-        if thread is None:
-            self._finish_all(_Schedule())
+    def close(self, timeout=0.5):
+        """Write what is queued (for at most `timeout` seconds), then stop."""
+        try:
+            self._lines.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
 
     def _run(self):
-        due = _Schedule()  # this thread's own: no lock
-        while not self._closed:
-            while self._inbox:
-                due.push(*self._inbox.popleft())
-            now = time.monotonic()
-            stream = due.pop_due(now)
-            if stream is not None:
-                self._send(stream, now, due)
-                continue
-            when = due.next_time()
-            self._wake.wait(None if when is None else when - now)
-            self._wake.clear()  # what set it is in the inbox, drained next
-        self._finish_all(due)
+        for line in iter(self._lines.get, None):
+            try:
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass  # stderr closed: the log is lost, the server goes on
 
-    def _finish_all(self, due):
-        with self._lock:
-            while self._inbox:
-                due.push(*self._inbox.popleft())
-        while True:
-            stream = due.pop_due(math.inf)
-            if stream is None:
-                return
-            stream.finish(False)
 
-    def _send(self, stream, now, due):
-        try:
-            sent = stream.sock.send(stream.pending)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            stream.finish(False)
-            return
-        stream.pending = stream.pending[sent:]
-        if stream.pending:
-            due.push(now + self.RETRY_S, stream)
-            return
-        when, stream.pending = next(stream.frames, (None, None))
-        if when is None:
-            stream.finish(True)
-        else:
-            due.push(when, stream)
+def _printable(text):
+    """Text for a terminal: control characters (ESC among them) escaped."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
+
+# --- Server: webhooks ------------------------------------------------------------
 
 class _Webhooks:
     """POST each ended job's JSON to its callback_url: up to 3 attempts, each
@@ -5168,37 +5557,424 @@ class _Webhooks:
             connection.close()
 
 
-class _LogWriter:
-    """Write log lines from one thread, so a parent that never reads our
-    stderr blocks only this thread; lines beyond the backlog are dropped."""
+# --- Server: streams -------------------------------------------------------------
 
-    def __init__(self, backlog=10_000):
-        self._lines = queue.Queue(backlog)
-        self._thread = threading.Thread(target=self._run, name="dummyllm-log", daemon=True)
-        self._thread.start()
+class _Stream:
+    """One stream on its way: the chunks its handler has rendered and the
+    writer has not yet sent (their bytes counted in `size`), under `room`,
+    and what only the writer touches."""
 
-    def write(self, line):
-        try:
-            self._lines.put_nowait(line)
-        except queue.Full:
-            pass
+    __slots__ = ("sock", "head", "room", "chunks", "size", "held", "ended", "ok", "finished",
+                 "pending", "backoff_s", "progress_at")
 
-    def close(self, timeout=0.5):
-        """Write what is queued (for at most `timeout` seconds), then stop."""
-        try:
-            self._lines.put(None, timeout=timeout)
-        except queue.Full:
-            return
-        self._thread.join(timeout)
+    def __init__(self, sock, head):
+        self.sock, self.head = sock, head  # the head goes with the first chunk
+        self.room = threading.Condition()  # guards what follows, up to `finished`
+        self.chunks = collections.deque()  # (time.monotonic() time, bytes)
+        self.size = 0
+        self.held = False      # the writer has it: scheduled, or being sent
+        self.ended = False     # its handler has queued its last chunk
+        self.ok = None         # once over: whether it was sent whole
+        self.finished = threading.Event()
+        self.pending = b""     # the writer's: bytes taken from chunks, not yet sent
+        self.backoff_s = 0.0   # the writer's: how long a full socket waits for a retry
+        self.progress_at = 0.0  # the writer's: when the client last took bytes
+
+
+class _StreamWriter:
+    """Sends every open stream's chunks when they are due, from one thread
+    that only sends bytes.
+
+    A thread per stream waking every token_ms fights the others for the GIL:
+    with 200 streams at token_ms 10 chunks came 47 ms late at the median.
+    One thread sending each chunk at its time keeps them on time.  Streams
+    reach it through an inbox: its lock is never held while sending (held
+    through the sends, it kept 200 streams arriving at once waiting, and
+    their first chunks 50 ms late).
+
+    Each stream's frames are rendered in its handler's thread, where a
+    failure ends that stream alone (see _Handler._rendered), at most WINDOW
+    bytes ahead of what its socket has taken: a stream holds its text and a
+    window, never all its frames.  A socket that takes nothing is tried
+    again after a back-off (RETRY_S, doubling up to MAX_RETRY_S), and a
+    client that takes nothing for send_timeout_s is given up: its stream
+    ends, its window is freed and its handler closes the connection.  (300
+    clients that never read a 200 KB stream at token_ms 0 took the server,
+    which rendered and kept every frame, from 40 MB to 6 GB, and /health to
+    26 s.)
+    """
+
+    WINDOW = 64 * 1024
+    RETRY_S, MAX_RETRY_S = 0.005, 0.1
+
+    def __init__(self, send_timeout_s):
+        self.send_timeout_s = send_timeout_s
+        self._lock = threading.Lock()   # guards _inbox, _closed and _thread
+        self._inbox = collections.deque()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = None
+
+    def open(self, sock, head):
+        """A stream on a non-blocking socket, its head to go with its first
+        chunk; None if the server stops."""
+        with self._lock:
+            return None if self._closed else _Stream(sock, head)
+
+    def put(self, stream, when, data):
+        """Queue a chunk to go at `when` (a time.monotonic() time).  While the
+        window is full, wait, at most until its oldest chunk is due and
+        send_timeout_s more.  False once the stream is over: the client left
+        or was given up, or the server stops."""
+        with stream.room:
+            while stream.size >= self.WINDOW and stream.ok is None:
+                wait_s = stream.chunks[0][0] + self.send_timeout_s - time.monotonic()
+                if wait_s <= 0:
+                    break
+                stream.room.wait(wait_s)
+            if stream.ok is not None or stream.size >= self.WINDOW:
+                return False
+            if stream.head:
+                data, stream.head = stream.head + data, b""
+            stream.chunks.append((when, data))
+            stream.size += len(data)
+            schedule, stream.held = not stream.held, True
+        if schedule:
+            self._schedule(stream, when)
+        return True
+
+    def end(self, stream):
+        """The last chunk is queued: wait until the stream is sent (True) or
+        over (False), at most until its last chunk is due and twice
+        send_timeout_s more (the writer gives a silent client up before)."""
+        now = time.monotonic()
+        with stream.room:
+            if stream.head:  # a stream with nothing in it: the head alone
+                stream.chunks.append((now, stream.head))
+                stream.head = b""
+            stream.ended = True
+            last = stream.chunks[-1][0] if stream.chunks else now
+            schedule, stream.held = not stream.held, True
+        if schedule:
+            self._schedule(stream, now)
+        if not stream.finished.wait(max(0.0, last - now) + 2 * self.send_timeout_s):
+            self._finish(stream, False)
+        return stream.ok
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._wake.set()
+        if thread is None:
+            self._finish_all(_Schedule())
+
+    def _schedule(self, stream, when):
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="dummyllm-streams",
+                                                    daemon=True)
+                    self._thread.start()
+                self._inbox.append((when, stream))
+        if closed:
+            self._finish(stream, False)
+        else:
+            self._wake.set()
 
     def _run(self):
-        for line in iter(self._lines.get, None):
-            try:
-                sys.stderr.write(line + "\n")
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass  # stderr closed: the log is lost, the server goes on
+        due = _Schedule()  # this thread's own: no lock
+        while not self._closed:
+            with self._lock:
+                while self._inbox:
+                    due.push(*self._inbox.popleft())
+            now = time.monotonic()
+            stream = due.pop_due(now)
+            if stream is not None:
+                when = self._send(stream, now)
+                if when is not None:
+                    due.push(when, stream)
+                continue
+            when = due.next_time()
+            self._wake.wait(None if when is None else when - now)
+            self._wake.clear()  # what set it is in the inbox, drained next
+        self._finish_all(due)
 
+    def _send(self, stream, now):
+        """Send what is due of a stream; when to come back to it, or None."""
+        if stream.ok is not None:
+            return None  # given up by its handler
+        if not stream.pending:
+            with stream.room:
+                taken = []
+                while stream.chunks and stream.chunks[0][0] <= now:
+                    taken.append(stream.chunks.popleft()[1])
+                if taken:
+                    stream.size -= sum(map(len, taken))
+                    stream.room.notify()
+                elif stream.chunks:
+                    return stream.chunks[0][0]
+                elif not stream.ended:
+                    stream.held = False  # its handler schedules it again with its next chunk
+                    return None
+            if not taken:
+                self._finish(stream, True)
+                return None
+            stream.pending = memoryview(b"".join(taken))
+            stream.progress_at, stream.backoff_s = now, 0.0
+        try:
+            sent = stream.sock.send(stream.pending)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._finish(stream, False)
+            return None
+        stream.pending = stream.pending[sent:]
+        if sent:
+            stream.progress_at, stream.backoff_s = now, 0.0
+        if not stream.pending:
+            return now  # what else is due goes at once
+        if now - stream.progress_at >= self.send_timeout_s:
+            self._finish(stream, False)  # a client that takes nothing
+            return None
+        stream.backoff_s = min(self.MAX_RETRY_S, max(self.RETRY_S, 2 * stream.backoff_s))
+        return now + stream.backoff_s
+
+    @staticmethod
+    def _finish(stream, ok):
+        with stream.room:
+            if stream.ok is None:
+                stream.ok = ok
+            stream.chunks.clear()
+            stream.size = 0
+            stream.room.notify_all()
+        stream.pending = b""
+        stream.finished.set()
+
+    def _finish_all(self, due):
+        with self._lock:
+            while self._inbox:
+                due.push(*self._inbox.popleft())
+        for stream in iter(lambda: due.pop_due(math.inf), None):
+            self._finish(stream, False)
+
+
+# --- Server: the application -------------------------------------------------------
+
+class _Application:
+    """Everything a request meets but the socket: routing, the API key,
+    chaos and the handlers, over the job store, the quotas, the journal and
+    the reply rules; the accounting of each answer; the verdict.
+
+    ``_Application(mode="fail", ...)`` takes the options of the command line
+    as keywords (or a ready Config), and optionally the clock its store and
+    handlers read.  A handler (see _Handler) reads a request, has answer()
+    give its _Answer, writes it, and tells record(); a test may answer
+    through a handler without a socket.  DummyLLMServer is this and the
+    socket server.
+    """
+
+    heartbeat_s = 15  # seconds between heartbeats of a quiet job event stream
+
+    def __init__(self, config=None, clock=None, **options):
+        self.config = config if config is not None else make_config(**options)
+        registry = _registry()  # the surfaces registered now
+        self.router = registry.router
+        self.cors_allowed = registry.cors_allowed
+        self.cors_headers = () if self.config.cors is None else (
+            f"Access-Control-Allow-Origin: {self.config.cors}", "Vary: Origin",
+            "Access-Control-Expose-Headers: " + registry.cors_exposed)
+        self.store = _JobStore(self.config, clock)
+        self.clock = self.store.clock
+        self.quotas = _Quotas(self.clock)
+        self.journal = _Journal(self.config.journal_size)
+        self.stopping = threading.Event()   # wakes handlers that wait to answer
+        self._log_writer = None
+        self._log_lock = threading.Lock()
+        self._rules_lock = threading.Lock()
+        self._counts_lock = threading.Lock()
+        self._requests_counted = collections.Counter()  # (method, route, status) -> answers
+        self._faults_counted = collections.Counter()    # fault kind -> times injected
+        self._stream_errors = 0                         # streams a render failure ended
+        self._chaos_count = itertools.count()
+        self.webhooks = _Webhooks(self.store, self.stopping, self.log)
+        self.store.on_finish = self.webhooks.send
+
+    def answer(self, request):
+        """The _Answer to a request: CORS preflight, routing, the API key,
+        chaos, then the route's handler.  Raises ApiError."""
+        if request.method == "OPTIONS" and self.config.cors:
+            return self._preflight(request)
+        route, request.params = self.router.match(request.method, request.path)
+        request.route = route
+        option, key = (("--admin-key", self.config.admin_key) if route.admin else
+                       ("--api-key", self.config.api_key) if route.auth else (None, None))
+        if key is not None:
+            given = route.surface.credential(request) or ""
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                raise ApiError("UNAUTHORIZED", "incorrect or missing key; send 'Authorization: "
+                               f"Bearer <key>' with the key given to {option}")
+        chaos = self._chaos_fault() if route.chaos and self.config.chaos else None
+        if chaos is not None and chaos.kind != "dribble":
+            return _Answer(fault=chaos)  # the request is lost before it is served
+        query = route.api["query"]
+        if query:
+            request.args = _query_args(request, query)
+        answer = route.handler(route.surface, self, request)
+        answer.fault = answer.fault or chaos
+        if request.note.quota is not None:
+            answer.headers += route.surface.quota_headers(request.note.quota,
+                                                          self.clock.wall_ms())
+        return answer
+
+    def surface_of(self, request):
+        """The surface whose format answers a request: its route's; for a
+        path no route has, the nearest route's (see _Router.surface_of); for
+        one the parser refused, dummyLLM's own."""
+        if request is None:
+            return _JOB_API
+        return request.route.surface if request.route else self.router.surface_of(request.path)
+
+    def _preflight(self, request):
+        """The answer to a browser's CORS preflight (OPTIONS) for a known path."""
+        methods = self.router.methods(request.path)
+        if not methods:
+            raise ApiError("NOT_FOUND", f"no endpoint at {request.path}")
+        requested = request.headers.get("access-control-request-headers", "")
+        if not _TOKEN_LIST.fullmatch(requested):
+            requested = self.cors_allowed  # only a list of header names is echoed
+        return _Answer(204, headers=[("Access-Control-Allow-Methods", ", ".join(methods)),
+                                     ("Access-Control-Allow-Headers", requested),
+                                     ("Access-Control-Max-Age", "600")])
+
+    def _chaos_fault(self):
+        """The fault --chaos gives the next request, or None."""
+        if not self.config.chaos:
+            return None
+        seed = self.config.seed if self.config.seed is not None else random.getrandbits(64)
+        return _chaos_fault(seed, next(self._chaos_count), self.config.chaos,
+                            self.config.chaos_faults)
+
+    def record(self, request, status, fault, elapsed_ms, method, path):
+        """Account for an answer going out (status None: none at all): the
+        metrics, the access log and the journal.  `request` is None for a
+        request the HTTP parser refused."""
+        route = request and request.route
+        with self._counts_lock:
+            self._requests_counted[(method, route.path if route else "unmatched",
+                                    status or "none")] += 1
+            if fault is not None:
+                self._faults_counted[fault.kind] += 1
+        if not self.config.quiet:
+            self._log_access(request, status, fault, elapsed_ms, method, path)
+        if request is not None and (route is None or route.journal):
+            self.journal.record(request, status, fault, self.clock)
+
+    def _log_access(self, request, status, fault, elapsed_ms, method, path):
+        if self.config.log_format == "json":
+            note = request.note if request else _Note()
+            self.log(json.dumps({
+                "time": self.clock.wall_ms() / 1000, "method": method, "path": path,
+                "status": status, "ms": elapsed_ms, "job_id": note.job_id,
+                "trace_id": note.trace_id or (request and request.headers.get("x-trace-id")),
+                "fault": fault and fault.to_json()}))
+        else:
+            self.log(f"{_printable(method)} {_printable(path)} {status or '-'} {elapsed_ms}ms"
+                     + (f" fault={json.dumps(fault.to_json())}" if fault else ""))
+
+    def stream_failed(self, request):
+        """A frame of a request's stream failed to render (a bug): one
+        traceback in the log, one more in /metrics."""
+        with self._counts_lock:
+            self._stream_errors += 1
+        self.log_traceback(f"a stream of {request.method} {request.path} failed to render")
+
+    def counted(self):
+        """(answers by (method, route, status), faults by kind, streams ended
+        by a render failure), for /metrics."""
+        with self._counts_lock:
+            return (dict(self._requests_counted), dict(self._faults_counted),
+                    self._stream_errors)
+
+    def reset(self):
+        """Start clean: cancel and forget every job, forget every counter,
+        idempotency key and journal entry.  Returns how many of each went."""
+        removed = self.store.reset()
+        self.quotas.clear()
+        removed["journal_entries"] = self.journal.clear()
+        removed["rules"] = self.clear_rules()
+        self._chaos_count = itertools.count()
+        return removed
+
+    def verdict(self, trace_id=None, **query):
+        """The verdict on the client, from the journal, as GET /v1/verdict
+        answers it: {"requests", "attempts", "findings", "ok"}.  Takes the
+        query's parameters as keywords (see _VERDICT_QUERY); a bad one
+        raises a ValueError naming it."""
+        query = _with_defaults(_given(dict(query, trace_id=trace_id), _VERDICT_QUERY, None,
+                                      strict=True), _VERDICT_QUERY, self.config)
+        key = query.pop("key")
+        if key is not None and query["trace_id"] not in (None, key):
+            raise _ValidationError("key", "names another key than trace_id")
+        query["trace_id"] = query["trace_id"] or key
+        return _verdict(self.journal.find(), self.clock.real_ms(self.clock.now_ms()), **query)
+
+    def assert_client_ok(self, trace_id=None, **query):
+        """Raise AssertionError, its message the findings, unless the verdict
+        on the client is ok (no finding of severity error); else return it."""
+        verdict = self.verdict(trace_id, **query)
+        if not verdict["ok"]:
+            raise AssertionError("the client broke the rules:\n" + "\n".join(
+                f"{finding['code']} ({finding['severity']}): {finding['message']}"
+                for finding in verdict["findings"]))
+        return verdict
+
+    def rules(self):
+        """The reply rules, in the order they are tried, as GET /v1/rules lists them."""
+        return [rule.to_json(index) for index, rule in enumerate(self.config.rules)]
+
+    def add_rule(self, rule):
+        """Add a reply rule, {"match": {...}, "simulate": {...}}, after the
+        others; returns it as rules() lists it.  A bad rule raises a
+        ValueError naming the field."""
+        rule = _reply_rule(rule, None, "runtime")
+        with self._rules_lock:  # the rules change with the config, replaced whole
+            self.config = self.config._replace(rules=self.config.rules + (rule,))
+            return rule.to_json(len(self.config.rules) - 1)
+
+    def clear_rules(self):
+        """Remove the rules added at run time; returns how many went."""
+        with self._rules_lock:
+            kept = tuple(rule for rule in self.config.rules if rule.source == "file")
+            removed = len(self.config.rules) - len(kept)
+            self.config = self.config._replace(rules=kept)
+        return removed
+
+    def log(self, line):
+        """Write a line to stderr, from the log's own thread (started on first use)."""
+        with self._log_lock:
+            if self._log_writer is None:
+                self._log_writer = _LogWriter()
+        self._log_writer.write(line)
+
+    def log_traceback(self, what):
+        """Log what went wrong, with the traceback of the exception being handled."""
+        self.log(f"dummyLLM: {what}\n" + traceback.format_exc().rstrip())
+
+    def close(self):
+        """Wake every waiter, stop the store's Timer and the webhooks, and
+        write out the log."""
+        self.stopping.set()
+        self.store.close()
+        self.webhooks.close()
+        with self._log_lock:
+            if self._log_writer is not None:
+                self._log_writer.close()
+                self._log_writer = None
+
+
+# --- Server: connections -----------------------------------------------------------
 
 _date_cache = (0, "")
 
@@ -5481,9 +6257,14 @@ class _Sender:
 
 class _Handler(BaseHTTPRequestHandler):
     """One connection while a request is in progress: read each request, have
-    the server answer it, and write the answer (one send, a stream, or
+    the application answer it, and write the answer (one send, a stream, or
     spoiled by a fault).  Between requests it lingers, then parks the
-    connection and lets its thread go."""
+    connection and lets its thread go.
+
+    `server` is the application (a DummyLLMServer).  What touches the socket
+    itself is in setup, handle, _send_timed, _hold and _send_rst, and the
+    waits in _wait_until: a handler without a socket (a test's) replaces
+    those and answers through everything else."""
 
     protocol_version = "HTTP/1.1"
     server_version = "dummyLLM/" + __version__
@@ -5650,8 +6431,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         except Exception:  # a bug: a 500 for the client, the traceback for the log
-            self.server.log(f"dummyLLM: internal error on {self.command} {self.path}\n"
-                            + traceback.format_exc().rstrip())
+            self.server.log_traceback(f"internal error on {self.command} {self.path}")
             answer = _Answer(payload=ApiError("INTERNAL"))
         try:
             self._deliver(answer)
@@ -5685,45 +6465,74 @@ class _Handler(BaseHTTPRequestHandler):
     def _render_error(self, error):
         """An error in the format of the surface that answers the request."""
         request = self._request
-        if request is None:
-            surface = _JOB_API
-        else:
-            surface = request.route.surface if request.route else self.server.router.surface_of(
-                request.path)
         retry_ms = None if error.retry_after_ms is None else round(
             self.server.clock.real_ms(error.retry_after_ms))
         if request is not None:
-            request.note.update(code=error.code, retry_after_ms=retry_ms)
-        status, body, headers = surface.error(error, retry_ms, self.server.clock.wall_ms())
+            request.note.code, request.note.retry_after_ms = error.code, retry_ms
+        status, body, headers = self.server.surface_of(request).error(
+            error, retry_ms, self.server.clock.wall_ms())
         return status, headers, _json_bytes(body), "application/json"
 
     def _send_stream(self, answer):
-        clock = self.server.clock
-        start_ms = clock.now_ms() if answer.at is None else answer.at
-        # Events at the same time go as one chunk; an empty one would end the body.
-        frames = ((clock.real_ms(start_ms + ms) / 1000, self._chunk(data))
-                  for ms, data in ((ms, b"".join(data for _, data in group)) for ms, group in
-                                   itertools.groupby(answer.stream, key=operator.itemgetter(0)))
-                  if data)
+        start_ms = self.server.clock.now_ms() if answer.at is None else answer.at
         head = self._head(answer.status, answer.headers, answer.content_type, None)
-        self._request.note["stream_failure"] = answer.failure
-        streams, timeout = self.server.streams, self.connection.gettimeout()
-        self.connection.setblocking(False)
-        try:
-            stream = streams.start(self.connection, head, frames)
-            self._answered(answer.status)  # once the stream is on its way
-            sent = stream is not None and streams.wait(stream)
-        finally:
-            self.connection.settimeout(timeout)
+        request = self._request
+        request.note.stream_failure = answer.failure
+        self._answered(answer.status)
+        # The journal has what it keeps of the body: a stream held for long
+        # need not hold it too (300 streams of a 200 KB text held 60 MB of them).
+        request.body = b""
+        self._broken = None
+        chunks = ((start_ms + ms, self._chunk(data)) for ms, data in self._rendered(answer)
+                  if data)  # an empty chunk would end the body
+        sent = self._send_timed(head, chunks)
+        ending = self._broken or answer.failure
         if not sent:
             self.close_connection = True
-        elif answer.failure == "stall_after":
+        elif ending == "stall_after":
             self._hold()
-        elif answer.failure == "cut_after":
+        elif ending == "cut_after":
             self.close_connection = True  # the chunked body never ends: a broken stream
         elif self.request_version != "HTTP/1.0":
             self.wfile.write(self._chunk(b""))
-            self.close_connection = self.close_connection or answer.failure == "error_after"
+            self.close_connection = self.close_connection or ending == "error_after"
+
+    def _rendered(self, answer):
+        """A stream's frames as they render.  One that fails to render (a
+        bug) ends this stream alone: with the surface's error event, or a cut
+        where that fails too; the traceback goes to the log once and
+        /metrics counts it."""
+        ms = 0
+        try:
+            for ms, data in answer.stream:
+                yield ms, data
+        except Exception:
+            self.server.stream_failed(self._request)
+            try:
+                data = answer.stream_error()
+            except Exception:
+                data = b""
+            self._broken = "error_after" if data else "cut_after"
+            yield ms, data
+
+    def _send_timed(self, head, chunks):
+        """Send head with the first chunk, then each chunk at its time (on
+        the clock), from the stream writer's thread; the chunks render here,
+        in this thread, at most a window ahead.  False if the client went
+        away or the server stops first."""
+        streams, clock, sock = self.server.streams, self.server.clock, self.connection
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            stream = streams.open(sock, head)
+            if stream is None:
+                return False
+            for at_ms, data in chunks:
+                if not streams.put(stream, clock.real_ms(at_ms) / 1000, data):
+                    return False
+            return streams.end(stream)
+        finally:
+            sock.settimeout(timeout)
 
     def _send_live(self, answer):
         """An event stream whose events come as they happen (job events)."""
@@ -5876,7 +6685,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answered(self, status):
         """Account for the answer now going out (status None: none at all)."""
         request = self._request
-        fault = self._fault or (request and request.note.get("fault"))
+        fault = self._fault or (request and request.note.fault)
         self._idle_since = time.monotonic()
         elapsed_ms = round((time.perf_counter() - self._started) * 1000, 1)
         self.server.record(request, status, fault, elapsed_ms, self.command or "-",
@@ -5926,23 +6735,17 @@ _FAULT_DELIVERY = {"reset": _deliver_reset, "disconnect": _deliver_disconnect,
                    "status": _deliver_status, "empty": _deliver_empty,
                    "malformed": _deliver_malformed, "dribble": _deliver_dribble}
 
-_CORS_EXPOSED_HEADERS = ", ".join([
-    "Location", "Retry-After", "retry-after-ms", "Idempotent-Replayed", "request-id",
-    *(f"x-ratelimit-{part}-{kind}" for kind in ("requests", "tokens")
-      for part in ("limit", "remaining", "reset")),
-    *(f"anthropic-ratelimit-{kind}-{part}" for kind in ("requests", "tokens")
-      for part in ("limit", "remaining", "reset"))])
-_CORS_ALLOWED_HEADERS = ("Content-Type, Authorization, Idempotency-Key, X-Trace-Id, "
-                         "X-DummyLLM-Simulate, x-api-key, anthropic-version, x-goog-api-key")
 
+# --- Server: DummyLLMServer and start_server ----------------------------------------
 
-class DummyLLMServer(ThreadingHTTPServer):
+class DummyLLMServer(_Application, ThreadingHTTPServer):
     """The dummyLLM HTTP server: ``DummyLLMServer(port=0, mode="fail", ...)``.
 
     Takes the options of the command line as keywords (or a ready Config),
     and optionally the clock its store and handlers read.  ``start()`` serves
-    from a background thread, ``stop()`` ends it; the server is also a
-    context manager that stops on exit.
+    from a background thread, ``stop()`` ends it at once; the server is also
+    a context manager that stops on exit.  It is the application (see
+    _Application) on a socket server.
 
     Override points, for those who run it their own way:
 
@@ -5958,7 +6761,8 @@ class DummyLLMServer(ThreadingHTTPServer):
                       parked as soon as they have no request (256)
     head_timeout_s    seconds a request's head has to arrive once begun (10);
                       its body has as long again, plus a second per 64 KiB
-    send_timeout_s    seconds a large answer has to go out (30)
+    send_timeout_s    seconds an answer may wait for a client that reads
+                      nothing, before it is given up (30)
     heartbeat_s       seconds between heartbeats of a quiet job event stream (15)
     """
 
@@ -5971,39 +6775,30 @@ class DummyLLMServer(ThreadingHTTPServer):
     max_lingering = 256
     head_timeout_s = 10
     send_timeout_s = 30
-    heartbeat_s = 15
 
     def __init__(self, config=None, clock=None, **options):
-        self.config = config if config is not None else make_config(**options)
+        _Application.__init__(self, config, clock, **options)
         if ":" in self.config.host:
             self.address_family = socket.AF_INET6
-        self.router = _Router(_ROUTES)
-        self._log_writer = None
-        self._log_lock = threading.Lock()
-        self._rules_lock = threading.Lock()
         self._thread = None
-        self.stopping = threading.Event()   # wakes handlers that wait to answer
-        self.journal = _Journal(self.config.journal_size)
-        self._counts_lock = threading.Lock()
-        self._requests_counted = collections.Counter()  # (method, route, status) -> answers
-        self._faults_counted = collections.Counter()    # fault kind -> times injected
-        self._chaos_count = itertools.count()
-        self.streams = _StreamWriter()
-        self.parking = _Parking(self)
+        self.streams = _StreamWriter(self.send_timeout_s)
         self.lingering = threading.BoundedSemaphore(self.max_lingering)
         self.max_connections = self.config.max_connections or _default_max_connections()
         self._open = 0                      # connections open, parked ones included
         self._open_lock = threading.Lock()
+        # serve_forever waits on the listening socket and on this, which
+        # shutdown() writes to: socketserver's loop polls every 0.5 s (0.05
+        # here before), and each stop() waited out a poll.
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._stop_asked, self._served = False, threading.Event()
+        self._served.set()
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY)  # given up to refuse at the fd limit
-        self.cors_headers = () if self.config.cors is None else (
-            f"Access-Control-Allow-Origin: {self.config.cors}", "Vary: Origin",
-            "Access-Control-Expose-Headers: " + _CORS_EXPOSED_HEADERS)
-        super().__init__((self.config.host, self.config.port), _Handler)
-        self.store = _JobStore(self.config, clock)
-        self.clock = self.store.clock
-        self.quotas = _Quotas(self.clock)
-        self.webhooks = _Webhooks(self.store, self.stopping, self.log)
-        self.store.on_finish = self.webhooks.send
+        self.parking = _Parking(self)
+        try:
+            ThreadingHTTPServer.__init__(self, (self.config.host, self.config.port), _Handler)
+        except BaseException:
+            self._release()
+            raise
 
     def server_bind(self):
         # HTTPServer.server_bind also calls socket.getfqdn(), a reverse DNS
@@ -6091,149 +6886,32 @@ class DummyLLMServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def answer(self, request):
-        """The _Answer to a request: CORS preflight, routing, the API key,
-        chaos, then the route's handler.  Raises ApiError."""
-        if request.method == "OPTIONS" and self.config.cors:
-            return self._preflight(request)
-        route, request.params = self.router.match(request.method, request.path)
-        request.route = route
-        option, key = (("--admin-key", self.config.admin_key) if route.admin else
-                       ("--api-key", self.config.api_key) if route.auth else (None, None))
-        if key is not None:
-            given = route.surface.credential(request) or ""
-            if not hmac.compare_digest(given.encode(), key.encode()):
-                raise ApiError("UNAUTHORIZED", "incorrect or missing key; send 'Authorization: "
-                               f"Bearer <key>' with the key given to {option}")
-        chaos = self._chaos_fault() if route.chaos and self.config.chaos else None
-        if chaos is not None and chaos.kind != "dribble":
-            return _Answer(fault=chaos)  # the request is lost before it is served
-        query = route.api["query"]
-        if query:
-            request.args = _query_args(request, query)
-        answer = route.handler(self, request)
-        answer.fault = answer.fault or chaos
-        if "quota" in request.note:
-            answer.headers += route.surface.quota_headers(request.note["quota"],
-                                                          self.clock.wall_ms())
-        return answer
+    def serve_forever(self, poll_interval=None):
+        """Serve until shutdown(), which wakes it at once."""
+        self._served.clear()
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_read, selectors.EVENT_READ)
+                while not self._stop_asked:
+                    for key, _ in selector.select():
+                        if key.fileobj is self._wake_read:
+                            self._wake_read.recv(64)
+                        elif not self._stop_asked:
+                            self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            self._stop_asked = False
+            self._served.set()
 
-    def _preflight(self, request):
-        """The answer to a browser's CORS preflight (OPTIONS) for a known path."""
-        methods = self.router.methods(request.path)
-        if not methods:
-            raise ApiError("NOT_FOUND", f"no endpoint at {request.path}")
-        requested = request.headers.get("access-control-request-headers", "")
-        if not _TOKEN_LIST.fullmatch(requested):
-            requested = _CORS_ALLOWED_HEADERS  # only a list of header names is echoed
-        return _Answer(204, headers=[("Access-Control-Allow-Methods", ", ".join(methods)),
-                                     ("Access-Control-Allow-Headers", requested),
-                                     ("Access-Control-Max-Age", "600")])
-
-    def _chaos_fault(self):
-        """The fault --chaos gives the next request, or None."""
-        if not self.config.chaos:
-            return None
-        seed = self.config.seed if self.config.seed is not None else random.getrandbits(64)
-        return _chaos_fault(seed, next(self._chaos_count), self.config.chaos,
-                            self.config.chaos_faults)
-
-    def record(self, request, status, fault, elapsed_ms, method, path):
-        """Account for an answer going out (status None: none at all): the
-        metrics, the access log and the journal.  `request` is None for a
-        request the HTTP parser refused."""
-        route = request and request.route
-        with self._counts_lock:
-            self._requests_counted[(method, route.path if route else "unmatched",
-                                    status or "none")] += 1
-            if fault is not None:
-                self._faults_counted[fault.kind] += 1
-        if not self.config.quiet:
-            self._log_access(request, status, fault, elapsed_ms, method, path)
-        if request is not None and (route is None or route.journal):
-            self.journal.record(request, status, fault, self.clock)
-
-    def _log_access(self, request, status, fault, elapsed_ms, method, path):
-        if self.config.log_format == "json":
-            note = request.note if request else {}
-            self.log(json.dumps({
-                "time": self.clock.wall_ms() / 1000, "method": method, "path": path,
-                "status": status, "ms": elapsed_ms, "job_id": note.get("job_id"),
-                "trace_id": note.get("trace_id") or (request and request.headers.get(
-                    "x-trace-id")),
-                "fault": fault and fault.to_json()}))
-        else:
-            self.log(f"{_printable(method)} {_printable(path)} {status or '-'} {elapsed_ms}ms"
-                     + (f" fault={json.dumps(fault.to_json())}" if fault else ""))
-
-    def counted(self):
-        """(answers by (method, route, status), faults by kind), for /metrics."""
-        with self._counts_lock:
-            return dict(self._requests_counted), dict(self._faults_counted)
-
-    def reset(self):
-        """Start clean: cancel and forget every job, forget every counter,
-        idempotency key and journal entry.  Returns how many of each went."""
-        removed = self.store.reset()
-        self.quotas.clear()
-        removed["journal_entries"] = self.journal.clear()
-        removed["rules"] = self.clear_rules()
-        self._chaos_count = itertools.count()
-        return removed
-
-    def verdict(self, trace_id=None, **query):
-        """The verdict on the client, from the journal, as GET /v1/verdict
-        answers it: {"requests", "attempts", "findings", "ok"}.  Takes the
-        query's parameters as keywords (see _VERDICT_QUERY); a bad one
-        raises a ValueError naming it."""
-        query = _with_defaults(_given(dict(query, trace_id=trace_id), _VERDICT_QUERY, None,
-                                      strict=True), _VERDICT_QUERY, self.config)
-        key = query.pop("key")
-        if key is not None and query["trace_id"] not in (None, key):
-            raise _ValidationError("key", "names another key than trace_id")
-        query["trace_id"] = query["trace_id"] or key
-        return _verdict(self.journal.find(), self.clock.real_ms(self.clock.now_ms()), **query)
-
-    def assert_client_ok(self, trace_id=None, **query):
-        """Raise AssertionError, its message the findings, unless the verdict
-        on the client is ok (no finding of severity error); else return it."""
-        verdict = self.verdict(trace_id, **query)
-        if not verdict["ok"]:
-            raise AssertionError("the client broke the rules:\n" + "\n".join(
-                f"{finding['code']} ({finding['severity']}): {finding['message']}"
-                for finding in verdict["findings"]))
-        return verdict
-
-    def rules(self):
-        """The reply rules, in the order they are tried, as GET /v1/rules lists them."""
-        return [rule.to_json(index) for index, rule in enumerate(self.config.rules)]
-
-    def add_rule(self, rule):
-        """Add a reply rule, {"match": {...}, "simulate": {...}}, after the
-        others; returns it as rules() lists it.  A bad rule raises a
-        ValueError naming the field."""
-        rule = _reply_rule(rule, None, "runtime")
-        with self._rules_lock:  # the rules change with the config, replaced whole
-            self.config = self.config._replace(rules=self.config.rules + (rule,))
-            return rule.to_json(len(self.config.rules) - 1)
-
-    def clear_rules(self):
-        """Remove the rules added at run time; returns how many went."""
-        with self._rules_lock:
-            kept = tuple(rule for rule in self.config.rules if rule.source == "file")
-            removed = len(self.config.rules) - len(kept)
-            self.config = self.config._replace(rules=kept)
-        return removed
-
-    def log(self, line):
-        """Write a line to stderr, from the log's own thread (started on first use)."""
-        with self._log_lock:
-            if self._log_writer is None:
-                self._log_writer = _LogWriter()
-        self._log_writer.write(line)
-
-    def serve_forever(self, poll_interval=0.05):
-        super().serve_forever(poll_interval)
+    def shutdown(self):
+        """Stop serve_forever and wait until it has returned."""
+        self._stop_asked = True
+        try:
+            self._wake_write.send(b"\0")
+        except OSError:
+            pass  # closed already: nothing is served
+        self._served.wait()
 
     def start(self):
         """Serve from a daemon thread; returns self."""
@@ -6255,16 +6933,17 @@ class DummyLLMServer(ThreadingHTTPServer):
         self.parking.close()
         self.streams.close()
         super().server_close()
+        self._release()
+
+    def _release(self):
+        """Give back what the server holds besides its socket."""
         if self._reserve_fd is not None:
             os.close(self._reserve_fd)
             self._reserve_fd = None
-        if hasattr(self, "store"):
-            self.store.close()
-            self.webhooks.close()
-        with self._log_lock:
-            if self._log_writer is not None:
-                self._log_writer.close()
-                self._log_writer = None
+        self._wake_read.close()
+        self._wake_write.close()
+        self.parking.close()
+        self.close()
 
     def __exit__(self, *exc_info):
         self.stop()
@@ -6284,11 +6963,6 @@ def _somaxconn():
             return int(f.read())
     except (OSError, ValueError):
         return 0
-
-
-def _printable(text):
-    """Text for a terminal: control characters (ESC among them) escaped."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _default_max_connections():
@@ -6327,68 +7001,17 @@ def start_server(**options):
 
 
 # --- API document and pages ------------------------------------------------------
-# /openapi.json is made from _ROUTES, each handler's @_api and the schemas
-# the surfaces declare; /docs and the dashboard are self-contained pages
-# that read it and the API.
+# /openapi.json is made from the registered surfaces: their routes, each
+# route's description and the schemas each surface declares.  /docs, the
+# dashboard and the /journal timeline are self-contained pages that read it
+# and the API.
 
-_SCHEMAS = {
-    **_JOB_API.schemas, **_OpenAI.schemas, **_OPENAI_CHAT.schemas, **_OPENAI_RESPONSES.schemas,
-    **_OPENAI_EMBEDDINGS.schemas, **_OPENAI_COMPLETIONS.schemas, **_ANTHROPIC_MESSAGES.schemas,
-    **_GEMINI.schemas, **_OLLAMA.schemas,
-    "Health": {"type": "object", "required": ["ok", "name", "time", "version"], "properties": {
-        "ok": {"type": "boolean"}, "name": {"type": "string"}, "time": {"type": "integer"},
-        "version": {"type": "string"}, "defaults": {"type": "object"},
-        "jobs": {"type": "object", "properties": {
-            "stored": {"type": "integer"}, "active": {"type": "integer"},
-            "by_state": {"type": "object"}}},
-        "chaos": {"type": "object"}, "time_scale": {"type": "number"},
-        "quotas": {"type": "object", "properties": {
-            "rpm": {"type": ["integer", "null"]}, "tpm": {"type": ["integer", "null"]},
-            "keys": {"type": "integer"}, "refused": {"type": "object"}}}}},
-    "Scripts": {"type": "object", "properties": {"scripts": {"type": "array", "items": {
-        "type": "object", "properties": {"key": {"type": "string"},
-                                         "attempts": {"type": "integer"}}}}}},
-    "Removed": {"type": "object", "properties": {"removed": {
-        "type": "object", "additionalProperties": {"type": "integer"}}}},
-    "Journal": {"type": "object", "properties": {"requests": {
-        "type": "array", "items": _Journal.ENTRY_SCHEMA}}},
-    "Verdict": {"type": "object", "required": ["requests", "attempts", "findings", "ok"],
-                "properties": {
-        "requests": {"type": "integer"}, "ok": {"type": "boolean",
-                                                "description": "No finding of severity error"},
-        "attempts": {"type": "array", "items": {"type": "object", "properties": {
-            "seq": {"type": "integer"}, "key": {"type": ["string", "null"]},
-            "at_ms": {"type": "integer", "description": "From the first request judged"},
-            "answered_at_ms": {"type": "integer"},
-            "gap_ms": {"type": ["integer", "null"],
-                       "description": "From the answer to the last request like it"},
-            "retry": {"type": "boolean"}, "method": {"type": "string"},
-            "path": {"type": "string"}, "status": {"type": ["integer", "null"]},
-            "fault": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]},
-            "retry_after_ms": {"type": ["integer", "null"]},
-            "idempotency_key": {"type": ["string", "null"]},
-            "job_id": {"type": ["string", "null"]}}}},
-        "findings": {"type": "array", "items": {"type": "object", "properties": {
-            "code": {"enum": list(_FINDINGS)}, "severity": {"enum": ["error", "warning"]},
-            "key": {"type": ["string", "null"]}, "message": {"type": "string"},
-            "evidence": {"type": "array", "items": {"type": "integer"},
-                         "description": "The seq of each offending request"}}}}}},
-    "ReplyRule": _object_schema(_REPLY_RULE_FIELDS, strict=True, example={
-        "match": {"surface": "openai.chat", "text_contains": "weather"},
-        "simulate": {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}}),
-    "ListedRule": {"allOf": [_ref("ReplyRule"), {"type": "object", "properties": {
-        "index": {"type": "integer"}, "source": {"enum": ["file", "runtime"]}}}]},
-    "ReplyRules": {"type": "object", "properties": {
-        "rules": {"type": "array", "items": _ref("ListedRule")},
-        "surfaces": {"type": "array", "items": {"type": "string"}}}},
-    "OpenAPI": {"type": "object"},
-}
-
-
-def _openapi_document():
-    """The OpenAPI 3.1 document of every route, from _ROUTES and their @_api."""
-    paths = {}
-    for route in _ROUTES:
+def _openapi_document(registry):
+    """The OpenAPI 3.1 document of the registered surfaces' routes."""
+    paths, schemas = {}, {}
+    for surface in registry.surfaces:
+        schemas.update(surface.schemas())
+    for route in registry.routes:
         api = route.api
         parameters = [{"name": name, "in": "path", "required": True,
                        "schema": {"type": "string"}}
@@ -6402,6 +7025,8 @@ def _openapi_document():
         responses = {}
         for status, what in api["answers"].items():
             answer = {"description": _REASONS[status]}
+            if what is None and status >= 400:
+                what = route.surface.error_schema
             if what is not None:
                 media, schema = ((what, {"type": "string"}) if "/" in what else
                                  ("application/json", _ref(what)))
@@ -6419,7 +7044,7 @@ def _openapi_document():
     return {"openapi": "3.1.0",
             "info": {"title": "dummyLLM", "version": __version__,
                      "description": __doc__.split("\n\n")[1].replace("\n", " ")},
-            "paths": paths, "components": {"schemas": _SCHEMAS}}
+            "paths": paths, "components": {"schemas": schemas}}
 
 
 _PAGE_STYLE = """

@@ -706,7 +706,7 @@ class SchemaSamplerTest(unittest.TestCase):
                 ({"$ref": "#"}, "s")]:
             with self.subTest(schema=schema):
                 with self.assertRaises(dummyllm._ValidationError) as caught:
-                    dummyllm._check_schema(schema, "s")
+                    dummyllm._drawn(schema, dummyllm._series(0, "", 0, "json"), "s")
                 self.assertEqual(caught.exception.field, field)
 
     def test_recursive_schemas_end(self):
@@ -3390,17 +3390,17 @@ class RouteFactsTest(unittest.TestCase):
 
     def test_each_route_is_one_entry_with_every_fact(self):
         seen = set()
-        for route in dummyllm._ROUTES:
+        for route in dummyllm._registry().routes:
             with self.subTest(path=route.path, method=route.method):
                 self.assertNotIn((route.method, route.path), seen)
                 seen.add((route.method, route.path))
                 self.assertTrue(route.api["summary"])
                 self.assertIsInstance(route.surface, dummyllm._Surface)
-        quiet = {route.path for route in dummyllm._ROUTES if not route.journal}
+        quiet = {route.path for route in dummyllm._registry().routes if not route.journal}
         self.assertEqual(quiet, {"/health", "/v1/requests", "/v1/verdict", "/journal"})
 
     def test_unmatched_paths_answer_in_the_nearest_routes_format(self):
-        router = dummyllm._Router(dummyllm._ROUTES)
+        router = dummyllm._registry().router
         self.assertIs(router.surface_of("/v1/chat/nope"), dummyllm._OPENAI_CHAT)
         self.assertIs(router.surface_of("/v1/models/a/b"), dummyllm._OPENAI_CHAT)
         self.assertIs(router.surface_of("/v1/jobs/x/nope"), dummyllm._JOB_API)
@@ -4470,7 +4470,7 @@ class HttpHardeningTest(ServerTestCase):
 
     def test_cors_echoes_only_a_list_of_header_names(self):
         for requested, echoed in [("content-type, x-trace-id", "content-type, x-trace-id"),
-                                  ("content-type; evil", dummyllm._CORS_ALLOWED_HEADERS)]:
+                                  ("content-type; evil", self.server.cors_allowed)]:
             self.conn.request("OPTIONS", "/v1/jobs", headers={
                 "Access-Control-Request-Headers": requested})
             response = self.conn.getresponse()
@@ -4607,7 +4607,7 @@ class OpenAPITest(ServerTestCase):
     def test_the_document_covers_the_router(self):
         status, document, _ = self.call("GET", "/openapi.json")
         self.assertEqual((status, document["openapi"]), (200, "3.1.0"))
-        for route in dummyllm._ROUTES:
+        for route in dummyllm._registry().routes:
             with self.subTest(method=route.method, path=route.path):
                 operation = document["paths"][route.path.replace("+}", "}")][route.method.lower()]
                 self.assertTrue(operation["summary"])
@@ -4976,7 +4976,7 @@ class ReadmeTest(ServerTestCase):
         rows = re.findall(r"^\| `([a-z_]+)` \| (.*) \|$", text, re.M)
         self.assertEqual([key for key, _ in rows], list(dummyllm._MATCH_KEYS))
         surfaces = re.findall(r"`([a-z.]+)`", dict(rows)["surface"])
-        self.assertEqual(surfaces, [surface.name for surface in dummyllm._MODEL_SURFACES])
+        self.assertEqual(surfaces, dummyllm._surface_names())
 
     def test_the_rules_file_example_loads(self):
         example = re.search(r"```json\n(.*?)\n```", self.section("## Reply rules"), re.S)
