@@ -3157,7 +3157,7 @@ class _OpenAIResponses(_OpenAI):
         background = spec.args["echo"]["background"]
         frames = render.frames(self.timeline(spec, plan, status, reply, background))
         if background:
-            frames = self.until_cancelled(app, response_id, start_ms, frames)
+            frames = self.until_cancelled(app, response_id, frames)
         failure = "stall_after" if plan.ends_at_ms is None else (
             next(iter(spec.stream)) if spec.stream else None)
         return render.answer(None, start_ms, failure, frames)
@@ -3187,11 +3187,11 @@ class _OpenAIResponses(_OpenAI):
                 yield start + ms, status, None
 
     @staticmethod
-    def until_cancelled(app, response_id, start_ms, frames):
-        """A background response's frames, each as its time comes, until it
-        is cancelled or deleted."""
+    def until_cancelled(app, response_id, frames):
+        """A background response's frames until it is cancelled or deleted
+        (as each renders, a moment before its time)."""
         for index, (ms, data) in enumerate(frames):
-            if index and not app.store.active_until(response_id, start_ms + ms):
+            if index and app.store.cancelled(response_id):
                 return
             yield ms, data
 
@@ -4671,19 +4671,11 @@ class _JobStore:
             fault = faults[job.polls - 1] if job.polls <= len(faults) else None
             return view(job), _with_retry_after(fault, job.spec)
 
-    def active_until(self, job_id, at_ms):
-        """Wait until a simulated instant; False if the job is cancelled or
-        forgotten first (or the store closes)."""
+    def cancelled(self, job_id):
+        """Whether a job was cancelled, or forgotten."""
         with self._lock:
-            while not self._closed:
-                self._apply_due()
-                job = self._jobs.get(job_id)
-                if job is None or job.state == "cancelled":
-                    return False
-                if self.clock.now_ms() >= at_ms:
-                    return True
-                self._wait_for_change(job, at_ms)
-            return False
+            job = self._jobs.get(job_id)
+            return job is None or job.state == "cancelled"
 
     def snapshot(self, job_id, view=_Job.to_json):
         """view(job) now; unlike poll, not counted as a poll."""
@@ -5560,51 +5552,52 @@ class _Webhooks:
 # --- Server: streams -------------------------------------------------------------
 
 class _Stream:
-    """One stream on its way: the chunks its handler has rendered and the
-    writer has not yet sent (their bytes counted in `size`), under `room`,
-    and what only the writer touches."""
+    """One stream on its way: its frames, rendered one by one as they fall
+    due, and the bytes taken from them that its socket has not yet taken."""
 
-    __slots__ = ("sock", "head", "room", "chunks", "size", "held", "ended", "ok", "finished",
-                 "pending", "backoff_s", "progress_at")
+    __slots__ = ("sock", "head", "frames", "next", "pending", "backoff_s", "progress_at",
+                 "due_at", "ok", "finished")
 
-    def __init__(self, sock, head):
-        self.sock, self.head = sock, head  # the head goes with the first chunk
-        self.room = threading.Condition()  # guards what follows, up to `finished`
-        self.chunks = collections.deque()  # (time.monotonic() time, bytes)
-        self.size = 0
-        self.held = False      # the writer has it: scheduled, or being sent
-        self.ended = False     # its handler has queued its last chunk
-        self.ok = None         # once over: whether it was sent whole
+    def __init__(self, sock, head, frames):
+        self.sock, self.head, self.frames = sock, head, frames  # the head goes with a chunk
+        self.next = None          # a frame rendered, not yet due
+        self.pending = b""        # bytes taken, not yet sent
+        self.backoff_s = 0.0      # how long a full socket waits for a retry
+        self.progress_at = 0.0    # when the client last took bytes
+        self.due_at = time.monotonic()  # when the writer has work for it next
+        self.ok = None            # once over: whether it was sent whole
         self.finished = threading.Event()
-        self.pending = b""     # the writer's: bytes taken from chunks, not yet sent
-        self.backoff_s = 0.0   # the writer's: how long a full socket waits for a retry
-        self.progress_at = 0.0  # the writer's: when the client last took bytes
 
 
 class _StreamWriter:
-    """Sends every open stream's chunks when they are due, from one thread
-    that only sends bytes.
+    """Renders and sends the frames of every open stream when they are due,
+    from one thread.
 
     A thread per stream waking every token_ms fights the others for the GIL:
     with 200 streams at token_ms 10 chunks came 47 ms late at the median.
-    One thread sending each chunk at its time keeps them on time.  Streams
-    reach it through an inbox: its lock is never held while sending (held
-    through the sends, it kept 200 streams arriving at once waiting, and
-    their first chunks 50 ms late).
+    One thread rendering and sending each frame at its time keeps them on
+    time; work moved elsewhere competes with it for the GIL and makes them
+    late (200 streams at once, median lateness of their chunks in one run:
+    1.3 ms here; 5.4 ms with a second thread rendering them 50 ms ahead; 74
+    ms for their first chunks when each handler rendered its own stream
+    whole).  A frame that fails to render ends its own stream alone, with
+    its surface's error event (see _Handler._rendered); a failure past that
+    guard cuts it.  Streams reach the thread through an inbox: its lock is
+    never held while sending (held through the sends, it kept 200 streams
+    arriving at once waiting, and their first chunks 50 ms late).
 
-    Each stream's frames are rendered in its handler's thread, where a
-    failure ends that stream alone (see _Handler._rendered), at most WINDOW
-    bytes ahead of what its socket has taken: a stream holds its text and a
-    window, never all its frames.  A socket that takes nothing is tried
-    again after a back-off (RETRY_S, doubling up to MAX_RETRY_S), and a
-    client that takes nothing for send_timeout_s is given up: its stream
-    ends, its window is freed and its handler closes the connection.  (300
-    clients that never read a 200 KB stream at token_ms 0 took the server,
-    which rendered and kept every frame, from 40 MB to 6 GB, and /health to
-    26 s.)
+    A stream holds its text and at most WINDOW bytes, never its frames: the
+    frames due at once go out together up to WINDOW bytes, and the next is
+    rendered once the socket has taken them (the handler sets its socket's
+    buffer to WINDOW too).  A socket that takes nothing is tried again after
+    a back-off (RETRY_S, doubling up to MAX_RETRY_S); a client that takes
+    nothing for send_timeout_s is given up: its stream ends, its memory is
+    freed and its handler closes the connection.  (300 clients that never
+    read a 200 KB stream at token_ms 0, each stream's frames rendered and
+    joined at once, took the server from 40 MB to 6 GB and /health to 26 s.)
     """
 
-    WINDOW = 64 * 1024
+    WINDOW = 16 * 1024
     RETRY_S, MAX_RETRY_S = 0.005, 0.1
 
     def __init__(self, send_timeout_s):
@@ -5615,50 +5608,29 @@ class _StreamWriter:
         self._closed = False
         self._thread = None
 
-    def open(self, sock, head):
-        """A stream on a non-blocking socket, its head to go with its first
-        chunk; None if the server stops."""
+    def start(self, sock, head, frames):
+        """Send head with the first of frames, an iterator of (time.monotonic()
+        time, bytes), then each at its time, on a non-blocking socket.
+        Returns the stream, for wait(); None if the server stops."""
+        stream = _Stream(sock, head, frames)
         with self._lock:
-            return None if self._closed else _Stream(sock, head)
+            if self._closed:
+                return None
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dummyllm-streams",
+                                                daemon=True)
+                self._thread.start()
+            self._inbox.append((0.0, stream))
+        self._wake.set()
+        return stream
 
-    def put(self, stream, when, data):
-        """Queue a chunk to go at `when` (a time.monotonic() time).  While the
-        window is full, wait, at most until its oldest chunk is due and
-        send_timeout_s more.  False once the stream is over: the client left
-        or was given up, or the server stops."""
-        with stream.room:
-            while stream.size >= self.WINDOW and stream.ok is None:
-                wait_s = stream.chunks[0][0] + self.send_timeout_s - time.monotonic()
-                if wait_s <= 0:
-                    break
-                stream.room.wait(wait_s)
-            if stream.ok is not None or stream.size >= self.WINDOW:
-                return False
-            if stream.head:
-                data, stream.head = stream.head + data, b""
-            stream.chunks.append((when, data))
-            stream.size += len(data)
-            schedule, stream.held = not stream.held, True
-        if schedule:
-            self._schedule(stream, when)
-        return True
-
-    def end(self, stream):
-        """The last chunk is queued: wait until the stream is sent (True) or
-        over (False), at most until its last chunk is due and twice
-        send_timeout_s more (the writer gives a silent client up before)."""
-        now = time.monotonic()
-        with stream.room:
-            if stream.head:  # a stream with nothing in it: the head alone
-                stream.chunks.append((now, stream.head))
-                stream.head = b""
-            stream.ended = True
-            last = stream.chunks[-1][0] if stream.chunks else now
-            schedule, stream.held = not stream.held, True
-        if schedule:
-            self._schedule(stream, now)
-        if not stream.finished.wait(max(0.0, last - now) + 2 * self.send_timeout_s):
-            self._finish(stream, False)
+    def wait(self, stream):
+        """Block until the stream is sent (True) or over (False).  Each wait
+        has a deadline: a stream the writer has had no work for in
+        send_timeout_s is given up."""
+        while not stream.finished.wait(self.send_timeout_s):
+            if time.monotonic() - stream.due_at > self.send_timeout_s:
+                self._finish(stream, False)
         return stream.ok
 
     def close(self):
@@ -5668,20 +5640,6 @@ class _StreamWriter:
         self._wake.set()
         if thread is None:
             self._finish_all(_Schedule())
-
-    def _schedule(self, stream, when):
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="dummyllm-streams",
-                                                    daemon=True)
-                    self._thread.start()
-                self._inbox.append((when, stream))
-        if closed:
-            self._finish(stream, False)
-        else:
-            self._wake.set()
 
     def _run(self):
         due = _Schedule()  # this thread's own: no lock
@@ -5694,6 +5652,7 @@ class _StreamWriter:
             if stream is not None:
                 when = self._send(stream, now)
                 if when is not None:
+                    stream.due_at = when
                     due.push(when, stream)
                 continue
             when = due.next_time()
@@ -5706,22 +5665,14 @@ class _StreamWriter:
         if stream.ok is not None:
             return None  # given up by its handler
         if not stream.pending:
-            with stream.room:
-                taken = []
-                while stream.chunks and stream.chunks[0][0] <= now:
-                    taken.append(stream.chunks.popleft()[1])
-                if taken:
-                    stream.size -= sum(map(len, taken))
-                    stream.room.notify()
-                elif stream.chunks:
-                    return stream.chunks[0][0]
-                elif not stream.ended:
-                    stream.held = False  # its handler schedules it again with its next chunk
-                    return None
-            if not taken:
-                self._finish(stream, True)
-                return None
-            stream.pending = memoryview(b"".join(taken))
+            taken, size = [stream.head], len(stream.head)
+            while size < self.WINDOW and self._rendered(stream) and stream.next[0] <= now:
+                taken.append(stream.next[1])
+                size += len(stream.next[1])
+                stream.next = None
+            if len(taken) == 1 and stream.next is not None:
+                return stream.next[0]  # its first frame is not due yet
+            stream.head, stream.pending = b"", memoryview(b"".join(taken))
             stream.progress_at, stream.backoff_s = now, 0.0
         try:
             sent = stream.sock.send(stream.pending)
@@ -5733,22 +5684,36 @@ class _StreamWriter:
         stream.pending = stream.pending[sent:]
         if sent:
             stream.progress_at, stream.backoff_s = now, 0.0
-        if not stream.pending:
-            return now  # what else is due goes at once
-        if now - stream.progress_at >= self.send_timeout_s:
-            self._finish(stream, False)  # a client that takes nothing
+        if stream.pending:
+            if now - stream.progress_at >= self.send_timeout_s:
+                self._finish(stream, False)  # a client that takes nothing
+                return None
+            stream.backoff_s = min(self.MAX_RETRY_S, max(self.RETRY_S, 2 * stream.backoff_s))
+            return now + stream.backoff_s
+        if not self._rendered(stream):
+            if stream.ok is None:
+                self._finish(stream, True)
             return None
-        stream.backoff_s = min(self.MAX_RETRY_S, max(self.RETRY_S, 2 * stream.backoff_s))
-        return now + stream.backoff_s
+        return stream.next[0]
+
+    def _rendered(self, stream):
+        """Whether the stream has a next frame (rendering it if need be);
+        a failure past its handler's guard cuts the stream."""
+        if stream.next is None and stream.frames is not None:
+            try:
+                stream.next = next(stream.frames, None)
+            except Exception:
+                self._finish(stream, False)
+                return False
+            if stream.next is None:
+                stream.frames = None
+        return stream.next is not None
 
     @staticmethod
     def _finish(stream, ok):
-        with stream.room:
-            if stream.ok is None:
-                stream.ok = ok
-            stream.chunks.clear()
-            stream.size = 0
-            stream.room.notify_all()
+        if stream.ok is None:
+            stream.ok = ok
+        stream.next = stream.frames = None
         stream.pending = b""
         stream.finished.set()
 
@@ -6517,20 +6482,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_timed(self, head, chunks):
         """Send head with the first chunk, then each chunk at its time (on
-        the clock), from the stream writer's thread; the chunks render here,
-        in this thread, at most a window ahead.  False if the client went
-        away or the server stops first."""
+        the clock): the stream writer renders and sends them (see
+        _StreamWriter).  False if the client went away or the server stops."""
         streams, clock, sock = self.server.streams, self.server.clock, self.connection
         timeout = sock.gettimeout()
         sock.setblocking(False)
+        # The kernel's buffer is the rest of the window: with its own
+        # (several MB), every stream of clients that read nothing rendered
+        # that much more, and kept a core busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, streams.WINDOW)
         try:
-            stream = streams.open(sock, head)
-            if stream is None:
-                return False
-            for at_ms, data in chunks:
-                if not streams.put(stream, clock.real_ms(at_ms) / 1000, data):
-                    return False
-            return streams.end(stream)
+            stream = streams.start(sock, head, ((clock.real_ms(at_ms) / 1000, data)
+                                                for at_ms, data in chunks))
+            return stream is not None and streams.wait(stream)
         finally:
             sock.settimeout(timeout)
 
