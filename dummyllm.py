@@ -6287,7 +6287,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.settimeout(None)
             if not pending:
                 raise _Idle
-        reader.deadline = time.monotonic() + self.server.head_timeout_s
+        reader.deadline = time.monotonic() + reader.head_timeout_s
 
     def handle_one_request(self):
         self.command, self._request, self._fault = None, None, None
@@ -6547,7 +6547,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length is not None and length > limit:
             self.close_connection = True  # the rest of the body is never read
             raise self._too_large(limit)
-        self._reader.deadline = time.monotonic() + self.server.head_timeout_s + (
+        self._reader.deadline = time.monotonic() + self._reader.head_timeout_s + (
             limit if chunked else length) / _BODY_BYTES_PER_S
         try:
             if chunked:
