@@ -24,32 +24,56 @@ Embed it in a test suite::
 
 One file, Python 3.9+ standard library only.  MIT licensed.
 
-The sections of this file, in the order a request's data flows through them:
+The sections of this file, in dependency order: each builds on those above
+it (a name looked up only when a request runs may come later).
 
-    Vocabulary            job states, limits, the modes table, faults, the one
-                          error table, ApiError and Fault
-    Validation and        rules that check one value and describe it as JSON
-    configuration         Schema; the simulate settings; reply rules; the
-                          server's options
-    Simulation            pure functions in simulated milliseconds: what a
-                          request does and when, its reply (text, tool calls,
-                          JSON drawn from a schema) and its stream timeline
-                          (no clock, no I/O)
-    Wire formats          a provider surface per unit (the job API; OpenAI
-                          chat, Responses, embeddings, completions; Anthropic
-                          Messages; Gemini; Ollama): how a request becomes the
-                          common call and how an answer, a stream and an error
-                          are written; also the Prometheus exposition
-    Job store             the dict behind one lock, its Timer, the injected
-                          clock, the quotas per key, the request journal and
-                          the verdict it gives on the client
-    Routes and handlers   what each endpoint does; _ROUTES holds every fact
-                          of a route (surface, API key, chaos, journal)
-    Server                connections, fault delivery, streams, webhooks, the
-                          log; DummyLLMServer and start_server
-    API document and      /openapi.json from _ROUTES, the /docs page, the
-    pages                 dashboard and the /journal timeline
-    Command line          main()
+    Vocabulary                    job states, limits, the modes table, faults,
+                                  the error codes, stream failures, findings;
+                                  ApiError and _Fault
+    Validation and configuration  rules that check one value and describe it
+                                  as JSON Schema; the simulate settings; reply
+                                  rules; the verdict's questions; the options
+    Simulation                    pure functions in simulated milliseconds:
+                                  what a request does and when, its reply
+                                  (text, tool calls, JSON drawn from a schema),
+                                  its stream's timeline (no clock, no I/O)
+    Surfaces                      the protocol of a provider's unit, then a
+                                  unit each (the job API; the server's own
+                                  endpoints; OpenAI chat, Responses,
+                                  embeddings, completions; Anthropic Messages;
+                                  Gemini; Ollama) and their registration
+    Job store                     the dict behind one lock, its Timer, the
+                                  injected clock; the quotas; the journal
+    Verdict                       findings on a client's requests, from the
+                                  journal (pure)
+    Server                        the log, webhooks, streams, the application
+                                  (everything but the socket), connections;
+                                  DummyLLMServer and start_server
+    API document and pages        /openapi.json from the registered surfaces,
+                                  the /docs page, the dashboard, the timeline
+    Command line                  main()
+
+The life of a request.  A thread of the ThreadingHTTPServer runs a
+_Handler for its connection: handle() waits for a request (and parks the
+connection without a thread when none comes), handle_one_request() reads
+its head with the file's own parser, and _dispatch() reads its body into a
+_Request and asks the application: _Application.answer() routes it
+(_Router.match), checks its key, meets --chaos and calls the route's
+handler with the route's surface.  A model call's handler is _model_call:
+the surface's parse() makes the common _Call (simulate settings from the
+body, the header or a reply rule), _admit() counts it against its key's
+quota, and the surface's respond() takes the call's place in the seeded
+sequences and scripts (_JobStore.plan_call, the only work under the
+store's lock), draws its plan once, outside it (_plan), then refuses,
+fails, hangs or answers: a JSON answer by the surface's answer(), a stream
+as a _Render of _stream_timeline.  The handler's _deliver() waits until the
+answer is due and writes it in one send (_send_bytes), spoils it with a
+fault, or gives a stream to the _StreamWriter, which renders each frame as
+it falls due and sends it; _answered() tells _Application.record(), which
+counts it, logs it and adds it to the _Journal the verdict reads.  What the
+request learns on its way (its job, key, rule, error code...) is written in
+its _Note.  An ApiError raised anywhere is written once, by _render_error,
+in the shape of the surface that answers.
 
 Job transitions are driven by one threading.Timer, armed for the earliest
 transition due and re-armed when it fires or when an earlier one arrives
@@ -297,7 +321,7 @@ class _Fault(collections.namedtuple("_Fault", "kind status retry_after_ms state"
         return self.kind
 
 
-# --- Validation and configuration --------------------------------------------------
+# --- Validation and configuration -------------------------------------------------
 # A rule checks one value and describes it: ``rule(value, field)`` returns
 # the value (in its normal form) or raises _ValidationError naming the
 # field; `rule.schema` is its JSON Schema; `rule.from_text` reads it from a
@@ -817,6 +841,13 @@ _REPLY_RULE_FIELDS = {
 }
 
 
+# What GET /v1/rules adds to each rule it lists.
+_LISTED_RULE_FIELDS = {
+    "index": _Field(_Int(0, 2 ** 31), _REQUIRED, "Its place in the order rules are tried."),
+    "source": _Field(_Choice("file", "runtime"), _REQUIRED, "--rules, or POST /v1/rules."),
+}
+
+
 class _ReplyRule(collections.namedtuple("_ReplyRule", "match simulate source given")):
     """A reply rule: its checked match keys and simulate settings, where it
     came from ("file" or "runtime") and the JSON it was given as."""
@@ -1010,7 +1041,7 @@ def _plain(value):
     return value
 
 
-# --- Simulation ------------------------------------------------------------------
+# --- Simulation -------------------------------------------------------------------
 # Pure functions: given a request's settings and its place in a seeded
 # sequence, what happens to it and when, in simulated milliseconds after it
 # arrived.  No clock, no I/O, no --time-scale: the store's clock turns
@@ -1611,7 +1642,7 @@ def _cut_in_half(data):
     if not mark:
         head, payload = b"", body
     return head + mark + payload[:len(payload) // 2] + data[len(body):]
-# --- Surfaces --------------------------------------------------------------------
+# --- Surfaces ---------------------------------------------------------------------
 # A surface is one provider's API, declared as one unit: its routes and their
 # descriptions, how a request in its format becomes the common call, how an
 # answer, an error and a stream are written in its format (a stream as a
@@ -1621,7 +1652,7 @@ def _cut_in_half(data):
 # through the protocol below.  A new provider is its unit and one entry in
 # _SURFACES.
 
-# --- Surfaces: the protocol ------------------------------------------------------
+# --- Surfaces: the protocol -------------------------------------------------------
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
@@ -2290,7 +2321,8 @@ _LIST = _Check(_check_list, {"type": "array"})
 
 # The keys of a job's JSON, each also the name of a _Job attribute.
 _JOB_JSON = {
-    "id": {"type": "string", "pattern": "^job_[0-9a-f]{12}$"},
+    "id": {"type": "string", "pattern": "^[a-z]+_[0-9a-f]{12}$",
+           "description": "job_..., or resp_... for a stored response"},
     "state": {"type": "string", "enum": list(_JOB_STATES)},
     "op": {"type": "string"},
     "trace_id": {"type": ["string", "null"]},
@@ -2520,8 +2552,8 @@ class _Control(_Surface):
                 "match": {"surface": "openai.chat", "text_contains": "weather"},
                 "simulate": {"tool_calls": [{"name": "get_weather",
                                              "arguments": {"city": "Paris"}}]}}),
-            "ListedRule": {"allOf": [_ref("ReplyRule"), {"type": "object", "properties": {
-                "index": {"type": "integer"}, "source": {"enum": ["file", "runtime"]}}}]},
+            "ListedRule": _object_schema({**_REPLY_RULE_FIELDS, **_LISTED_RULE_FIELDS},
+                                         strict=True),
             "ReplyRules": {"type": "object", "properties": {
                 "rules": {"type": "array", "items": _ref("ListedRule")},
                 "surfaces": {"type": "array", "items": {"type": "string"}}}},
@@ -2660,7 +2692,7 @@ class _Control(_Surface):
 _CONTROL = _Control()
 
 
-# --- Surfaces: OpenAI ------------------------------------------------------------
+# --- Surfaces: OpenAI -------------------------------------------------------------
 # Chat completions, the Responses API, embeddings and legacy completions share
 # the error shape, the finish reasons and the usage of _OpenAI.
 
@@ -2750,6 +2782,8 @@ class _OpenAI(_Surface):
     def done(self, render, piece):
         return b"[DONE]"
 
+
+# --- Surfaces: OpenAI chat --------------------------------------------------------
 
 _STREAM_OPTIONS = {"include_usage": _Field(_Bool(), False, "End with a usage chunk.")}
 _STREAM_OPTIONS_FIELD = _Field(_Check(lambda value, field: _given(value, _STREAM_OPTIONS, field),
@@ -2915,6 +2949,8 @@ class _OpenAIChat(_OpenAI):
 
 _OPENAI_CHAT = _OpenAIChat()
 
+
+# --- Surfaces: OpenAI Responses ---------------------------------------------------
 
 def _check_responses_input(value, field):
     """A string, or items: messages (a role, content as text or parts) and
@@ -3327,6 +3363,8 @@ class _OpenAIResponses(_OpenAI):
 
 _OPENAI_RESPONSES = _OpenAIResponses()
 
+
+# --- Surfaces: OpenAI embeddings and completions ----------------------------------
 
 def _check_embedding_input(value, field):
     """A string, strings, a token list or token lists: 1 to 2,048 non-empty items."""
@@ -3752,7 +3790,7 @@ class _AnthropicMessages(_Surface):
 _ANTHROPIC_MESSAGES = _AnthropicMessages()
 
 
-# --- Surfaces: Gemini ------------------------------------------------------------
+# --- Surfaces: Gemini -------------------------------------------------------------
 
 def _check_contents(value, field):
     if not isinstance(value, list) or not value:
@@ -4034,7 +4072,7 @@ class _Gemini(_Surface):
 _GEMINI = _Gemini()
 
 
-# --- Surfaces: Ollama ------------------------------------------------------------
+# --- Surfaces: Ollama -------------------------------------------------------------
 
 _OLLAMA_OPTIONS = {
     "num_predict": _Field(_Int(-2, 10_000_000), None,
@@ -4270,7 +4308,7 @@ class _Ollama(_Surface):
 _OLLAMA = _Ollama()
 
 
-# --- Surfaces: registration --------------------------------------------------------
+# --- Surfaces: registration -------------------------------------------------------
 
 # The surfaces served, in the order their routes are tried.  A new provider
 # is its unit above and one entry here.
@@ -4406,7 +4444,7 @@ class _Router:
         return surfaces.pop() if best and len(surfaces) == 1 else _JOB_API
 
 
-# --- Job store -------------------------------------------------------------------
+# --- Job store --------------------------------------------------------------------
 # One dict of jobs behind one lock.  Pending transitions wait in a heap of
 # due times served by one threading.Timer armed for the earliest, so a
 # pending job costs a heap entry and a hanging job costs nothing.  Every
@@ -5133,7 +5171,7 @@ class _Journal:
             return removed
 
 
-# --- Verdict ---------------------------------------------------------------------
+# --- Verdict ----------------------------------------------------------------------
 # What a client's requests, as the journal holds them, say about its retries,
 # back-off, polling and idempotency (see _FINDINGS).  Pure: journal entries
 # and a "now" in, findings out.  Requests are judged by sequence key: their
@@ -5420,14 +5458,14 @@ _VERDICT_SCHEMA = {"type": "object", "required": ["requests", "attempts", "findi
                      "description": "The seq of each offending request"}}}}}}
 
 
-# --- Server ----------------------------------------------------------------------
+# --- Server -----------------------------------------------------------------------
 # The wire work.  A thread per connection (ThreadingHTTPServer) reads each
 # request with its own parser, has the application answer it, and writes
 # the answer in one send, as a stream, or spoiled by a fault.  One thread
 # sends every stream's chunks, one keeps the idle and held connections, a
 # few post webhooks, one writes the log.
 
-# --- Server: the log -------------------------------------------------------------
+# --- Server: the log --------------------------------------------------------------
 
 class _LogWriter:
     """Write log lines from one thread, so a parent that never reads our
@@ -5466,7 +5504,7 @@ def _printable(text):
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
-# --- Server: webhooks ------------------------------------------------------------
+# --- Server: webhooks -------------------------------------------------------------
 
 class _Webhooks:
     """POST each ended job's JSON to its callback_url: up to 3 attempts, each
@@ -5549,7 +5587,7 @@ class _Webhooks:
             connection.close()
 
 
-# --- Server: streams -------------------------------------------------------------
+# --- Server: streams --------------------------------------------------------------
 
 class _Stream:
     """One stream on its way: its frames, rendered one by one as they fall
@@ -5725,7 +5763,7 @@ class _StreamWriter:
             self._finish(stream, False)
 
 
-# --- Server: the application -------------------------------------------------------
+# --- Server: the application ------------------------------------------------------
 
 class _Application:
     """Everything a request meets but the socket: routing, the API key,
@@ -5939,7 +5977,7 @@ class _Application:
                 self._log_writer = None
 
 
-# --- Server: connections -----------------------------------------------------------
+# --- Server: connections ----------------------------------------------------------
 
 _date_cache = (0, "")
 
@@ -6700,7 +6738,7 @@ _FAULT_DELIVERY = {"reset": _deliver_reset, "disconnect": _deliver_disconnect,
                    "malformed": _deliver_malformed, "dribble": _deliver_dribble}
 
 
-# --- Server: DummyLLMServer and start_server ----------------------------------------
+# --- Server: DummyLLMServer and start_server --------------------------------------
 
 class DummyLLMServer(_Application, ThreadingHTTPServer):
     """The dummyLLM HTTP server: ``DummyLLMServer(port=0, mode="fail", ...)``.
@@ -6964,7 +7002,7 @@ def start_server(**options):
     return DummyLLMServer(**options).start()
 
 
-# --- API document and pages ------------------------------------------------------
+# --- API document and pages -------------------------------------------------------
 # /openapi.json is made from the registered surfaces: their routes, each
 # route's description and the schemas each surface declares.  /docs, the
 # dashboard and the /journal timeline are self-contained pages that read it
@@ -7331,7 +7369,7 @@ for (const name of ["key", "path"]) {
 """
 
 
-# --- Command line ----------------------------------------------------------------
+# --- Command line -----------------------------------------------------------------
 
 class _UsageError(Exception):
     pass

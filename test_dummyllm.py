@@ -1,8 +1,11 @@
 """Tests for dummyllm.py, standard library only: ``python3 -m unittest -v``.
 
-They take the headings of dummyllm.py.  Servers run in-process on port 0
-(or as a subprocess for the command line); the job store runs on a fake
-clock that moves only when a test says so.
+They take the headings of dummyllm.py.  Most requests are answered without a
+socket (AppTestCase: an application, a SocketlessHandler and a fake clock
+that moves as answers wait), and each JSON answer is checked against the API
+document's schema for it; real servers on port 0 (ServerTestCase) only where
+the socket is the point: the wire, streams' timing, the SDKs, the browser;
+subprocesses only where the process is.
 """
 
 import ast
@@ -179,6 +182,7 @@ class SocketlessHandler(dummyllm._Handler):
         self._reader = types.SimpleNamespace(arrived=None, deadline=None, head_timeout_s=10)
         self._started, self.close_connection = time.perf_counter(), False
         self.handle_one_request()
+        self.faulted = bool(self._fault or self._request and self._request.note.fault)
 
     def _wait_until(self, at_ms):
         self.server.clock.advance_to(at_ms)
@@ -230,6 +234,7 @@ class SocketlessConnection:
             head += f"Content-Length: {len(body or b'')}\r\n"
         handler = SocketlessHandler(self.app, head.encode("latin-1") + b"\r\n" + (body or b""))
         self._sent = handler.wfile.getvalue(), handler.ending, method
+        self.faulted = handler.faulted  # spoiled on purpose: no schema holds it
 
     def getresponse(self):
         data, ending, method = self._sent
@@ -245,8 +250,28 @@ class SocketlessConnection:
         pass
 
 
+def documented_schema(app, method, path, status):
+    """The schema the API document gives an answer, or None where it
+    promises no JSON: that of the route's status, else its errors'."""
+    try:
+        route, _ = app.router.match(method, path.partition("?")[0])
+    except dummyllm.ApiError:
+        route = None
+    surface = route.surface if route else app.router.surface_of(path.partition("?")[0])
+    what = route.api["answers"].get(status, surface.error_schema) if route else (
+        surface.error_schema)
+    if what is None and status >= 400:
+        what = surface.error_schema
+    if what is None or "/" in what:
+        return None
+    return {"$ref": "#/components/schemas/" + what,
+            "components": dummyllm._registry().document["components"]}
+
+
 class Calls:
-    """Helpers that talk to an application as its clients would."""
+    """Helpers that talk to an application as its clients would.  Each JSON
+    answer is checked against the API document's schema for it (with the
+    jsonschema package): the document cannot drift from the wire."""
 
     def call(self, method, path, body=None, headers=None, conn=None):
         """(status, decoded JSON body or None, response) for one request."""
@@ -257,7 +282,13 @@ class Calls:
         response = conn.getresponse()
         data = response.read()
         self.assertEqual(response.getheader("Content-Type"), "application/json")
-        return response.status, (json.loads(data) if data else None), response
+        value = json.loads(data) if data else None
+        if jsonschema is not None and value is not None and not getattr(conn, "faulted", False):
+            schema = documented_schema(getattr(conn, "app", self.server), method, path,
+                                       response.status)
+            if schema is not None:
+                jsonschema.validate(value, schema, jsonschema.Draft202012Validator)
+        return response.status, value, response
 
     def create(self, conn=None, **body):
         body.setdefault("op", "llm.chat")
@@ -322,6 +353,21 @@ class AppTestCase(Calls, unittest.TestCase):
 
     def connect(self, app):
         return SocketlessConnection(app)
+
+
+class Logs:
+    """Keeps the log's lines in `lines`."""
+
+    def log(self, line):
+        self.lines.append(line)
+
+
+class LoggingApp(Logs, dummyllm._Application):
+    pass
+
+
+class LoggingServer(Logs, dummyllm.DummyLLMServer):
+    pass
 
 
 class ServerTestCase(Calls, unittest.TestCase):
@@ -393,7 +439,7 @@ class VocabularyTest(unittest.TestCase):
                     self.assertTrue(mode.error is None or mode.error in dummyllm._ERRORS)
 
 
-# --- Validation and configuration --------------------------------------------------
+# --- Validation and configuration -------------------------------------------------
 
 class ConfigurationTest(unittest.TestCase):
 
@@ -510,7 +556,7 @@ class ReplyRuleTest(unittest.TestCase):
         self.assertIn("rules[0].simulate.latency_ms", str(caught.exception))
 
 
-# --- Simulation ---------------------------------------------------------------------
+# --- Simulation -------------------------------------------------------------------
 
 class SimulationTest(unittest.TestCase):
 
@@ -936,138 +982,279 @@ class SchemaCorpusTest(unittest.TestCase):
                     self.assertEqual(list(validator.iter_errors(value)), [], value)
 
 
-# --- Job store ------------------------------------------------------------------------
+# --- Surfaces: the protocol -------------------------------------------------------
 
-class JobStoreTest(unittest.TestCase):
-
-    def store(self, scale=1, **options):
-        self.clock = FakeClock(scale)
-        store = dummyllm._JobStore(dummyllm.make_config(**options), self.clock)
-        self.addCleanup(store.close)
-        return store
-
-    def state(self, store, job_id):
-        return store._jobs[job_id].state  # as the Timer left it, no operation applying it
-
-    def test_queued_running_ok_on_the_timer_alone(self):
-        store = self.store()
-        job = store.create(spec(queue_ms=50, latency_ms=100)).job
-        self.assertEqual(job["state"], "queued")
-        self.clock.advance(49)
-        self.assertEqual(self.state(store, job["id"]), "queued")
-        self.clock.advance(1)
-        self.assertEqual(self.state(store, job["id"]), "running")
-        self.clock.advance(99)
-        self.assertEqual(self.state(store, job["id"]), "running")
-        self.clock.advance(1)
-        done = store.poll(job["id"])[0]
-        self.assertEqual((done["state"], done["result"]["text"]), ("ok", "ok :: op=llm.chat"))
-        self.assertEqual(done["updated_at_ms"] - done["created_at_ms"], 150)
-        self.assertEqual(self.clock.pending(), [])
-
-    def test_answers_do_not_wait_for_the_timer(self):
-        store = self.store(max_jobs=2)
-        ids = []
-        for _ in range(5):  # evicts, never 503
-            ids.append(store.create(spec(latency_ms=10))[1]["id"])
-            self.clock.now += 10  # time passes, the Timer does not fire
-        self.assertEqual(store.poll(ids[-1])[0]["state"], "ok")
-        self.assertEqual(store.counts(), {"stored": 2, "active": 0, "by_state": {"ok": 2}})
-
-    def test_a_24_hour_timeout(self):
-        store = self.store()
-        job_id = store.create(spec(mode="timeout", timeout_ms=86_400_000))[1]["id"]
-        self.clock.advance(86_399_999)
-        self.assertEqual(self.state(store, job_id), "running")
-        self.clock.advance(1)
-        self.assertEqual(store.poll(job_id)[0]["error"]["code"], "TIMEOUT")
-
-    def test_hang_arms_nothing_and_never_ends(self):
-        store = self.store()
-        job_id = store.create(spec(mode="hang", timeout_ms=10))[1]["id"]
-        self.clock.advance(0)
-        self.assertEqual(self.clock.pending(), [])
-        self.clock.advance(10 ** 9)
-        self.assertEqual(store.poll(job_id)[0]["state"], "running")
-        self.assertEqual(store.cancel(job_id)["state"], "cancelled")
-
-    def test_cancel_racing_the_transition(self):
-        store = self.store()
-        on_time = store.create(spec(latency_ms=100))[1]["id"]
-        self.clock.now += 1
-        late = store.create(spec(latency_ms=100))[1]["id"]
-        self.clock.now += 99  # the first is due, and the Timer has not fired yet
-        self.assertEqual(store.cancel(on_time)["state"], "ok")  # its transition came first
-        self.assertEqual(store.cancel(late)["state"], "cancelled")
-        self.clock.advance(5)  # the Timer fires, and changes nothing
-        self.assertEqual([store.poll(job_id)[0]["state"] for job_id in (on_time, late)],
-                         ["ok", "cancelled"])
-
-    def test_time_scale_is_the_clocks_alone(self):
-        store = self.store(scale=0.1)
-        job_id = store.create(spec(latency_ms=1000))[1]["id"]
-        timer, = self.clock.pending()
-        self.assertAlmostEqual(timer.delay_s, 0.1)  # 1000 simulated ms, 100 real
-        self.clock.advance(1000)
-        self.assertEqual(self.state(store, job_id), "ok")
-        self.assertEqual(store.request_view(job_id)["simulate"]["latency_ms"], 1000)
-        self.assertAlmostEqual(store.metrics()[3][1], 0.1)  # durations are real seconds
-
-    def test_one_timer_for_the_earliest_rearmed_only_when_an_earlier_one_comes(self):
-        store = self.store()
-        for latency in (300, 200, 200, 250):
-            store.create(spec(latency_ms=latency))
-        self.assertEqual(self.clock.armed, 2)  # for 300, then for 200
-        self.assertEqual([timer.at_ms for timer in self.clock.pending()], [1200])
-        self.clock.advance(300)
-        self.assertEqual(store.counts()["by_state"], {"ok": 4})
-        self.assertEqual(self.clock.armed, 4)  # and for 250, then 300
-
-    def test_transitions_within_a_millisecond_share_a_firing(self):
-        store = self.store()
-        for _ in range(4):
-            store.create(spec(latency_ms=100))
-            self.clock.now += 0.25
-        self.clock.advance(100)
-        self.assertEqual(store.counts()["by_state"], {"ok": 4})
-        self.assertLessEqual(self.clock.armed, 2)
-
-    def test_cancelled_transitions_do_not_pile_up(self):
-        store = self.store()
-        for _ in range(1000):
-            store.cancel(store.create(spec(mode="timeout", timeout_ms=86_400_000))[1]["id"])
-        self.assertLess(len(store._due), 200)
-
-    def test_close_disarms_the_timer(self):
-        store = self.store()
-        store.create(spec(latency_ms=60_000))
-        store.close()
-        self.assertEqual(self.clock.pending(), [])
-
-    def test_a_replay_takes_no_script_step_and_no_seeded_draw(self):
-        store = self.store()
-        scripted = spec(trace_id="K", seed=1, mode="flaky",
-                        script=({"mode": "fail"}, {"mode": "hang"}, {"mode": "ok"}))
-        key = ("pay-1", "fingerprint")
-        first, job, replayed, _ = store.create(scripted, key)
-        self.assertEqual((first.mode, replayed), ("fail", False))
-        for _ in range(3):
-            self.assertEqual(store.create(scripted, key)[1]["id"], job["id"])
-        second = store.create(scripted)[0]
-        self.assertEqual(second.mode, "hang")
-        self.assertEqual(store.request_view(store.list_jobs()[0][0]["id"])["simulate"]["n"], 1)
-
-    def test_a_lost_request_takes_its_step_and_creates_nothing(self):
-        store = self.store()
-        scripted = spec(trace_id="L", script=({"fault": dummyllm._Fault("reset", None, None,
-                                                                         None)}, {}))
-        taken, job, _, _ = store.create(scripted)
-        self.assertEqual((taken.fault.kind, job), ("reset", None))
-        self.assertIsNone(store.create(scripted)[0].fault)
-        self.assertEqual(store.counts()["stored"], 1)
+def _acme_event(render, name, data):
+    return b"@" + name.encode() + b" " + data + b"\n"
 
 
-# --- Wire formats: the job API ---------------------------------------------------------
+class Acme(dummyllm._Surface):
+    """A provider declared only here, as a new one is declared: its path,
+    error shape, headers, quota headers and stream framing are its own."""
+
+    name = "acme"
+    keyed = True
+    error_schema = "AcmeError"
+    validation_status = 400
+    error_types = {429: "slow_down", "4xx": "bad_request", "5xx": "broken"}
+    finish = {"end": "done", "max_tokens": "cut", "stop_sequence": "done", "tool_calls": "tools"}
+    framing = dummyllm._Framing("text/x-acme-stream", _acme_event, b"BEGIN\n", b"END\n")
+    request_headers = ("acme-key",)
+    quota_header = "acme-{kind}-{part}"
+    REQUEST = {
+        "model": dummyllm._MODEL,
+        "say": dummyllm._Field(dummyllm._Text(), dummyllm._REQUIRED, "What to answer to."),
+        "stream": dummyllm._Field(dummyllm._Bool(), False, "Answer as a stream of lines."),
+        "max_words": dummyllm._Field(dummyllm._Int(1, 1000), None, "Cut the answer."),
+        **dummyllm._EXTENSIONS,
+    }
+
+    def schemas(self):
+        return {
+            "AcmeError": {"type": "object", "required": ["problem", "detail"], "properties": {
+                "problem": {"type": "string"}, "detail": {"type": "string"}}},
+            "AcmeRequest": dummyllm._object_schema(self.REQUEST),
+            "AcmeAnswer": {"type": "object", "required": ["said", "why"], "properties": {
+                "said": {"type": "string"}, "why": {"type": "string"}}},
+        }
+
+    def credential(self, request):
+        return request.headers.get("acme-key")
+
+    def error_body(self, error, status, retry_ms):
+        return {"problem": self.error_type(error, status), "detail": error.message}
+
+    def parse(self, request, config):
+        values = dummyllm._with_defaults(dummyllm._given(dummyllm._json_body(request),
+                                                         self.REQUEST, None), self.REQUEST,
+                                         config)
+        return self.call(request, config, model=values["model"], stream=values["stream"],
+                         messages=[{"role": "user", "content": values["say"]}],
+                         max_tokens=values["max_words"], user=None,
+                         timeout_ms=values["timeout_ms"], simulate=values["simulate"])
+
+    def answer(self, call, reply, created):
+        return {"said": reply.text, "why": self.finish[reply.end]}
+
+    def text(self, render, text):
+        return {"text": text}
+
+    def last(self, render, piece):
+        return {"why": self.finish[render.reply.end]}
+
+    def oops(self, render, piece):
+        return self.error_body(render.stream_error(), 500, None)
+
+    stream_events = {"open": (), "call": (), "arguments": (), "call_done": (),
+                     "piece": (("text", text),), "close": (("last", last),),
+                     "error": (("oops", oops),)}
+    routes = (dummyllm._route("POST", "/acme/v1/say", dummyllm._model_call,
+                              api=dummyllm._model_api("Acme: an answer", "AcmeRequest",
+                                                      {200: "AcmeAnswer", 429: None})),)
+
+
+class Brittle(Acme):
+    """Acme, but the last event of a reply with a "!" fails to render (a
+    bug); with "!!", its error event fails too."""
+
+    name = "brittle"
+
+    def last(self, render, piece):
+        if "!" in render.reply.text:
+            raise RuntimeError("a bug in a renderer")
+        return super().last(render, piece)
+
+    def oops(self, render, piece):
+        if "!!" in render.reply.text:
+            raise RuntimeError("a bug in the error event too")
+        return super().oops(render, piece)
+
+    stream_events = dict(Acme.stream_events, close=(("last", last),), error=(("oops", oops),))
+    routes = (dummyllm._route("POST", "/brittle/v1/say", dummyllm._model_call,
+                              api=Acme.routes[0].api),)
+
+
+class Registers:
+    """Registers surfaces for each test (before its application is made)."""
+
+    surfaces = (Acme(), Brittle())
+
+    def setUp(self):
+        for surface in self.surfaces:
+            dummyllm._register(surface)
+            self.addCleanup(dummyllm._unregister, surface)
+        super().setUp()
+
+
+def acme_lines(data):
+    """The events of an Acme stream: (name, JSON or None for BEGIN/END)."""
+    lines = []
+    for line in data.decode().splitlines():
+        name, _, payload = line.partition(" ")
+        lines.append((name, json.loads(payload) if payload else None))
+    return lines
+
+
+class SurfaceProtocolTest(Registers, AppTestCase):
+    """A surface declared in this file and registered is served in full: its
+    answers, streams, errors, modes, stream failures, quotas, rules, the
+    journal, the verdict and the API document."""
+
+    options = {"latency_ms": 0, "seed": 1}
+
+    def say(self, headers=None, **body):
+        body.setdefault("model", "roadrunner")
+        body.setdefault("say", "Meep meep")
+        self.conn.request("POST", "/acme/v1/say", json.dumps(body), headers or {})
+        response = self.conn.getresponse()
+        return response.status, response.read(), response
+
+    def test_an_answer_and_a_stream(self):
+        status, data, response = self.say()
+        self.assertEqual((status, json.loads(data)),
+                         (200, {"said": "Simulated reply to: Meep meep", "why": "done"}))
+        status, data, response = self.say(stream=True, max_words=2,
+                                          simulate={"token_ms": 10})
+        self.assertEqual((status, response.getheader("Content-Type")),
+                         (200, "text/x-acme-stream"))
+        self.assertEqual(acme_lines(data), [("BEGIN", None), ("@text", {"text": "Simu"}),
+                                            ("@text", {"text": "late"}),
+                                            ("@last", {"why": "cut"}), ("END", None)])
+
+    def test_every_mode(self):
+        expected = {"ok": 200, "echo": 200, "slow": 200, "fail": 500, "timeout": 504,
+                    "rate_limit": 429, "overloaded": 503, "quota_exhausted": 429}
+        for mode, mode_status in expected.items():
+            with self.subTest(mode=mode):
+                status, data, response = self.say(simulate={"mode": mode})
+                self.assertEqual(status, mode_status, data)
+                if status != 200:
+                    body = json.loads(data)
+                    self.assertEqual(body["problem"], "slow_down" if status == 429 else "broken")
+                    self.assertEqual(response.getheader("retry-after") is not None,
+                                     mode in ("rate_limit", "overloaded"))
+        with self.assertRaises(socket.timeout):  # hang: nothing is ever sent
+            self.say(simulate={"mode": "hang"})
+        for mode in ("flaky", "random"):  # what they draw answers as that mode does
+            for _ in range(5):
+                try:
+                    status = self.say(simulate={"mode": mode})[0]
+                except socket.timeout:
+                    status = None  # hang
+                self.assertIn(status, {None, *expected.values()})
+
+    def test_every_stream_failure(self):
+        def stream(kind, count=1):
+            return self.say(stream=True, simulate={"stream": {kind: count}})
+        _, data, _ = stream("error_after")
+        self.assertEqual(acme_lines(data)[-2:], [("@oops", {
+            "problem": "broken", "detail": "simulated stream error"}), ("END", None)])
+        self.assertEqual([name for name, _ in acme_lines(stream("truncate_after", 2)[1])],
+                         ["BEGIN", "@text", "@text"])
+        data = stream("malformed_after")[1].decode().splitlines()
+        self.assertEqual(json.loads(data[1].partition(" ")[2]), {"text": "Simu"})
+        self.assertRaises(ValueError, json.loads, data[2].partition(" ")[2])
+        self.conn.request("POST", "/acme/v1/say", json.dumps({
+            "model": "m", "say": "x", "stream": True, "simulate": {"stream": {"cut_after": 1}}}))
+        with self.assertRaises(http.client.IncompleteRead):
+            self.conn.getresponse().read()
+        self.conn.request("POST", "/acme/v1/say", json.dumps({
+            "model": "m", "say": "x", "stream": True,
+            "simulate": {"stream": {"stall_after": 1}}}))
+        with self.assertRaises(socket.timeout):
+            self.conn.getresponse().read()
+
+    def test_its_errors_key_and_quota_headers(self):
+        status, data, _ = self.say(say=5)
+        self.assertEqual((status, json.loads(data)), (400, {
+            "problem": "bad_request", "detail": "say must be a string"}))
+        self.assertEqual(self.call("POST", "/acme/v1/nope", {})[1]["problem"], "bad_request")
+        keyed = self.start({"api_key": "k", "rpm": 1})
+        self.conn = self.connect(keyed)
+        self.assertEqual(self.say()[0], 401)
+        status, _, response = self.say({"acme-key": "k"})
+        self.assertEqual((status, response.getheader("acme-requests-remaining")), (200, "0"))
+        status, data, response = self.say({"acme-key": "k"})
+        self.assertEqual((status, json.loads(data)["problem"]), (429, "slow_down"))
+        self.assertEqual(response.getheader("acme-requests-limit"), "1")
+
+    def test_rules_the_journal_and_the_verdict(self):
+        self.server.add_rule({"match": {"surface": "acme", "text_contains": "Meep"},
+                              "simulate": {"script": [
+                                  {"mode": "rate_limit", "retry_after_ms": 1000}, "ok"]}})
+        self.assertIn("acme", self.call("GET", "/v1/rules")[1]["surfaces"])
+        headers = {"X-Trace-Id": "coyote"}
+        self.assertEqual([self.say(headers)[0] for _ in range(2)], [429, 200])  # at once
+        entries = self.journal("?trace_id=coyote")
+        self.assertEqual([(entry["path"], entry["rule"], entry["retry_after_ms"])
+                          for entry in entries],
+                         [("/acme/v1/say", 0, 1000), ("/acme/v1/say", 0, None)])
+        finding, = self.server.verdict("coyote")["findings"]
+        self.assertEqual(finding["code"], "RETRY_AFTER_IGNORED")
+
+    def test_the_api_document_and_cors(self):
+        document = self.call("GET", "/openapi.json")[1]
+        operation = document["paths"]["/acme/v1/say"]["post"]
+        self.assertEqual(operation["requestBody"]["content"]["application/json"]["schema"],
+                         {"$ref": "#/components/schemas/AcmeRequest"})
+        self.assertEqual(operation["responses"]["default"]["content"]["application/json"]
+                         ["schema"], {"$ref": "#/components/schemas/AcmeError"})
+        self.assertIn("AcmeAnswer", document["components"]["schemas"])
+        browser = self.start({"cors": "*"})
+        self.assertIn("acme-key", browser.cors_allowed.split(", "))
+        self.assertIn("Access-Control-Expose-Headers: Location", "".join(browser.cors_headers))
+        self.assertIn("acme-tokens-reset", "".join(browser.cors_headers))
+
+
+class StreamContainmentTest(Registers, ServerTestCase):
+    """A frame that fails to render ends its own stream, with its surface's
+    error event (or cut, if that fails too), while every other stream goes
+    on; the traceback is logged once and /metrics counts it."""
+
+    server_class = LoggingServer
+
+    def setUp(self):
+        super().setUp()
+        self.server.lines = []
+
+    def stream(self, say, conn=None):
+        conn = conn or self.connect(self.server)
+        conn.request("POST", "/brittle/v1/say", json.dumps({
+            "model": "m", "say": say, "stream": True, "simulate": {
+                "ok_text": say, "token_ms": 20}}))
+        return conn.getresponse()
+
+    def test_a_render_that_raises_ends_its_stream_alone(self):
+        healthy = [self.stream("all is well " * 10) for _ in range(3)]
+        broken = self.stream("Boom!")  # its last event fails
+        self.assertEqual(acme_lines(broken.read()), [
+            ("BEGIN", None), ("@text", {"text": "Boom"}), ("@text", {"text": "!"}),
+            ("@oops", {"problem": "broken", "detail": "simulated stream error"}),
+            ("END", None)])
+        for response in healthy:
+            self.assertEqual(acme_lines(response.read())[-2:],
+                             [("@last", {"why": "done"}), ("END", None)])
+        again = self.stream("all is well")
+        self.assertEqual(acme_lines(again.read())[-1], ("END", None))  # the writer lives
+        self.wait_until(lambda: any("Traceback" in line for line in self.server.lines))
+        traceback_line, = [line for line in self.server.lines if "Traceback" in line]
+        self.assertIn("RuntimeError: a bug in a renderer", traceback_line)
+        self.assertIn("POST /brittle/v1/say", traceback_line)
+        self.assertIn("dummyllm_stream_errors_total 1\n", self.metrics())
+
+    def metrics(self):
+        conn = self.connect(self.server)
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+
+    def test_an_error_event_that_raises_too_cuts_the_stream(self):
+        with self.assertRaises(http.client.IncompleteRead) as caught:
+            self.stream("boom!!").read()
+        self.assertNotIn(b"@oops", caught.exception.partial)
+        self.assertEqual(acme_lines(self.stream("all is well").read())[-1], ("END", None))
+
+
+# --- Surfaces: the job API --------------------------------------------------------
 
 class HealthTest(AppTestCase):
     options = {"seed": 5, "mode": "flaky"}
@@ -1377,7 +1564,7 @@ class RequestErrorTest(AppTestCase):
         self.assertEqual(self.stored(), 0)
 
 
-# --- Wire formats: OpenAI chat -----------------------------------------------------------
+# --- Surfaces: OpenAI chat --------------------------------------------------------
 
 class ChatCalls:
     """Helpers that talk to /v1/chat/completions as any OpenAI client would."""
@@ -1942,7 +2129,7 @@ class OpenAISDKTest(ChatCalls, ServerTestCase):
             list(stream)
 
 
-# --- Wire formats: OpenAI Responses, embeddings, completions ------------------------------
+# --- Surfaces: OpenAI Responses, embeddings and completions -----------------------
 
 class ResponsesCalls:
     """Helpers that talk to /v1/responses as an OpenAI client would."""
@@ -2066,6 +2253,15 @@ class ResponsesTest(ResponsesCalls, AppTestCase):
         again = sse_events(self.conn.getresponse())
         self.assertEqual([data for _, data in again], [data for _, data in events][6:])
 
+    def test_resuming_past_the_last_event_is_an_empty_stream(self):
+        events = self.stream(background=True, simulate={"latency_ms": 0, "token_ms": 0})
+        response_id = events[0][1]["response"]["id"]
+        self.conn.request("GET", f"/v1/responses/{response_id}?stream=true"
+                                 f"&starting_after={len(events) + 10}")
+        response = self.conn.getresponse()
+        self.assertEqual((response.status, response.getheader("Content-Type"), response.read()),
+                         (200, "text/event-stream", b""))
+
     def test_store_false_is_not_kept_and_background_needs_it(self):
         response_id = self.respond(store=False)[1]["id"]
         self.assertEqual(self.call("GET", "/v1/responses/" + response_id)[0], 404)
@@ -2080,6 +2276,21 @@ class ResponsesTest(ResponsesCalls, AppTestCase):
         self.assertEqual((status, body["error"]["code"]), (429, "rate_limit_exceeded"))
         status, body, _ = self.respond(input=[])
         self.assertEqual((status, body["error"]["param"]), (400, "input"))
+
+
+class ResponsesWireTest(ResponsesCalls, ServerTestCase):
+    server_class = LoggingServer
+
+    def test_a_resumed_stream_with_nothing_left_ends_cleanly(self):
+        self.server.lines = []
+        events = self.stream(background=True, simulate={"latency_ms": 0, "token_ms": 0})
+        self.conn.request("GET", f"/v1/responses/{events[0][1]['response']['id']}"
+                                 "?stream=true&starting_after=1862")
+        response = self.conn.getresponse()
+        self.assertEqual((response.status, response.read()), (200, b""))
+        self.assertFalse(response.will_close)  # its end was sent: the connection lives
+        self.assertEqual(self.call("GET", "/health")[0], 200)
+        self.assertEqual(self.server.lines, [])
 
 
 class ResponsesAgentTest(ResponsesCalls, AppTestCase):
@@ -2204,115 +2415,7 @@ class CompletionsTest(ChatCalls, AppTestCase):
         self.assert_openai_error(status, body, 400, "invalid_request_error", param="echo")
 
 
-# --- Wire formats: Ollama ------------------------------------------------------------------
-
-class OllamaCalls:
-    def lines(self, path, **body):
-        self.conn.request("POST", path, json.dumps(body))
-        response = self.conn.getresponse()
-        self.assertEqual(response.getheader("Content-Type"), "application/x-ndjson")
-        return [json.loads(line) for line in response.read().splitlines()]
-
-
-class OllamaTest(OllamaCalls, AppTestCase):
-
-    def test_chat_streams_ndjson_by_default(self):
-        lines = self.lines("/api/chat", model="llama3.2", messages=[
-            {"role": "user", "content": "Hello"}], simulate={"latency_ms": 30, "token_ms": 10})
-        self.assertEqual("".join(line["message"]["content"] for line in lines),
-                         "Simulated reply to: Hello")
-        self.assertTrue(all(line["done"] is False for line in lines[:-1]))
-        final = lines[-1]
-        self.assertEqual((final["done"], final["done_reason"], final["eval_count"],
-                          final["prompt_eval_count"]), (True, "stop", 7, 2))
-        self.assertEqual(final["total_duration"], (30 + 6 * 10) * 1_000_000)
-        self.assertEqual(final["eval_duration"], 60 * 1_000_000)
-        self.assertEqual(final["prompt_eval_duration"] + final["eval_duration"],
-                         final["total_duration"])
-        self.assertRegex(final["created_at"], r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z\Z")
-
-    def test_chat_and_generate_in_one_object(self):
-        status, body, _ = self.call("POST", "/api/chat", {
-            "model": "m", "stream": False, "options": {"num_predict": 1},
-            "messages": [{"role": "user", "content": "Hello"}]})
-        self.assertEqual((status, body["message"], body["done_reason"]),
-                         (200, {"role": "assistant", "content": "Simu"}, "length"))
-        status, body, _ = self.call("POST", "/api/generate", {"model": "m", "prompt": "Hi",
-                                                              "stream": False})
-        self.assertEqual((body["response"], body["done"], body["context"]),
-                         ("Simulated reply to: Hi", True, []))
-
-    def test_embed_gives_the_vectors_of_v1_embeddings(self):
-        status, body, _ = self.call("POST", "/api/embed", {"model": "nomic", "input": ["a", "b"]})
-        self.assertEqual((status, len(body["embeddings"])), (200, 2))
-        openai_vector = self.call("POST", "/v1/embeddings", {"model": "nomic", "input": "a"})[1]
-        self.assertEqual(body["embeddings"][0], openai_vector["data"][0]["embedding"])
-        self.assertEqual(self.call("POST", "/api/embeddings", {"model": "nomic", "prompt": "a"})
-                         [1]["embedding"], body["embeddings"][0])
-
-    def test_models_show_ps_version(self):
-        self.assertEqual(self.call("GET", "/api/tags")[1]["models"][0]["name"], "dummyllm:latest")
-        self.assertEqual(self.call("GET", "/api/ps")[1]["models"][0]["name"], "dummyllm:latest")
-        self.assertIn("version", self.call("GET", "/api/version")[1])
-        self.assertEqual(self.call("POST", "/api/show", {"model": "llama3.2"})[1]["modelfile"],
-                         "FROM llama3.2")
-
-    def test_errors_are_an_error_string_and_stream_faults_are_lines(self):
-        status, body, _ = self.call("POST", "/api/chat", {"messages": []})
-        self.assertEqual((status, set(body)), (400, {"error"}))
-        self.assertIn("model", body["error"])
-        status, body, response = self.call("POST", "/api/chat", {
-            "model": "m", "stream": False, "simulate": {"mode": "rate_limit"}})
-        self.assertEqual((status, response.getheader("retry-after")), (429, "1"))
-        lines = self.lines("/api/chat", model="m", messages=[{"role": "user", "content": "Hi"}],
-                           simulate={"latency_ms": 0, "token_ms": 0, "stream": {"error_after": 1},
-                                     "fail_message": "gone"})
-        self.assertEqual(lines[-1], {"error": "gone"})
-        self.conn.close()  # the server closed it after the error line
-        self.conn.request("POST", "/api/chat", json.dumps({
-            "model": "m", "messages": [{"role": "user", "content": "Hi"}],
-            "simulate": {"latency_ms": 0, "token_ms": 0, "stream": {"cut_after": 1}}}))
-        with self.assertRaises(http.client.IncompleteRead):
-            self.conn.getresponse().read()
-
-
-class OllamaAgentTest(OllamaCalls, AppTestCase):
-    """Tool calls (arguments as an object), format, and a truncated stream."""
-
-    def test_tool_calls_plain_and_streamed(self):
-        ask = {"model": "llama3.2", "messages": [{"role": "user", "content": "Weather?"}],
-               "tools": OPENAI_TOOLS}
-        status, body, _ = self.call("POST", "/api/chat", {**ask, "stream": False, "simulate": {
-            "tool_calls": PARIS}})
-        self.assertEqual(status, 200)
-        [call] = body["message"]["tool_calls"]
-        self.assertEqual(call["function"]["arguments"], PARIS[0]["arguments"])
-        lines = self.lines("/api/chat", **ask, simulate={"tool_calls": PARIS, "token_ms": 0})
-        self.assertEqual(lines[0]["message"]["tool_calls"][0]["function"]["name"],
-                         "get_weather")
-        self.assertEqual((lines[-1]["done"], lines[-1]["done_reason"]), (True, "stop"))
-
-    def test_format_json_and_a_schema(self):
-        ask = {"model": "llama3.2", "stream": False, "messages": [{"role": "user",
-                                                                  "content": "Weather?"}]}
-        body = self.call("POST", "/api/chat", {**ask, "format": WEATHER})[1]
-        self.assertEqual(set(json.loads(body["message"]["content"])), {"city", "unit"})
-        body = self.call("POST", "/api/generate", {"model": "m", "prompt": "x", "stream": False,
-                                                   "format": "json"})[1]
-        self.assertIsInstance(json.loads(body["response"]), dict)
-        status, body, _ = self.call("POST", "/api/generate", {"model": "m", "prompt": "x",
-                                                              "format": "yaml"})
-        self.assertEqual((status, body), (400, {"error": 'format must be "json" or a JSON '
-                                                         'Schema'}))
-
-    def test_truncate_after_leaves_out_the_done_line(self):
-        lines = self.lines("/api/chat", model="m", messages=[{"role": "user", "content": "Hi"}],
-                           simulate={"token_ms": 0, "stream": {"truncate_after": 3}})
-        self.assertEqual(len(lines), 3)
-        self.assertTrue(all(line["done"] is False for line in lines))
-
-
-# --- Wire formats: Anthropic Messages -------------------------------------------------------
+# --- Surfaces: Anthropic Messages -------------------------------------------------
 
 def sse_events(response):
     """The (event name, data as JSON) of each server-sent event."""
@@ -2535,7 +2638,7 @@ class PayloadLimitTest(AnthropicCalls, AppTestCase):
         self.assert_anthropic_error(status, body, response, 413, "request_too_large")
 
 
-# --- Wire formats: Gemini --------------------------------------------------------------
+# --- Surfaces: Gemini -------------------------------------------------------------
 
 ASK_GEMINI = {"contents": [{"role": "user", "parts": [{"text": "Hello"}]}]}
 
@@ -2710,7 +2813,115 @@ class GeminiKeyTest(GeminiCalls, AppTestCase):
         self.assertEqual(self.generate(query="?key=g-key")[0], 200)
 
 
-# --- Wire formats: each provider's SDK, unchanged ---------------------------------------
+# --- Surfaces: Ollama -------------------------------------------------------------
+
+class OllamaCalls:
+    def lines(self, path, **body):
+        self.conn.request("POST", path, json.dumps(body))
+        response = self.conn.getresponse()
+        self.assertEqual(response.getheader("Content-Type"), "application/x-ndjson")
+        return [json.loads(line) for line in response.read().splitlines()]
+
+
+class OllamaTest(OllamaCalls, AppTestCase):
+
+    def test_chat_streams_ndjson_by_default(self):
+        lines = self.lines("/api/chat", model="llama3.2", messages=[
+            {"role": "user", "content": "Hello"}], simulate={"latency_ms": 30, "token_ms": 10})
+        self.assertEqual("".join(line["message"]["content"] for line in lines),
+                         "Simulated reply to: Hello")
+        self.assertTrue(all(line["done"] is False for line in lines[:-1]))
+        final = lines[-1]
+        self.assertEqual((final["done"], final["done_reason"], final["eval_count"],
+                          final["prompt_eval_count"]), (True, "stop", 7, 2))
+        self.assertEqual(final["total_duration"], (30 + 6 * 10) * 1_000_000)
+        self.assertEqual(final["eval_duration"], 60 * 1_000_000)
+        self.assertEqual(final["prompt_eval_duration"] + final["eval_duration"],
+                         final["total_duration"])
+        self.assertRegex(final["created_at"], r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z\Z")
+
+    def test_chat_and_generate_in_one_object(self):
+        status, body, _ = self.call("POST", "/api/chat", {
+            "model": "m", "stream": False, "options": {"num_predict": 1},
+            "messages": [{"role": "user", "content": "Hello"}]})
+        self.assertEqual((status, body["message"], body["done_reason"]),
+                         (200, {"role": "assistant", "content": "Simu"}, "length"))
+        status, body, _ = self.call("POST", "/api/generate", {"model": "m", "prompt": "Hi",
+                                                              "stream": False})
+        self.assertEqual((body["response"], body["done"], body["context"]),
+                         ("Simulated reply to: Hi", True, []))
+
+    def test_embed_gives_the_vectors_of_v1_embeddings(self):
+        status, body, _ = self.call("POST", "/api/embed", {"model": "nomic", "input": ["a", "b"]})
+        self.assertEqual((status, len(body["embeddings"])), (200, 2))
+        openai_vector = self.call("POST", "/v1/embeddings", {"model": "nomic", "input": "a"})[1]
+        self.assertEqual(body["embeddings"][0], openai_vector["data"][0]["embedding"])
+        self.assertEqual(self.call("POST", "/api/embeddings", {"model": "nomic", "prompt": "a"})
+                         [1]["embedding"], body["embeddings"][0])
+
+    def test_models_show_ps_version(self):
+        self.assertEqual(self.call("GET", "/api/tags")[1]["models"][0]["name"], "dummyllm:latest")
+        self.assertEqual(self.call("GET", "/api/ps")[1]["models"][0]["name"], "dummyllm:latest")
+        self.assertIn("version", self.call("GET", "/api/version")[1])
+        self.assertEqual(self.call("POST", "/api/show", {"model": "llama3.2"})[1]["modelfile"],
+                         "FROM llama3.2")
+
+    def test_errors_are_an_error_string_and_stream_faults_are_lines(self):
+        status, body, _ = self.call("POST", "/api/chat", {"messages": []})
+        self.assertEqual((status, set(body)), (400, {"error"}))
+        self.assertIn("model", body["error"])
+        status, body, response = self.call("POST", "/api/chat", {
+            "model": "m", "stream": False, "simulate": {"mode": "rate_limit"}})
+        self.assertEqual((status, response.getheader("retry-after")), (429, "1"))
+        lines = self.lines("/api/chat", model="m", messages=[{"role": "user", "content": "Hi"}],
+                           simulate={"latency_ms": 0, "token_ms": 0, "stream": {"error_after": 1},
+                                     "fail_message": "gone"})
+        self.assertEqual(lines[-1], {"error": "gone"})
+        self.conn.close()  # the server closed it after the error line
+        self.conn.request("POST", "/api/chat", json.dumps({
+            "model": "m", "messages": [{"role": "user", "content": "Hi"}],
+            "simulate": {"latency_ms": 0, "token_ms": 0, "stream": {"cut_after": 1}}}))
+        with self.assertRaises(http.client.IncompleteRead):
+            self.conn.getresponse().read()
+
+
+class OllamaAgentTest(OllamaCalls, AppTestCase):
+    """Tool calls (arguments as an object), format, and a truncated stream."""
+
+    def test_tool_calls_plain_and_streamed(self):
+        ask = {"model": "llama3.2", "messages": [{"role": "user", "content": "Weather?"}],
+               "tools": OPENAI_TOOLS}
+        status, body, _ = self.call("POST", "/api/chat", {**ask, "stream": False, "simulate": {
+            "tool_calls": PARIS}})
+        self.assertEqual(status, 200)
+        [call] = body["message"]["tool_calls"]
+        self.assertEqual(call["function"]["arguments"], PARIS[0]["arguments"])
+        lines = self.lines("/api/chat", **ask, simulate={"tool_calls": PARIS, "token_ms": 0})
+        self.assertEqual(lines[0]["message"]["tool_calls"][0]["function"]["name"],
+                         "get_weather")
+        self.assertEqual((lines[-1]["done"], lines[-1]["done_reason"]), (True, "stop"))
+
+    def test_format_json_and_a_schema(self):
+        ask = {"model": "llama3.2", "stream": False, "messages": [{"role": "user",
+                                                                  "content": "Weather?"}]}
+        body = self.call("POST", "/api/chat", {**ask, "format": WEATHER})[1]
+        self.assertEqual(set(json.loads(body["message"]["content"])), {"city", "unit"})
+        body = self.call("POST", "/api/generate", {"model": "m", "prompt": "x", "stream": False,
+                                                   "format": "json"})[1]
+        self.assertIsInstance(json.loads(body["response"]), dict)
+        status, body, _ = self.call("POST", "/api/generate", {"model": "m", "prompt": "x",
+                                                              "format": "yaml"})
+        self.assertEqual((status, body), (400, {"error": 'format must be "json" or a JSON '
+                                                         'Schema'}))
+
+    def test_truncate_after_leaves_out_the_done_line(self):
+        lines = self.lines("/api/chat", model="m", messages=[{"role": "user", "content": "Hi"}],
+                           simulate={"token_ms": 0, "stream": {"truncate_after": 3}})
+        self.assertEqual(len(lines), 3)
+        self.assertTrue(all(line["done"] is False for line in lines))
+
+
+# --- Surfaces: each provider's SDK, unchanged -------------------------------------
 
 anthropic = optional_import("anthropic")
 genai = optional_import("google.genai")
@@ -2997,7 +3208,7 @@ class OllamaSDKTest(ServerTestCase):
         self.assertLess(time.monotonic() - started, 2)
 
 
-# --- Wire formats: agent frameworks, unchanged ------------------------------------------
+# --- Surfaces: agent frameworks, unchanged ----------------------------------------
 
 pydantic_ai = optional_import("pydantic_ai")
 langchain_openai = optional_import("langchain_openai")
@@ -3093,7 +3304,7 @@ class InstructorTest(ServerTestCase):
                          "City")
 
 
-# --- Routes and handlers: retries, journal, operability ---------------------------------
+# --- Surfaces: retries, the journal and the server's own endpoints ----------------
 
 class ScriptTest(AppTestCase):
     options = {"seed": 1}
@@ -3158,6 +3369,21 @@ class ScriptTest(AppTestCase):
                 status, body, _ = self.call("POST", "/v1/jobs", {"op": "x",
                                                                  "simulate": {"script": script}})
                 self.assert_error(status, body, 422, "VALIDATION_ERROR", field)
+
+
+class PollFaultTest(AppTestCase):
+
+    def test_poll_faults_hit_the_kth_poll(self):
+        job_id = self.create(simulate={"mode": "hang", "poll_faults": [
+            None, "reset", {"unknown_state": "paused"}, {"status": 503}]})
+        path = "/v1/jobs/" + job_id
+        self.assertEqual(self.job(job_id)["state"], "running")
+        with self.assertRaises(ConnectionResetError):
+            self.call("GET", path)
+        self.assertEqual(self.job(job_id)["state"], "paused")
+        self.assertEqual(self.call("GET", path)[0], 503)
+        self.assertEqual(self.job(job_id)["state"], "running")
+        self.assertEqual(self.call("GET", path + "/request")[1]["polls"], 5)
 
 
 class IdempotencyTest(AppTestCase):
@@ -3548,7 +3774,138 @@ class RouteFactsTest(unittest.TestCase):
         self.assertIs(router.surface_of("/nope"), dummyllm._JOB_API)
 
 
-# --- Routes and handlers: the verdict on the client -------------------------------------
+# --- Job store --------------------------------------------------------------------
+
+class JobStoreTest(unittest.TestCase):
+
+    def store(self, scale=1, **options):
+        self.clock = FakeClock(scale)
+        store = dummyllm._JobStore(dummyllm.make_config(**options), self.clock)
+        self.addCleanup(store.close)
+        return store
+
+    def state(self, store, job_id):
+        return store._jobs[job_id].state  # as the Timer left it, no operation applying it
+
+    def test_queued_running_ok_on_the_timer_alone(self):
+        store = self.store()
+        job = store.create(spec(queue_ms=50, latency_ms=100)).job
+        self.assertEqual(job["state"], "queued")
+        self.clock.advance(49)
+        self.assertEqual(self.state(store, job["id"]), "queued")
+        self.clock.advance(1)
+        self.assertEqual(self.state(store, job["id"]), "running")
+        self.clock.advance(99)
+        self.assertEqual(self.state(store, job["id"]), "running")
+        self.clock.advance(1)
+        done = store.poll(job["id"])[0]
+        self.assertEqual((done["state"], done["result"]["text"]), ("ok", "ok :: op=llm.chat"))
+        self.assertEqual(done["updated_at_ms"] - done["created_at_ms"], 150)
+        self.assertEqual(self.clock.pending(), [])
+
+    def test_answers_do_not_wait_for_the_timer(self):
+        store = self.store(max_jobs=2)
+        ids = []
+        for _ in range(5):  # evicts, never 503
+            ids.append(store.create(spec(latency_ms=10))[1]["id"])
+            self.clock.now += 10  # time passes, the Timer does not fire
+        self.assertEqual(store.poll(ids[-1])[0]["state"], "ok")
+        self.assertEqual(store.counts(), {"stored": 2, "active": 0, "by_state": {"ok": 2}})
+
+    def test_a_24_hour_timeout(self):
+        store = self.store()
+        job_id = store.create(spec(mode="timeout", timeout_ms=86_400_000))[1]["id"]
+        self.clock.advance(86_399_999)
+        self.assertEqual(self.state(store, job_id), "running")
+        self.clock.advance(1)
+        self.assertEqual(store.poll(job_id)[0]["error"]["code"], "TIMEOUT")
+
+    def test_hang_arms_nothing_and_never_ends(self):
+        store = self.store()
+        job_id = store.create(spec(mode="hang", timeout_ms=10))[1]["id"]
+        self.clock.advance(0)
+        self.assertEqual(self.clock.pending(), [])
+        self.clock.advance(10 ** 9)
+        self.assertEqual(store.poll(job_id)[0]["state"], "running")
+        self.assertEqual(store.cancel(job_id)["state"], "cancelled")
+
+    def test_cancel_racing_the_transition(self):
+        store = self.store()
+        on_time = store.create(spec(latency_ms=100))[1]["id"]
+        self.clock.now += 1
+        late = store.create(spec(latency_ms=100))[1]["id"]
+        self.clock.now += 99  # the first is due, and the Timer has not fired yet
+        self.assertEqual(store.cancel(on_time)["state"], "ok")  # its transition came first
+        self.assertEqual(store.cancel(late)["state"], "cancelled")
+        self.clock.advance(5)  # the Timer fires, and changes nothing
+        self.assertEqual([store.poll(job_id)[0]["state"] for job_id in (on_time, late)],
+                         ["ok", "cancelled"])
+
+    def test_time_scale_is_the_clocks_alone(self):
+        store = self.store(scale=0.1)
+        job_id = store.create(spec(latency_ms=1000))[1]["id"]
+        timer, = self.clock.pending()
+        self.assertAlmostEqual(timer.delay_s, 0.1)  # 1000 simulated ms, 100 real
+        self.clock.advance(1000)
+        self.assertEqual(self.state(store, job_id), "ok")
+        self.assertEqual(store.request_view(job_id)["simulate"]["latency_ms"], 1000)
+        self.assertAlmostEqual(store.metrics()[3][1], 0.1)  # durations are real seconds
+
+    def test_one_timer_for_the_earliest_rearmed_only_when_an_earlier_one_comes(self):
+        store = self.store()
+        for latency in (300, 200, 200, 250):
+            store.create(spec(latency_ms=latency))
+        self.assertEqual(self.clock.armed, 2)  # for 300, then for 200
+        self.assertEqual([timer.at_ms for timer in self.clock.pending()], [1200])
+        self.clock.advance(300)
+        self.assertEqual(store.counts()["by_state"], {"ok": 4})
+        self.assertEqual(self.clock.armed, 4)  # and for 250, then 300
+
+    def test_transitions_within_a_millisecond_share_a_firing(self):
+        store = self.store()
+        for _ in range(4):
+            store.create(spec(latency_ms=100))
+            self.clock.now += 0.25
+        self.clock.advance(100)
+        self.assertEqual(store.counts()["by_state"], {"ok": 4})
+        self.assertLessEqual(self.clock.armed, 2)
+
+    def test_cancelled_transitions_do_not_pile_up(self):
+        store = self.store()
+        for _ in range(1000):
+            store.cancel(store.create(spec(mode="timeout", timeout_ms=86_400_000))[1]["id"])
+        self.assertLess(len(store._due), 200)
+
+    def test_close_disarms_the_timer(self):
+        store = self.store()
+        store.create(spec(latency_ms=60_000))
+        store.close()
+        self.assertEqual(self.clock.pending(), [])
+
+    def test_a_replay_takes_no_script_step_and_no_seeded_draw(self):
+        store = self.store()
+        scripted = spec(trace_id="K", seed=1, mode="flaky",
+                        script=({"mode": "fail"}, {"mode": "hang"}, {"mode": "ok"}))
+        key = ("pay-1", "fingerprint")
+        first, job, replayed, _ = store.create(scripted, key)
+        self.assertEqual((first.mode, replayed), ("fail", False))
+        for _ in range(3):
+            self.assertEqual(store.create(scripted, key)[1]["id"], job["id"])
+        second = store.create(scripted)[0]
+        self.assertEqual(second.mode, "hang")
+        self.assertEqual(store.request_view(store.list_jobs()[0][0]["id"])["simulate"]["n"], 1)
+
+    def test_a_lost_request_takes_its_step_and_creates_nothing(self):
+        store = self.store()
+        scripted = spec(trace_id="L", script=({"fault": dummyllm._Fault("reset", None, None,
+                                                                         None)}, {}))
+        taken, job, _, _ = store.create(scripted)
+        self.assertEqual((taken.fault.kind, job), ("reset", None))
+        self.assertIsNone(store.create(scripted)[0].fault)
+        self.assertEqual(store.counts()["stored"], 1)
+
+
+# --- Verdict ----------------------------------------------------------------------
 
 class VerdictTestCase(AppTestCase):
     """The clients written in these tests wait by moving the fake clock, so
@@ -3970,7 +4327,7 @@ class QuotaRateTest(AppTestCase):
         self.assertGreaterEqual(admitted[20] - admitted[0], 60_000)
 
 
-# --- Server ----------------------------------------------------------------------------
+# --- Server -----------------------------------------------------------------------
 
 class HttpTest(ServerTestCase):
     options = {"max_body_bytes": 1000}
@@ -4077,17 +4434,6 @@ class HttpTest(ServerTestCase):
         self.assertEqual(len(body), length)
 
 
-class Logs:
-    """Keeps the log's lines in `lines`."""
-
-    def log(self, line):
-        self.lines.append(line)
-
-
-class LoggingApp(Logs, dummyllm._Application):
-    pass
-
-
 class BrokenApp(LoggingApp):
     """An application with a bug: every answer to /boom raises."""
 
@@ -4187,18 +4533,6 @@ class FaultTest(ServerTestCase):
                 self.read_all_quietly(self.create_with(fault=fault, fault_phase="after"))
                 self.assertEqual(self.stored(), 1)
 
-    def test_poll_faults_hit_the_kth_poll(self):
-        job_id = self.create(simulate={"mode": "hang", "poll_faults": [
-            None, "reset", {"unknown_state": "paused"}, {"status": 503}]})
-        path = "/v1/jobs/" + job_id
-        self.assertEqual(self.job(job_id)["state"], "running")
-        with self.assertRaises(ConnectionResetError):
-            self.read_all(self.raw(http_bytes("GET", path)))
-        self.assertEqual(self.job(job_id)["state"], "paused")
-        self.assertEqual(self.call("GET", path)[0], 503)
-        self.assertEqual(self.job(job_id)["state"], "running")
-        self.assertEqual(self.call("GET", path + "/request")[1]["polls"], 5)
-
     def test_chat_faults(self):
         with self.assertRaises(ConnectionResetError):
             self.read_all(self.raw(http_bytes("POST", "/v1/chat/completions", {
@@ -4227,10 +4561,6 @@ class FaultTest(ServerTestCase):
             self.read_all_quietly(self.create_with(fault="reset"))
         self.assertEqual(self.call("GET", "/health")[0], 200)
         self.wait_until(lambda: threading.active_count() <= threads + 1)
-
-
-class LoggingServer(Logs, dummyllm.DummyLLMServer):
-    pass
 
 
 class RuntimeOptionsTest(AppTestCase):
@@ -4752,7 +5082,7 @@ class EmbeddingTest(unittest.TestCase):
             self.assertTrue(hasattr(dummyllm, name), name)
 
 
-# --- API document and pages -------------------------------------------------------------
+# --- API document and pages -------------------------------------------------------
 
 class OpenAPITest(AppTestCase):
 
@@ -4946,8 +5276,7 @@ class BrowserTest(ServerTestCase):
                               "return rows.length === 1 && rows[0].dataset.key === 'other'")
 
 
-
-# --- Command line ---------------------------------------------------------------------
+# --- Command line -----------------------------------------------------------------
 
 class CommandLineTest(unittest.TestCase):
     """main(argv, environ) in this process where it exits before serving;
@@ -5182,6 +5511,43 @@ class ReadmeExampleTest(ServerTestCase):
     def test_the_structured_output_example(self):
         self.assertRegex(self.run_example("## Structured output"),
                          r"\Aname='[a-z ]+' population=\d+ founded=datetime.date\(")
+
+
+class ModuleMapTest(unittest.TestCase):
+    """The module docstring's map is the file: its sections are the banners,
+    in order, and every name its life of a request gives exists."""
+
+    def setUp(self):
+        with open(SCRIPT, encoding="utf-8") as f:
+            self.source = f.read()
+        doc = dummyllm.__doc__
+        self.map = doc[doc.index("The sections of this file"):doc.index("The life of a request")]
+        self.life = doc[doc.index("The life of a request"):]
+
+    def test_the_sections_are_the_banners_in_order(self):
+        mapped = [line[4:].split("  ")[0] for line in self.map.splitlines()
+                  if line.startswith("    ") and line[4] != " "]
+        banners = re.findall(r"^# --- (.+?) -+$", self.source, re.M)
+        self.assertEqual(mapped, [banner for banner in banners if ":" not in banner])
+        section = None
+        for banner in banners:  # a sub-banner belongs to the section above it
+            if ":" in banner:
+                self.assertEqual(banner.split(":")[0], section, banner)
+            else:
+                section = banner
+
+    def test_the_life_of_a_request_names_what_is_there(self):
+        classes = [value for value in vars(dummyllm).values() if isinstance(value, type)]
+        for name in re.findall(r"\b(_?[A-Za-z]\w*(?:\.\w+)?)\(\)|\b(_[A-Za-z]\w*(?:\.\w+)?)",
+                               self.life):
+            name = name[0] or name[1]
+            with self.subTest(name=name):
+                owner, _, attribute = name.rpartition(".")
+                if owner:
+                    self.assertTrue(hasattr(getattr(dummyllm, owner), attribute))
+                else:
+                    self.assertTrue(hasattr(dummyllm, name) or any(
+                        hasattr(cls, name) for cls in classes))
 
 
 class StandardLibraryOnlyTest(unittest.TestCase):
