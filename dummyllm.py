@@ -214,8 +214,8 @@ _ERRORS = {code: _ErrorKind(*row) for code, row in {
     "INJECTED_FAULT": (None, "simulated HTTP fault"),
     "CANCELLED": (None, "job was cancelled by the client"),
 }.items()}
-# The reason phrase of each status: HTTP's, and Anthropic's 529.
-_REASONS = {**{status.value: status.phrase for status in HTTPStatus}, 529: "Overloaded"}
+# The reason phrase of each HTTP status (a surface may add its own).
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
 _JOB_ERROR_CODES = tuple(dict.fromkeys(
     [mode.error for mode in _MODES.values() if mode.error and mode.at != "refused"]
     + ["CANCELLED"]))
@@ -694,8 +694,8 @@ _SIMULATE_FIELDS = {
     "jitter_ms": _Field(_LATENCY, 0, "The latency varies by up to this much either way, seeded."),
     "retry_after_ms": _Field(_MS, None, "Retry headers of rate_limit and overloaded (1000 "
                              "when not given), and of status faults that give none."),
-    "status": _Field(_Int(500, 599), None, "Status of overloaded (default 503; 529 for "
-                     "Anthropic style)."),
+    "status": _Field(_Int(500, 599), None, "Status of mode overloaded (default: the "
+                     "surface's own)."),
     "ttft_ms": _Field(_LATENCY, None, "Chat: time to the first token (replaces latency_ms)."),
     "token_ms": _Field(_Int(0, 60_000), 20, "Chat: gap between stream chunks."),
     "stream": _Field(_Check(_check_stream_failure, {
@@ -967,7 +967,7 @@ _OPTIONS = (
     _Option("max_body_bytes", "--max-body-bytes", "DUMMYLLM_MAX_BODY_BYTES", 1 << 20,
             _Int(1, 1 << 30), "largest request body"),
     _Option("api_key", "--api-key", "DUMMYLLM_API_KEY", None, _Nullable(_Text()),
-            "require 'Authorization: Bearer KEY' on the OpenAI endpoints"),
+            "require this key on the providers' endpoints, sent as each one's clients send it"),
     _Option("admin_key", "--admin-key", "DUMMYLLM_ADMIN_KEY", None, _Nullable(_Text()),
             "require 'Authorization: Bearer KEY' on POST /v1/reset, DELETE /v1/requests and "
             "DELETE /v1/jobs/{id}"),
@@ -1904,6 +1904,7 @@ class _Surface:
     quota_header      the pattern of its quota headers' names ({part} is
                       limit, remaining or reset; {kind} requests or tokens),
                       or None where the API tells no quota
+    reasons           reason phrases of statuses HTTP has none for
 
     What it does: parse(request, config) reads a model call into a _Call;
     respond(app, request, call) answers it (the common path is here);
@@ -1925,6 +1926,7 @@ class _Surface:
     request_headers = ()
     answer_headers = ()
     quota_header = "x-ratelimit-{part}-{kind}"
+    reasons = {}
 
     def schemas(self):
         """The schemas it adds to the API document, by name (made at first use)."""
@@ -2070,7 +2072,8 @@ class _Surface:
         created = app.clock.wall_ms() // 1000
         if call.stream and spec.fault is None:
             render = _Render(self, call, reply, created)
-            return render.answer(_stream_timeline(reply, spec.token_ms, spec.stream), at=at_ms,
+            return render.answer(render.frames(_stream_timeline(reply, spec.token_ms,
+                                                                spec.stream)), at=at_ms,
                                  failure=next(iter(spec.stream)) if spec.stream else None)
         return _Answer(200, self.answer(call, reply, created), at=at_ms, fault=spec.fault,
                        dribble_ms=spec.dribble_ms)
@@ -2210,14 +2213,14 @@ class _Render:
         """The bytes that end the stream early: the surface's error event."""
         return self("error")
 
-    def answer(self, timeline, at, failure=None, frames=None):
-        """The _Answer that streams a timeline (or frames made from it)."""
-        return _Answer(200, at=at, stream=frames or self.frames(timeline),
-                       stream_error=self.error_event, failure=failure,
-                       content_type=self.framing.content_type)
+    def answer(self, frames, at, failure=None):
+        """The _Answer that streams these frames (see frames())."""
+        return _Answer(200, at=at, stream=frames, stream_error=self.error_event,
+                       failure=failure, content_type=self.framing.content_type)
 
-    def stream_error(self):
-        """The error of error_after: the surface's own, with the request's fail_message."""
+    def simulated_error(self):
+        """The error error_after sends: the surface's own, with the request's
+        fail_message."""
         code, message = self.surface.stream_error
         return ApiError(code, self.call.spec.fail_message or message)
 
@@ -2668,7 +2671,7 @@ class _Control(_Surface):
 
     @_api("This API as an OpenAPI 3.1 document", answers={200: "OpenAPI"})
     def openapi(self, app, request):
-        return _Answer(200, _registry().document)
+        return _Answer(200, app.registry.document)
 
     routes = (
         _route("GET", "/health", health, chaos=False, journal=False),
@@ -2777,7 +2780,7 @@ class _OpenAI(_Surface):
                 "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
     def error_event(self, render, piece):
-        return self.error_body(render.stream_error(), 500, None)
+        return self.error_body(render.simulated_error(), 500, None)
 
     def done(self, render, piece):
         return b"[DONE]"
@@ -3196,7 +3199,7 @@ class _OpenAIResponses(_OpenAI):
             frames = self.until_cancelled(app, response_id, frames)
         failure = "stall_after" if plan.ends_at_ms is None else (
             next(iter(spec.stream)) if spec.stream else None)
-        return render.answer(None, start_ms, failure, frames)
+        return render.answer(frames, start_ms, failure)
 
     @staticmethod
     def timeline(spec, plan, status, reply, background):
@@ -3298,7 +3301,7 @@ class _OpenAIResponses(_OpenAI):
                                           render.status, error=render.error)}
 
     def error_event(self, render, piece):
-        return {"code": "server_error", "param": None, "message": render.stream_error().message}
+        return {"code": "server_error", "param": None, "message": render.simulated_error().message}
 
     stream_events = {
         "created": (("response.created", lifecycle),),
@@ -3591,6 +3594,7 @@ class _AnthropicMessages(_Surface):
     request_headers = ("x-api-key", "anthropic-version")
     answer_headers = ("request-id",)
     quota_header = "anthropic-ratelimit-{kind}-{part}"
+    reasons = {529: "Overloaded"}
     # What Anthropic adds to an error's body, by code.
     DETAILS = {"QUOTA_EXHAUSTED": {"error_code": "enforced_spend_limit_reached"}}
     REQUEST = {
@@ -3757,7 +3761,7 @@ class _AnthropicMessages(_Surface):
         return {"type": "message_stop"}
 
     def error_event(self, render, piece):
-        return self.error_body(render.stream_error(), 529, None)
+        return self.error_body(render.simulated_error(), 529, None)
 
     stream_events = {
         "open": (("message_start", message_start), ("content_block_start", text_block_start),
@@ -4021,7 +4025,7 @@ class _Gemini(_Surface):
                              self.finish[render.reply.end], render.reply)
 
     def error_event(self, render, piece):
-        return self.error_body(render.stream_error(), 500, None)
+        return self.error_body(render.simulated_error(), 500, None)
 
     stream_events = {
         "open": (), "arguments": (), "call_done": (),
@@ -4247,7 +4251,7 @@ class _Ollama(_Surface):
         return self.final(render.call, render.reply, render.created, "", streamed_ms)
 
     def error_line(self, render, piece):
-        return self.error_body(render.stream_error(), 500, None)
+        return self.error_body(render.simulated_error(), 500, None)
 
     stream_events = {
         "open": (), "arguments": (), "call_done": (),
@@ -4358,6 +4362,9 @@ class _Registry:
                            else route.auth)
             for surface in self.surfaces for route in surface.routes)
         self.model_surfaces = tuple(surface for surface in self.surfaces if surface.name)
+        self.reasons = dict(_REASONS)
+        for surface in self.surfaces:
+            self.reasons.update(surface.reasons)
 
     @functools.cached_property
     def router(self):
@@ -5782,8 +5789,8 @@ class _Application:
 
     def __init__(self, config=None, clock=None, **options):
         self.config = config if config is not None else make_config(**options)
-        registry = _registry()  # the surfaces registered now
-        self.router = registry.router
+        self.registry = registry = _registry()  # the surfaces registered now
+        self.router, self.reasons = registry.router, registry.reasons
         self.cors_allowed = registry.cors_allowed
         self.cors_headers = () if self.config.cors is None else (
             f"Access-Control-Allow-Origin: {self.config.cors}", "Vary: Origin",
@@ -6272,6 +6279,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "dummyLLM/" + __version__
     _request = _fault = None  # the request being answered, and the fault that spoils it
+    _broken = None            # how a stream whose frame failed to render ended
     handed_over = False       # the connection went to the parking, open
 
     def setup(self):
@@ -6656,7 +6664,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _head(self, status, headers, content_type, length):
         """The status line and header fields; length None: a chunked stream."""
         lines = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
+            f"HTTP/1.1 {status} {self.server.reasons.get(status, '')}",
             "Server: " + self.server_version,
             "Date: " + _http_date(),
         ]
@@ -7026,7 +7034,7 @@ def _openapi_document(registry):
                        for name, text in api["headers"].items()]
         responses = {}
         for status, what in api["answers"].items():
-            answer = {"description": _REASONS[status]}
+            answer = {"description": registry.reasons[status]}
             if what is None and status >= 400:
                 what = route.surface.error_schema
             if what is not None:

@@ -1043,7 +1043,7 @@ class Acme(dummyllm._Surface):
         return {"why": self.finish[render.reply.end]}
 
     def oops(self, render, piece):
-        return self.error_body(render.stream_error(), 500, None)
+        return self.error_body(render.simulated_error(), 500, None)
 
     stream_events = {"open": (), "call": (), "arguments": (), "call_done": (),
                      "piece": (("text", text),), "close": (("last", last),),
