@@ -1991,6 +1991,11 @@ class _Surface:
     def begin_stream(self, render):
         """Set on a stream's render what its events share (its id...)."""
 
+    def error_event(self, render, piece):
+        """The JSON of the event error_after sends: its error, in its shape."""
+        error = render.simulated_error()
+        return self.error_body(error, error.status, None)
+
     def call(self, request, config, *, model, messages, stream, max_tokens, user, timeout_ms,
              simulate, stop=(), args=None, callback_url=None, tools=None, forced=None,
              output=None, **options):
@@ -2779,9 +2784,6 @@ class _OpenAI(_Surface):
         return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                 "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
-    def error_event(self, render, piece):
-        return self.error_body(render.simulated_error(), 500, None)
-
     def done(self, render, piece):
         return b"[DONE]"
 
@@ -2927,7 +2929,7 @@ class _OpenAIChat(_OpenAI):
         "arguments": ((None, arguments_chunk),),
         "call_done": (),
         "close": ((None, finish_chunk), (None, usage_chunk), (None, _OpenAI.done)),
-        "error": ((None, _OpenAI.error_event),),
+        "error": ((None, _Surface.error_event),),
     }
 
     def model(self, model_id):
@@ -3540,7 +3542,7 @@ class _OpenAICompletions(_OpenAI):
         "open": (), "call": (), "arguments": (), "call_done": (),
         "piece": ((None, text_chunk),),
         "close": ((None, finish_chunk), (None, usage_chunk), (None, _OpenAI.done)),
-        "error": ((None, _OpenAI.error_event),),
+        "error": ((None, _Surface.error_event),),
     }
 
     routes = (_route("POST", "/v1/completions", _model_call, api=_model_api(
@@ -3760,9 +3762,6 @@ class _AnthropicMessages(_Surface):
     def message_stop(self, render, piece):
         return {"type": "message_stop"}
 
-    def error_event(self, render, piece):
-        return self.error_body(render.simulated_error(), 529, None)
-
     stream_events = {
         "open": (("message_start", message_start), ("content_block_start", text_block_start),
                  ("ping", ping)),
@@ -3772,7 +3771,7 @@ class _AnthropicMessages(_Surface):
         "call_done": (("content_block_stop", block_stop),),
         "close": (("content_block_stop", text_block_stop), ("message_delta", message_delta),
                   ("message_stop", message_stop)),
-        "error": (("error", error_event),),
+        "error": (("error", _Surface.error_event),),
     }
 
     @_api("Anthropic Messages: count a request's input tokens", request="AnthropicCountRequest",
@@ -4024,15 +4023,12 @@ class _Gemini(_Surface):
         return self.response(render.call, render.id, [{"text": ""}],
                              self.finish[render.reply.end], render.reply)
 
-    def error_event(self, render, piece):
-        return self.error_body(render.simulated_error(), 500, None)
-
     stream_events = {
         "open": (), "arguments": (), "call_done": (),
         "piece": ((None, text_part),),
         "call": ((None, call_part),),
         "close": ((None, last_part),),
-        "error": ((None, error_event),),
+        "error": ((None, _Surface.error_event),),
     }
 
     def model(self, model_id):
@@ -4250,15 +4246,12 @@ class _Ollama(_Surface):
         streamed_ms = max(0, pieces - 1) * render.call.spec.token_ms
         return self.final(render.call, render.reply, render.created, "", streamed_ms)
 
-    def error_line(self, render, piece):
-        return self.error_body(render.simulated_error(), 500, None)
-
     stream_events = {
         "open": (), "arguments": (), "call_done": (),
         "piece": ((None, text_line),),
         "call": ((None, call_line),),
         "close": ((None, final_line),),
-        "error": ((None, error_line),),
+        "error": ((None, _Surface.error_event),),
     }
 
     def model(self, name=None):

@@ -1042,12 +1042,9 @@ class Acme(dummyllm._Surface):
     def last(self, render, piece):
         return {"why": self.finish[render.reply.end]}
 
-    def oops(self, render, piece):
-        return self.error_body(render.simulated_error(), 500, None)
-
     stream_events = {"open": (), "call": (), "arguments": (), "call_done": (),
                      "piece": (("text", text),), "close": (("last", last),),
-                     "error": (("oops", oops),)}
+                     "error": (("oops", dummyllm._Surface.error_event),)}
     routes = (dummyllm._route("POST", "/acme/v1/say", dummyllm._model_call,
                               api=dummyllm._model_api("Acme: an answer", "AcmeRequest",
                                                       {200: "AcmeAnswer", 429: None})),)
@@ -1067,7 +1064,7 @@ class Brittle(Acme):
     def oops(self, render, piece):
         if "!!" in render.reply.text:
             raise RuntimeError("a bug in the error event too")
-        return super().oops(render, piece)
+        return self.error_event(render, piece)
 
     stream_events = dict(Acme.stream_events, close=(("last", last),), error=(("oops", oops),))
     routes = (dummyllm._route("POST", "/brittle/v1/say", dummyllm._model_call,
