@@ -4846,7 +4846,7 @@ class SlowClientTest(ServerTestCase):
 
 
 @unittest.skipUnless(sys.platform.startswith("linux"), "sets RLIMIT_NOFILE in a subprocess")
-class FileLimitTest(unittest.TestCase):
+class FileLimitTest(Calls, unittest.TestCase):
     """At the open-file limit, fresh clients are still answered and nothing spins."""
 
     def start(self, *args):
@@ -4877,7 +4877,9 @@ class FileLimitTest(unittest.TestCase):
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
             self.addCleanup(sock.close)
             socks.append(sock)
-        time.sleep(0.25)  # they linger 50 ms and park, then the limit bites
+        # Accepted up to the limit, they linger 50 ms and park, then the limit bites.
+        self.wait_until(lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) > 50
+                        and process_threads(proc.pid) < 10)
         cpu = self.cpu_s(proc.pid)
         started = time.monotonic()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
