@@ -1218,7 +1218,7 @@ class StreamContainmentTest(Registers, ServerTestCase):
         conn = conn or self.connect(self.server)
         conn.request("POST", "/brittle/v1/say", json.dumps({
             "model": "m", "say": say, "stream": True, "simulate": {
-                "ok_text": say, "token_ms": 20}}))
+                "ok_text": say, "token_ms": 5}}))
         return conn.getresponse()
 
     def test_a_render_that_raises_ends_its_stream_alone(self):
@@ -5211,13 +5211,20 @@ class WebDriver:
 @unittest.skipIf(_find_browser() is None and not os.environ.get("DUMMYLLM_REQUIRE_BROWSER"),
                  "chromium and chromedriver are not installed (.ci/run installs them)")
 class BrowserTest(ServerTestCase):
-    """The docs page and the dashboard in headless Chromium."""
+    """The docs page and the dashboard in headless Chromium (one browser for them all)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.browser = WebDriver(*_find_browser()) if _find_browser() else None
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.browser is not None:
+            cls.browser.quit()
 
     def setUp(self):
         super().setUp()
-        self.assertIsNotNone(_find_browser(), "DUMMYLLM_REQUIRE_BROWSER is set, but no browser")
-        self.browser = WebDriver(*_find_browser())
-        self.addCleanup(self.browser.quit)
+        self.assertIsNotNone(self.browser, "DUMMYLLM_REQUIRE_BROWSER is set, but no browser")
 
     def test_the_try_it_form_creates_a_job(self):
         self.browser.open(self.server.url + "/docs")
@@ -5234,7 +5241,7 @@ class BrowserTest(ServerTestCase):
 
     def test_the_dashboard_shows_a_job_finish(self):
         self.browser.open(self.server.url + "/")
-        job_id = self.create(op="dash.op", simulate={"latency_ms": 1500})
+        job_id = self.create(op="dash.op", simulate={"latency_ms": 1200})  # it refreshes at 500 ms
         state = f"var c = document.querySelector('#job-{job_id} .state'); return c && c.textContent"
         self.assertEqual(self.browser.wait_for(state), "running")
         self.assertEqual(self.browser.wait_for(state + " === 'ok' && 'ok'"), "ok")
