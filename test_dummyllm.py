@@ -1808,13 +1808,14 @@ class ChatWireTest(ChatCalls, ServerTestCase):
         self.assertEqual(len(contents), 6)
         self.assertGreaterEqual(contents[0] - started, 0.1)
         self.assertLess(contents[0] - started, 0.1 + 0.15)  # not held back to the end
-        self.assertGreaterEqual(contents[-1] - contents[0], 5 * 0.04 - 0.005)
+        # None comes before its time (a late first one makes no gap short).
+        self.assertGreaterEqual(contents[-1] - started, 0.1 + 5 * 0.04)
         self.assertLess(contents[-1] - contents[0], 5 * 0.04 + 0.3)
 
     def test_stall_after(self):
         response = self.open_stream(simulate={"latency_ms": 0, "token_ms": 0,
                                               "stream": {"stall_after": 2}})
-        self.conn.sock.settimeout(0.3)
+        self.conn.sock.settimeout(0.2)
         events = []
         with self.assertRaises(socket.timeout):
             for line in iter(response.readline, b""):
@@ -1824,7 +1825,7 @@ class ChatWireTest(ChatCalls, ServerTestCase):
 
     def test_hang_while_streaming_sends_nothing(self):
         self.conn.sock = None
-        self.conn.timeout = 0.3
+        self.conn.timeout = 0.2
         self.conn.request("POST", "/v1/chat/completions", json.dumps(
             {"model": "m", "messages": HELLO, "stream": True, "simulate": {"mode": "hang"}}))
         with self.assertRaises(socket.timeout):
@@ -1838,7 +1839,7 @@ class ChatWireTest(ChatCalls, ServerTestCase):
         cpu = time.process_time()
         time.sleep(0.3)
         self.assertLess(time.process_time() - cpu, 0.06)  # a fifth of a core at most
-        socks[0].settimeout(0.2)
+        socks[0].settimeout(0.1)
         with self.assertRaises(socket.timeout):
             socks[0].recv(100)
         started = time.monotonic()
@@ -4294,14 +4295,14 @@ class QuotaTest(VerdictTestCase):
 
 
 class QuotaRateTest(AppTestCase):
-    """Clients that keep calling: each call takes 100 ms on the clock."""
+    """Clients that keep calling: each call takes 200 ms on the clock."""
 
     options = {"latency_ms": 0, "rpm": 20}
 
     def call_as(self, key):
         status, _, response = self.call("POST", "/v1/chat/completions", {
             "model": "m", "messages": HELLO}, headers={"Authorization": "Bearer " + key})
-        self.clock.advance(100)
+        self.clock.advance(200)
         return status, response
 
     def test_a_client_that_waits_as_told_always_gets_in(self):
@@ -4552,9 +4553,9 @@ class FaultTest(ServerTestCase):
                 status, body, _ = self.call("POST", "/v1/jobs", {"op": "x", "simulate": simulate})
                 self.assert_error(status, body, 422, "VALIDATION_ERROR", field)
 
-    def test_thousands_of_resets_leave_the_server_serving(self):
+    def test_a_thousand_resets_leave_the_server_serving(self):
         threads = threading.active_count()
-        for _ in range(2000):
+        for _ in range(1000):
             self.read_all_quietly(self.create_with(fault="reset"))
         self.assertEqual(self.call("GET", "/health")[0], 200)
         self.wait_until(lambda: threading.active_count() <= threads + 1)
@@ -4695,7 +4696,7 @@ def process_threads(pid=None):
 @unittest.skipUnless(os.path.exists("/proc/self/status"), "counts threads in /proc")
 class CrowdTest(ServerTestCase):
     server_class = QuickLingerServer
-    CROWD = 1500
+    CROWD = 1000
 
     def open_crowd(self, count):
         socks = [self.raw(http_bytes("GET", "/health")) for _ in range(count)]
@@ -4822,7 +4823,7 @@ class SlowClientTest(ServerTestCase):
 
     def test_an_answer_the_client_does_not_read_is_given_up(self):
         class Server(LoggingServer):
-            send_timeout_s = 0.3
+            send_timeout_s = 0.15
             lines = []
         server = self.start({"latency_ms": 0, "quiet": False, "max_body_bytes": 16 << 20},
                             Server)
@@ -4887,8 +4888,8 @@ class FileLimitTest(Calls, unittest.TestCase):
         self.assertEqual(conn.getresponse().status, 200)
         conn.close()
         self.assertLess(time.monotonic() - started, 1)
-        time.sleep(0.3)
-        self.assertLess(self.cpu_s(proc.pid) - cpu, 0.2)  # no spinning
+        time.sleep(0.2)
+        self.assertLess(self.cpu_s(proc.pid) - cpu, 0.13)  # no spinning: two thirds of a core
         for sock in socks:
             sock.close()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -4925,9 +4926,9 @@ class ArrivalStampTest(unittest.TestCase):
                 time.sleep(0.01)
             client.sendall(b"GET /health HTTP/1.1\r\n")
             sent = time.monotonic()
-            time.sleep(0.3)  # the bytes wait in the kernel, as behind a busy GIL
+            time.sleep(0.2)  # the bytes wait in the kernel, as behind a busy GIL
             self.assertEqual(reader.readinto(bytearray(100)), 22)
-            self.assertLess(abs(reader.arrived - sent), 0.15)
+            self.assertLess(abs(reader.arrived - sent), 0.1)
 
 
 class HttpHardeningTest(ServerTestCase):
@@ -5241,7 +5242,7 @@ class BrowserTest(ServerTestCase):
 
     def test_the_dashboard_shows_a_job_finish(self):
         self.browser.open(self.server.url + "/")
-        job_id = self.create(op="dash.op", simulate={"latency_ms": 1200})  # it refreshes at 500 ms
+        job_id = self.create(op="dash.op", simulate={"latency_ms": 900})  # it refreshes at 500 ms
         state = f"var c = document.querySelector('#job-{job_id} .state'); return c && c.textContent"
         self.assertEqual(self.browser.wait_for(state), "running")
         self.assertEqual(self.browser.wait_for(state + " === 'ok' && 'ok'"), "ok")
