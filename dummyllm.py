@@ -1107,18 +1107,19 @@ def _result(spec, kind, seed, n):
     An explicit simulate setting wins (tool_calls, then ok_text); else a
     request that forces a tool gets a call to it, with arguments drawn from
     its JSON Schema; else one that asks for structured output gets JSON
-    valid against its schema; else the reply text."""
+    valid against its schema; else the reply text.  Values are drawn from
+    `seed`; tool calls' ids come from the request's own seed (or none)."""
     key = spec.trace_id or ""
     if kind == "echo":
         text = _result_text(spec, kind)
     elif spec.tool_calls is not None:
-        return _tool_result(spec, [dict(call, id=call.get("id") or _call_id(seed, key, n, index))
-                                   for index, call in enumerate(spec.tool_calls)])
+        return _tool_result(spec, [dict(call, id=call.get("id") or _call_id(
+            spec.seed, key, n, index)) for index, call in enumerate(spec.tool_calls)])
     elif spec.ok_text is not None:
         text = spec.ok_text
     elif spec.forced_tool is not None:
         tool = spec.forced_tool
-        return _tool_result(spec, [{"id": _call_id(seed, key, n, 0), "name": tool["name"],
+        return _tool_result(spec, [{"id": _call_id(spec.seed, key, n, 0), "name": tool["name"],
                                     "arguments": _drawn(tool["schema"], _series(
                                         seed, key, n, "json"), tool["field"])}])
     elif spec.output is not None:
@@ -1146,9 +1147,17 @@ def _series(seed, key, n, purpose):
 
 
 def _call_id(seed, key, n, index):
-    """The id of the index-th tool call of a request: the same on every run."""
+    """The id of the index-th tool call of the n-th request with this seed
+    (or none) and key: the same on every run and every fresh server."""
     return "call_" + hashlib.sha256(json.dumps([seed, key, n, index, "tool call"]).encode(
         "utf-8")).hexdigest()[:24]
+
+
+def _response_id(seed, key, n):
+    """The id of the response to the n-th request with this seed (or none)
+    and key: the same on every run and every fresh server."""
+    return "resp_" + hashlib.sha256(json.dumps([seed, key, n, "response"]).encode(
+        "utf-8")).hexdigest()[:12]
 
 
 def _arguments_text(call):
@@ -2064,7 +2073,7 @@ class _Surface:
         """The common path of a model call, once parsed and admitted: take
         its place in the store's sequences, then refuse, fail, hang, answer
         or stream as its plan says."""
-        spec, plan = app.store.plan_call(call.spec)
+        spec, plan, _ = app.store.plan_call(call.spec)
         call = call._replace(spec=spec)
         request.note.rule = spec.rule
         _no_dribbled_stream(call)
@@ -3096,17 +3105,19 @@ class _OpenAIResponses(_OpenAI):
         queued) or not; streamed, with its lifecycle's events, or not."""
         echo = call.spec.args["echo"]
         if echo["store"]:
-            spec, response, _, plan = app.store.create(call.spec, prefix="resp",
-                                                       view=self.view)
+            spec, response, _, plan = app.store.create(
+                call.spec, prefix="resp", view=self.view,
+                id_of=lambda spec, n: _response_id(spec.seed, spec.trace_id or "", n))
             if response is None:
                 return _Answer(fault=spec.fault)  # lost before the response was created
             response_id, created_at = response["id"], response["created_at"]
             request.note.job_id = response_id
         else:
-            spec, plan = app.store.plan_call(call.spec)
+            spec, plan, n = app.store.plan_call(call.spec)
             if plan.state in _REFUSED_STATES:
                 raise _refusal(spec, plan, self.overloaded_status)
-            response_id, created_at = "resp_" + _random_hex(12), request.received_wall_ms // 1000
+            response_id = _response_id(spec.seed, spec.trace_id or "", n)
+            created_at = request.received_wall_ms // 1000
         request.note.rule = spec.rule
         _no_dribbled_stream(call._replace(spec=spec))
         if call.stream and spec.fault is None and (echo["background"]
@@ -4635,7 +4646,7 @@ class _JobStore:
         self._finished_by_state = collections.Counter()
         self._durations = [0] * (len(self.DURATION_BUCKETS) + 1), [0.0]  # bucket counts, sum
 
-    def create(self, spec, idempotency=None, prefix="job", view=_Job.created_json):
+    def create(self, spec, idempotency=None, prefix="job", view=_Job.created_json, id_of=None):
         """Take the request's script step and store its job: a _Created of the
         settings of this attempt, view(job) (None when nothing was created),
         whether it was replayed, and its plan.
@@ -4645,7 +4656,8 @@ class _JobStore:
         replayed True and no step taken; with another, IDEMPOTENCY_CONFLICT.
         A fault that loses the request first creates nothing.  Raises CAPACITY
         when full of active jobs, or the refusal the job's mode draws.  The
-        job's id is `prefix`_ and 12 hex digits.  The plan is drawn between
+        job's id is id_of(settings, n), when given and free, else `prefix`_
+        and 12 random hex digits.  The plan is drawn between
         the two holds of the lock, outside it.
         """
         with self._lock:
@@ -4657,7 +4669,7 @@ class _JobStore:
         spec = _attempt_settings(spec, step)
         if _lost_before_work(spec):
             return _Created(spec, None, False, None)
-        plan = _plan(spec, n or 0, seed, self.config.weights, self.config.slow_factor)
+        plan = _plan(spec, n, seed, self.config.weights, self.config.slow_factor)
         if plan.state in _REFUSED_STATES:
             raise _refusal(spec, plan)
         with self._lock:
@@ -4667,7 +4679,7 @@ class _JobStore:
                 return replayed
             self._make_room()
             job = _Job()
-            job.id, job.seq = self._new_id(prefix), next(self._seq)
+            job.id, job.seq = self._new_id(prefix, id_of and id_of(spec, n)), next(self._seq)
             job.spec, job.op, job.trace_id = spec, spec.op, spec.trace_id
             job.plan, job.n, job.step, job.idempotency = plan, n, step, idempotency
             job.state, job.result, job.error, job.due, job.polls = "queued", None, None, None, 0
@@ -4686,12 +4698,12 @@ class _JobStore:
 
     def plan_call(self, spec):
         """Take a model call's script step and draw its plan: (the settings of
-        this attempt, its plan).  Nothing is stored; the plan is drawn
-        outside the lock."""
+        this attempt, its plan, its place in its sequence).  Nothing is
+        stored; the plan is drawn outside the lock."""
         with self._lock:
             step, seed, n = self._take(spec)
         spec = _attempt_settings(spec, step)
-        return spec, _plan(spec, n or 0, seed, self.config.weights, self.config.slow_factor)
+        return spec, _plan(spec, n, seed, self.config.weights, self.config.slow_factor), n
 
     def poll(self, job_id, wait_ms=0, view=_Job.to_json):
         """(view(job), the fault simulate.poll_faults gives this poll of it).
@@ -4883,19 +4895,16 @@ class _JobStore:
 
     def _take(self, spec):
         """What must be ordered, and nothing else: (its script step, the
-        seed of its draws, its place in that seed's sequence for its key).
-        A script's steps are counted per key (step None without a script);
-        a request with no seed draws a fresh one (n None)."""
-        step = n = None
+        seed of its draws, its place among the requests with its seed, or
+        none, and its key).  A script's steps are counted per key (step None
+        without a script); a request with no seed draws from a fresh one."""
+        step = None
         seed = spec.seed
         if spec.script is not None:
             step = self._count(self._scripts, spec.trace_id or "")
             seed = spec.script[min(step, len(spec.script) - 1)].get("seed", seed)
-        if seed is None:
-            seed = self._ids.getrandbits(64)
-        else:
-            n = self._count(self._sequences, (seed, spec.trace_id or ""))
-        return step, seed, n
+        n = self._count(self._sequences, (seed, spec.trace_id or ""))
+        return step, self._ids.getrandbits(64) if seed is None else seed, n
 
     def _replayed(self, spec, idempotency, view):
         """The _Created of a replay of an Idempotency-Key seen before (with
@@ -4931,11 +4940,11 @@ class _JobStore:
             raise ApiError("NOT_FOUND", f"no job with id {job_id!r}", "id")
         return job
 
-    def _new_id(self, prefix):
-        while True:
+    def _new_id(self, prefix, chosen=None):
+        job_id = chosen
+        while job_id is None or job_id in self._jobs:
             job_id = f"{prefix}_{self._ids.getrandbits(48):012x}"
-            if job_id not in self._jobs:
-                return job_id
+        return job_id
 
     def _count(self, counters, key):
         """Count one more for key; returns the count before.  Bounded: the

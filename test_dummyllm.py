@@ -1203,6 +1203,90 @@ class SurfaceProtocolTest(Registers, AppTestCase):
         self.assertIn("acme-tokens-reset", "".join(browser.cors_headers))
 
 
+class StreamContentTypeTest(AppTestCase):
+    """Every stream, of every surface and kind, in its vendor's content type."""
+
+    options = {"latency_ms": 0}
+    FAST = {"simulate": {"token_ms": 0}}
+    CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], **FAST}
+    GEMINI = {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}], **FAST}
+
+    def content_type(self, method, path, body=None):
+        self.conn.request(method, path, None if body is None else json.dumps(body))
+        response = self.conn.getresponse()
+        response.read()
+        self.assertEqual(response.status, 200, path)
+        return response.getheader("Content-Type")
+
+    def test_each_surface_and_kind(self):
+        background = self.call("POST", "/v1/responses", {
+            "model": "m", "input": "Hi", "background": True, **self.FAST})[1]["id"]
+        for method, path, body, expected in [
+                ("POST", "/v1/chat/completions", dict(self.CHAT, stream=True),
+                 "text/event-stream"),
+                ("POST", "/v1/completions", {"model": "m", "prompt": "Hi", "stream": True,
+                                             **self.FAST}, "text/event-stream"),
+                ("POST", "/v1/responses", {"model": "m", "input": "Hi", "stream": True,
+                                           **self.FAST}, "text/event-stream"),
+                ("POST", "/v1/responses", {"model": "m", "input": "Hi", "stream": True,
+                                           "background": True, **self.FAST},
+                 "text/event-stream"),
+                ("GET", f"/v1/responses/{background}?stream=true", None, "text/event-stream"),
+                ("GET", f"/v1/responses/{background}?stream=true&starting_after=2", None,
+                 "text/event-stream"),
+                ("POST", "/v1/messages", dict(self.CHAT, max_tokens=10, stream=True),
+                 "text/event-stream"),
+                ("POST", "/v1beta/models/g:streamGenerateContent?alt=sse", self.GEMINI,
+                 "text/event-stream"),
+                ("POST", "/v1beta/models/g:streamGenerateContent", self.GEMINI,
+                 "application/json"),
+                ("POST", "/api/chat", self.CHAT, "application/x-ndjson"),
+                ("POST", "/api/generate", {"model": "m", "prompt": "Hi", **self.FAST},
+                 "application/x-ndjson"),
+                ("GET", f"/v1/jobs/{self.create(simulate={'latency_ms': 0})}/events", None,
+                 "text/event-stream")]:
+            with self.subTest(path=path, body=body):
+                self.assertEqual(self.content_type(method, path, body), expected)
+
+
+class IdsTest(AppTestCase):
+    """The ids clients compare across calls (tool calls', responses' and
+    their items') are a function of the seed (or none), the key and the
+    call's place among that key's calls: a fresh server gives the same."""
+
+    options = {"latency_ms": 0}  # no seed
+    CALLS = [
+        ("/v1/chat/completions", {"model": "m", "messages": HELLO, "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "tool_choice": "required"}),
+        ("/v1/responses", {"model": "m", "input": "Hi", "tools": [
+            {"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            "tool_choice": "required"}),
+        ("/v1/responses", {"model": "m", "input": "Hi", "store": False}),
+        ("/v1/messages", {"model": "m", "max_tokens": 10, "messages": HELLO[1:], "tools": [
+            {"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "any"}}),
+        ("/v1beta/models/g:generateContent", {"contents": [{"parts": [{"text": "Hi"}]}],
+                                              "tools": [{"functionDeclarations": [{"name": "f"}]}],
+                                              "toolConfig": {"functionCallingConfig": {
+                                                  "mode": "ANY"}}}),
+    ]
+
+    def ids(self, conn, key):
+        """Every id-like value of the answers to CALLS, made with key."""
+        found = []
+        for path, body in self.CALLS * 2:
+            answer = self.call("POST", path, body, headers={"X-Trace-Id": key}, conn=conn)[1]
+            found += re.findall(r'"(?:id|call_id|item_id)": "((?:call|resp|fc)_\w+|msg_\w{12})"',
+                                json.dumps(answer))  # not a message's own: it names one answer
+        return found
+
+    def test_a_fresh_server_gives_the_same_ids(self):
+        first = self.ids(self.conn, "agent-1")
+        self.assertGreaterEqual(len(first), 12)
+        self.assertEqual(self.ids(self.connect(self.start(self.options)), "agent-1"), first)
+        self.assertTrue(set(self.ids(self.conn, "agent-2")).isdisjoint(first))
+
+
 class StreamContainmentTest(Registers, ServerTestCase):
     """A frame that fails to render ends its own stream, with its surface's
     error event (or cut, if that fails too), while every other stream goes
