@@ -916,6 +916,9 @@ def _check_callback_url(value, field, allowed_hosts):
 
 
 def _check_findings(value, field):
+    """Codes of findings: a list, or text with commas between."""
+    if isinstance(value, str):
+        value = [code for code in value.split(",") if code]
     if not isinstance(value, (list, tuple)) or not all(code in _FINDINGS for code in value):
         raise _ValidationError(field, "must list codes of findings: " + ", ".join(_FINDINGS))
     return tuple(value)
@@ -936,8 +939,7 @@ _VERDICT_QUERY = {
                            "is a RETRY_STORM"),
     "min_poll_ms": _Field(_Int(0, 3_600_000), 50, "The mean gap between polls below which it "
                           "is POLL_TOO_FAST"),
-    "errors": _Field(_Check(_check_findings, {"type": "array", "items": {"enum": list(_FINDINGS)}},
-                            from_text=lambda text: [code for code in text.split(",") if code]),
+    "errors": _Field(_Check(_check_findings, {"type": "array", "items": {"enum": list(_FINDINGS)}}),
                      (), "Findings to count as errors, comma-separated"),
 }
 
@@ -4837,6 +4839,18 @@ class _JobStore:
                     len(self._jobs) - len(self._finished),
                     (list(self._durations[0]), self._durations[1][0]))
 
+    def ended_at(self, job_ids):
+        """When each of these jobs that the store keeps and that has ended
+        did, in real ms on the clock's monotonic scale (as the journal's)."""
+        with self._lock:
+            self._apply_due()
+            ended = {}
+            for job_id in job_ids:
+                job = self._jobs.get(job_id)
+                if job is not None and job.end_ms is not None:
+                    ended[job_id] = self.clock.real_ms(job.start_ms + job.end_ms)
+            return ended
+
     def record_callback(self, job_id, attempt):
         """Add a webhook attempt to the job's record, if it is still stored."""
         with self._lock:
@@ -5221,9 +5235,10 @@ def _outcome(entry):
 class _Judge:
     """Findings from the requests of one key, oldest first (see _verdict)."""
 
-    def __init__(self, now_ms, settle_ms, max_attempts, min_poll_ms):
+    def __init__(self, now_ms, settle_ms, max_attempts, min_poll_ms, ended_ms):
         self.now_ms, self.settle_ms = now_ms, settle_ms
         self.max_attempts, self.min_poll_ms = max_attempts, min_poll_ms
+        self.ended_ms = ended_ms
 
     def judge(self, requests):
         """(attempts as the verdict lists them, findings, retry gaps for NO_JITTER)."""
@@ -5365,7 +5380,9 @@ class _Judge:
                                      "said it had ended")
             final = named[-1]
             settled = self.now_ms - final["answered_ms"] >= self.settle_ms
-            if final["job_ended"] is False and settled:
+            ended = self.ended_ms.get(job_id)  # it may have ended by itself meanwhile
+            if final["job_ended"] is False and settled and (
+                    ended is None or ended > final["answered_ms"] + self.settle_ms):
                 left.append(final["seq"])
                 left_messages.append(f"{job_id} was last seen active by request {final['seq']}, "
                                      f"then neither polled nor cancelled")
@@ -5389,11 +5406,12 @@ def _herd(plain_gaps):
     return [herd for herd in herds if len(herd) >= 3]
 
 
-def _verdict(entries, now_ms, trace_id=None, path=None, since_seq=0, settle_ms=2000,
-             max_attempts=10, min_poll_ms=50, errors=()):
+def _verdict(entries, now_ms, ended_ms=None, trace_id=None, path=None, since_seq=0,
+             settle_ms=2000, max_attempts=10, min_poll_ms=50, errors=()):
     """The verdict on a client, from journal entries (oldest first) at now_ms
-    (monotonic, real): {"requests", "attempts", "findings", "ok"}.  Without
-    trace_id, every key is judged, and so is how the keys retry together."""
+    (monotonic, real), and when the jobs they name ended, {job id: monotonic
+    real ms}: {"requests", "attempts", "findings", "ok"}.  Without trace_id,
+    every key is judged, and so is how the keys retry together."""
     key_of_job = {}
     for entry in entries:
         if entry["job_id"] is not None and entry["trace_id"] is not None:
@@ -5405,7 +5423,7 @@ def _verdict(entries, now_ms, trace_id=None, path=None, since_seq=0, settle_ms=2
         if (entry["seq"] >= since_seq and (path is None or entry["path"] == path)
                 and (trace_id is None or key == trace_id)):
             by_key.setdefault(key, []).append(entry)
-    judge = _Judge(now_ms, settle_ms, max_attempts, min_poll_ms)
+    judge = _Judge(now_ms, settle_ms, max_attempts, min_poll_ms, ended_ms or {})
     start = min((requests[0]["monotonic_ms"] for requests in by_key.values()), default=0)
     attempts, findings, plain_gaps = [], [], {}
     for key, requests in by_key.items():
@@ -5933,7 +5951,9 @@ class _Application:
         if key is not None and query["trace_id"] not in (None, key):
             raise _ValidationError("key", "names another key than trace_id")
         query["trace_id"] = query["trace_id"] or key
-        return _verdict(self.journal.find(), self.clock.real_ms(self.clock.now_ms()), **query)
+        entries = self.journal.find()
+        ended = self.store.ended_at({entry["job_id"] for entry in entries if entry["job_id"]})
+        return _verdict(entries, self.clock.real_ms(self.clock.now_ms()), ended, **query)
 
     def assert_client_ok(self, trace_id=None, **query):
         """Raise AssertionError, its message the findings, unless the verdict

@@ -4072,9 +4072,10 @@ class VerdictTest(VerdictTestCase):
         self.assertEqual((finding["severity"], finding["evidence"]), ("warning", self.seqs()[1:]))
         self.assertIn("3 retries of request 0 came 100, 100, 100 ms apart", finding["message"])
         self.assertTrue(self.server.verdict("flat")["ok"])  # a warning only...
-        verdict = self.server.verdict("flat", errors=["NO_BACKOFF"])
-        self.assertFalse(verdict["ok"])                    # ...unless raised
-        self.assertEqual(verdict["findings"][0]["severity"], "error")
+        for errors in (["NO_BACKOFF"], "NO_BACKOFF,GAVE_UP"):  # as a list, or as the query
+            verdict = self.server.verdict("flat", errors=errors)
+            self.assertFalse(verdict["ok"])                # ...unless raised
+            self.assertEqual(verdict["findings"][0]["severity"], "error")
 
     def test_growing_gaps_are_backoff(self):
         self.retry_loop(lambda: self.chat("exp", ["fail"] * 3 + ["ok"]), [100, 200, 400])
@@ -4205,6 +4206,19 @@ class VerdictTest(VerdictTestCase):
         finding = self.findings("left")["NO_CANCEL"]
         self.assertEqual(finding["evidence"], self.seqs()[-1:])
         self.assertIn(f"{job_id} was last seen active", finding["message"])
+
+    def test_a_job_that_ended_by_itself_was_not_left_running(self):
+        retried = {"op": "x", "trace_id": "quick", "simulate": {"latency_ms": 0, "script": [
+            {"fault": {"status": 503}}, "ok"]}}
+        self.assertEqual(self.retry_loop(lambda: self.send("POST", "/v1/jobs", retried), [100]),
+                         [503, 201])  # and never polled: it had ended at once
+        self.send("POST", "/v1/jobs", {"op": "x", "trace_id": "hooked", "simulate": {
+            "latency_ms": 500}, "callback_url": "http://127.0.0.1:9/hook"})  # told, not polled
+        self.send("POST", "/v1/jobs", {"op": "x", "trace_id": "long", "simulate": {
+            "latency_ms": 60_000}})
+        self.clock.advance(5000)
+        self.assertEqual((self.findings("quick"), self.findings("hooked")), ({}, {}))
+        self.assertIn("NO_CANCEL", self.findings("long"))  # still running when let be
 
     def test_a_cancelled_job_was_not_left_running(self):
         job_id = json.loads(self.send("POST", "/v1/jobs", {
