@@ -782,11 +782,209 @@ def _last_text(messages):
 
 
 def _check_regex(value, field):
+    """A regular expression a search of at most _RULE_TEXT_CHARS characters
+    takes no more than quadratic time on: see _regex_trouble."""
     _Text(non_empty=True)(value, field)
     try:
-        return re.compile(value)
+        pattern = re.compile(value)
     except re.error as error:
         raise _ValidationError(field, f"is not a valid regular expression: {error}") from None
+    trouble = _regex_trouble(value)
+    if trouble is not None:
+        raise _ValidationError(field, f"is a regular expression whose search can take minutes: "
+                               f"{trouble}; write it without that")
+    return pattern
+
+
+# What a rule's regular expression searches: the first this many characters
+# of the text.  A pattern _regex_trouble lets pass is at worst quadratic in
+# them, and holds every thread while it runs.  \w*? +(?:\s{2}){2}c, the
+# slowest of 3,200 random patterns it let pass, took 7.6 ms on 512 spaces,
+# 31 ms on 1,024, 123 ms on 2,048; with 3 busy loops beside the server on 2
+# cores, /health took up to 101 ms at 1,024, 43 ms at 512.  Even .*foo took
+# 1.7 s on 65,536 characters.
+_RULE_TEXT_CHARS = 512
+# The characters that stand for every other when two parts of a pattern are
+# asked whether they can match the same one: ASCII, and a few beyond it that
+# classes tell apart.
+_PROBES = "".join(map(chr, range(128))) + "\u00a0\u00b2\u00e9\u00df\u0394\u0661\u2028\u4e2d"
+
+
+def _regex_trouble(text):
+    """Why searching with this pattern can take more than quadratic time in
+    the text (None if it cannot), as Python's backtracking engine runs it:
+    an unbounded repeat inside another repeat ((a+)+: exponential); an
+    alternation, or a part that can match nothing, under an unbounded repeat
+    ((a|ab)*: exponential); under a repeat, two parts of varying count in a
+    row that can match the same characters ((ab?b?)*) or one that can end
+    where the next turn begins ((a{1,3})*): exponential; or two unbounded
+    repeats in a row that can match the same characters, with nothing between
+    them that the first cannot also match (a*a*c, \\w+\\d+, .*x.*y:
+    polynomial; a*a*c took 9 s on 4,096 characters).  Parts are told apart by
+    the _PROBES they can match."""
+    try:
+        from re import _parser as parser, _constants as sre  # Python 3.11 and later
+    except ImportError:
+        import sre_parse as parser, sre_constants as sre
+    flags = re.compile(text).flags
+    unbounded, repeats = sre.MAXREPEAT, {sre.MAX_REPEAT, sre.MIN_REPEAT,
+                                         getattr(sre, "POSSESSIVE_REPEAT", None)}
+    words = {sre.CATEGORY_DIGIT: str.isdecimal, sre.CATEGORY_SPACE: str.isspace,
+             sre.CATEGORY_WORD: lambda char: char.isalnum() or char == "_",
+             sre.CATEGORY_LINEBREAK: lambda char: char == "\n"}
+    for positive, negative in ((sre.CATEGORY_DIGIT, sre.CATEGORY_NOT_DIGIT),
+                               (sre.CATEGORY_SPACE, sre.CATEGORY_NOT_SPACE),
+                               (sre.CATEGORY_WORD, sre.CATEGORY_NOT_WORD),
+                               (sre.CATEGORY_LINEBREAK, sre.CATEGORY_NOT_LINEBREAK)):
+        words[negative] = lambda char, test=words[positive]: not test(char)
+    everything = set(_PROBES)
+
+    def cased(chars):
+        if flags & re.IGNORECASE:
+            chars = chars | {char.lower() for char in chars} | {char.upper() for char in chars}
+        return chars
+
+    def one(op, av):
+        """The characters a one-character part matches."""
+        if op is sre.LITERAL:
+            return cased({chr(av)})
+        if op is sre.NOT_LITERAL:
+            return everything - {chr(av)}
+        if op is sre.IN:
+            chars, negate = set(), False
+            for item, value in av:
+                if item is sre.NEGATE:
+                    negate = True
+                elif item is sre.LITERAL:
+                    chars.add(chr(value))
+                elif item is sre.CATEGORY:
+                    chars |= {char for char in _PROBES if words[value](char)}
+                elif item in (sre.RANGE, getattr(sre, "RANGE_UNI_IGNORE", None)):
+                    low, high = value
+                    chars |= {char for char in _PROBES if low <= ord(char) <= high}
+                    chars |= {chr(low), chr(high)}
+            return everything - cased(chars) if negate else cased(chars)
+        return everything  # ANY, a back-reference
+
+    def first(items):
+        """(the characters a sequence can begin with, whether it can match nothing)."""
+        chars = set()
+        for op, av in items:
+            if op in (sre.AT, sre.ASSERT, sre.ASSERT_NOT):
+                continue  # zero-width
+            part, empty = part_first(op, av)
+            chars |= part
+            if not empty:
+                return chars, False
+        return chars, True
+
+    def part_first(op, av):
+        if op is sre.SUBPATTERN:
+            return first(av[-1])
+        if op is getattr(sre, "ATOMIC_GROUP", None):
+            return first(av)
+        if op is sre.BRANCH:
+            branches = [first(branch) for branch in av[1]]
+            return set().union(*(chars for chars, _ in branches)), any(
+                empty for _, empty in branches)
+        if op in repeats:
+            chars, empty = first(av[2])
+            return chars, empty or av[0] == 0
+        return one(op, av), op is sre.GROUPREF
+
+    def inner(op, av):
+        """The sequences inside a part."""
+        if op is sre.SUBPATTERN:
+            return [av[-1]]
+        if op is sre.BRANCH:
+            return av[1]
+        if op in repeats:
+            return [av[2]]
+        if op in (sre.ASSERT, sre.ASSERT_NOT):
+            return [av[1]]
+        if op is getattr(sre, "ATOMIC_GROUP", None):
+            return [av]
+        return []
+
+    def every(items):
+        """Every character a sequence can match, anywhere."""
+        chars = set()
+        for op, av in items:
+            if op is not sre.AT:
+                sequences = inner(op, av)
+                chars |= set().union(*map(every, sequences)) if sequences else one(op, av)
+        return chars
+
+    def unbounded_in(items):
+        return any((op in repeats and av[1] == unbounded) or any(
+            map(unbounded_in, inner(op, av))) for op, av in items)
+
+    def ambiguous(items):
+        """Whether a repeated sequence can match the same text two ways."""
+        if first(items)[1]:
+            return "a part that can match nothing, under a repeat"
+        for op, av in items:
+            if op is sre.BRANCH:
+                starts = [first(branch) for branch in av[1]]
+                if any(empty for _, empty in starts) or any(
+                        a & b for index, (a, _) in enumerate(starts)
+                        for b, _ in starts[index + 1:]):
+                    return "an alternation whose choices can match the same text, under a repeat"
+            if op is sre.SUBPATTERN:
+                found = ambiguous(av[-1])
+                if found:
+                    return found
+        return None
+
+    def scan(items, open_sets, repeated=False):
+        """The repeats still open after a sequence (their characters): those
+        the sequence's parts could all have been matched by: every repeat
+        whose count can vary by more than one, and under a repeat every part
+        whose count varies at all, since there a second way to match one
+        turn's text is a second way for every turn."""
+        possessive = getattr(sre, "POSSESSIVE_REPEAT", None)
+        for op, av in items:
+            if op in (sre.AT, sre.ASSERT, sre.ASSERT_NOT):
+                for sequence in inner(op, av):
+                    scan(sequence, [])
+            elif op is sre.SUBPATTERN or op is getattr(sre, "ATOMIC_GROUP", None):
+                open_sets = scan(inner(op, av)[0], open_sets, repeated)
+            elif op is sre.BRANCH:
+                open_sets = [chars for branch in av[1]
+                             for chars in scan(branch, list(open_sets), repeated)]
+            elif op in repeats:
+                low, high, body = av
+                if high > 1 and unbounded_in(body):
+                    raise _Trouble("an unbounded repeat inside another repeat")
+                if high > 1 and ambiguous(body):
+                    raise _Trouble(ambiguous(body))
+                chars, starts = every(body), first(body)[0]
+                if low < high and any(chars & seen for seen in open_sets):
+                    raise _Trouble("two repeats in a row that can match the same characters")
+                if high > 1:
+                    if any(seen & starts for seen in scan(body, [], repeated=True)):
+                        raise _Trouble("a repeat inside another repeat that can end where "
+                                       "its next turn begins")
+                    after = [seen for seen in open_sets if seen & starts] if low else open_sets
+                else:  # once at most: the body goes on with the sequence, or is skipped
+                    after = scan(body, list(open_sets), repeated) + (open_sets if not low else [])
+                if low < high and (high > 1 or repeated) and op is not possessive:
+                    after = after + [chars]
+                open_sets = after
+            else:
+                chars = one(op, av)
+                open_sets = [seen for seen in open_sets if seen & chars]
+        return open_sets
+
+    try:
+        scan(list(parser.parse(text)), [])
+    except _Trouble as trouble:
+        return str(trouble)
+    return None
+
+
+class _Trouble(Exception):
+    """What makes a regular expression slow (see _regex_trouble)."""
 
 
 def _check_headers(value, field):
@@ -816,8 +1014,10 @@ _MATCH_KEYS = {
                                "Text the last user message contains."),
     "text_matches": _MatchKey(
         _Check(_check_regex, {"type": "string", "format": "regex"}),
-        lambda want, facts: want.search(_last_text(facts.messages)) is not None,
-        "A regular expression (Python's re.search) the last user message matches."),
+        lambda want, facts: want.search(_last_text(facts.messages)[:_RULE_TEXT_CHARS])
+        is not None,
+        f"A regular expression (Python's re.search) the last user message's first "
+        f"{_RULE_TEXT_CHARS:,} characters match; one whose search can take minutes is refused."),
     "last_role": _MatchKey(_Choice("user", "assistant", "tool", "system"),
                            lambda want, facts: bool(facts.messages)
                            and facts.messages[-1]["role"] == want,

@@ -536,6 +536,8 @@ class ReplyRuleTest(unittest.TestCase):
     def test_a_bad_rule_names_the_field(self):
         for rule, field in [({"match": {"text_matches": "("}, "simulate": {}},
                              "match.text_matches"),
+                            ({"match": {"text_matches": "(a+)+$"}, "simulate": {}},
+                             "match.text_matches"),
                             ({"match": {"surface": "bedrock"}, "simulate": {}}, "match.surface"),
                             ({"match": {"size": 1}, "simulate": {}}, "match.size"),
                             ({"simulate": {"mode": "nope"}}, "simulate.mode"),
@@ -545,6 +547,31 @@ class ReplyRuleTest(unittest.TestCase):
                 with self.assertRaises(dummyllm._ValidationError) as caught:
                     dummyllm._reply_rule(rule, None, "runtime")
                 self.assertEqual(caught.exception.field, field)
+
+    def test_patterns_whose_search_can_take_minutes_are_refused(self):
+        for pattern, trouble in [
+                ("(a+)+$", "an unbounded repeat inside another repeat"),
+                (r"(\w+\s?)*$", "an unbounded repeat inside another repeat"),
+                ("(a|ab)*c", "an alternation whose choices can match the same text"),
+                ("(x?)*y", "a part that can match nothing"),
+                ("(ab?b?)*c", "two repeats in a row"),
+                ("((a|b){1,3})*c", "can end where its next turn begins"),
+                ("a*a*c", "two repeats in a row"),
+                (r"\w+\d+!", "two repeats in a row"),
+                ("[ab]+(?:.*?)?c", "two repeats in a row"),
+                (r".{0,5}\w*c", "two repeats in a row"),
+                ("(?i)^W.*weather.*paris", "two repeats in a row")]:
+            with self.subTest(pattern=pattern):
+                with self.assertRaises(dummyllm._ValidationError) as caught:
+                    dummyllm._reply_rule({"match": {"text_matches": pattern}, "simulate": {}},
+                                         None, "runtime")
+                self.assertEqual(caught.exception.field, "match.text_matches")
+                self.assertIn(trouble, caught.exception.message)
+        for pattern in ("weather.*Paris", r"^\w+@\w+\.com$", "(foo|bar)+", r"\d+-\d+",
+                        r"\bParis\b", r"\s*\w+\s*", "(a|b)*c", "[^x]*y", "x{2,5}",
+                        r"(\d{1,3}\.){3}\d{1,3}", "a?.*z"):
+            self.assertIsNotNone(dummyllm._reply_rule({"match": {"text_matches": pattern},
+                                                       "simulate": {}}, None, "runtime"))
 
     def test_rules_from_make_config_and_a_file(self):
         rules = [{"match": {"model": "x"}, "simulate": {"mode": "fail"}}]
@@ -3748,6 +3775,8 @@ class ReplyRulesTest(ChatCalls, AppTestCase):
     def test_a_bad_rule_is_a_422_naming_the_field(self):
         for rule, field in [({"match": {"text_matches": "(("}, "simulate": {}},
                              "match.text_matches"),
+                            ({"match": {"text_matches": "(a+)+$"}, "simulate": {}},
+                             "match.text_matches"),
                             ({"simulate": {"stream": {"nope": 1}}}, "simulate.stream.nope"),
                             ({"match": {"last_role": "robot"}, "simulate": {}},
                              "match.last_role"), ([1], None)]:
@@ -5409,11 +5438,47 @@ class CommandLineTest(unittest.TestCase):
                                 env={**os.environ, **(env or {})})
         self.addCleanup(proc.stderr.close)
         self.addCleanup(proc.stdout.close)
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
         line = proc.stdout.readline()
         match = re.fullmatch(r"dummyLLM listening on http://127\.0\.0\.1:(\d+)\n", line)
         self.assertTrue(match, line + proc.stderr.read() if not line else line)
         return proc, int(match.group(1))
+
+    def test_health_stays_quick_while_rules_search_long_messages(self):
+        # A rule's regular expression holds every thread of its process while
+        # it searches: the patterns let in, at their worst, leave /health quick.
+        rules = [{"match": {"text_matches": pattern}, "simulate": {"ok_text": "matched"}}
+                 for pattern in ["(a|b)*c", "(ab?)*c", r"\s*(?:a*)?c", r"\w*? +(?:\s{2}){2}c"]]
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+            json.dump(rules, file)
+        self.addCleanup(os.unlink, file.name)
+        proc, port = self.start_cli("--rules", file.name, "--latency-ms", "0", "--quiet")
+        statuses, done = [], threading.Event()
+
+        def send_long_messages():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            while not done.is_set():
+                for text in ("ab" * 32768, " " * 65536):
+                    conn.request("POST", "/v1/chat/completions", json.dumps({
+                        "model": "m", "messages": [{"role": "user", "content": text}]}))
+                    response = conn.getresponse()
+                    response.read()
+                    statuses.append(response.status)
+            conn.close()
+        sender = threading.Thread(target=send_long_messages)
+        sender.start()
+        self.addCleanup(sender.join)
+        self.addCleanup(done.set)
+        health = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.addCleanup(health.close)
+        waits = []
+        while len(statuses) < 6:
+            started = time.perf_counter()
+            health.request("GET", "/health")
+            self.assertEqual(health.getresponse().read()[:1], b"{")
+            waits.append(time.perf_counter() - started)
+        self.assertEqual(set(statuses), {200})
+        self.assertLess(max(waits), 0.1)
 
     def test_bad_values_exit_2_with_one_line(self):
         for args, env, named in [(["--mode", "nope"], {}, "--mode"),
@@ -5473,6 +5538,8 @@ class CommandLineTest(unittest.TestCase):
                  "rules[1].simulate.mode"),
                 ([{"match": {"text_matches": "("}, "simulate": {}}],
                  "rules[0].match.text_matches"),
+                ([{"match": {"text_matches": "(a+)+$"}, "simulate": {}}],
+                 "rules[0].match.text_matches is a regular expression whose search"),
                 ([{"match": {"colour": "red"}, "simulate": {}}], "rules[0].match.colour"),
                 ([{"match": {}}], "rules[0].simulate is required"),
                 ('[{"match": ', "not valid JSON"), ({"match": {}}, "must be a list")]:
