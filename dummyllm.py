@@ -361,6 +361,8 @@ class _Int(_Rule):
         self.schema = {"type": self.kind, "minimum": lo, "maximum": hi}
 
     def __call__(self, value, field):
+        if isinstance(value, float) and value.is_integer() and self.lo <= value <= self.hi:
+            return int(value)  # JSON Schema's integers include 2.0
         if not self.accepts(value) or not self.lo <= value <= self.hi:
             raise _ValidationError(field, f"must be {self.noun} from {self.lo} to {self.hi}")
         return value
@@ -457,17 +459,19 @@ def _check_object(value, field):
 _OBJECT = _Check(_check_object, {"type": "object"})
 
 
+# A weight is a share: a million to one is as lopsided as a draw needs.
+_WEIGHT = _Number(0, 1_000_000)
+
+
 def _check_weights(value, field, allowed=_DRAWABLE_MODES):
-    """Weights are {mode: non-negative number}, at least one of them positive."""
+    """Weights are {mode: _WEIGHT}, at least one of them positive."""
     if not isinstance(value, dict):
         raise _ValidationError(field, "must map modes to weights, e.g. ok=3, fail=1")
     for mode, weight in value.items():
         if mode not in allowed:
             raise _ValidationError(f"{field}.{mode}", f"names {mode!r}, not a mode that can be "
                                    "drawn here: " + ", ".join(allowed))
-        if not _is_number(weight) or weight < 0:
-            raise _ValidationError(f"{field}.{mode}", f"gives {mode!r} a weight that is not "
-                                   "a non-negative number")
+        _WEIGHT(weight, f"{field}.{mode}")
     if not any(value.values()):
         raise _ValidationError(field, "must give at least one mode a positive weight")
     return dict(value)
@@ -478,15 +482,21 @@ def _weights_from_text(text):
     weights = {}
     for item in text.split(","):
         mode, sep, weight = item.partition("=")
-        weight = _Number(0, math.inf).from_text(weight)
+        weight = _WEIGHT.from_text(weight)
         if not sep or isinstance(weight, str):
             return text
         weights[mode.strip()] = weight
     return weights
 
 
-_WEIGHTS = _Check(_check_weights, {"type": "object", "additionalProperties": {
-    "type": "number", "minimum": 0}}, _weights_from_text)
+_WEIGHTS = _Check(_check_weights, {
+    "type": "object", "propertyNames": {"enum": list(_DRAWABLE_MODES)},
+    "additionalProperties": _WEIGHT.schema, "not": {"additionalProperties": {"const": 0}}},
+    _weights_from_text)
+
+
+_FAULT_STATUS, _FAULT_RETRY_MS = _Int(400, 599), _Nullable(_Int(0, _MAX_TIMEOUT_MS))
+_UNKNOWN_STATE = _Text(64, non_empty=True)
 
 
 def _check_fault(value, field, poll=False):
@@ -501,13 +511,12 @@ def _check_fault(value, field, poll=False):
         if kind == "status" and status.isascii() and status.isdigit() and len(status) < 4:
             value = {"status": int(status)}
     if poll and isinstance(value, dict) and set(value) == {"unknown_state"}:
-        state = _Text(64, non_empty=True)(value["unknown_state"], f"{field}.unknown_state")
+        state = _UNKNOWN_STATE(value["unknown_state"], f"{field}.unknown_state")
         return _Fault("unknown_state", None, None, state)
     if isinstance(value, dict) and "status" in value and set(value) <= {"status",
                                                                         "retry_after_ms"}:
-        status = _Int(400, 599)(value["status"], f"{field}.status")
-        retry_ms = _Nullable(_Int(0, _MAX_TIMEOUT_MS))(value.get("retry_after_ms"),
-                                                       f"{field}.retry_after_ms")
+        status = _FAULT_STATUS(value["status"], f"{field}.status")
+        retry_ms = _FAULT_RETRY_MS(value.get("retry_after_ms"), f"{field}.retry_after_ms")
         return _Fault("status", status, retry_ms, None)
     raise _ValidationError(field, "must be one of " + ", ".join(_NAMED_FAULTS)
                            + ', "status:N", {"status": N, "retry_after_ms": M}'
@@ -518,8 +527,7 @@ _FAULT_SCHEMA = {"oneOf": [
     {"type": "string", "enum": list(_NAMED_FAULTS)},
     {"type": "string", "pattern": "^status:[45][0-9][0-9]$"},
     {"type": "object", "required": ["status"], "additionalProperties": False,
-     "properties": {"status": _Int(400, 599).schema,
-                    "retry_after_ms": _Int(0, _MAX_TIMEOUT_MS).schema}}]}
+     "properties": {"status": _FAULT_STATUS.schema, "retry_after_ms": _FAULT_RETRY_MS.schema}}]}
 
 
 def _check_fault_list(value, field):
@@ -570,6 +578,9 @@ def _check_script(value, field):
     return tuple(steps)
 
 
+_TOOL_CALL_NAME, _TOOL_CALL_ID = _Text(non_empty=True), _Nullable(_Text(256, non_empty=True))
+
+
 def _check_tool_calls(value, field):
     """Tool calls: [{"name", "arguments": an object or a JSON string, "id"}]."""
     if not isinstance(value, (list, tuple)) or not value:
@@ -580,11 +591,11 @@ def _check_tool_calls(value, field):
         if not isinstance(call, dict) or set(call) - {"name", "arguments", "id"}:
             raise _ValidationError(name, 'must be an object with "name", "arguments" and '
                                          'maybe "id"')
-        _Text(non_empty=True)(call.get("name"), name + ".name")
+        _TOOL_CALL_NAME(call.get("name"), name + ".name")
         arguments = call.get("arguments", {})
         if not isinstance(arguments, (dict, str)):
             raise _ValidationError(name + ".arguments", "must be an object or a string")
-        _Nullable(_Text(256, non_empty=True))(call.get("id"), name + ".id")
+        _TOOL_CALL_ID(call.get("id"), name + ".id")
         calls.append({"name": call["name"], "arguments": arguments, "id": call.get("id")})
     return tuple(calls)
 
@@ -659,11 +670,14 @@ def _pick(fields, *names):
 
 
 def _object_schema(fields, strict=False, example=None):
-    """The JSON Schema of an object made of a table of fields."""
-    schema = {"type": "object", "properties": {
-        key: dict(spec.rule.schema, description=spec.about) if spec.about else spec.rule.schema
-        for key, spec in fields.items()}}
+    """The JSON Schema of an object made of a table of fields; a field that
+    may be left out may be null too (see _given)."""
     required = [key for key, spec in fields.items() if spec.default is _REQUIRED]
+    schema = {"type": "object", "properties": {
+        key: dict(spec.rule.schema if key in required else
+                  {"anyOf": [spec.rule.schema, {"type": "null"}]},
+                  **({"description": spec.about} if spec.about else {}))
+        for key, spec in fields.items()}}
     if required:
         schema["required"] = required
     if strict:
@@ -675,6 +689,16 @@ def _object_schema(fields, strict=False, example=None):
 
 def _ref(name):
     return {"$ref": "#/components/schemas/" + name}
+
+
+def _object(required, optional=None):
+    """An answer object's schema: {name: schema} of the properties it always
+    has, and of those it may have."""
+    return {"type": "object", "required": list(required),
+            "properties": {**required, **(optional or {})}}
+
+
+_AN_INTEGER, _A_STRING, _AN_OBJECT = {"type": "integer"}, {"type": "string"}, {"type": "object"}
 
 
 _MS = _Int(0, _MAX_TIMEOUT_MS)
@@ -704,12 +728,13 @@ _SIMULATE_FIELDS = {
         "additionalProperties": False}), None, "Chat: a stream failure after N content chunks."),
     "script": _Field(_Check(_check_script, {
         "type": "array", "minItems": 1,
-        "items": {"oneOf": [_MODE_RULE.schema, _ref("Simulate")]}}), None,
+        "items": {"oneOf": [_MODE_RULE.schema, {"allOf": [
+            _ref("Simulate"), {"not": {"required": ["script"]}}]}]}}), None,
         "Steps taken by successive requests with the same key; the last repeats."),
-    "tool_calls": _Field(_Check(_check_tool_calls, {"type": "array", "items": {
-        "type": "object", "required": ["name", "arguments"], "properties": {
-            "name": {"type": "string"}, "arguments": {"type": ["object", "string"]},
-            "id": {"type": "string"}}}}), None,
+    "tool_calls": _Field(_Check(_check_tool_calls, {"type": "array", "minItems": 1, "items": {
+        "type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+            "name": _TOOL_CALL_NAME.schema, "arguments": {"type": ["object", "string"]},
+            "id": _TOOL_CALL_ID.schema}}}), None,
         "Answer with these tool calls (arguments an object, or a string sent as given)."),
     "context_window": _Field(_Int(1, 100_000_000), None,
                              "A prompt of more tokens is refused with the context-length error."),
@@ -723,8 +748,9 @@ _SIMULATE_FIELDS = {
                           "before or after the job is created."),
     "dribble_ms": _Field(_Int(0, 60_000), 50, "Gap between the pieces of a dribble fault."),
     "poll_faults": _Field(_Check(_check_poll_faults, {"type": "array", "items": {"oneOf": [
-        {"type": "null"}, _FAULT_SCHEMA, {"type": "object", "required": ["unknown_state"],
-                                          "properties": {"unknown_state": {"type": "string"}}}]}}),
+        {"type": "null"}, _FAULT_SCHEMA, {
+            "type": "object", "required": ["unknown_state"], "additionalProperties": False,
+            "properties": {"unknown_state": _UNKNOWN_STATE.schema}}]}}),
         None, "Faults of the job's 1st, 2nd... poll."),
 }
 
@@ -1013,7 +1039,7 @@ _MATCH_KEYS = {
     "text_contains": _MatchKey(_NAME, lambda want, facts: want in _last_text(facts.messages),
                                "Text the last user message contains."),
     "text_matches": _MatchKey(
-        _Check(_check_regex, {"type": "string", "format": "regex"}),
+        _Check(_check_regex, {"type": "string", "minLength": 1, "format": "regex"}),
         lambda want, facts: want.search(_last_text(facts.messages)[:_RULE_TEXT_CHARS])
         is not None,
         f"A regular expression (Python's re.search) the last user message's first "
@@ -1097,6 +1123,13 @@ def _is_loopback(host):
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+_CALLBACK_URL = _Check(_Text(2048, non_empty=True), {
+    "type": "string", "maxLength": 2048, "pattern": "^https?://[^/?#]"})
+# A callback URL that its schema allows and the server refuses.
+_CALLBACK_REFUSED = {"callback_url": "naming a host that is neither loopback nor allowed by "
+                                     "--allow-callback-host"}
 
 
 def _check_callback_url(value, field, allowed_hosts):
@@ -1956,6 +1989,7 @@ _NOTE_FIELDS = {
                  "trace_id or user, or that of the job it names"),
     "rule": ({"type": ["integer", "null"]}, "The reply rule that matched"),
     "code": ({"type": ["string", "null"]}, "The error code answered"),
+    "field": ({"type": ["string", "null"]}, "The field at fault, of the error answered"),
     "retry_after_ms": ({"type": ["integer", "null"]},
                        "The wait the retry headers advertised (real ms)"),
     "stream_failure": ({"type": ["string", "null"]}, "The stream failure it was given"),
@@ -2047,12 +2081,17 @@ def _route(method, path, handler, auth=None, admin=False, chaos=True, journal=Tr
                   api or handler.api)
 
 
-def _describe(summary, request=None, answers=None, query=None, headers=None):
+def _describe(summary, request=None, answers=None, query=None, headers=None, streams=False,
+              refuses=None):
     """An endpoint's description: its summary, request body schema, answers
-    ({status: schema name, media type, or None}), query parameters (a table
-    of _Field, which also checks them) and request headers."""
+    ({status: schema name, media type, _EventStream, or None}), query
+    parameters and request headers (tables of _Field, which also check
+    them), whether its 200 may be its surface's stream instead (see
+    _Surface.event_streams), and the rules a schema cannot tell ({field:
+    when a value its schema allows is refused}, mostly for another field)."""
     return {"summary": summary, "request": request, "answers": answers or {200: None},
-            "query": query or {}, "headers": headers or {}}
+            "query": query or {}, "headers": headers or {}, "streams": streams,
+            "refuses": refuses or {}}
 
 
 def _api(*args, **kwargs):
@@ -2065,7 +2104,7 @@ def _api(*args, **kwargs):
 
 def _query_args(request, fields):
     """The request's query parameters, checked by the handler's rules."""
-    values = urllib.parse.parse_qs(request.query) if request.query else {}
+    values = urllib.parse.parse_qs(request.query, keep_blank_values=True) if request.query else {}
     args = {}
     for name, spec in fields.items():
         if name in values:
@@ -2080,14 +2119,17 @@ def _query_args(request, fields):
 # sequence key; `options` what only that surface needs back.
 _Call = collections.namedtuple("_Call", "spec model stream max_tokens stop options")
 
-_TRACE_ID_HEADER = _Nullable(_Text(_MAX_TRACE_ID_CHARS))
+_TRACE_ID_TEXT = _Text(_MAX_TRACE_ID_CHARS)
+_TRACE_ID_HEADER = _Nullable(_TRACE_ID_TEXT)
 # The request headers every surface reads (a surface adds its own for CORS).
 _COMMON_REQUEST_HEADERS = ("Content-Type", "Authorization", "Idempotency-Key", "X-Trace-Id",
                            _SIMULATE_HEADER)
 # The answer headers every surface may send.
 _COMMON_ANSWER_HEADERS = ("Location", "Retry-After", "retry-after-ms", "Idempotent-Replayed")
-_SIMULATE_HEADERS = {_SIMULATE_HEADER: "Simulate settings as JSON; the body's win, field by field",
-                     "X-Trace-Id": "The key of seeded sequences and scripts"}
+_SIMULATE_HEADERS = {
+    _SIMULATE_HEADER: _Field(_SIMULATE, None,
+                             "Simulate settings as JSON; the body's win, field by field"),
+    "X-Trace-Id": _Field(_TRACE_ID_TEXT, None, "The key of seeded sequences and scripts")}
 
 
 class _Surface:
@@ -2109,9 +2151,11 @@ class _Surface:
     finish            its reason for each way a reply ends (_Reply.end)
     framing           how its streams are written (see _Framing)
     stream_events     what it writes for each event of a stream's timeline,
-                      in order: {kind: ((name, build), ...)}, build(surface,
-                      render, piece) giving an event's JSON, bytes, or None
-                      for no event (see _Render)
+                      in order: {kind: ((name, build, schema), ...)},
+                      build(surface, render, piece) giving an event's JSON,
+                      bytes, or None for no event (see _Render); schema, the
+                      API document's for its JSON (a name), or the bytes
+    framings          the framings its streams may take (its framing, for most)
     request_headers   the headers it reads, besides the common ones
     answer_headers    the headers it sends, besides the common ones and its
                       quota's (CORS lets a browser read them)
@@ -2145,6 +2189,17 @@ class _Surface:
     def schemas(self):
         """The schemas it adds to the API document, by name (made at first use)."""
         return {}
+
+    @property
+    def framings(self):
+        return (self.framing,)
+
+    def event_streams(self):
+        """Its streams as the API document declares them: an _EventStream
+        for each framing, each with every event its stream_events may send."""
+        events = tuple(dict.fromkeys((name, schema) for entries in self.stream_events.values()
+                                     for name, _, schema in entries))
+        return [_EventStream(framing, events) for framing in self.framings]
 
     def credential(self, request):
         """The API key a request carries, for --api-key."""
@@ -2299,11 +2354,12 @@ class _Surface:
 
 
 def _left_out(sources, key, reason):
-    """None, for a setting a model call cannot take that a reply rule gave
-    (a rule may match calls of every kind); from the body or the header, a
-    400 naming it.  sources: (name, settings) in the order they win."""
+    """None, for a setting a model call cannot take that a reply rule or the
+    header gave (a rule may match calls of every kind, and a client sends its
+    header with each); from the body, a 400 naming it.  sources: (name,
+    settings) in the order they win."""
     field = next(f"{name}.{key}" for name, given in sources if key in given)
-    if not field.startswith("rules["):
+    if field.startswith("simulate."):
         raise _ValidationError(field, reason)
     return None
 
@@ -2333,9 +2389,19 @@ def _model_call(surface, app, request):
     return surface.respond(app, request, call)
 
 
-def _model_api(summary, request, answers, query=None):
+# What every model call refuses that its schema allows (see _Surface.call).
+_MODEL_CALL_REFUSES = {
+    "simulate.stream": 'without "stream": true',
+    "simulate.tool_calls": "where the API has no tools",
+    "simulate.script": "with tool calls, where the API has no tools",
+    "simulate.fault": "dribble, on a stream (token_ms paces a stream)",
+}
+
+
+def _model_api(summary, request, answers, query=None, streams=True, refuses=None):
     """The description of a model call's route."""
-    return _describe(summary, request, answers, query, headers=_SIMULATE_HEADERS)
+    return _describe(summary, request, answers, query, _SIMULATE_HEADERS, streams,
+                     {**_MODEL_CALL_REFUSES, **(refuses or {})})
 
 
 class _Framing(collections.namedtuple("_Framing", "content_type event start end")):
@@ -2358,6 +2424,12 @@ def _json_line(render, name, data):
 
 def _array_item(render, name, data):
     return data if render.written == 0 else b",\r\n" + data
+
+
+class _EventStream(collections.namedtuple("_EventStream", "framing events")):
+    """A stream as the API document declares it: its _Framing, and (name or
+    None, schema) for each event it may send: the schema of its JSON by
+    name, or the bytes it sends as they are (OpenAI's [DONE])."""
 
 
 _SSE = _Framing("text/event-stream", _data_event, b"", b"")
@@ -2392,7 +2464,7 @@ class _Render:
         """The bytes of one event of the timeline."""
         framing, surface = self.framing, self.surface
         out = [framing.start] if kind == "open" and framing.start else []
-        for position, (name, build) in enumerate(surface.stream_events[kind]):
+        for position, (name, build, _) in enumerate(surface.stream_events[kind]):
             if kind == "piece" and isinstance(piece, str):
                 data = self._text_piece(position, name, build, piece)
             else:
@@ -2456,6 +2528,10 @@ def _check_messages(value, field, allow_empty=False):
     return value
 
 
+_MESSAGES_SCHEMA = {"type": "array", "items": {
+    "type": "object", "required": ["role"], "properties": {"role": {"type": "string"}}}}
+
+
 def _check_strings(value, field, most=None):
     """A list of strings (at most `most`)."""
     if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
@@ -2466,6 +2542,12 @@ def _check_strings(value, field, most=None):
 
 
 _STRINGS_SCHEMA = {"type": "array", "items": {"type": "string"}}
+
+
+def _string_or_strings(most=None):
+    """The schema of a string, or a list of strings (at most `most`)."""
+    strings = dict(_STRINGS_SCHEMA, **({} if most is None else {"maxItems": most}))
+    return {"anyOf": [{"type": "string"}, strings]}
 
 
 def _text_messages(messages):
@@ -2516,6 +2598,10 @@ def _tool_table(tools, field, inner=None, schema_keys=("parameters",)):
             raise _ValidationError(where, "must be a JSON Schema")
         table[tool["name"]] = schema, where
     return table
+
+
+_BLOCKS_SCHEMA = {"oneOf": [{"type": "string"}, {"type": "array", "items": {
+    "type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}}]}
 
 
 def _check_blocks(value, field):
@@ -2569,8 +2655,7 @@ _JOB_REQUEST = {
                          "The server-side deadline (default --timeout-ms)."),
     "trace_id": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
                        "Your correlation id; the key of seeded sequences and scripts."),
-    "callback_url": _Field(_Text(2048, non_empty=True), None,
-                           "Loopback URL the final job is POSTed to."),
+    "callback_url": _Field(_CALLBACK_URL, None, "Loopback URL the final job is POSTed to."),
     "simulate": _Field(_SIMULATE, None, "How the job behaves."),
 }
 
@@ -2621,8 +2706,9 @@ class _JobApi(_Surface):
 
     @_api("Create a simulated job", request="CreateJob",
           answers={201: "JobCreated", 200: "JobCreated", 409: "Error", 429: "Error", 503: "Error"},
-          headers={"Idempotency-Key": "Repeat-safe key: the same key and body answer the same "
-                                      "job"})
+          headers={"Idempotency-Key": _Field(_Text(), None, "Repeat-safe key: the same key "
+                                             "and body answer the same job")},
+          refuses=_CALLBACK_REFUSED)
     def create(self, app, request):
         body = _json_body(request)
         spec = self.parse_create(body, app.config)
@@ -2666,7 +2752,7 @@ class _JobApi(_Surface):
         return _Answer(204)
 
     @_api("Server-sent events: the job now and at each change",
-          answers={200: "text/event-stream"})
+          answers={200: _EventStream(_NAMED_SSE, (("state", "Job"),))})
     def events(self, app, request):
         def events(snapshots):
             for snapshot in snapshots:
@@ -2850,7 +2936,9 @@ class _Control(_Surface):
     def rules(self, app, request):
         return _Answer(200, {"rules": app.rules(), "surfaces": _surface_names()})
 
-    @_api("Add a reply rule after the others", request="ReplyRule", answers={201: "ListedRule"})
+    @_api("Add a reply rule after the others", request="ReplyRule", answers={201: "ListedRule"},
+          refuses={"match.text_matches": "a pattern whose search could hold the server for "
+                                         "seconds (see _regex_trouble)"})
     def add_rule(self, app, request):
         return _Answer(201, app.add_rule(_json_body(request)))
 
@@ -2888,7 +2976,7 @@ class _Control(_Surface):
     def docs(self, app, request):
         return _html(_DOCS_PAGE)
 
-    @_api("This API as an OpenAPI 3.1 document", answers={200: "OpenAPI"})
+    @_api("This API as an OpenAPI 3.2 document", answers={200: "OpenAPI"})
     def openapi(self, app, request):
         return _Answer(200, app.registry.document)
 
@@ -2944,6 +3032,8 @@ def _openai_output(response_format, field):
     """(JSON Schema, field) of an OpenAI response format that asks for JSON:
     json_schema (its schema: in json_schema for chat, beside the type for
     Responses), or json_object (True)."""
+    if not isinstance(response_format, dict):
+        raise _ValidationError(field, "must be an object")
     kind = response_format.get("type")
     if kind == "json_object":
         return True, field
@@ -2957,6 +3047,16 @@ def _openai_output(response_format, field):
     if kind != "text":
         raise _ValidationError(field + ".type", "must be one of text, json_object, json_schema")
     return None
+
+
+def _response_format_schema(inner):
+    """The schema of a response format: its schema in `inner` (chat's
+    json_schema), or beside its type (Responses)."""
+    schema = {"type": ["object", "boolean"]}
+    return {"type": "object", "required": ["type"], "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]},
+        **({inner: {"type": "object", "properties": {"schema": schema}}} if inner
+           else {"schema": schema})}}
 
 
 class _OpenAI(_Surface):
@@ -3009,7 +3109,7 @@ _STREAM_OPTIONS_FIELD = _Field(_Check(lambda value, field: _given(value, _STREAM
                                       _object_schema(_STREAM_OPTIONS)), {}, None)
 _ONE_CHOICE = _Field(_Check(_check_one, {"const": 1}), 1, "Only 1.")
 _OPENAI_STOP = _Field(_Check(lambda value, field: _check_strings(
-    [value] if isinstance(value, str) else value, field, 4), _STRINGS_SCHEMA), (),
+    [value] if isinstance(value, str) else value, field, 4), _string_or_strings(4)), (),
     "The reply ends before the first of these it meets.")
 _MODEL_ERRORS = {429: None, 500: None, 503: None, 504: None}  # the model calls' failures
 
@@ -3021,11 +3121,8 @@ class _OpenAIChat(_OpenAI):
     name = "openai.chat"
     REQUEST = {
         "model": _MODEL,
-        "messages": _Field(_Check(_check_messages, {
-            "type": "array", "minItems": 1, "items": {
-                "type": "object", "required": ["role"], "properties": {
-                    "role": {"type": "string"}, "content": {}}}}),
-            _REQUIRED, "The conversation; the last user message feeds the reply."),
+        "messages": _Field(_Check(_check_messages, dict(_MESSAGES_SCHEMA, minItems=1)),
+                           _REQUIRED, "The conversation; the last user message feeds the reply."),
         "stream": _Field(_Bool(), False, "Answer as server-sent events."),
         "stream_options": _STREAM_OPTIONS_FIELD,
         "max_tokens": _Field(_Int(1, 10_000_000), None,
@@ -3038,8 +3135,9 @@ class _OpenAIChat(_OpenAI):
             {"enum": ["none", "auto", "required"]}, {"type": "object"}]}), "auto",
             "required or a named function: the reply calls it, with arguments drawn from its "
             "parameters."),
-        "response_format": _Field(_OBJECT, {"type": "text"}, "json_schema or json_object: "
-                                  "the reply is JSON valid against it."),
+        "response_format": _Field(_Check(_check_object, _response_format_schema("json_schema")),
+                                  {"type": "text"}, "json_schema or json_object: the reply is "
+                                  "JSON valid against it."),
         "user": _USER,
         **_EXTENSIONS,
     }
@@ -3058,6 +3156,12 @@ class _OpenAIChat(_OpenAI):
                     "prompt_tokens": {"type": "integer"},
                     "completion_tokens": {"type": "integer"},
                     "total_tokens": {"type": "integer"}}}}},
+            "ChatCompletionChunk": _object({
+                "id": _A_STRING, "object": {"const": "chat.completion.chunk"},
+                "created": _AN_INTEGER, "model": _A_STRING, "choices": {"type": "array", "items": _object(
+                    {"index": _AN_INTEGER, "delta": _AN_OBJECT,
+                     "finish_reason": {"type": ["string", "null"]}})}},
+                {"usage": {"type": ["object", "null"]}}),
             "Model": {"type": "object", "required": ["id", "object"], "properties": {
                 "id": {"type": "string"}, "object": {"const": "model"},
                 "created": {"type": "integer"}, "owned_by": {"type": "string"}}},
@@ -3137,13 +3241,14 @@ class _OpenAIChat(_OpenAI):
         return None
 
     stream_events = {
-        "open": ((None, role_chunk),),
-        "piece": ((None, text_chunk),),
-        "call": ((None, call_chunk),),
-        "arguments": ((None, arguments_chunk),),
+        "open": ((None, role_chunk, "ChatCompletionChunk"),),
+        "piece": ((None, text_chunk, "ChatCompletionChunk"),),
+        "call": ((None, call_chunk, "ChatCompletionChunk"),),
+        "arguments": ((None, arguments_chunk, "ChatCompletionChunk"),),
         "call_done": (),
-        "close": ((None, finish_chunk), (None, usage_chunk), (None, _OpenAI.done)),
-        "error": ((None, _Surface.error_event),),
+        "close": ((None, finish_chunk, "ChatCompletionChunk"),
+                  (None, usage_chunk, "ChatCompletionChunk"), (None, _OpenAI.done, b"[DONE]")),
+        "error": ((None, _Surface.error_event, "OpenAIError"),),
     }
 
     def model(self, model_id):
@@ -3170,6 +3275,16 @@ _OPENAI_CHAT = _OpenAIChat()
 
 
 # --- Surfaces: OpenAI Responses ---------------------------------------------------
+
+_OUTPUT = {"const": "function_call_output"}
+_INPUT_ITEM_SCHEMA = {"type": "object", "anyOf": [
+    {"required": ["type", "output"],
+     "properties": {"type": _OUTPUT, "output": {"type": ["string", "array"]}}},
+    {"required": ["role", "content"], "properties": {
+        "role": {"type": "string"}, "content": _BLOCKS_SCHEMA, "type": {"not": _OUTPUT}}},
+    {"required": ["type"], "properties": {"type": {"type": "string", "not": _OUTPUT},
+                                          "role": {"not": {"type": "string"}}}}]}
+
 
 def _check_responses_input(value, field):
     """A string, or items: messages (a role, content as text or parts) and
@@ -3212,8 +3327,8 @@ class _OpenAIResponses(_OpenAI):
     REQUEST = {
         "model": _MODEL,
         "input": _Field(_Check(_check_responses_input, {"oneOf": [
-            {"type": "string"}, {"type": "array", "minItems": 1}]}), _REQUIRED,
-            "Text, or message and function_call_output items."),
+            {"type": "string"}, {"type": "array", "minItems": 1, "items": _INPUT_ITEM_SCHEMA}]}),
+            _REQUIRED, "Text, or message and function_call_output items."),
         "instructions": _Field(_Text(), None, "A system message."),
         "stream": _Field(_Bool(), False, "Answer as server-sent events."),
         "max_output_tokens": _Field(_Int(1, 10_000_000), None,
@@ -3222,7 +3337,9 @@ class _OpenAIResponses(_OpenAI):
         "tool_choice": _Field(_Check(lambda value, field: value, {}), None,
                               "required or a named function: the reply calls it, with "
                               "arguments drawn from its parameters."),
-        "text": _Field(_OBJECT, None, "text.format json_schema or json_object: the reply is "
+        "text": _Field(_Check(_check_object, {"type": "object", "properties": {
+            "format": _response_format_schema(None)}}), None,
+                       "text.format json_schema or json_object: the reply is "
                        "JSON valid against it."),
         "store": _Field(_Bool(), True, "Keep the response, to retrieve it later."),
         "background": _Field(_Bool(), False, "Answer at once, queued; poll, cancel or stream it."),
@@ -3231,7 +3348,7 @@ class _OpenAIResponses(_OpenAI):
         "user": _USER,
         "temperature": _Field(_Number(0, 2), None, "Accepted."),
         "top_p": _Field(_Number(0, 1), None, "Accepted."),
-        "callback_url": _Field(_Text(2048, non_empty=True), None,
+        "callback_url": _Field(_CALLBACK_URL, None,
                                "Loopback URL the final job is POSTed to (an extension)."),
         **_EXTENSIONS,
     }
@@ -3258,9 +3375,28 @@ class _OpenAIResponses(_OpenAI):
                 "output": {"type": "array"}, "usage": {"type": ["object", "null"]},
                 "error": {"type": ["object", "null"]},
                 "incomplete_details": {"type": ["object", "null"]}}},
+            **self.event_schemas(),
             "ResponseDeleted": {"type": "object", "properties": {
                 "id": {"type": "string"}, "object": {"const": "response"},
                 "deleted": {"type": "boolean"}}},
+        }
+
+    @staticmethod
+    def event_schemas():
+        """Its stream's events: each has its type and number, and these."""
+        def event(**fields):
+            return _object({"type": _A_STRING, "sequence_number": _AN_INTEGER, **fields})
+        item, part = {"item_id": _A_STRING, "output_index": _AN_INTEGER}, {"content_index": _AN_INTEGER}
+        return {
+            "ResponseLifecycleEvent": event(response=_ref("Response")),
+            "ResponseItemEvent": event(output_index=_AN_INTEGER, item=_AN_OBJECT),
+            "ResponsePartEvent": event(**item, **part, part=_AN_OBJECT),
+            "ResponseTextDeltaEvent": event(**item, **part, delta=_A_STRING),
+            "ResponseTextDoneEvent": event(**item, **part, text=_A_STRING),
+            "ResponseArgumentsDeltaEvent": event(**item, delta=_A_STRING),
+            "ResponseArgumentsDoneEvent": event(**item, arguments=_A_STRING),
+            "ResponseErrorEvent": event(code=_A_STRING, message=_A_STRING,
+                                        param={"type": ["string", "null"]}),
         }
 
     def parse(self, request, config):
@@ -3274,7 +3410,7 @@ class _OpenAIResponses(_OpenAI):
         messages = self.messages(values["input"])
         if values["instructions"] is not None:
             messages.insert(0, {"role": "system", "content": values["instructions"]})
-        text_format = (values["text"] or {}).get("format") or {"type": "text"}
+        text_format = (values["text"] or {}).get("format", {"type": "text"})
         return self.call(request, config, model=values["model"], messages=messages,
                          stream=values["stream"], max_tokens=values["max_output_tokens"],
                          user=values["user"], timeout_ms=values["timeout_ms"],
@@ -3522,23 +3658,25 @@ class _OpenAIResponses(_OpenAI):
         return {"code": "server_error", "param": None, "message": render.simulated_error().message}
 
     stream_events = {
-        "created": (("response.created", lifecycle),),
-        "queued": (("response.queued", lifecycle),),
-        "in_progress": (("response.in_progress", lifecycle),),
-        "open": (("response.output_item.added", message_added),
-                 ("response.content_part.added", part_added)),
-        "piece": (("response.output_text.delta", text_delta),),
-        "call": (("response.output_item.added", call_added),),
-        "arguments": (("response.function_call_arguments.delta", arguments_delta),),
-        "call_done": (("response.function_call_arguments.done", arguments_done),
-                      ("response.output_item.done", call_done)),
-        "close": (("response.output_text.done", text_done),
-                  ("response.content_part.done", part_done),
-                  ("response.output_item.done", message_done)),
-        "completed": (("response.completed", final),),
-        "incomplete": (("response.incomplete", final),),
-        "failed": (("response.failed", failed),),
-        "error": (("error", error_event),),
+        "created": (("response.created", lifecycle, "ResponseLifecycleEvent"),),
+        "queued": (("response.queued", lifecycle, "ResponseLifecycleEvent"),),
+        "in_progress": (("response.in_progress", lifecycle, "ResponseLifecycleEvent"),),
+        "open": (("response.output_item.added", message_added, "ResponseItemEvent"),
+                 ("response.content_part.added", part_added, "ResponsePartEvent")),
+        "piece": (("response.output_text.delta", text_delta, "ResponseTextDeltaEvent"),),
+        "call": (("response.output_item.added", call_added, "ResponseItemEvent"),),
+        "arguments": (("response.function_call_arguments.delta", arguments_delta,
+                       "ResponseArgumentsDeltaEvent"),),
+        "call_done": (("response.function_call_arguments.done", arguments_done,
+                       "ResponseArgumentsDoneEvent"),
+                      ("response.output_item.done", call_done, "ResponseItemEvent")),
+        "close": (("response.output_text.done", text_done, "ResponseTextDoneEvent"),
+                  ("response.content_part.done", part_done, "ResponsePartEvent"),
+                  ("response.output_item.done", message_done, "ResponseItemEvent")),
+        "completed": (("response.completed", final, "ResponseLifecycleEvent"),),
+        "incomplete": (("response.incomplete", final, "ResponseLifecycleEvent"),),
+        "failed": (("response.failed", failed, "ResponseLifecycleEvent"),),
+        "error": (("error", error_event, "ResponseErrorEvent"),),
     }
 
     @staticmethod
@@ -3549,7 +3687,7 @@ class _OpenAIResponses(_OpenAI):
         return response_id
 
     @_api("OpenAI Responses: a stored response; stream=true streams its events again",
-          answers={200: "Response"}, query=QUERY)
+          answers={200: "Response"}, query=QUERY, streams=True)
     def retrieve(self, app, request):
         response_id = self.response_id(request)
         request.note.job_id = response_id
@@ -3575,7 +3713,8 @@ class _OpenAIResponses(_OpenAI):
     routes = (
         _route("POST", "/v1/responses", _model_call, api=_model_api(
             "OpenAI Responses: create a response; background: a job to poll",
-            "ResponseRequest", {200: "Response", **_MODEL_ERRORS})),
+            "ResponseRequest", {200: "Response", **_MODEL_ERRORS},
+            refuses={**_CALLBACK_REFUSED, "store": "false, with background true"})),
         _route("GET", "/v1/responses/{id}", retrieve),
         _route("POST", "/v1/responses/{id}/cancel", cancel),
         _route("DELETE", "/v1/responses/{id}", delete),
@@ -3589,21 +3728,25 @@ _OPENAI_RESPONSES = _OpenAIResponses()
 
 def _check_embedding_input(value, field):
     """A string, strings, a token list or token lists: 1 to 2,048 non-empty items."""
-    items = [value] if isinstance(value, str) or (
-        isinstance(value, list) and value and all(_is_int(token) for token in value)) else value
+    def tokens(item):
+        return isinstance(item, list) and all(_is_int(token) or isinstance(token, float)
+                                              and token.is_integer() for token in item)
+    items = [value] if isinstance(value, str) or (value and tokens(value)) else value
     if not isinstance(items, list) or not 1 <= len(items) <= 2048:
         raise _ValidationError(field, "must be a string, or 1 to 2048 strings or token lists")
     for index, item in enumerate(items):
-        ok = (isinstance(item, str) or isinstance(item, list) and all(
-            _is_int(token) for token in item))
-        if not ok or not item:
+        if not item or not (isinstance(item, str) or tokens(item)):
             raise _ValidationError(field if items is not value else f"{field}[{index}]",
                                    "must be a non-empty string or token list")
-    return items
+    return [item if isinstance(item, str) else [int(token) for token in item]
+            for item in items]
 
 
-_EMBEDDING_INPUT = _Check(_check_embedding_input, {"oneOf": [
-    {"type": "string"}, {"type": "array", "minItems": 1, "maxItems": 2048}]})
+_TOKENS_SCHEMA = {"type": "array", "minItems": 1, "items": {"type": "integer"}}
+_EMBEDDING_INPUT = _Check(_check_embedding_input, {"anyOf": [
+    {"type": "string", "minLength": 1}, _TOKENS_SCHEMA,
+    {"type": "array", "minItems": 1, "maxItems": 2048, "items": {"anyOf": [
+        {"type": "string", "minLength": 1}, _TOKENS_SCHEMA]}}]})
 _DIMENSIONS = _Int(1, 8192)
 
 
@@ -3666,7 +3809,7 @@ class _OpenAIEmbeddings(_OpenAI):
 
     routes = (_route("POST", "/v1/embeddings", _model_call, api=_model_api(
         "OpenAI embeddings: vectors that are a pure function of model and text",
-        "EmbeddingRequest", {200: "EmbeddingList", 429: None})),)
+        "EmbeddingRequest", {200: "EmbeddingList", 429: None}, streams=False)),)
 
 
 _OPENAI_EMBEDDINGS = _OpenAIEmbeddings()
@@ -3694,7 +3837,7 @@ class _OpenAICompletions(_OpenAI):
     REQUEST = {
         "model": _MODEL,
         "prompt": _Field(_Check(_check_prompt, {"oneOf": [
-            {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}), _REQUIRED,
+            {"type": "string"}, dict(_STRINGS_SCHEMA, minItems=1)]}), _REQUIRED,
             "The prompt; its text feeds the reply."),
         "max_tokens": _Field(_Int(1, 10_000_000), None,
                              "Cut the reply to this many tokens (finish_reason length)."),
@@ -3756,9 +3899,10 @@ class _OpenAICompletions(_OpenAI):
 
     stream_events = {
         "open": (), "call": (), "arguments": (), "call_done": (),
-        "piece": ((None, text_chunk),),
-        "close": ((None, finish_chunk), (None, usage_chunk), (None, _OpenAI.done)),
-        "error": ((None, _Surface.error_event),),
+        "piece": ((None, text_chunk, "Completion"),),
+        "close": ((None, finish_chunk, "Completion"), (None, usage_chunk, "Completion"),
+                  (None, _OpenAI.done, b"[DONE]")),
+        "error": ((None, _Surface.error_event, "OpenAIError"),),
     }
 
     routes = (_route("POST", "/v1/completions", _model_call, api=_model_api(
@@ -3822,12 +3966,10 @@ class _AnthropicMessages(_Surface):
         "messages": _Field(_Check(_check_anthropic_messages, {
             "type": "array", "minItems": 1, "items": {
                 "type": "object", "required": ["role", "content"], "properties": {
-                    "role": {"enum": ["user", "assistant"]},
-                    "content": {"oneOf": [{"type": "string"}, {"type": "array"}]}}}}),
+                    "role": {"enum": ["user", "assistant"]}, "content": _BLOCKS_SCHEMA}}}),
             _REQUIRED, "The conversation; the last user message feeds the reply."),
-        "system": _Field(_Check(_check_blocks, {"oneOf": [{"type": "string"},
-                                                          {"type": "array"}]}),
-                         None, "A system prompt: text or text blocks."),
+        "system": _Field(_Check(_check_blocks, _BLOCKS_SCHEMA), None,
+                         "A system prompt: text or text blocks."),
         "stream": _Field(_Bool(), False, "Answer as server-sent events."),
         "stop_sequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
                                  "The reply ends before the first of these it meets."),
@@ -3863,6 +4005,16 @@ class _AnthropicMessages(_Surface):
                 "stop_sequence": {"type": ["string", "null"]}, "usage": {"type": "object"}}},
             "AnthropicTokens": {"type": "object",
                                 "properties": {"input_tokens": {"type": "integer"}}},
+            "AnthropicMessageStart": _object({"type": _A_STRING, "message": _AN_OBJECT}),
+            "AnthropicBlockStart": _object({"type": _A_STRING, "index": _AN_INTEGER,
+                                            "content_block": _AN_OBJECT}),
+            "AnthropicBlockDelta": _object({"type": _A_STRING, "index": _AN_INTEGER,
+                                            "delta": _AN_OBJECT}),
+            "AnthropicBlockStop": _object({"type": _A_STRING, "index": _AN_INTEGER}),
+            "AnthropicMessageDelta": _object({"type": _A_STRING, "delta": _AN_OBJECT,
+                                              "usage": _AN_OBJECT}),
+            "AnthropicPing": _object({"type": _A_STRING}),
+            "AnthropicMessageStop": _object({"type": _A_STRING}),
         }
 
     def credential(self, request):
@@ -3979,15 +4131,17 @@ class _AnthropicMessages(_Surface):
         return {"type": "message_stop"}
 
     stream_events = {
-        "open": (("message_start", message_start), ("content_block_start", text_block_start),
-                 ("ping", ping)),
-        "piece": (("content_block_delta", text_delta),),
-        "call": (("content_block_start", tool_use_start),),
-        "arguments": (("content_block_delta", input_delta),),
-        "call_done": (("content_block_stop", block_stop),),
-        "close": (("content_block_stop", text_block_stop), ("message_delta", message_delta),
-                  ("message_stop", message_stop)),
-        "error": (("error", _Surface.error_event),),
+        "open": (("message_start", message_start, "AnthropicMessageStart"),
+                 ("content_block_start", text_block_start, "AnthropicBlockStart"),
+                 ("ping", ping, "AnthropicPing")),
+        "piece": (("content_block_delta", text_delta, "AnthropicBlockDelta"),),
+        "call": (("content_block_start", tool_use_start, "AnthropicBlockStart"),),
+        "arguments": (("content_block_delta", input_delta, "AnthropicBlockDelta"),),
+        "call_done": (("content_block_stop", block_stop, "AnthropicBlockStop"),),
+        "close": (("content_block_stop", text_block_stop, "AnthropicBlockStop"),
+                  ("message_delta", message_delta, "AnthropicMessageDelta"),
+                  ("message_stop", message_stop, "AnthropicMessageStop")),
+        "error": (("error", _Surface.error_event, "AnthropicError"),),
     }
 
     @_api("Anthropic Messages: count a request's input tokens", request="AnthropicCountRequest",
@@ -4011,6 +4165,9 @@ _ANTHROPIC_MESSAGES = _AnthropicMessages()
 
 # --- Surfaces: Gemini -------------------------------------------------------------
 
+_CONTENT_ROLES = ["user", "model", "function"]
+
+
 def _check_contents(value, field):
     if not isinstance(value, list) or not value:
         raise _ValidationError(field, "must be a non-empty array of contents")
@@ -4022,8 +4179,7 @@ def _check_contents(value, field):
 def _check_content(value, field):
     """A Gemini content: {"role": "user" or "model", "parts": [{"text": ...}, ...]}
     (role "function" too: the older way to give a function's response)."""
-    if not isinstance(value, dict) or value.get("role", "user") not in ("user", "model",
-                                                                        "function"):
+    if not isinstance(value, dict) or value.get("role", "user") not in _CONTENT_ROLES:
         raise _ValidationError(field, 'must be an object with role "user" or "model"')
     parts = value.get("parts")
     if not isinstance(parts, list) or not all(isinstance(part, dict) for part in parts):
@@ -4077,8 +4233,8 @@ class _Gemini(_Surface):
               "tool_calls": "STOP"}
     request_headers = ("x-goog-api-key",)
     quota_header = None  # Google tells the wait in the body's RetryInfo, and no quota
-    CONTENT = {"type": "object", "properties": {
-        "role": {"enum": ["user", "model"]},
+    CONTENT = {"type": "object", "required": ["parts"], "properties": {
+        "role": {"enum": _CONTENT_ROLES},
         "parts": {"type": "array", "items": {"type": "object", "properties": {
             "text": {"type": "string"}}}}}}
     REQUEST = {
@@ -4115,6 +4271,9 @@ class _Gemini(_Surface):
                                               "usageMetadata": {"type": "object"},
                                               "modelVersion": {"type": "string"},
                                               "responseId": {"type": "string"}}},
+            "GeminiChunk": _object({"candidates": {"type": "array"}},
+                                   {"usageMetadata": _AN_OBJECT, "modelVersion": _A_STRING,
+                                    "responseId": _A_STRING}),
             "GeminiTokens": {"type": "object",
                              "properties": {"totalTokens": {"type": "integer"}}},
             "GeminiModel": {"type": "object", "properties": {
@@ -4241,11 +4400,12 @@ class _Gemini(_Surface):
 
     stream_events = {
         "open": (), "arguments": (), "call_done": (),
-        "piece": ((None, text_part),),
-        "call": ((None, call_part),),
-        "close": ((None, last_part),),
-        "error": ((None, _Surface.error_event),),
+        "piece": ((None, text_part, "GeminiChunk"),),
+        "call": ((None, call_part, "GeminiChunk"),),
+        "close": ((None, last_part, "GeminiResponse"),),
+        "error": ((None, _Surface.error_event, "GoogleError"),),
     }
+    framings = (_JSON_ARRAY, _SSE)
 
     def model(self, model_id):
         return {"name": "models/" + model_id, "version": "001", "displayName": model_id,
@@ -4272,10 +4432,11 @@ class _Gemini(_Surface):
 
     CALLS = (("generateContent", _model_call, _model_api(
                   "Gemini: generate content", "GeminiRequest",
-                  {200: "GeminiResponse", 429: None, 500: None, 503: None, 504: None}, QUERY)),
+                  {200: "GeminiResponse", 429: None, 500: None, 503: None, 504: None}, QUERY,
+                  streams=False)),
              ("streamGenerateContent", _model_call, _model_api(
                  "Gemini: generate content as a stream (?alt=sse for server-sent events)",
-                 "GeminiRequest", {200: "text/event-stream", 429: None}, QUERY)),
+                 "GeminiRequest", {200: None, 429: None}, QUERY)),
              ("countTokens", count_tokens, None))
     routes = (
         *(_route("POST", f"{version}/models/{{model}}:{call}", handler, api=api)
@@ -4331,20 +4492,22 @@ class _Ollama(_Surface):
         **_EXTENSIONS,
     }
     CHAT = {**COMMON, "messages": _Field(_Check(lambda value, field: _check_messages(
-        value, field, allow_empty=True), {"type": "array"}), [], "The conversation."),
+        value, field, allow_empty=True), _MESSAGES_SCHEMA), [], "The conversation."),
             "tools": _Field(_TOOLS, (), "Functions the reply may call.")}
     GENERATE = {**COMMON, "prompt": _Field(_Text(), "", "The prompt."),
                 "system": _Field(_Text(), None, "A system prompt.")}
     EMBED = {"model": COMMON["model"],
              "input": _Field(_Check(lambda value, field: [value] if isinstance(value, str) else
-                                    _check_strings(value, field), {}), _REQUIRED,
-                             "A string or strings."),
+                                    _check_strings(value, field), _string_or_strings()),
+                             _REQUIRED, "A string or strings."),
              "dimensions": _Field(_DIMENSIONS, 1536, "Length of each vector."),
              "truncate": _Field(_Bool(), True, "Accepted."),
              **_pick(COMMON, "options", "keep_alive", "timeout_ms", "simulate")}
     EMBEDDINGS = {"model": COMMON["model"], "prompt": _Field(_Text(), _REQUIRED, "The text."),
                   **_pick(COMMON, "options", "keep_alive", "timeout_ms", "simulate")}
     KINDS = {"chat": CHAT, "generate": GENERATE, "embed": EMBED, "embeddings": EMBEDDINGS}
+    SHOW = {"model": _Field(_Text(non_empty=True), None, "The model."),
+            "name": _Field(_Text(non_empty=True), None, "The model, by its older name.")}
 
     def schemas(self):
         return {
@@ -4362,6 +4525,12 @@ class _Ollama(_Surface):
             "OllamaAnswer": {"type": "object", "properties": {
                 "model": {"type": "string"}, "created_at": {"type": "string"},
                 "done": {"type": "boolean"}}},
+            "OllamaShow": dict(_object_schema(self.SHOW, example={"model": "llama3.2"}),
+                               anyOf=[{"required": [key], "properties": {key: _A_STRING}}
+                                      for key in self.SHOW]),
+            "OllamaLine": _object({"model": _A_STRING, "created_at": _A_STRING,
+                                   "done": {"type": "boolean"}},
+                                  {"message": _AN_OBJECT, "response": _A_STRING}),
             "OllamaModels": {"type": "object", "properties": {"models": {"type": "array"}}},
         }
 
@@ -4464,10 +4633,10 @@ class _Ollama(_Surface):
 
     stream_events = {
         "open": (), "arguments": (), "call_done": (),
-        "piece": ((None, text_line),),
-        "call": ((None, call_line),),
-        "close": ((None, final_line),),
-        "error": ((None, _Surface.error_event),),
+        "piece": ((None, text_line, "OllamaLine"),),
+        "call": ((None, call_line, "OllamaLine"),),
+        "close": ((None, final_line, "OllamaLine"),),
+        "error": ((None, _Surface.error_event, "OllamaError"),),
     }
 
     def model(self, name=None):
@@ -4486,10 +4655,13 @@ class _Ollama(_Surface):
         return _Answer(200, {"models": [dict(self.model(), expires_at="2099-01-01T00:00:00Z",
                                              size_vram=0)]})
 
-    @_api("Ollama: a model's details (every name is served)", answers={200: "OllamaAnswer"})
+    @_api("Ollama: a model's details (every name is served)", request="OllamaShow",
+          answers={200: "OllamaAnswer"})
     def show(self, app, request):
-        body = _json_body(request)
-        name = _Text(non_empty=True)(body.get("model", body.get("name")), "model")
+        values = _given(_json_body(request), self.SHOW, None)
+        name = values.get("model", values.get("name"))
+        if name is None:
+            raise _ValidationError("model", "is required")
         model = self.model(name)
         return _Answer(200, {"modelfile": f"FROM {name}", "parameters": "",
                              "template": "{{ .Prompt }}", "details": model["details"],
@@ -4508,9 +4680,11 @@ class _Ollama(_Surface):
             "Ollama generate (NDJSON lines unless stream is false)", "OllamaGenerate",
             {200: "OllamaAnswer"})),
         _route("POST", "/api/embed", _model_call, api=_model_api(
-            "Ollama embed: the vectors of /v1/embeddings", "OllamaEmbed", {200: "OllamaAnswer"})),
+            "Ollama embed: the vectors of /v1/embeddings", "OllamaEmbed", {200: "OllamaAnswer"},
+            streams=False)),
         _route("POST", "/api/embeddings", _model_call, api=_model_api(
-            "Ollama embeddings (the older call)", "OllamaEmbeddings", {200: "OllamaAnswer"})),
+            "Ollama embeddings (the older call)", "OllamaEmbeddings", {200: "OllamaAnswer"},
+            streams=False)),
         _route("GET", "/api/tags", tags),
         _route("POST", "/api/show", show),
         _route("GET", "/api/ps", running),
@@ -4603,45 +4777,56 @@ class _Registry:
 
 
 class _Router:
-    """Match a method and path to a route; 404 and 405 come from here."""
+    """Match a method and path to a route; 404 and 405 come from here.  As
+    OpenAPI matches paths, a path without parameters wins over those with,
+    and one with parameters over another that matches its paths too
+    (/v1/models/{model}:countTokens over /v1/models/{id+})."""
 
     def __init__(self, routes):
-        self._routes = [(route, re.compile(self._pattern(route.path))) for route in routes]
-        # The paths without parameters that no route with parameters matches:
-        # their routes are found by the path alone, and only the others' patterns
-        # are tried (trying every one took 10 regular expressions for a poll).
-        self._exact = {}
-        for route, _ in self._routes:
-            if "{" not in route.path and not any(
-                    "{" in other.path and pattern.match(route.path)
-                    for other, pattern in self._routes):
-                self._exact.setdefault(route.path, []).append(route)
-        self._patterns = [(route, pattern) for route, pattern in self._routes
-                          if route.path not in self._exact]
+        by_path = {}
+        for route in routes:
+            by_path.setdefault(route.path, []).append(route)
+        self._exact = {path: found for path, found in by_path.items() if "{" not in path}
+        # The others in the order their routes came, but each before the first
+        # that would match its paths too.
+        self._templates = []
+        for path, found in by_path.items():
+            if "{" in path:
+                sample = re.sub(r"\{[^}]*\}", "x", path)
+                place = next((index for index, (pattern, _) in enumerate(self._templates)
+                              if pattern.match(sample)), len(self._templates))
+                self._templates.insert(place, (re.compile(self._pattern(path)), found))
 
     @staticmethod
     def _pattern(path):
         path = re.sub(r"\{(\w+)\+\}", r"(?P<\1>.+)", path)
         return re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + r"\Z"
 
+    def _answering(self, path):
+        """(the routes of the path the request's path matches, its parameters)."""
+        found = self._exact.get(path)
+        if found is not None:
+            return found, {}
+        for pattern, found in self._templates:
+            params = pattern.match(path)
+            if params:
+                return found, params.groupdict()
+        return (), {}
+
     def match(self, method, path):
         """(the route, its path parameters), or the 404 or 405."""
-        for route in self._exact.get(path, ()):
+        routes, params = self._answering(path)
+        for route in routes:
             if route.method == method or (method == "HEAD" and route.method == "GET"):
-                return route, {}
-        for route, pattern in self._patterns:
-            found = pattern.match(path)
-            if found and (route.method == method or (method == "HEAD" and route.method == "GET")):
-                return route, found.groupdict()
-        allowed = self.methods(path)
-        if not allowed:
+                return route, params
+        if not routes:
             raise ApiError("NOT_FOUND", f"no endpoint at {path}")
         raise ApiError("METHOD_NOT_ALLOWED", f"{path} does not answer {method}",
-                       headers=[("Allow", ", ".join(allowed))])
+                       headers=[("Allow", ", ".join(self.methods(path)))])
 
     def methods(self, path):
         """The methods the path answers (HEAD wherever GET)."""
-        methods = [route.method for route, pattern in self._routes if pattern.match(path)]
+        methods = [route.method for route in self._answering(path)[0]]
         return methods + ["HEAD"] if "GET" in methods else methods
 
     def surface_of(self, path):
@@ -4649,11 +4834,13 @@ class _Router:
         matches, else the one surface whose routes share the longest leading
         segments with it (/v1/chat/nope is OpenAI's, /v1beta/nope Gemini's,
         /v1/nope shared by several), else the job API."""
+        routes = self._answering(path)[0]
+        if routes:
+            return routes[0].surface
         segments = path.split("/")[1:]
         best, surfaces = 0, set()
-        for route, pattern in self._routes:
-            if pattern.match(path):
-                return route.surface
+        for route in itertools.chain(*self._exact.values(),
+                                     *(found for _, found in self._templates)):
             shared = len(list(itertools.takewhile(
                 lambda pair: pair[0] == pair[1], zip(segments, route.path.split("/")[1:]))))
             if shared > best:
@@ -6148,10 +6335,10 @@ class _Application:
         query = _with_defaults(_given(dict(query, trace_id=trace_id), _VERDICT_QUERY, None,
                                       strict=True), _VERDICT_QUERY, self.config)
         key = query.pop("key")
-        if key is not None and query["trace_id"] not in (None, key):
-            raise _ValidationError("key", "names another key than trace_id")
-        query["trace_id"] = query["trace_id"] or key
         entries = self.journal.find()
+        if key is not None and query["trace_id"] not in (None, key):
+            entries = []  # no request has two keys
+        query["trace_id"] = query["trace_id"] or key
         ended = self.store.ended_at({entry["job_id"] for entry in entries if entry["job_id"]})
         return _verdict(entries, self.clock.real_ms(self.clock.now_ms()), ended, **query)
 
@@ -6704,7 +6891,8 @@ class _Handler(BaseHTTPRequestHandler):
         retry_ms = None if error.retry_after_ms is None else round(
             self.server.clock.real_ms(error.retry_after_ms))
         if request is not None:
-            request.note.code, request.note.retry_after_ms = error.code, retry_ms
+            request.note.code, request.note.field = error.code, error.field
+            request.note.retry_after_ms = retry_ms
         status, body, headers = self.server.surface_of(request).error(
             error, retry_ms, self.server.clock.wall_ms())
         return status, headers, _json_bytes(body), "application/json"
@@ -7242,7 +7430,7 @@ def start_server(**options):
 # and the API.
 
 def _openapi_document(registry):
-    """The OpenAPI 3.1 document of the registered surfaces' routes."""
+    """The OpenAPI 3.2 document of the registered surfaces' routes."""
     paths, schemas = {}, {}
     for surface in registry.surfaces:
         schemas.update(surface.schemas())
@@ -7255,31 +7443,78 @@ def _openapi_document(registry):
                         "description": spec.about, "schema": spec.rule.schema}
                        for name, spec in api["query"].items()]
         parameters += [{"name": name, "in": "header", "required": False,
-                        "description": text, "schema": {"type": "string"}}
-                       for name, text in api["headers"].items()]
+                        "description": spec.about, **_header_schema(spec.rule.schema)}
+                       for name, spec in api["headers"].items()]
         responses = {}
         for status, what in api["answers"].items():
-            answer = {"description": registry.reasons[status]}
             if what is None and status >= 400:
                 what = route.surface.error_schema
-            if what is not None:
-                media, schema = ((what, {"type": "string"}) if "/" in what else
-                                 ("application/json", _ref(what)))
-                answer["content"] = {media: {"schema": schema}}
-            responses[str(status)] = answer
+            content = _answer_content(what)
+            if status == 200 and api["streams"]:
+                for stream in route.surface.event_streams():
+                    content.update(_answer_content(stream))
+            responses[str(status)] = {"description": registry.reasons[status],
+                                      **({"content": content} if content else {})}
         responses["default"] = {"description": "An error", "content": {
             "application/json": {"schema": _ref(route.surface.error_schema)}}}
         operation_id = re.sub(r"[^0-9A-Za-z]+", "_", f"{route.method} {route.path}").strip("_")
         operation = {"summary": api["summary"], "operationId": operation_id.lower(),
                      "parameters": parameters, "responses": responses}
+        if api["refuses"]:
+            operation["x-dummyllm-refuses"] = api["refuses"]
         if api["request"]:
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": _ref(api["request"])}}}
         paths.setdefault(route.path.replace("+}", "}"), {})[route.method.lower()] = operation
-    return {"openapi": "3.1.0",
+    return {"openapi": "3.2.0",
             "info": {"title": "dummyLLM", "version": __version__,
                      "description": __doc__.split("\n\n")[1].replace("\n", " ")},
             "paths": paths, "components": {"schemas": schemas}}
+
+
+def _header_schema(schema):
+    """A header's parameter fields: an object travels as JSON text."""
+    if "$ref" in schema or schema.get("type") == "object":
+        return {"content": {"application/json": {"schema": schema}}}
+    return {"schema": schema}
+
+
+def _answer_content(what):
+    """The content of an answer, by media type: a schema's name is JSON, a
+    media type has text of its own, an _EventStream each event described
+    (OpenAPI 3.2's itemSchema: SSE events, NDJSON lines), or a JSON array."""
+    if what is None:
+        return {}
+    if isinstance(what, str):
+        if "/" in what:
+            return {what: {"schema": {"type": "string"}}}
+        return {"application/json": {"schema": _ref(what)}}
+    framing, events = what
+
+    def data(schemas):
+        json_ = [_ref(schema) for schema in schemas if isinstance(schema, str)]
+        return json_[0] if len(json_) == 1 else {"anyOf": json_}
+
+    if framing.content_type != "text/event-stream":
+        if framing.start:  # a JSON array
+            return {framing.content_type: {"schema": {"type": "array", "items": data(
+                schema for _, schema in events)}}}
+        return {framing.content_type: {"itemSchema": data(schema for _, schema in events)}}
+    variants = []
+    for name in dict.fromkeys(name for name, _ in events):
+        schemas = [schema for named, schema in events if named == name]
+        text = {"contentMediaType": "application/json", "contentSchema": data(schemas)}
+        sent_as_is = [schema.decode() for schema in schemas if isinstance(schema, bytes)]
+        if sent_as_is:
+            text = {"if": {"enum": sent_as_is}, "else": text}
+        event = {"type": "object", "required": ["data"],
+                 "properties": {"data": {"type": "string", **text}}}
+        if name is not None:
+            event["required"].append("event")
+            event["properties"]["event"] = {"const": name}
+        variants.append(event)
+    return {"text/event-stream": {
+        "itemSchema": variants[0] if len(variants) == 1 else {"oneOf": variants}}}
 
 
 _PAGE_STYLE = """
@@ -7324,7 +7559,7 @@ const resolve = (schema) => {
 const typeOf = (schema) => {
   schema = resolve(schema);
   if (schema.enum) return schema.enum.join(" | ");
-  if (schema.oneOf) return schema.oneOf.map(typeOf).join(" or ");
+  if (schema.oneOf || schema.anyOf) return (schema.oneOf || schema.anyOf).map(typeOf).join(" or ");
   return [].concat(schema.type || "any").join(" or ");
 };
 function fieldsTable(schema) {

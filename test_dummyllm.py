@@ -250,22 +250,61 @@ class SocketlessConnection:
         pass
 
 
-def documented_schema(app, method, path, status):
-    """The schema the API document gives an answer, or None where it
-    promises no JSON: that of the route's status, else its errors'."""
+def documented(app, method, path, status, content_type):
+    """The API document's media type object for an answer (its "schema" or
+    "itemSchema"), with the document's components beside it to resolve
+    references, or None where it promises no schema: the route's answer
+    for that status, else its default (its errors)."""
+    document = app.registry.document
     try:
         route, _ = app.router.match(method, path.partition("?")[0])
     except dummyllm.ApiError:
         route = None
-    surface = route.surface if route else app.router.surface_of(path.partition("?")[0])
-    what = route.api["answers"].get(status, surface.error_schema) if route else (
-        surface.error_schema)
-    if what is None and status >= 400:
-        what = surface.error_schema
-    if what is None or "/" in what:
+    if route is not None:
+        responses = document["paths"][route.path.replace("+}", "}")][method.lower()]["responses"]
+        answer = responses.get(str(status), responses["default"])
+    else:
+        answer = {"content": {"application/json": {"schema": dummyllm._ref(
+            app.router.surface_of(path.partition("?")[0]).error_schema)}}}
+    media = answer.get("content", {}).get(content_type)
+    if media is None or media.get("schema") == {"type": "string"}:
         return None
-    return {"$ref": "#/components/schemas/" + what,
-            "components": dummyllm._registry().document["components"]}
+    return dict(media, components=document["components"])
+
+
+def validate_documented(app, method, path, status, content_type, data):
+    """Check an answer's bytes against the API document: a JSON answer
+    against its schema; a stream's events against its itemSchema, each
+    event's data against the contentSchema of the event of its name (unless
+    it is one the document says is sent as it is)."""
+    media = documented(app, method, path, status, content_type)
+    if jsonschema is None or media is None:
+        return
+    if content_type != "text/event-stream":
+        if "schema" in media:
+            schema, values = media["schema"], [json.loads(data)]
+        else:
+            schema, values = media["itemSchema"], [json.loads(line) for line in data.splitlines()]
+        for value in values:
+            jsonschema.validate(value, dict(schema, components=media["components"]),
+                                jsonschema.Draft202012Validator)
+        return
+    item = media["itemSchema"]
+    for block in data.decode().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines()
+                      if line and not line.startswith(":"))
+        if not fields:
+            continue
+        variants = [variant for variant in item.get("oneOf", [item])
+                    if variant["properties"].get("event", {}).get("const") == fields.get("event")]
+        assert len(variants) == 1, f"the document declares no event {fields!r}"
+        jsonschema.validate(fields, variants[0])
+        text = variants[0]["properties"]["data"]
+        if fields["data"] in text.get("if", {}).get("enum", ()):
+            continue
+        jsonschema.validate(json.loads(fields["data"]), dict(
+            text.get("else", text)["contentSchema"], components=media["components"]),
+            jsonschema.Draft202012Validator)
 
 
 class Calls:
@@ -283,11 +322,9 @@ class Calls:
         data = response.read()
         self.assertEqual(response.getheader("Content-Type"), "application/json")
         value = json.loads(data) if data else None
-        if jsonschema is not None and value is not None and not getattr(conn, "faulted", False):
-            schema = documented_schema(getattr(conn, "app", self.server), method, path,
-                                       response.status)
-            if schema is not None:
-                jsonschema.validate(value, schema, jsonschema.Draft202012Validator)
+        if value is not None and not getattr(conn, "faulted", False):
+            validate_documented(getattr(conn, "app", self.server), method, path,
+                                response.status, "application/json", data)
         return response.status, value, response
 
     def create(self, conn=None, **body):
@@ -1043,6 +1080,8 @@ class Acme(dummyllm._Surface):
             "AcmeRequest": dummyllm._object_schema(self.REQUEST),
             "AcmeAnswer": {"type": "object", "required": ["said", "why"], "properties": {
                 "said": {"type": "string"}, "why": {"type": "string"}}},
+            "AcmeText": dummyllm._object({"text": {"type": "string"}}),
+            "AcmeLast": dummyllm._object({"why": {"type": "string"}}),
         }
 
     def credential(self, request):
@@ -1070,8 +1109,8 @@ class Acme(dummyllm._Surface):
         return {"why": self.finish[render.reply.end]}
 
     stream_events = {"open": (), "call": (), "arguments": (), "call_done": (),
-                     "piece": (("text", text),), "close": (("last", last),),
-                     "error": (("oops", dummyllm._Surface.error_event),)}
+                     "piece": (("text", text, "AcmeText"),), "close": (("last", last, "AcmeLast"),),
+                     "error": (("oops", dummyllm._Surface.error_event, "AcmeError"),)}
     routes = (dummyllm._route("POST", "/acme/v1/say", dummyllm._model_call,
                               api=dummyllm._model_api("Acme: an answer", "AcmeRequest",
                                                       {200: "AcmeAnswer", 429: None})),)
@@ -1093,7 +1132,8 @@ class Brittle(Acme):
             raise RuntimeError("a bug in the error event too")
         return self.error_event(render, piece)
 
-    stream_events = dict(Acme.stream_events, close=(("last", last),), error=(("oops", oops),))
+    stream_events = dict(Acme.stream_events, close=(("last", last, "AcmeLast"),),
+                         error=(("oops", oops, "AcmeError"),))
     routes = (dummyllm._route("POST", "/brittle/v1/say", dummyllm._model_call,
                               api=Acme.routes[0].api),)
 
@@ -2775,6 +2815,16 @@ class GeminiCalls:
 
 class GeminiTest(GeminiCalls, AppTestCase):
 
+    def test_a_calls_path_is_its_own_not_a_models(self):
+        # /v1/models/{id+} (OpenAI's) and /v1beta/models/{model} match it too.
+        for version in ("v1beta", "v1"):
+            with self.subTest(version=version):
+                status, body, response = self.call("GET", f"/{version}/models/g:countTokens")
+                self.assert_google_error(status, body, 405, "NOT_FOUND")
+                self.assertEqual(response.getheader("Allow"), "POST")
+        self.assertEqual(self.call("GET", "/v1/models/ft:gpt-4o:acme:1")[1]["id"],
+                         "ft:gpt-4o:acme:1")
+
     def test_generate_content_under_v1beta_and_v1(self):
         for version in ("v1beta", "v1"):
             with self.subTest(version=version):
@@ -4305,6 +4355,8 @@ class VerdictTest(VerdictTestCase):
         status, body, _ = self.call("GET", "/v1/verdict?trace_id=http")
         self.assertEqual((status, body["ok"], body["requests"]), (200, False, 2))
         self.assertEqual(self.call("GET", "/v1/verdict?key=http")[1], body)
+        self.assertEqual(self.call("GET", "/v1/verdict?key=http&trace_id=ftp")[1]["requests"],
+                         0)  # both narrow
         self.assertEqual(self.call("GET", "/v1/verdict?since_seq=1&trace_id=http")[1][
             "requests"], 1)
         self.assertEqual(self.call("GET", "/v1/verdict?path=/v1/jobs/job_000000000000")[1][
@@ -4312,7 +4364,7 @@ class VerdictTest(VerdictTestCase):
         raised = self.call("GET", "/v1/verdict?errors=RETRY_AFTER_IGNORED,NO_BACKOFF")[1]
         self.assertEqual(raised["findings"][0]["severity"], "error")
         for query, field in (("settle_ms=soon", "settle_ms"), ("since_seq=-1", "since_seq"),
-                             ("errors=NOPE", "errors"), ("trace_id=a&key=b", "key")):
+                             ("errors=NOPE", "errors"), ("settle_ms=", "settle_ms")):
             with self.subTest(query=query):
                 status, body, _ = self.call("GET", "/v1/verdict?" + query)
                 self.assert_error(status, body, 422, "VALIDATION_ERROR", field)
@@ -5215,7 +5267,7 @@ class OpenAPITest(AppTestCase):
 
     def test_the_document_covers_the_router(self):
         status, document, _ = self.call("GET", "/openapi.json")
-        self.assertEqual((status, document["openapi"]), (200, "3.1.0"))
+        self.assertEqual((status, document["openapi"]), (200, "3.2.0"))
         for route in dummyllm._registry().routes:
             with self.subTest(method=route.method, path=route.path):
                 operation = document["paths"][route.path.replace("+}", "}")][route.method.lower()]
@@ -5225,10 +5277,49 @@ class OpenAPITest(AppTestCase):
                     self.assertIn(name, [p["name"] for p in operation["parameters"]])
         schemas = document["components"]["schemas"]
         self.assertEqual(set(schemas["Simulate"]["properties"]), set(dummyllm._SIMULATE_FIELDS))
-        self.assertEqual(schemas["Simulate"]["properties"]["mode"]["enum"], list(dummyllm._MODES))
-        self.assertEqual(schemas["Simulate"]["properties"]["latency_ms"]["maximum"], 3_600_000)
+        mode, null = schemas["Simulate"]["properties"]["mode"]["anyOf"]
+        self.assertEqual((mode["enum"], null), (list(dummyllm._MODES), {"type": "null"}))
+        self.assertEqual(schemas["Simulate"]["properties"]["latency_ms"]["anyOf"][0]["maximum"],
+                         3_600_000)
         refs = set(re.findall(r'"#/components/schemas/(\w+)"', json.dumps(document)))
         self.assertLessEqual(refs, set(schemas))
+
+    def test_every_stream_is_declared_as_sent(self):
+        tool = {"tool_calls": [{"name": "f", "arguments": {"a": 1}}]}
+        calls = [("/v1/chat/completions", {"model": "m", "messages": HELLO, "stream": True,
+                                           "stream_options": {"include_usage": True}}),
+                 ("/v1/completions", {"model": "m", "prompt": "Hi", "stream": True}),
+                 ("/v1/responses", {"model": "m", "input": "Hi", "stream": True}),
+                 ("/v1/messages", {"model": "m", "max_tokens": 50, "messages": HELLO[1:],
+                                   "stream": True}),
+                 ("/v1beta/models/g:streamGenerateContent", {"contents": [
+                     {"role": "user", "parts": [{"text": "Hi"}]}]}),
+                 ("/v1beta/models/g:streamGenerateContent?alt=sse", {"contents": [
+                     {"role": "user", "parts": [{"text": "Hi"}]}]}),
+                 ("/api/chat", {"model": "m", "messages": HELLO}),
+                 ("/api/generate", {"model": "m", "prompt": "Hi"})]
+        seen = set()
+        for path, body in calls:
+            for simulate in ({}, tool, {"stream": {"error_after": 2}}):
+                if path in ("/v1/completions", "/api/generate") and simulate is tool:
+                    continue  # these have no tools
+                with self.subTest(path=path, simulate=simulate):
+                    self.conn.request("POST", path, json.dumps(dict(body, simulate=simulate)))
+                    response = self.conn.getresponse()
+                    data, kind = response.read(), response.getheader("Content-Type")
+                    self.assertEqual(response.status, 200, data)
+                    validate_documented(self.server, "POST", path, 200, kind, data)
+                    seen.add(kind)
+        response_id = self.call("POST", "/v1/responses", {"model": "m", "input": "Hi"})[1]["id"]
+        job_id = self.create(simulate={"latency_ms": 0})
+        for path in (f"/v1/responses/{response_id}?stream=true&starting_after=2",
+                     f"/v1/jobs/{job_id}/events"):
+            with self.subTest(path=path):
+                self.conn.request("GET", path)
+                response = self.conn.getresponse()
+                validate_documented(self.server, "GET", path, 200,
+                                    response.getheader("Content-Type"), response.read())
+        self.assertEqual(seen, {"text/event-stream", "application/x-ndjson", "application/json"})
 
     def test_query_parameters_are_documented_by_the_rules_that_check_them(self):
         document = self.call("GET", "/openapi.json")[1]
@@ -5254,6 +5345,151 @@ class OpenAPITest(AppTestCase):
         self.conn.request("GET", "/")
         page = self.conn.getresponse().read().decode()
         self.assertIn("const STATES = " + json.dumps(list(dummyllm._JOB_STATES)) + ";", page)
+
+
+# schemathesis hooks: what a request asked for is no failure, and what the
+# document says the server refuses beyond its schemas is no rejection of
+# good data.  The journal says which: the error code the server answered a
+# case with (User-Agent carries the case's id), and the field at fault.
+FUZZ_HOOKS = """
+import json, os, urllib.request
+import schemathesis
+from schemathesis import checks as core
+from schemathesis.specs.openapi import checks as openapi
+
+URL = os.environ["DUMMYLLM_URL"]
+SIMULATED = set(os.environ["DUMMYLLM_SIMULATED_CODES"].split(","))
+# What leaves no answer to check (a broken or silent connection, a hang, the
+# modes that draw one) becomes what answers; no wait is longer than an hour.
+SILENT = {"reset": "dribble", "disconnect": "dribble", "empty": "malformed",
+          "hang": "timeout", "flaky": "fail", "random": "ok"}
+STREAM = {"cut_after": "error_after", "stall_after": "truncate_after"}
+HOUR_MS = 3600000
+DOCUMENT = {}
+
+
+def tame(value):
+    if isinstance(value, list):
+        return [tame(item) for item in value]
+    if isinstance(value, str):
+        return SILENT.get(value, value)
+    if not isinstance(value, dict):
+        return value
+    tamed = {}
+    for key, item in value.items():
+        if key in STREAM and len(value) == 1:
+            key = STREAM[key]
+        if key == "hang" and "timeout" not in value:
+            key = "timeout"
+        if key.endswith("_ms") and isinstance(item, (int, float)) and HOUR_MS < item <= 86400000:
+            item = HOUR_MS
+        tamed[key] = tame(item)
+    return tamed
+
+
+@schemathesis.hook
+def before_call(context, case, kwargs):
+    if isinstance(case.body, (dict, list)):
+        case.body = tame(case.body)
+    headers = dict(case.headers or {})
+    try:
+        headers["X-DummyLLM-Simulate"] = json.dumps(tame(json.loads(
+            headers["X-DummyLLM-Simulate"])))
+    except (KeyError, TypeError, ValueError):
+        pass
+    headers["User-Agent"] = "schemathesis " + case.id
+    case.headers = headers
+    if isinstance((case.query or {}).get("wait_ms"), int) and case.query["wait_ms"] > 2000:
+        case.query["wait_ms"] = 2000
+
+
+def get(path):
+    with urllib.request.urlopen(URL + path, timeout=30) as answer:
+        return json.load(answer)
+
+
+def entry(case):
+    for found in get("/v1/requests?limit=200")["requests"]:
+        if found["headers"].get("User-Agent") == "schemathesis " + case.id:
+            return found
+    return None
+
+
+def asked_for(case):
+    found = entry(case)
+    return found is not None and (found["code"] in SIMULATED or found["fault"] is not None)
+
+
+def declared_refusal(case):
+    if not DOCUMENT:
+        DOCUMENT.update(get("/openapi.json"))
+    refuses = DOCUMENT["paths"][case.operation.path][case.operation.method.lower()].get(
+        "x-dummyllm-refuses", {})
+    found = entry(case)
+    field = (found or {}).get("field") or ""
+    return any(field == name or field.startswith((name + ".", name + "[")) for name in refuses)
+
+
+def unless(excused, check):
+    def wrapped(ctx, response, case):
+        try:
+            return check(ctx, response, case)
+        except Exception:
+            if excused(case):
+                return None
+            raise
+    wrapped.__name__ = check.__name__ + "_unless_asked"
+    schemathesis.check(wrapped)
+
+
+for check in (core.not_a_server_error, openapi.status_code_conformance,
+              openapi.content_type_conformance, openapi.response_schema_conformance,
+              openapi.response_headers_conformance, openapi.negative_data_rejection):
+    unless(asked_for, check)
+unless(lambda case: asked_for(case) or declared_refusal(case), openapi.positive_data_acceptance)
+"""
+WRAPPED_CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
+                  "response_schema_conformance", "response_headers_conformance",
+                  "negative_data_rejection", "positive_data_acceptance")
+
+
+@needs(importlib.util.find_spec("schemathesis"), "schemathesis", "DUMMYLLM_REQUIRE_SCHEMATHESIS")
+class FuzzTest(unittest.TestCase):
+    """schemathesis, every phase (stateful too), against a server process:
+    no server error and no answer but as /openapi.json declares it, except
+    the failures a request asked for (a fault, a mode, a deadline)."""
+
+    MAX_TIME_S = 100
+
+    def test_the_document_holds_under_a_fuzzer(self):
+        hooks = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, hooks)
+        with open(os.path.join(hooks, "dummyllm_fuzz_hooks.py"), "w") as file:
+            file.write(FUZZ_HOOKS)
+        server = subprocess.Popen([sys.executable, SCRIPT, "--port", "0", "--quiet",
+                                   "--latency-ms", "0", "--time-scale", "0.001"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: (server.kill(), server.wait(), server.stdout.close(),
+                                 server.stderr.close()))
+        url = server.stdout.readline().split()[-1]
+        simulated = {mode.error for mode in dummyllm._MODES.values() if mode.error} | {
+            "INJECTED_FAULT", "CONTEXT_LENGTH_EXCEEDED"}
+        run = subprocess.run(
+            [sys.executable, "-m", "schemathesis.cli", "run", url + "/openapi.json",
+             "--checks", "all", "--exclude-checks", ",".join(WRAPPED_CHECKS),
+             "--max-time", str(self.MAX_TIME_S), "--request-timeout", "20", "--no-color"],
+            capture_output=True, text=True, timeout=self.MAX_TIME_S * 3, env=dict(
+                os.environ, PYTHONPATH=hooks, SCHEMATHESIS_HOOKS="dummyllm_fuzz_hooks",
+                DUMMYLLM_URL=url, DUMMYLLM_SIMULATED_CODES=",".join(sorted(simulated))))
+        summary = run.stdout.rpartition("\n=")[2].strip(" =\n")
+        print(f"\nschemathesis: {summary}", file=sys.stderr)
+        found = re.search(r"^=+ (ERRORS|FAILURES) =+$.*?(?=^=+ (WARNINGS|SUMMARY) =+$)",
+                          run.stdout, re.S | re.M)
+        self.assertEqual(run.returncode, 0, "\n".join(
+            line[:400] for line in (found.group(0) if found else run.stdout).splitlines())
+            + run.stderr[-3000:])
+        server.kill()
+        self.assertEqual(server.stderr.read(), "")  # no traceback
 
 
 def _find_browser():
