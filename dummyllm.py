@@ -1029,7 +1029,8 @@ def _check_surface_name(value, field):
 
 _NAME = _Text(non_empty=True)
 _MATCH_KEYS = {
-    "surface": _MatchKey(_Check(_check_surface_name, {"type": "string"}),
+    # SurfaceName's enum is the registry's, known when the document is built.
+    "surface": _MatchKey(_Check(_check_surface_name, _ref("SurfaceName")),
                          lambda want, facts: facts.surface == want,
                          "The surface that answers (GET /v1/rules lists their names)."),
     "path": _MatchKey(_NAME, lambda want, facts: fnmatch.fnmatchcase(facts.path, want),
@@ -2396,6 +2397,7 @@ _MODEL_CALL_REFUSES = {
     "simulate.script": "with tool calls, where the API has no tools",
     "simulate.fault": "dribble, on a stream (token_ms paces a stream)",
 }
+_FORCES_AN_UNOFFERED_TOOL = "forcing a call of a tool the request does not offer"
 
 
 def _model_api(summary, request, answers, query=None, streams=True, refuses=None):
@@ -2836,6 +2838,7 @@ class _Control(_Surface):
 
     def schemas(self):
         return {
+            "SurfaceName": {"enum": _surface_names()},
             "Health": {"type": "object", "required": ["ok", "name", "time", "version"],
                        "properties": {
                 "ok": {"type": "boolean"}, "name": {"type": "string"},
@@ -2938,7 +2941,8 @@ class _Control(_Surface):
 
     @_api("Add a reply rule after the others", request="ReplyRule", answers={201: "ListedRule"},
           refuses={"match.text_matches": "a pattern whose search could hold the server for "
-                                         "seconds (see _regex_trouble)"})
+                                         "seconds: a repeat inside a repeat, choices or "
+                                         "repeats in a row that overlap"})
     def add_rule(self, app, request):
         return _Answer(201, app.add_rule(_json_body(request)))
 
@@ -3265,7 +3269,8 @@ class _OpenAIChat(_OpenAI):
     routes = (
         _route("POST", "/v1/chat/completions", _model_call, api=_model_api(
             "OpenAI-compatible chat completion, streamed or not", "ChatRequest",
-            {200: "ChatCompletion", **_MODEL_ERRORS})),
+            {200: "ChatCompletion", **_MODEL_ERRORS},
+            refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL})),
         _route("GET", "/v1/models", list_models),
         _route("GET", "/v1/models/{id+}", get_model),
     )
@@ -3714,7 +3719,8 @@ class _OpenAIResponses(_OpenAI):
         _route("POST", "/v1/responses", _model_call, api=_model_api(
             "OpenAI Responses: create a response; background: a job to poll",
             "ResponseRequest", {200: "Response", **_MODEL_ERRORS},
-            refuses={**_CALLBACK_REFUSED, "store": "false, with background true"})),
+            refuses={**_CALLBACK_REFUSED, "store": "false, with background true",
+                     "tool_choice": _FORCES_AN_UNOFFERED_TOOL})),
         _route("GET", "/v1/responses/{id}", retrieve),
         _route("POST", "/v1/responses/{id}/cancel", cancel),
         _route("DELETE", "/v1/responses/{id}", delete),
@@ -4155,7 +4161,8 @@ class _AnthropicMessages(_Surface):
     routes = (
         _route("POST", "/v1/messages", _model_call, api=_model_api(
             "Anthropic Messages: a message, streamed or not", "AnthropicRequest",
-            {200: "AnthropicMessage", 429: None, 500: None, 504: None, 529: None})),
+            {200: "AnthropicMessage", 429: None, 500: None, 504: None, 529: None},
+            refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL})),
         _route("POST", "/v1/messages/count_tokens", count_tokens),
     )
 
@@ -4184,6 +4191,9 @@ def _check_content(value, field):
     parts = value.get("parts")
     if not isinstance(parts, list) or not all(isinstance(part, dict) for part in parts):
         raise _ValidationError(f"{field}.parts", "must be an array of parts")
+    for index, part in enumerate(parts):
+        if not isinstance(part.get("text", ""), str):
+            raise _ValidationError(f"{field}.parts[{index}].text", "must be a string")
     return value
 
 
@@ -4430,13 +4440,14 @@ class _Gemini(_Surface):
     def get_model(self, app, request):
         return _Answer(200, self.model(request.params["model"]))
 
+    REFUSES = {"toolConfig": _FORCES_AN_UNOFFERED_TOOL}
     CALLS = (("generateContent", _model_call, _model_api(
                   "Gemini: generate content", "GeminiRequest",
                   {200: "GeminiResponse", 429: None, 500: None, 503: None, 504: None}, QUERY,
-                  streams=False)),
+                  streams=False, refuses=REFUSES)),
              ("streamGenerateContent", _model_call, _model_api(
                  "Gemini: generate content as a stream (?alt=sse for server-sent events)",
-                 "GeminiRequest", {200: None, 429: None}, QUERY)),
+                 "GeminiRequest", {200: None, 429: None}, QUERY, refuses=REFUSES)),
              ("countTokens", count_tokens, None))
     routes = (
         *(_route("POST", f"{version}/models/{{model}}:{call}", handler, api=api)

@@ -10,9 +10,11 @@ subprocesses only where the process is.
 
 import ast
 import asyncio
+import collections
 import contextlib
 import datetime
 import enum
+import gc
 import http.client
 import http.server
 import importlib.util
@@ -34,6 +36,7 @@ import types
 import typing
 import unittest
 import uuid
+import warnings
 
 import dummyllm
 
@@ -2885,6 +2888,11 @@ class GeminiTest(GeminiCalls, AppTestCase):
         status, body, _ = self.call("POST", "/v1beta/models/g:generateContent", {"contents": []})
         self.assert_google_error(status, body, 400, "INVALID_ARGUMENT")
         self.assertIn("contents", body["error"]["message"])
+        for call in ("generateContent", "countTokens"):
+            status, body, _ = self.call("POST", f"/v1beta/models/g:{call}", {
+                "contents": [{"parts": [{"text": "Hi"}, {"text": 7}]}]})
+            self.assert_google_error(status, body, 400, "INVALID_ARGUMENT")
+            self.assertIn("contents[0].parts[1].text", body["error"]["message"])
         status, body, _ = self.call("POST", "/v1beta/files", {})
         self.assert_google_error(status, body, 404, "NOT_FOUND")
         for simulate, expected, google_status in [
@@ -5417,7 +5425,8 @@ def entry(case):
 
 def asked_for(case):
     found = entry(case)
-    return found is not None and (found["code"] in SIMULATED or found["fault"] is not None)
+    return found is not None and (found["code"] in SIMULATED or found["fault"] is not None
+                                  or found["stream_failure"] is not None)
 
 
 def declared_refusal(case):
@@ -5478,7 +5487,7 @@ class FuzzTest(unittest.TestCase):
             [sys.executable, "-m", "schemathesis.cli", "run", url + "/openapi.json",
              "--checks", "all", "--exclude-checks", ",".join(WRAPPED_CHECKS),
              "--max-time", str(self.MAX_TIME_S), "--request-timeout", "20", "--no-color"],
-            capture_output=True, text=True, timeout=self.MAX_TIME_S * 3, env=dict(
+            capture_output=True, text=True, timeout=self.MAX_TIME_S * 3, cwd=hooks, env=dict(
                 os.environ, PYTHONPATH=hooks, SCHEMATHESIS_HOOKS="dummyllm_fuzz_hooks",
                 DUMMYLLM_URL=url, DUMMYLLM_SIMULATED_CODES=",".join(sorted(simulated))))
         summary = run.stdout.rpartition("\n=")[2].strip(" =\n")
@@ -5885,6 +5894,24 @@ class ReadmeTest(AppTestCase):
         rules = dummyllm.make_config(rules=json.loads(example.group(1))).rules
         self.assertEqual(len(rules), 3)
 
+    def test_the_request_view_example_is_the_created_jobs(self):
+        created = self.section("### `POST /v1/jobs` — create a job")
+        body = json.loads(re.search(r"-d '(.*?)'", created, re.S).group(1))
+        example = json.loads(re.search(r"```json\n(.*?)\n```", self.section(
+            "### `GET /v1/jobs/{id}/request` — what the server received and decided"),
+            re.S).group(1))
+        job_id = self.create(**body)
+        self.clock.advance(0.2)
+        answer = self.call("GET", f"/v1/jobs/{job_id}/request")[1]
+        self.assertEqual(dict(answer, id=example["id"], created_at_ms=example["created_at_ms"]),
+                         example)
+
+    def test_the_reset_example_has_every_key(self):
+        example = json.loads(re.search(r"`(\{\"removed\".*?\}\})`", self.section(
+            "### Starting clean: `POST /v1/reset`"), re.S).group(1))
+        self.assertEqual(set(self.call("POST", "/v1/reset")[1]["removed"]),
+                         set(example["removed"]))
+
     def test_the_health_example_has_every_key(self):
         example = json.loads(re.search(r"```json\n(.*?)\n```", self.section("### `GET /health`"),
                                        re.S).group(1))
@@ -5893,32 +5920,108 @@ class ReadmeTest(AppTestCase):
         self.assertEqual(set(example["jobs"]), set(body["jobs"]))
 
 
-@needs(openai and pydantic, "openai", "DUMMYLLM_REQUIRE_OPENAI")
-class ReadmeExampleTest(ServerTestCase):
-    """The README's Python examples run as written, against a server."""
+def readme_blocks():
+    """(line, language, code) of each bash and python block of the README."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    for block in re.finditer(r"^```(bash|python)\n(.*?)^```$", text, re.M | re.S):
+        yield text.count("\n", 0, block.start()) + 1, block.group(1), block.group(2)
 
-    section = ReadmeTest.section
 
-    def run_example(self, heading):
-        code = re.search(r"```python\n(.*?)\n```", self.section(heading), re.S).group(1)
-        code = code.replace("http://127.0.0.1:8787", self.server.url)
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            exec(compile(code, f"README {heading}", "exec"), {"__name__": "readme"})
-        return printed.getvalue()
+class Printed:
+    """print() for an example: what each line of its code printed."""
 
-    def test_the_agent_loop_example(self):
-        self.assertEqual(self.run_example("## Testing an agent loop"), "Sunny in Paris\n")
-        paths = [entry["path"] for entry in self.journal()]
-        self.assertEqual(paths, ["/v1/chat/completions"] * 2)
+    def __init__(self, name):
+        self.name, self.lines = name, collections.defaultdict(str)
 
-    def test_the_verdict_example(self):
-        self.assertEqual(self.run_example("### The verdict on the client: `GET /v1/verdict`"),
-                         "[429, 200] False\nRETRY_AFTER_IGNORED\n")
+    def __call__(self, *values, sep=" ", end="\n", file=None, flush=False):
+        line = next(frame.f_lineno for frame in iter_frames(sys._getframe(1))
+                    if frame.f_code.co_filename == self.name)
+        self.lines[line] += sep.join(map(str, values)) + end
 
-    def test_the_structured_output_example(self):
-        self.assertRegex(self.run_example("## Structured output"),
-                         r"\Aname='[a-z ]+' population=\d+ founded=datetime.date\(")
+
+def iter_frames(frame):
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+class ReadmeExamplesTest(unittest.TestCase):
+    """Every bash and python block of the README runs as written, against a
+    server of its own on a free port (a block that starts one gets the
+    port), and prints what its `# → ` comments show; a block whose first
+    line says `# fragment:` is not run, and one whose package (or curl) is
+    missing is skipped."""
+
+    def test_every_block_runs_as_written(self):
+        counts = collections.Counter()
+        for line, language, code in readme_blocks():
+            with self.subTest(line=line, language=language):
+                if code.startswith("# fragment: "):
+                    counts["fragments"] += 1
+                    continue
+                if not self.runnable(language, code):
+                    counts["skipped"] += 1
+                    continue
+                (self.run_bash if language == "bash" else self.run_python)(line, code)
+                counts["run"] += 1
+        print(f"\nREADME blocks: {dict(counts)}", file=sys.stderr)
+        if os.environ.get("DUMMYLLM_REQUIRE_OPENAI"):  # CI: every package is there
+            self.assertEqual(counts["skipped"], 0)
+
+    def runnable(self, language, code):
+        if language == "bash":
+            return shutil.which("curl") is not None
+        modules = {alias.name.partition(".")[0] for node in ast.walk(ast.parse(code))
+                   for alias in getattr(node, "names", ()) if isinstance(node, ast.Import)}
+        modules |= {node.module.partition(".")[0] for node in ast.walk(ast.parse(code))
+                    if isinstance(node, ast.ImportFrom) and node.module}
+        return all(importlib.util.find_spec(module) for module in modules)
+
+    def server_for(self, code):
+        """The address the block is to use: a server's of its own, or a free
+        port for the one it starts."""
+        if "dummyllm.py" in code:
+            with socket.socket() as free:
+                free.bind(("127.0.0.1", 0))
+                return f"127.0.0.1:{free.getsockname()[1]}"
+        server = dummyllm.DummyLLMServer(port=0, quiet=True, time_scale=0.1).start()
+        self.addCleanup(server.stop)
+        return server.url.partition("//")[2]
+
+    def with_address(self, code):
+        address = self.server_for(code)
+        return re.sub(r"(localhost|127\.0\.0\.1):8787|--port 8787",
+                      lambda found: ("--port " + address.partition(":")[2]
+                                     if found.group(0).startswith("--") else address), code)
+
+    def run_bash(self, line, code):
+        run = subprocess.Popen(["bash", "-e", "-c", self.with_address(code)], cwd=HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+        try:
+            out, err = run.communicate(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
+        self.assertEqual(run.returncode, 0, f"README line {line}: {err}")
+        shown = re.findall(r"^# → (.*)$", code, re.M)
+        if shown:
+            self.assertEqual(out.strip().splitlines(), shown, f"README line {line}")
+
+    def run_python(self, line, code):
+        name = f"README line {line}"
+        printed = Printed(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)  # the example's clients, unclosed
+            exec(compile(self.with_address(code), name, "exec"),
+                 {"__name__": "readme", "print": printed})
+            gc.collect()
+        for number, shown in enumerate(code.splitlines(), 1):
+            expected = re.search(r"# → (.*)$", shown)
+            if expected:
+                self.assertEqual(printed.lines[number].strip(), expected.group(1).strip(),
+                                 f"README line {line + number}")
 
 
 class ModuleMapTest(unittest.TestCase):
