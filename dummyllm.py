@@ -555,8 +555,7 @@ def _check_stream_failure(value, field):
     if kind not in _STREAM_FAILURES:
         raise _ValidationError(f"{field}.{kind}", "is not a stream failure; use "
                                + ", ".join(_STREAM_FAILURES))
-    _Int(0, 1_000_000)(count, f"{field}.{kind}")
-    return dict(value)
+    return {kind: _Int(0, 1_000_000)(count, f"{field}.{kind}")}
 
 
 def _check_script(value, field):
@@ -760,13 +759,18 @@ _SIMULATE_FIELDS = {
 # call that forces a tool has `forced_tool` {"name", "schema", "field"}, one
 # that asks for structured output `output` {"schema", "field"} (see _result).
 _JobSpec = collections.namedtuple("_JobSpec", [
-    "op", "args", "timeout_ms", "trace_id", "callback_url", "rule", "forced_tool", "output",
+    "op", "args", "timeout_ms", "trace_id", "test_id", "callback_url", "rule", "forced_tool", "output",
     *_SIMULATE_FIELDS])
 
 _SIMULATE = _Check(lambda value, field: _given(value, _SIMULATE_FIELDS, field, strict=True),
                    _ref("Simulate"))
 # Simulate settings as JSON in a header, for clients that add no fields to a body.
 _SIMULATE_HEADER = "X-DummyLLM-Simulate"
+# A test's own scope on a shared server (see _test_id): a /test/{test_id}
+# prefix on any path, else this header.
+_TEST_ID_HEADER = "X-Test-Id"
+_TEST_ID_TEXT = _Text(_MAX_TRACE_ID_CHARS, non_empty=True)
+_TEST_PATH = re.compile(r"/test/([^/]*)(/.*)?\Z", re.S)
 
 
 # Fields model calls share: the model, the user key, and dummyLLM's extensions.
@@ -793,8 +797,9 @@ def _simulate_settings(given, config, field="simulate"):
 # simulate settings of the first rule whose match keys all hold, under those
 # of its own (see _Surface.call).  What a rule can look at: the call's
 # surface and path, model, conversation (text messages, see _Surface.call),
-# headers (names in lower case) and key.
-_Facts = collections.namedtuple("_Facts", "surface path model messages headers trace_id")
+# headers (names in lower case), key and test id.
+_Facts = collections.namedtuple("_Facts", "surface path model messages headers trace_id test_id",
+                                defaults=(None,))
 
 
 class _MatchKey(collections.namedtuple("_MatchKey", "rule holds about")):
@@ -1072,25 +1077,31 @@ _REPLY_RULE_FIELDS = {
 _LISTED_RULE_FIELDS = {
     "index": _Field(_Int(0, 2 ** 31), _REQUIRED, "Its place in the order rules are tried."),
     "source": _Field(_Choice("file", "runtime"), _REQUIRED, "--rules, or POST /v1/rules."),
+    "test_id": _Field(_Nullable(_Text()), _REQUIRED, "The test it was added for, which alone "
+                      "it applies to (null: every request)."),
 }
 
 
-class _ReplyRule(collections.namedtuple("_ReplyRule", "match simulate source given")):
+class _ReplyRule(collections.namedtuple("_ReplyRule", "match simulate source given test_id",
+                                         defaults=(None,))):
     """A reply rule: its checked match keys and simulate settings, where it
-    came from ("file" or "runtime") and the JSON it was given as."""
+    came from ("file" or "runtime"), the JSON it was given as, and the test
+    it was added for (None: it applies to every request)."""
 
     def holds(self, facts):
-        return all(_MATCH_KEYS[name].holds(value, facts) for name, value in self.match.items())
+        return (self.test_id in (None, facts.test_id)
+                and all(_MATCH_KEYS[name].holds(value, facts)
+                        for name, value in self.match.items()))
 
     def to_json(self, index):
-        return {"index": index, "source": self.source, **self.given}
+        return {"index": index, "source": self.source, "test_id": self.test_id, **self.given}
 
 
-def _reply_rule(value, field, source):
+def _reply_rule(value, field, source, test_id=None):
     """A _ReplyRule from its JSON (a ValidationError names the bad field)."""
     values = _with_defaults(_given(value, _REPLY_RULE_FIELDS, field, strict=True),
                             _REPLY_RULE_FIELDS, None, field)
-    return _ReplyRule(values["match"], values["simulate"], source, value)
+    return _ReplyRule(values["match"], values["simulate"], source, value, test_id)
 
 
 def _check_rules(value, field):
@@ -1166,6 +1177,8 @@ _VERDICT_QUERY = {
     "key": _Field(_Text(_MAX_TRACE_ID_CHARS), None, "The same, by the name model calls give "
                   "it (X-Trace-Id, else the body's user)"),
     "path": _Field(_Text(), None, "Only requests to this path"),
+    "test_id": _Field(_TEST_ID_TEXT, None, "Only this test's requests (else those of the "
+                      "asking request's test id, if it has one)"),
     "since_seq": _Field(_Int(0, 2 ** 63), 0, "Only requests from this journal seq on"),
     "settle_ms": _Field(_Int(0, 3_600_000), 2000, "How long after a failure a retry may "
                         "still come (GAVE_UP, NO_CANCEL, TRUNCATED_STREAM_ACCEPTED)"),
@@ -2029,16 +2042,18 @@ class _Request:
     received_wall_ms       when it arrived, epoch milliseconds
     route                  the _Route that answers it, once routed
     params, args           its path parameters and checked query parameters
+    test_id                the test whose scope it is in, once routed (see _test_id)
     note                   what it learns on its way (a _Note)
     """
 
     __slots__ = ("method", "path", "query", "headers", "body", "received_ms",
-                 "received_wall_ms", "route", "params", "args", "note")
+                 "received_wall_ms", "route", "params", "args", "test_id", "note")
 
     def __init__(self, method, path, query, headers, received_ms, received_wall_ms, body=b""):
         self.method, self.path, self.query, self.headers = method, path, query, headers
         self.received_ms, self.received_wall_ms, self.body = received_ms, received_wall_ms, body
         self.route, self.params, self.args, self.note = None, {}, {}, _Note()
+        self.test_id = None
 
 
 class _Answer:
@@ -2124,13 +2139,15 @@ _TRACE_ID_TEXT = _Text(_MAX_TRACE_ID_CHARS)
 _TRACE_ID_HEADER = _Nullable(_TRACE_ID_TEXT)
 # The request headers every surface reads (a surface adds its own for CORS).
 _COMMON_REQUEST_HEADERS = ("Content-Type", "Authorization", "Idempotency-Key", "X-Trace-Id",
-                           _SIMULATE_HEADER)
+                           _TEST_ID_HEADER, _SIMULATE_HEADER)
 # The answer headers every surface may send.
 _COMMON_ANSWER_HEADERS = ("Location", "Retry-After", "retry-after-ms", "Idempotent-Replayed")
 _SIMULATE_HEADERS = {
     _SIMULATE_HEADER: _Field(_SIMULATE, None,
                              "Simulate settings as JSON; the body's win, field by field"),
-    "X-Trace-Id": _Field(_TRACE_ID_TEXT, None, "The key of seeded sequences and scripts")}
+    "X-Trace-Id": _Field(_TRACE_ID_TEXT, None, "The key of seeded sequences and scripts"),
+    _TEST_ID_HEADER: _Field(_TEST_ID_TEXT, None, "The test whose own scripts, sequences, "
+                            "rules, quotas and journal this call is in")}
 
 
 class _Surface:
@@ -2290,7 +2307,8 @@ class _Surface:
         trace_id = _TRACE_ID_HEADER(request.headers.get("x-trace-id"), "X-Trace-Id") or user
         rule, ruled = None, ("", {})
         if config.rules:
-            facts = _Facts(self.name, request.path, model, messages, request.headers, trace_id)
+            facts = _Facts(self.name, request.path, model, messages, request.headers, trace_id,
+                           request.test_id)
             rule = next((index for index, rule in enumerate(config.rules) if rule.holds(facts)),
                         None)
             if rule is not None:
@@ -2323,8 +2341,8 @@ class _Surface:
             schema, field = output
             asked_output = {"field": field, "schema": schema}
         spec = _JobSpec(op="llm.chat", args={"model": model, "messages": messages, **(args or {})},
-                        timeout_ms=timeout_ms, trace_id=trace_id, callback_url=callback_url,
-                        rule=rule, forced_tool=forced_tool, output=asked_output, **settings)
+                        timeout_ms=timeout_ms, trace_id=trace_id, test_id=request.test_id,
+                        callback_url=callback_url, rule=rule, forced_tool=forced_tool, output=asked_output, **settings)
         return _Call(spec, model, stream, max_tokens, tuple(stop), options)
 
     def respond(self, app, request, call):
@@ -2377,7 +2395,7 @@ def _admit(app, request, spec, max_tokens=None):
     request.note.trace_id = spec.trace_id  # a refused call is journaled under its key
     if spec.rpm is None and spec.tpm is None:
         return
-    key = request.route.surface.credential(request) or spec.trace_id or ""
+    key = request.test_id, request.route.surface.credential(request) or spec.trace_id or ""
     request.note.quota = app.quotas.admit(key, spec.rpm, spec.tpm,
                                           _prompt_tokens(spec) + (max_tokens or 0))
 
@@ -2697,23 +2715,25 @@ class _JobApi(_Surface):
                 "outcome": {"type": "object"}}},
         }
 
-    def parse_create(self, body, config):
-        """The _JobSpec of a create request's body."""
+    def parse_create(self, body, config, test_id=None):
+        """The _JobSpec of a create request's body, in a test's scope."""
         values = _with_defaults(_given(body, _JOB_REQUEST, None), _JOB_REQUEST, config)
         if values["callback_url"] is not None:
             _check_callback_url(values["callback_url"], "callback_url",
                                 config.allow_callback_hosts)
         settings = _simulate_settings(values.pop("simulate"), config)
-        return _JobSpec(**values, rule=None, forced_tool=None, output=None, **settings)
+        return _JobSpec(**values, test_id=test_id, rule=None, forced_tool=None, output=None,
+                        **settings)
 
     @_api("Create a simulated job", request="CreateJob",
           answers={201: "JobCreated", 200: "JobCreated", 409: "Error", 429: "Error", 503: "Error"},
           headers={"Idempotency-Key": _Field(_Text(), None, "Repeat-safe key: the same key "
-                                             "and body answer the same job")},
+                                             "and body answer the same job"),
+                   _TEST_ID_HEADER: _SIMULATE_HEADERS[_TEST_ID_HEADER]},
           refuses=_CALLBACK_REFUSED)
     def create(self, app, request):
         body = _json_body(request)
-        spec = self.parse_create(body, app.config)
+        spec = self.parse_create(body, app.config, request.test_id)
         _admit(app, request, spec)
         key = request.headers.get("idempotency-key")
         idempotency = None if key is None else (
@@ -2853,6 +2873,7 @@ class _Control(_Surface):
                     "keys": {"type": "integer"}, "refused": {"type": "object"}}}}},
             "Scripts": {"type": "object", "properties": {"scripts": {"type": "array", "items": {
                 "type": "object", "properties": {"key": {"type": "string"},
+                                                 "test_id": {"type": ["string", "null"]},
                                                  "attempts": {"type": "integer"}}}}}},
             "Removed": {"type": "object", "properties": {"removed": {
                 "type": "object", "additionalProperties": {"type": "integer"}}}},
@@ -2925,47 +2946,61 @@ class _Control(_Surface):
                                                                              "tokens")])
         return _Answer(200, str(text).encode(), content_type=_Exposition.content_type)
 
-    @_api("Attempt counters of scripted requests", answers={200: "Scripts"})
-    def scripts(self, app, request):
-        return _Answer(200, {"scripts": app.store.scripts()})
+    # Each endpoint that reads or forgets state keeps to one test's scope:
+    # that of ?test_id=, else the request's own (see _test_id).
+    TEST_QUERY = {"test_id": _VERDICT_QUERY["test_id"]._replace(
+        about="Only this test's (else the request's own test id, if it has one)")}
 
-    @_api("Forget every job, counter, key, journal entry and rule added at run time",
-          answers={200: "Removed"})
+    @staticmethod
+    def test_id(request):
+        return request.args["test_id"] or request.test_id
+
+    @_api("Attempt counters of scripted requests", answers={200: "Scripts"}, query=TEST_QUERY)
+    def scripts(self, app, request):
+        return _Answer(200, {"scripts": app.store.scripts(self.test_id(request))})
+
+    @_api("Forget every job, counter, key, journal entry and rule added at run time (or one "
+          "test's)", answers={200: "Removed"}, query=TEST_QUERY)
     def reset(self, app, request):
-        return _Answer(200, {"removed": app.reset()})
+        return _Answer(200, {"removed": app.reset(self.test_id(request))})
 
     @_api("The reply rules, in the order they are tried, and the surfaces they may name",
-          answers={200: "ReplyRules"})
+          answers={200: "ReplyRules"}, query=TEST_QUERY)
     def rules(self, app, request):
-        return _Answer(200, {"rules": app.rules(), "surfaces": _surface_names()})
+        return _Answer(200, {"rules": app.rules(self.test_id(request)),
+                             "surfaces": _surface_names()})
 
-    @_api("Add a reply rule after the others", request="ReplyRule", answers={201: "ListedRule"},
+    @_api("Add a reply rule after the others (with a test id, for that test alone)",
+          request="ReplyRule", answers={201: "ListedRule"}, query=TEST_QUERY,
           refuses={"match.text_matches": "a pattern whose search could hold the server for "
                                          "seconds: a repeat inside a repeat, choices or "
                                          "repeats in a row that overlap"})
     def add_rule(self, app, request):
-        return _Answer(201, app.add_rule(_json_body(request)))
+        return _Answer(201, app.add_rule(_json_body(request), self.test_id(request)))
 
-    @_api("Remove the reply rules added at run time (those of --rules stay)",
-          answers={200: "Removed"})
+    @_api("Remove the reply rules added at run time (those of --rules stay; with a test id, "
+          "those added for it)", answers={200: "Removed"}, query=TEST_QUERY)
     def clear_rules(self, app, request):
-        return _Answer(200, {"removed": {"rules": app.clear_rules()}})
+        return _Answer(200, {"removed": {"rules": app.clear_rules(self.test_id(request))}})
 
     @_api("The request journal, oldest first", answers={200: "Journal"}, query={
         "trace_id": _Field(_Text(), None, "Only requests with this key"),
         "path": _Field(_Text(), None, "Only requests to this path"),
-        "limit": _Field(_Int(1, 1_000_000), None, "Only the newest this many")})
+        "limit": _Field(_Int(1, 1_000_000), None, "Only the newest this many"), **TEST_QUERY})
     def requests(self, app, request):
-        return _Answer(200, {"requests": app.journal.find(**request.args)})
+        return _Answer(200, {"requests": app.journal.find(**dict(
+            request.args, test_id=self.test_id(request)))})
 
-    @_api("Clear the request journal", answers={200: "Removed"})
+    @_api("Clear the request journal (or one test's entries)", answers={200: "Removed"},
+          query=TEST_QUERY)
     def clear_requests(self, app, request):
-        return _Answer(200, {"removed": {"journal_entries": app.journal.clear()}})
+        return _Answer(200, {"removed": {"journal_entries": app.journal.clear(
+            self.test_id(request))}})
 
     @_api("The verdict on the client: its retries, back-off, polling and idempotency, judged "
           "from the journal", answers={200: "Verdict"}, query=_VERDICT_QUERY)
     def verdict(self, app, request):
-        return _Answer(200, app.verdict(**request.args))
+        return _Answer(200, app.verdict(**dict(request.args, test_id=self.test_id(request))))
 
     @_api("Live dashboard of the newest jobs", answers={200: "text/html"})
     def dashboard(self, app, request):
@@ -5031,9 +5066,10 @@ class _JobStore:
         self._lock = _StoreLock()
         self._jobs = {}                                 # id -> _Job, oldest first
         self._finished = collections.OrderedDict()      # ids of ended jobs, first ended first
-        self._sequences = collections.OrderedDict()     # (seed, key) -> requests seen
-        self._scripts = collections.OrderedDict()       # script key -> attempts seen
-        self._idempotency = {}                          # Idempotency-Key -> job id
+        # Each key is in its test's scope (None: no test's).
+        self._sequences = collections.OrderedDict()     # (seed, test, key) -> requests seen
+        self._scripts = collections.OrderedDict()       # (test, key) -> attempts seen
+        self._idempotency = {}                          # (test, Idempotency-Key) -> job id
         self._due = _Schedule()                         # jobs by their next transition
         self._timer = self._timer_at = None             # the Timer and when it fires
         self._firing = False                            # the Timer's work is under way
@@ -5091,7 +5127,7 @@ class _JobStore:
             self._created_by_mode[plan.mode] += 1
             self._jobs[job.id] = job
             if idempotency is not None:
-                self._idempotency[idempotency[0]] = job.id
+                self._idempotency[spec.test_id, idempotency[0]] = job.id
             created = view(job)
             self._schedule_next(job)
             return _Created(spec, created, False, plan)
@@ -5207,10 +5243,12 @@ class _JobStore:
                         else {"state": plan.state, "at_ms": plan.ends_at_ms}),
         }
 
-    def reset(self):
+    def reset(self, test_id=None):
         """Cancel every active job and forget every job, pending transition,
-        seeded sequence, script counter and idempotency key; answers how many
-        of each went."""
+        seeded sequence, script counter and idempotency key (of one test's
+        scope, given its id); answers how many of each went."""
+        if test_id is not None:
+            return self._reset_test(test_id)
         with self._lock:
             self._apply_due()
             removed = {"jobs": len(self._jobs),
@@ -5228,6 +5266,26 @@ class _JobStore:
                 table.clear()
             self._due.clear()
             return removed
+
+    def _reset_test(self, test_id):
+        with self._lock:
+            self._apply_due()
+            jobs = [job for job in self._jobs.values() if job.spec.test_id == test_id]
+            active = [job for job in jobs if job.state in _ACTIVE_STATES]
+            for job in active:
+                self._finish(job, "cancelled", None, {
+                    "code": "CANCELLED", "message": "job was cancelled by a reset of its test"},
+                    self._elapsed_ms(job))
+            for job in jobs:
+                self._forget(job.id)
+            scripts = [key for key in self._scripts if key[0] == test_id]
+            sequences = [key for key in self._sequences if key[1] == test_id]
+            for table, keys in ((self._scripts, scripts), (self._sequences, sequences)):
+                for key in keys:
+                    del table[key]
+            return {"jobs": len(jobs), "active_jobs_cancelled": len(active),
+                    "script_counters": len(scripts), "sequences": len(sequences),
+                    "idempotency_keys": sum(job.idempotency is not None for job in jobs)}
 
     def metrics(self):
         """(jobs created by mode, finished by state, active, duration histogram)."""
@@ -5256,9 +5314,12 @@ class _JobStore:
             if job is not None:
                 job.callbacks.append(attempt)
 
-    def scripts(self):
+    def scripts(self, test_id=None):
+        """The attempts counted per script key (of one test's, given its id)."""
         with self._lock:
-            return [{"key": key, "attempts": n} for key, n in self._scripts.items()]
+            return [{"key": key, "test_id": test, "attempts": n}
+                    for (test, key), n in self._scripts.items()
+                    if test_id in (None, test)]
 
     def counts(self):
         with self._lock:
@@ -5313,17 +5374,17 @@ class _JobStore:
         step = None
         seed = spec.seed
         if spec.script is not None:
-            step = self._count(self._scripts, spec.trace_id or "")
+            step = self._count(self._scripts, (spec.test_id, spec.trace_id or ""))
             seed = spec.script[min(step, len(spec.script) - 1)].get("seed", seed)
-        n = self._count(self._sequences, (seed, spec.trace_id or ""))
+        n = self._count(self._sequences, (seed, spec.test_id, spec.trace_id or ""))
         return step, self._ids.getrandbits(64) if seed is None else seed, n
 
     def _replayed(self, spec, idempotency, view):
         """The _Created of a replay of an Idempotency-Key seen before (with
         the settings asked, no step taken), or None."""
-        if idempotency is None or idempotency[0] not in self._idempotency:
+        if idempotency is None or (spec.test_id, idempotency[0]) not in self._idempotency:
             return None
-        job = self._jobs[self._idempotency[idempotency[0]]]
+        job = self._jobs[self._idempotency[spec.test_id, idempotency[0]]]
         if job.idempotency != idempotency:
             raise ApiError("IDEMPOTENCY_CONFLICT", field="Idempotency-Key")
         return _Created(spec, view(job), True, job.plan)
@@ -5372,7 +5433,7 @@ class _JobStore:
         self._by_state[job.state] -= 1
         self._finished.pop(job_id, None)
         if job.idempotency is not None:
-            del self._idempotency[job.idempotency[0]]
+            del self._idempotency[job.spec.test_id, job.idempotency[0]]
 
     def _schedule_next(self, job):
         plan = job.plan
@@ -5455,7 +5516,7 @@ class _Quotas:
     def __init__(self, clock):
         self.clock = clock
         self._lock = threading.Lock()
-        self._windows = {}   # key -> [deque of (admitted at, tokens), tokens in it]
+        self._windows = {}   # (test, key) -> [deque of (admitted at, tokens), tokens in it]
         self._swept_at = 1024
         self.refused = collections.Counter()  # "requests" or "tokens" -> refusals
 
@@ -5515,8 +5576,13 @@ class _Quotas:
             return (sum(1 for admitted, _ in self._windows.values()
                         if admitted and admitted[-1][0] > since), dict(self.refused))
 
-    def clear(self):
+    def clear(self, test_id=None):
+        """Forget every key's window and the refusals counted (or one test's windows)."""
         with self._lock:
+            if test_id is not None:
+                self._windows = {key: window for key, window in self._windows.items()
+                                 if key[0] != test_id}
+                return
             self._windows.clear()
             self.refused.clear()
 
@@ -5539,6 +5605,7 @@ class _Journal:
         "body": {"type": "string"}, "body_truncated": {"type": "boolean"},
         "status": {"type": ["integer", "null"]}, "fault": {},
         "answered_ms": {"type": "number", "description": "monotonic_ms of the answer going out"},
+        "test_id": {"type": ["string", "null"], "description": "The test whose scope it was in"},
         **{name: dict(schema, description=about) for name, (schema, about)
            in _NOTE_FIELDS.items()},
         "body_digest": {"type": "string"}}}
@@ -5557,14 +5624,14 @@ class _Journal:
             body = (body[:_JOURNAL_BODY_BYTES], _body_digest(body))
         row = (request.method, request.path, request.query, request.headers, request.note,
                request.received_wall_ms, body, status, fault,
-               clock.real_ms(request.received_ms), clock.real_ms(clock.now_ms()))
+               clock.real_ms(request.received_ms), clock.real_ms(clock.now_ms()), request.test_id)
         with self._lock:
             self._entries.append((next(self._seq), row))
 
     @staticmethod
     def _entry(seq, row):
         (method, path, query, headers, note, wall_ms, body, status, fault, monotonic_ms,
-         answered_ms) = row
+         answered_ms, test_id) = row
         body, digest = (body, None) if isinstance(body, bytes) else body
         return {
             "seq": seq, "at_ms": wall_ms, "monotonic_ms": round(monotonic_ms, 3),
@@ -5573,26 +5640,33 @@ class _Journal:
                         if name.lower() in headers},
             "body": body.decode("utf-8", "replace"), "body_truncated": digest is not None,
             "status": status, "fault": fault and fault.to_json(),
-            "answered_ms": round(answered_ms, 3),
+            "answered_ms": round(answered_ms, 3), "test_id": test_id,
             **{name: getattr(note, name) for name in _NOTE_FIELDS},
             "trace_id": note.trace_id or headers.get("x-trace-id"),
             "body_digest": digest or _body_digest(body),
         }
 
-    def find(self, trace_id=None, path=None, limit=None):
+    def find(self, trace_id=None, path=None, limit=None, test_id=None):
         """The newest `limit` entries that match, oldest first."""
         with self._lock:
-            rows = list(self._entries)
+            rows = [(seq, row) for seq, row in self._entries
+                    if test_id is None or row[-1] == test_id]
         found = [entry for entry in itertools.starmap(self._entry, rows)
                  if (trace_id is None or entry["trace_id"] == trace_id)
                  and (path is None or entry["path"] == path)]
         return found[-limit:] if limit else found
 
-    def clear(self):
+    def clear(self, test_id=None):
+        """Forget every entry (or one test's); returns how many went."""
         with self._lock:
             removed = len(self._entries)
+            if test_id is None:
+                self._entries.clear()
+                return removed
+            kept = [(seq, row) for seq, row in self._entries if row[-1] != test_id]
             self._entries.clear()
-            return removed
+            self._entries.extend(kept)
+            return removed - len(kept)
 
 
 # --- Verdict ----------------------------------------------------------------------
@@ -6193,6 +6267,24 @@ class _StreamWriter:
 
 # --- Server: the application ------------------------------------------------------
 
+def _test_id(request):
+    """The test whose scope a request is in: that of its path's /test/{id}
+    prefix, which is taken off the path (so any client that takes a base
+    URL can be scoped), else its X-Test-Id header, else None."""
+    header = request.headers.get("x-test-id")
+    if header is not None:
+        header = _TEST_ID_TEXT(header, _TEST_ID_HEADER)
+    found = _TEST_PATH.match(request.path) if request.path.startswith("/test/") else None
+    if found is None:
+        return header
+    test_id = urllib.parse.unquote(found.group(1))
+    request.path = found.group(2) or "/"
+    _TEST_ID_TEXT(test_id, "the path's test id")
+    if header not in (None, test_id):
+        raise _ValidationError(_TEST_ID_HEADER, "differs from the test id of the path")
+    return test_id
+
+
 class _Application:
     """Everything a request meets but the socket: routing, the API key,
     chaos and the handlers, over the job store, the quotas, the journal and
@@ -6235,6 +6327,7 @@ class _Application:
     def answer(self, request):
         """The _Answer to a request: CORS preflight, routing, the API key,
         chaos, then the route's handler.  Raises ApiError."""
+        request.test_id = _test_id(request)
         if request.method == "OPTIONS" and self.config.cors:
             return self._preflight(request)
         route, request.params = self.router.match(request.method, request.path)
@@ -6328,14 +6421,17 @@ class _Application:
             return (dict(self._requests_counted), dict(self._faults_counted),
                     self._stream_errors)
 
-    def reset(self):
+    def reset(self, test_id=None):
         """Start clean: cancel and forget every job, forget every counter,
-        idempotency key and journal entry.  Returns how many of each went."""
-        removed = self.store.reset()
-        self.quotas.clear()
-        removed["journal_entries"] = self.journal.clear()
-        removed["rules"] = self.clear_rules()
-        self._chaos_count = itertools.count()
+        idempotency key, quota window, journal entry and rule added at run
+        time; given a test id, only that test's.  Returns how many of each
+        went."""
+        removed = self.store.reset(test_id)
+        self.quotas.clear(test_id)
+        removed["journal_entries"] = self.journal.clear(test_id)
+        removed["rules"] = self.clear_rules(test_id)
+        if test_id is None:
+            self._chaos_count = itertools.count()
         return removed
 
     def verdict(self, trace_id=None, **query):
@@ -6346,7 +6442,7 @@ class _Application:
         query = _with_defaults(_given(dict(query, trace_id=trace_id), _VERDICT_QUERY, None,
                                       strict=True), _VERDICT_QUERY, self.config)
         key = query.pop("key")
-        entries = self.journal.find()
+        entries = self.journal.find(test_id=query.pop("test_id"))
         if key is not None and query["trace_id"] not in (None, key):
             entries = []  # no request has two keys
         query["trace_id"] = query["trace_id"] or key
@@ -6363,23 +6459,27 @@ class _Application:
                 for finding in verdict["findings"]))
         return verdict
 
-    def rules(self):
-        """The reply rules, in the order they are tried, as GET /v1/rules lists them."""
-        return [rule.to_json(index) for index, rule in enumerate(self.config.rules)]
+    def rules(self, test_id=None):
+        """The reply rules, in the order they are tried, as GET /v1/rules
+        lists them (given a test id, those that apply to its requests)."""
+        return [rule.to_json(index) for index, rule in enumerate(self.config.rules)
+                if test_id is None or rule.test_id in (None, test_id)]
 
-    def add_rule(self, rule):
+    def add_rule(self, rule, test_id=None):
         """Add a reply rule, {"match": {...}, "simulate": {...}}, after the
-        others; returns it as rules() lists it.  A bad rule raises a
-        ValueError naming the field."""
-        rule = _reply_rule(rule, None, "runtime")
+        others (given a test id, for that test's requests alone); returns it
+        as rules() lists it.  A bad rule raises a ValueError naming the field."""
+        rule = _reply_rule(rule, None, "runtime", test_id)
         with self._rules_lock:  # the rules change with the config, replaced whole
             self.config = self.config._replace(rules=self.config.rules + (rule,))
             return rule.to_json(len(self.config.rules) - 1)
 
-    def clear_rules(self):
-        """Remove the rules added at run time; returns how many went."""
+    def clear_rules(self, test_id=None):
+        """Remove the rules added at run time (given a test id, those added
+        for it); returns how many went."""
         with self._rules_lock:
-            kept = tuple(rule for rule in self.config.rules if rule.source == "file")
+            kept = tuple(rule for rule in self.config.rules if rule.source == "file" or (
+                test_id is not None and rule.test_id != test_id))
             removed = len(self.config.rules) - len(kept)
             self.config = self.config._replace(rules=kept)
         return removed

@@ -49,8 +49,8 @@ HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content":
 
 def spec(**settings):
     """A _JobSpec with test defaults, for the pure simulation functions."""
-    fields = dict(op="llm.chat", args={}, timeout_ms=8000, trace_id=None, callback_url=None,
-                  rule=None, forced_tool=None, output=None,
+    fields = dict(op="llm.chat", args={}, timeout_ms=8000, trace_id=None, test_id=None,
+                  callback_url=None, rule=None, forced_tool=None, output=None,
                   **dummyllm._simulate_settings(None, dummyllm.make_config(latency_ms=100)))
     fields.update(settings)
     return dummyllm._JobSpec(**fields)
@@ -259,8 +259,11 @@ def documented(app, method, path, status, content_type):
     references, or None where it promises no schema: the route's answer
     for that status, else its default (its errors)."""
     document = app.registry.document
+    path = path.partition("?")[0]
+    scoped = dummyllm._TEST_PATH.match(path)  # a test's prefix (see _test_id)
+    path = (scoped.group(2) or "/") if scoped else path
     try:
-        route, _ = app.router.match(method, path.partition("?")[0])
+        route, _ = app.router.match(method, path)
     except dummyllm.ApiError:
         route = None
     if route is not None:
@@ -268,7 +271,7 @@ def documented(app, method, path, status, content_type):
         answer = responses.get(str(status), responses["default"])
     else:
         answer = {"content": {"application/json": {"schema": dummyllm._ref(
-            app.router.surface_of(path.partition("?")[0]).error_schema)}}}
+            app.router.surface_of(path).error_schema)}}}
     media = answer.get("content", {}).get(content_type)
     if media is None or media.get("schema") == {"type": "string"}:
         return None
@@ -502,6 +505,15 @@ class ConfigurationTest(unittest.TestCase):
                     dummyllm.make_config(**options)
                 self.assertEqual(caught.exception.field, name)
 
+    def test_an_integral_float_is_the_integer_it_equals(self):
+        # JSON Schema's integers include 2.0; the fuzzer sends them.
+        settings = dummyllm._simulate_settings(dummyllm._SIMULATE(
+            {"latency_ms": 5.0, "stream": {"cut_after": 2.0}}, "simulate"),
+            dummyllm.make_config())
+        self.assertEqual(settings["stream"], {"cut_after": 2})
+        self.assertIs(type(settings["stream"]["cut_after"]), int)
+        self.assertIs(type(settings["latency_ms"]), int)
+
     def test_unknown_option_is_a_type_error(self):
         with self.assertRaises(TypeError):
             dummyllm.make_config(latency=5)
@@ -617,7 +629,7 @@ class ReplyRuleTest(unittest.TestCase):
         rules = [{"match": {"model": "x"}, "simulate": {"mode": "fail"}}]
         config = dummyllm.make_config(rules=rules)
         self.assertEqual([rule.to_json(0) for rule in config.rules],
-                         [{"index": 0, "source": "file", **rules[0]}])
+                         [{"index": 0, "source": "file", "test_id": None, **rules[0]}])
         with self.assertRaises(ValueError) as caught:
             dummyllm.make_config(rules=[{"simulate": {"latency_ms": -1}}])
         self.assertIn("rules[0].simulate.latency_ms", str(caught.exception))
@@ -3501,7 +3513,8 @@ class ScriptTest(AppTestCase):
         self.modes(self.server, 3, ["fail", "ok"], trace_id="A")
         self.modes(self.server, 1, ["fail", "ok"], trace_id="B")
         self.assertEqual(self.call("GET", "/v1/scripts")[1]["scripts"],
-                         [{"key": "A", "attempts": 3}, {"key": "B", "attempts": 1}])
+                         [{"key": "A", "test_id": None, "attempts": 3},
+                          {"key": "B", "test_id": None, "attempts": 1}])
         status, body, _ = self.call("POST", "/v1/reset")
         self.assertEqual(status, 200)
         self.assertEqual(body["removed"]["script_counters"], 2)
@@ -3788,10 +3801,11 @@ class ReplyRulesTest(ChatCalls, AppTestCase):
 
     def test_add_list_and_clear(self):
         rule = {"match": {"text_contains": "weather"}, "simulate": {"tool_calls": PARIS}}
-        self.assertEqual(self.add(rule), {"index": 1, "source": "runtime", **rule})
+        listed = {"index": 1, "source": "runtime", "test_id": None, **rule}
+        self.assertEqual(self.add(rule), listed)
         status, body, _ = self.call("GET", "/v1/rules")
-        self.assertEqual(body["rules"], [{"index": 0, "source": "file", **self.FILE_RULE},
-                                         {"index": 1, "source": "runtime", **rule}])
+        self.assertEqual(body["rules"], [{"index": 0, "source": "file", "test_id": None,
+                                          **self.FILE_RULE}, listed])
         self.assertIn("openai.chat", body["surfaces"])
         self.assertIn("anthropic", body["surfaces"])
         asked = self.chat(messages=[{"role": "user", "content": "The weather?"}])[1]
@@ -3877,6 +3891,89 @@ class ResetTest(ServerTestCase):
         self.assertEqual(self.stored(), 0)
         self.assertEqual(self.server.store._due.next_time(), None)  # no transition is pending
         self.assertLessEqual(threading.active_count(), threads + 3)  # 2 connections, a Timer
+
+
+class TestScopeTest(ChatCalls, AppTestCase):
+    """Tests that share a server each keep to their own scope, by the
+    X-Test-Id header or a /test/{id} prefix on the base URL: scripts,
+    sequences, idempotency keys, rules, quotas, the journal, the verdict."""
+
+    options = {"seed": 7}
+    SCRIPT = {"latency_ms": 0, "script": ["rate_limit", "ok"]}
+
+    def as_test(self, test_id, **body):
+        return self.chat(headers={"X-Test-Id": test_id, "X-Trace-Id": "agent"}, **body)
+
+    def test_scripts_and_sequences_start_over_in_each_test(self):
+        first = [self.as_test("a", simulate=self.SCRIPT)[0] for _ in range(2)]
+        second = [self.as_test("b", simulate=self.SCRIPT)[0] for _ in range(2)]
+        self.assertEqual((first, second), ([429, 200], [429, 200]))
+        ids = [self.as_test(test, tools=OPENAI_TOOLS, simulate={"tool_calls": PARIS})[1][
+            "choices"][0]["message"]["tool_calls"][0]["id"] for test in ("c", "d")]
+        self.assertEqual(ids[0], ids[1])  # each test's sequence is a fresh server's
+        self.assertEqual({(row["key"], row["test_id"]) for row in self.call(
+            "GET", "/v1/scripts?test_id=a")[1]["scripts"]}, {("agent", "a")})
+
+    def test_a_base_url_prefix_is_a_test_id(self):
+        status, body, _ = self.call("POST", "/test/tests%2Fa.py%3A%3Atest_x/v1/chat/completions",
+                                    {"model": "m", "messages": HELLO})
+        self.assertEqual(status, 200, body)
+        entry = self.journal("?test_id=tests/a.py::test_x")[-1]
+        self.assertEqual((entry["path"], entry["test_id"]), ("/v1/chat/completions",
+                                                             "tests/a.py::test_x"))
+        self.assertEqual(self.call("GET", "/test/tests%2Fa.py%3A%3Atest_x/v1/requests")[1][
+            "requests"], [entry])
+        status, body, _ = self.call("POST", "/test/x/v1/chat/completions",
+                                    {"model": "m", "messages": HELLO}, headers={"X-Test-Id": "y"})
+        self.assert_openai_error(status, body, 400, "invalid_request_error", "X-Test-Id")
+        status, body, _ = self.call("POST", "/test//v1/chat/completions", {})
+        self.assertEqual(status, 400, body)
+
+    def test_a_rule_added_for_a_test_holds_for_it_alone(self):
+        rule = {"match": {}, "simulate": {"ok_text": "for a"}}
+        status, listed, _ = self.call("POST", "/v1/rules", rule, headers={"X-Test-Id": "a"})
+        self.assertEqual((status, listed["test_id"]), (201, "a"))
+        reply = self.as_test("a")[1]["choices"][0]["message"]["content"]
+        other = self.as_test("b")[1]["choices"][0]["message"]["content"]
+        self.assertEqual((reply, other), ("for a", "Simulated reply to: Hello"))
+        self.assertEqual(self.call("GET", "/v1/rules?test_id=b")[1]["rules"], [])
+        self.assertEqual(len(self.call("GET", "/v1/rules")[1]["rules"]), 1)
+
+    def test_quotas_idempotency_and_verdicts_are_the_tests_own(self):
+        for test in ("a", "b"):
+            self.assertEqual(self.as_test(test, simulate={"rpm": 1})[0], 200)
+        self.assertEqual(self.as_test("a", simulate={"rpm": 1})[0], 429)
+        jobs = {self.call("POST", "/v1/jobs", {"op": "x"}, headers={
+            "Idempotency-Key": "k", "X-Test-Id": test})[1]["id"] for test in ("a", "b")}
+        self.assertEqual(len(jobs), 2)
+        for _ in range(3):  # test b retries a 429 at once: its verdict, not a's
+            self.as_test("b", simulate={"mode": "rate_limit", "retry_after_ms": 1000})
+        findings = {test: {finding["code"] for finding in self.call(
+            "GET", f"/v1/verdict?test_id={test}")[1]["findings"]} for test in ("a", "b")}
+        self.assertIn("RETRY_AFTER_IGNORED", findings["b"])
+        self.assertNotIn("RETRY_AFTER_IGNORED", findings["a"])
+        self.assertEqual(self.server.verdict(test_id="a")["findings"],
+                         self.call("GET", "/v1/verdict", headers={"X-Test-Id": "a"})[1][
+                             "findings"])
+
+    def test_a_reset_of_one_test_leaves_the_others(self):
+        for test in ("a", "b"):
+            self.as_test(test, simulate=self.SCRIPT)
+            self.call("POST", "/v1/rules", {"match": {}, "simulate": {"ok_text": test}},
+                      headers={"X-Test-Id": test})
+            self.call("POST", "/v1/jobs", {"op": "x", "simulate": {"mode": "hang"}},
+                      headers={"X-Test-Id": test})
+        status, body, _ = self.call("POST", "/v1/reset?test_id=a")
+        self.assertEqual((status, body["removed"]), (200, {
+            "jobs": 1, "active_jobs_cancelled": 1, "script_counters": 1, "sequences": 2,
+            "idempotency_keys": 0, "journal_entries": 3, "rules": 1}))
+        self.assertEqual(self.journal("?test_id=a"), [])
+        self.assertEqual(len(self.journal("?test_id=b")), 3)
+        self.assertEqual(self.as_test("a", simulate=self.SCRIPT)[0], 429)  # from the start
+        self.assertEqual(self.as_test("b", simulate=self.SCRIPT)[0], 200)  # where b was
+        self.assertEqual([rule["test_id"] for rule in self.call("GET", "/v1/rules")[1][
+            "rules"]], ["b"])
+        self.assertEqual(self.stored(), 1)
 
 
 _METRIC_LINE = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*",?)*\})?'
