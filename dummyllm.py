@@ -22,6 +22,9 @@ Embed it in a test suite::
     with dummyllm.start_server(latency_ms=20, seed=1337) as server:
         ...  # talk to server.url
 
+or run pytest with it as a plugin (``pytest -p dummyllm``) and ask for the
+``dummyllm`` fixture: each test gets a scope of its own on one server.
+
 One file, Python 3.9+ standard library only.  MIT licensed.
 
 The sections of this file, in dependency order: each builds on those above
@@ -48,10 +51,14 @@ it (a name looked up only when a request runs may come later).
                                   journal (pure)
     Server                        the log, webhooks, streams, the application
                                   (everything but the socket), connections;
-                                  DummyLLMServer and start_server
+                                  DummyLLMServer, start_server, and the
+                                  ServerScope of one test on a shared server
     API document and pages        /openapi.json from the registered surfaces,
                                   the /docs page, the dashboard, the timeline
     Command line                  main()
+    pytest plugin                 `pytest -p dummyllm`: a server per session,
+                                  a ServerScope per test (pytest imported
+                                  only when pytest loads it)
 
 The life of a request.  A thread of the ThreadingHTTPServer runs a
 _Handler for its connection: handle() waits for a request (and parks the
@@ -114,6 +121,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -124,8 +132,8 @@ except ImportError:
     resource = None
 
 __version__ = "1.1.0"
-__all__ = ["DummyLLMServer", "start_server", "make_config", "Config", "ApiError", "main",
-           "__version__"]
+__all__ = ["DummyLLMServer", "ServerScope", "start_server", "make_config", "Config", "ApiError",
+           "main", "__version__"]
 
 
 # --- Vocabulary -------------------------------------------------------------------
@@ -7534,6 +7542,62 @@ def start_server(**options):
     return DummyLLMServer(**options).start()
 
 
+class ServerScope:
+    """One test's own scope on a shared server (see _test_id): its base URL,
+    and the journal, verdict, rules and state of its requests alone::
+
+        scope = ServerScope(server, "test_checkout")
+        client = openai.OpenAI(base_url=scope.url + "/v1", api_key="x")
+        ...
+        scope.assert_client_ok()
+    """
+
+    def __init__(self, server, test_id):
+        _TEST_ID_TEXT(test_id, "test_id")
+        self.server, self.test_id = server, test_id
+        self.url = f"{server.url}/test/{urllib.parse.quote(test_id, safe='')}"
+
+    def environ(self):
+        """The variables that point each SDK at this scope (see _SDK_VARIABLES)."""
+        return {name: self.url + path for name, path in _SDK_VARIABLES}
+
+    def requests(self, **query):
+        """The journal's entries of this test's requests (see GET /v1/requests)."""
+        return self.server.journal.find(test_id=self.test_id, **query)
+
+    def verdict(self, trace_id=None, **query):
+        return self.server.verdict(trace_id, test_id=self.test_id, **query)
+
+    def assert_client_ok(self, trace_id=None, **query):
+        return self.server.assert_client_ok(trace_id, test_id=self.test_id, **query)
+
+    def add_rule(self, rule):
+        """Add a reply rule that holds for this test's requests alone."""
+        return self.server.add_rule(rule, self.test_id)
+
+    def reset(self):
+        """Forget this test's jobs, counters, keys, quotas, rules and journal."""
+        return self.server.reset(self.test_id)
+
+    def report(self):
+        """This test's requests and the verdict on them, as lines of text."""
+        lines = [f"{entry['method']} {entry['path']} -> {entry['status'] or 'no answer'}"
+                 + "".join(f" {name}={entry[name]}" for name in ("trace_id", "code", "fault",
+                                                                  "stream_failure")
+                           if entry[name] is not None)
+                 for entry in self.requests()]
+        verdict = self.verdict()
+        lines.append("verdict: " + ("ok" if verdict["ok"] else "not ok"))
+        lines += [f"  {finding['code']} ({finding['severity']}): {finding['message']}"
+                  for finding in verdict["findings"]]
+        return "\n".join(lines)
+
+
+# The SDKs' base-URL variables, and the path each puts after it.
+_SDK_VARIABLES = (("OPENAI_BASE_URL", "/v1"), ("ANTHROPIC_BASE_URL", ""),
+                  ("GOOGLE_GEMINI_BASE_URL", ""), ("OLLAMA_HOST", ""))
+
+
 # --- API document and pages -------------------------------------------------------
 # /openapi.json is made from the registered surfaces: their routes, each
 # route's description and the schemas each surface declares.  /docs, the
@@ -8029,6 +8093,106 @@ def main(argv=None, environ=None):
     finally:
         server.server_close()
     return 0
+
+
+# --- pytest plugin ----------------------------------------------------------------
+# `pytest -p dummyllm`, `pytest_plugins = ["dummyllm"]` in a conftest, or
+# addopts in pytest.ini.  One server per session (per pytest-xdist worker:
+# each is a session of its own), its options those of the command line as
+# --dummyllm-<option> or ini dummyllm_<option>.  The `dummyllm` fixture gives
+# a test its own ServerScope, named by its node id, with the SDKs' variables
+# pointing at it; a failing test's report shows its requests and verdict.
+# pytest is imported only when pytest loads the plugin.
+
+_PYTEST_OPTIONS = tuple(option for option in _OPTIONS if option.name not in ("port", "quiet"))
+_SDK_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")  # SDKs refuse to start
+                                                                          # without one
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("dummyllm", "dummyLLM's session server")
+    for option in _PYTEST_OPTIONS:
+        name = "dummyllm_" + option.name
+        about = f"{option.about} (dummyllm.py {option.flag})"
+        if isinstance(option.rule, _Bool):
+            group.addoption("--dummyllm-" + option.flag[2:], action="store_true", default=None,
+                            dest=name, help=about)
+        else:
+            group.addoption("--dummyllm-" + option.flag[2:], dest=name, help=about)
+        parser.addini(name, about)
+
+
+def pytest_configure(config):
+    import pytest
+    try:
+        server_config = _session_config(config)
+    except (_UsageError, ValueError) as error:
+        raise pytest.UsageError(f"dummyllm: {error}") from None
+    config.pluginmanager.register(_pytest_fixtures(server_config), "dummyllm-fixtures")
+
+
+def _session_config(config):
+    """The session server's Config: its options from the command line, then
+    the ini file, then DUMMYLLM_* variables; a free port, no access log."""
+    argv = []
+    for option in _PYTEST_OPTIONS:
+        value = config.getoption("dummyllm_" + option.name)
+        if value is None:
+            value = config.getini("dummyllm_" + option.name) or None
+        if value is None or value is False:
+            continue
+        if isinstance(option.rule, _Bool):
+            if value is True or _Bool().from_text(value):
+                argv.append(option.flag)
+        else:
+            argv += [option.flag, value]
+    return _config_from_command_line(argv, os.environ)._replace(port=0, quiet=True)
+
+
+def _node_test_id(nodeid):
+    """A test's id from its node id, which may be longer than a test id can be."""
+    if len(nodeid) <= _MAX_TRACE_ID_CHARS:
+        return nodeid
+    return nodeid[:_MAX_TRACE_ID_CHARS - 17] + "~" + _body_digest(nodeid.encode())
+
+
+def _pytest_fixtures(server_config):
+    """The plugin's fixtures and report hook, made once pytest is there."""
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def dummyllm_server():
+        """The session's dummyLLM server (a DummyLLMServer)."""
+        with DummyLLMServer(server_config).start() as server:
+            yield server
+
+    @pytest.fixture
+    def dummyllm(request, dummyllm_server, monkeypatch):
+        """This test's own ServerScope on the session's server, with the
+        SDKs' base-URL variables (and placeholder keys) pointing at it."""
+        scope = ServerScope(dummyllm_server, _node_test_id(request.node.nodeid))
+        scope.reset()  # a rerun starts afresh
+        for name, value in scope.environ().items():
+            monkeypatch.setenv(name, value)
+        for name in _SDK_KEYS:
+            if not os.environ.get(name):
+                monkeypatch.setenv(name, "dummyllm")
+        request.node.dummyllm_scope = scope
+        yield scope
+        scope.reset()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(item, call):
+        report = (yield).get_result()
+        scope = getattr(item, "dummyllm_scope", None)
+        if scope is not None and report.when == "call" and report.failed:
+            report.sections.append(("dummyllm: this test's requests and verdict",
+                                    scope.report()))
+
+    plugin = types.ModuleType("dummyllm.pytest")  # pytest finds fixtures in a module
+    plugin.dummyllm_server, plugin.dummyllm = dummyllm_server, dummyllm
+    plugin.pytest_runtest_makereport = pytest_runtest_makereport
+    return plugin
 
 
 if __name__ == "__main__":

@@ -5361,7 +5361,9 @@ class EmbeddingTest(unittest.TestCase):
             elif isinstance(node, ast.Assign):
                 names = [target.id for target in node.targets if isinstance(target, ast.Name)]
             public.update(name for name in names if not name.startswith("_"))
-        self.assertEqual(public, set(dummyllm.__all__) - {"__version__"})
+        hooks = {name for name in public if name.startswith("pytest_")}  # the plugin's
+        self.assertEqual(hooks, {"pytest_addoption", "pytest_configure"})
+        self.assertEqual(public - hooks, set(dummyllm.__all__) - {"__version__"})
         for name in dummyllm.__all__:
             self.assertTrue(hasattr(dummyllm, name), name)
 
@@ -5596,6 +5598,93 @@ class FuzzTest(unittest.TestCase):
             + run.stderr[-3000:])
         server.kill()
         self.assertEqual(server.stderr.read(), "")  # no traceback
+
+
+PYTEST_EXAMPLE = """
+import json, os, urllib.error, urllib.request
+
+SCRIPT = {"latency_ms": 0, "script": ["rate_limit", "ok"]}
+
+
+def chat(simulate):
+    request = urllib.request.Request(
+        os.environ["OPENAI_BASE_URL"] + "/chat/completions", headers={"X-Trace-Id": "k"},
+        data=json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                         "simulate": simulate}).encode())
+    try:
+        with urllib.request.urlopen(request) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_first(dummyllm):
+    assert [chat(SCRIPT), chat(SCRIPT)] == [429, 200]
+
+
+def test_second(dummyllm):  # the same script starts over in a test of its own
+    assert [chat(SCRIPT), chat(SCRIPT)] == [429, 200]
+    assert [entry["status"] for entry in dummyllm.requests()] == [429, 200]
+    assert os.environ["OPENAI_API_KEY"] and os.environ["ANTHROPIC_BASE_URL"] == dummyllm.url
+
+
+def test_options(dummyllm_server):
+    with urllib.request.urlopen(dummyllm_server.url + "/health") as answer:
+        defaults = json.load(answer)["defaults"]
+    assert (defaults["seed"], defaults["latency_ms"]) == (42, 5)
+
+
+def test_fails(dummyllm):
+    chat({"mode": "fail", "latency_ms": 0})
+    assert False
+"""
+
+
+@needs(importlib.util.find_spec("pytest"), "pytest", "DUMMYLLM_REQUIRE_PYTEST")
+class PytestPluginTest(unittest.TestCase):
+    """`pytest -p dummyllm` in a project of its own: a server per session,
+    a scope per test, options from the command line and pytest.ini, and a
+    failing test's requests and verdict in its report."""
+
+    def pytest(self, *args, conftest=None):
+        project = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, project)
+        for name, text in (("test_example.py", PYTEST_EXAMPLE),
+                           ("pytest.ini", "[pytest]\ndummyllm_latency_ms = 5\n"),
+                           ("conftest.py", conftest)):
+            if text is not None:
+                with open(os.path.join(project, name), "w") as file:
+                    file.write(text)
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             "--dummyllm-seed", "42", *args], cwd=project, capture_output=True, text=True,
+            timeout=120, env=dict(os.environ, PYTHONPATH=HERE))
+
+    def test_each_test_its_own_scope_and_a_failure_shows_its_requests(self):
+        run = self.pytest("-p", "dummyllm")
+        self.assertEqual(run.returncode, 1, run.stdout + run.stderr)
+        self.assertIn("1 failed, 3 passed", run.stdout)
+        report = run.stdout.partition("dummyllm: this test's requests and verdict")[2]
+        self.assertEqual(report.splitlines()[1:3], [
+            "POST /v1/chat/completions -> 500 trace_id=k code=SIM_FAIL", "verdict: ok"])
+        self.assertEqual(run.stderr, "")
+
+    def test_enabled_from_a_conftest(self):
+        run = self.pytest("-k", "not fails", conftest='pytest_plugins = ["dummyllm"]\n')
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        self.assertIn("3 passed", run.stdout)
+
+    def test_a_bad_option_is_a_usage_error(self):
+        run = self.pytest("-p", "dummyllm", "--dummyllm-latency-ms", "-1")
+        self.assertEqual(run.returncode, 4)  # pytest's usage error: no test ran
+        self.assertIn("ERROR: dummyllm: --latency-ms must be", run.stderr)
+
+    @unittest.skipUnless(importlib.util.find_spec("xdist") or os.environ.get(
+        "DUMMYLLM_REQUIRE_XDIST"), "the pytest-xdist package is not installed")
+    def test_a_server_per_xdist_worker(self):
+        run = self.pytest("-p", "dummyllm", "-n", "2", "-k", "not fails")
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        self.assertIn("3 passed", run.stdout)
 
 
 def _find_browser():
@@ -6067,8 +6156,10 @@ class ReadmeExamplesTest(unittest.TestCase):
             self.assertEqual(counts["skipped"], 0)
 
     def runnable(self, language, code):
-        if language == "bash":
-            return shutil.which("curl") is not None
+        if language == "bash":  # and the packages its python3 runs
+            return shutil.which("curl") is not None and all(
+                importlib.util.find_spec(module) for module in
+                re.findall(r"^(?:import|python3 -m) (\w+)", code, re.M))
         modules = {alias.name.partition(".")[0] for node in ast.walk(ast.parse(code))
                    for alias in getattr(node, "names", ()) if isinstance(node, ast.Import)}
         modules |= {node.module.partition(".")[0] for node in ast.walk(ast.parse(code))
@@ -6093,9 +6184,10 @@ class ReadmeExamplesTest(unittest.TestCase):
                                      if found.group(0).startswith("--") else address), code)
 
     def run_bash(self, line, code):
+        path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
         run = subprocess.Popen(["bash", "-e", "-c", self.with_address(code)], cwd=HERE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, env=dict(os.environ, PATH=path))
         try:
             out, err = run.communicate(timeout=60)
         finally:
@@ -6161,15 +6253,23 @@ class ModuleMapTest(unittest.TestCase):
 class StandardLibraryOnlyTest(unittest.TestCase):
 
     def test_dummyllm_imports_only_the_standard_library(self):
+        """...and pytest, inside the functions pytest calls as a plugin."""
         with open(SCRIPT, encoding="utf-8") as f:
             tree = ast.parse(f.read())
-        names = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                self.assertEqual(node.level, 0)
-                names.add(node.module.split(".")[0])
+        names, pytest_in = set(), []
+        for top in tree.body:
+            for node in ast.walk(top):
+                if isinstance(node, ast.Import):
+                    imported = {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom):
+                    self.assertEqual(node.level, 0)
+                    imported = {node.module.split(".")[0]}
+                else:
+                    continue
+                if "pytest" in imported:
+                    pytest_in.append(top.name)
+                names |= imported - {"pytest"}
+        self.assertEqual(pytest_in, ["pytest_configure", "_pytest_fixtures"])
         stdlib = {os.path.realpath(sysconfig.get_paths()[key]) for key in ("stdlib", "platstdlib")}
         for name in sorted(names):
             with self.subTest(module=name):
