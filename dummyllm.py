@@ -7922,17 +7922,23 @@ function findingList(findings) {
   }
   return list;
 }
+// /journal?test_id=... shows one test's requests (see the README's test ids).
+const scope = new URLSearchParams(location.search).get("test_id");
 async function refresh() {
-  const query = new URLSearchParams();
+  const query = new URLSearchParams(), journalQuery = new URLSearchParams();
   for (const name of ["key", "path"]) {
     const value = document.getElementById(name).value.trim();
     if (value) query.set(name, value);
+  }
+  if (scope) {
+    query.set("test_id", scope);
+    journalQuery.set("test_id", scope);
   }
   let verdict, journal;
   try {
     [verdict, journal] = await Promise.all([
       fetch("/v1/verdict?" + query).then((r) => r.json()),
-      fetch("/v1/requests").then((r) => r.json())]);
+      fetch("/v1/requests?" + journalQuery).then((r) => r.json())]);
   } catch (error) {
     document.getElementById("summary").textContent = "server unreachable: " + error;
     return;

@@ -5841,6 +5841,15 @@ class BrowserTest(ServerTestCase):
                               "return rows.length === 1 && rows[0].dataset.key === 'other'")
 
 
+    def test_the_timeline_of_one_test(self):
+        for test in ("a", "b"):
+            self.call("POST", "/v1/jobs", {"op": "x", "trace_id": "key-" + test},
+                      headers={"X-Test-Id": test})
+        self.browser.open(self.server.url + "/journal?test_id=b")
+        self.browser.wait_for("const rows = document.querySelectorAll('tr.key-row');"
+                              "return rows.length === 1 && rows[0].dataset.key === 'key-b'")
+
+
 # --- Command line -----------------------------------------------------------------
 
 class CommandLineTest(unittest.TestCase):
