@@ -2166,6 +2166,8 @@ class _Surface:
 
     name              the name reply rules know its model calls by (None:
                       it answers no model calls)
+    title             the heading of its routes in the API document (their
+                      OpenAPI tag) and on the docs page; its name by default
     routes            its endpoints (see _route), tried in this order
     keyed             whether its routes need --api-key (see credential)
     error_schema      the API document's schema of its errors
@@ -2196,7 +2198,7 @@ class _Surface:
     schemas() gives what it adds to the API document.
     """
 
-    name = None
+    name = title = None
     routes = ()
     keyed = False
     error_schema = "Error"
@@ -2692,6 +2694,8 @@ class _JobApi(_Surface):
     """dummyLLM's own job API: a job is created, polled, listed, watched,
     cancelled and deleted; its JSON always has every key of _JOB_JSON."""
 
+    title = "Jobs"
+
     def schemas(self):
         return {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
@@ -2863,6 +2867,8 @@ def _html(page):
 
 class _Control(_Surface):
     """The server's own endpoints (see the banner above)."""
+
+    title = "The server: health, journal, verdict, rules, pages"
 
     def schemas(self):
         return {
@@ -3166,6 +3172,7 @@ class _OpenAIChat(_OpenAI):
     structured output) and models."""
 
     name = "openai.chat"
+    title = "OpenAI chat completions"
     REQUEST = {
         "model": _MODEL,
         "messages": _Field(_Check(_check_messages, dict(_MESSAGES_SCHEMA, minItems=1)),
@@ -3369,6 +3376,7 @@ class _OpenAIResponses(_OpenAI):
     from any point; a stored one can be retrieved while the store keeps it."""
 
     name = "openai.responses"
+    title = "OpenAI Responses"
     STATUS = {"queued": "queued", "running": "in_progress", "fail": "failed",
               "timeout": "failed", "cancelled": "cancelled"}  # ok: completed or incomplete
     ACTIVE = operator.itemgetter(*_ACTIVE_STATES)(STATUS)
@@ -3804,6 +3812,7 @@ class _OpenAIEmbeddings(_OpenAI):
     the text and the dimensions (see _embedding)."""
 
     name = "openai.embeddings"
+    title = "OpenAI embeddings"
     REQUEST = {
         "model": _MODEL,
         "input": _Field(_EMBEDDING_INPUT, _REQUIRED,
@@ -3883,6 +3892,7 @@ class _OpenAICompletions(_OpenAI):
     """OpenAI's legacy completions, plain and streamed."""
 
     name = "openai.completions"
+    title = "OpenAI legacy completions"
     REQUEST = {
         "model": _MODEL,
         "prompt": _Field(_Check(_check_prompt, {"oneOf": [
@@ -3987,6 +3997,7 @@ class _AnthropicMessages(_Surface):
     """
 
     name = "anthropic"
+    title = "Anthropic Messages"
     keyed = True
     error_schema = "AnthropicError"
     validation_status = 400
@@ -4271,6 +4282,7 @@ class _Gemini(_Surface):
     /v1/models is OpenAI's."""
 
     name = "gemini"
+    title = "Google Gemini"
     keyed = True
     error_schema = "GoogleError"
     validation_status = 400
@@ -4525,6 +4537,7 @@ class _Ollama(_Surface):
     version.  Errors are {"error": message}."""
 
     name = "ollama"
+    title = "Ollama"
     keyed = True
     error_schema = "OllamaError"
     validation_status = 400
@@ -5614,6 +5627,8 @@ class _Journal:
         "status": {"type": ["integer", "null"]}, "fault": {},
         "answered_ms": {"type": "number", "description": "monotonic_ms of the answer going out"},
         "test_id": {"type": ["string", "null"], "description": "The test whose scope it was in"},
+        "surface": {"type": ["string", "null"],
+                    "description": "The surface that answered it, for a model call"},
         **{name: dict(schema, description=about) for name, (schema, about)
            in _NOTE_FIELDS.items()},
         "body_digest": {"type": "string"}}}
@@ -5632,14 +5647,15 @@ class _Journal:
             body = (body[:_JOURNAL_BODY_BYTES], _body_digest(body))
         row = (request.method, request.path, request.query, request.headers, request.note,
                request.received_wall_ms, body, status, fault,
-               clock.real_ms(request.received_ms), clock.real_ms(clock.now_ms()), request.test_id)
+               clock.real_ms(request.received_ms), clock.real_ms(clock.now_ms()),
+               request.route and request.route.surface.name, request.test_id)
         with self._lock:
             self._entries.append((next(self._seq), row))
 
     @staticmethod
     def _entry(seq, row):
         (method, path, query, headers, note, wall_ms, body, status, fault, monotonic_ms,
-         answered_ms, test_id) = row
+         answered_ms, surface, test_id) = row
         body, digest = (body, None) if isinstance(body, bytes) else body
         return {
             "seq": seq, "at_ms": wall_ms, "monotonic_ms": round(monotonic_ms, 3),
@@ -5648,7 +5664,7 @@ class _Journal:
                         if name.lower() in headers},
             "body": body.decode("utf-8", "replace"), "body_truncated": digest is not None,
             "status": status, "fault": fault and fault.to_json(),
-            "answered_ms": round(answered_ms, 3), "test_id": test_id,
+            "answered_ms": round(answered_ms, 3), "test_id": test_id, "surface": surface,
             **{name: getattr(note, name) for name in _NOTE_FIELDS},
             "trace_id": note.trace_id or headers.get("x-trace-id"),
             "body_digest": digest or _body_digest(body),
@@ -7609,6 +7625,8 @@ def _openapi_document(registry):
     paths, schemas = {}, {}
     for surface in registry.surfaces:
         schemas.update(surface.schemas())
+    tags = [{"name": surface.title or surface.name} for surface in registry.surfaces
+            if surface.routes]
     for route in registry.routes:
         api = route.api
         parameters = [{"name": name, "in": "path", "required": True,
@@ -7634,6 +7652,7 @@ def _openapi_document(registry):
             "application/json": {"schema": _ref(route.surface.error_schema)}}}
         operation_id = re.sub(r"[^0-9A-Za-z]+", "_", f"{route.method} {route.path}").strip("_")
         operation = {"summary": api["summary"], "operationId": operation_id.lower(),
+                     "tags": [route.surface.title or route.surface.name],
                      "parameters": parameters, "responses": responses}
         if api["refuses"]:
             operation["x-dummyllm-refuses"] = api["refuses"]
@@ -7644,7 +7663,7 @@ def _openapi_document(registry):
     return {"openapi": "3.2.0",
             "info": {"title": "dummyLLM", "version": __version__,
                      "description": __doc__.split("\n\n")[1].replace("\n", " ")},
-            "paths": paths, "components": {"schemas": schemas}}
+            "tags": tags, "paths": paths, "components": {"schemas": schemas}}
 
 
 def _header_schema(schema):
@@ -7717,6 +7736,7 @@ _DOCS_PAGE = """<!doctype html>
 <h1>dummyLLM API</h1>
 <nav><a href="/">dashboard</a><a href="/openapi.json">openapi.json</a><a href="/metrics">metrics</a></nav>
 <p id="about"></p>
+<nav id="contents" aria-label="contents"></nav>
 <div id="operations">Loading the API document...</div>
 <script>
 "use strict";
@@ -7810,15 +7830,32 @@ function operation(path, method, op) {
 fetch("/openapi.json").then((r) => r.json()).then((document_) => {
   spec = document_;
   document.getElementById("about").textContent = spec.info.description + " Version " + spec.info.version + ".";
-  const list = document.getElementById("operations");
+  // A section per surface (the operations' tag), a link to each up top.
+  const list = document.getElementById("operations"), contents = document.getElementById("contents");
   list.textContent = "";
-  for (const [path, ops] of Object.entries(spec.paths))
-    for (const [method, op] of Object.entries(ops)) list.append(operation(path, method, op));
+  contents.append(el("h2", {}, "Contents"));
+  const links = el("ul");
+  contents.append(links);
+  spec.tags.forEach((tag, index) => {
+    const section = el("section", {id: "surface-" + index, className: "surface"},
+                       el("h2", {}, tag.name));
+    for (const [path, ops] of Object.entries(spec.paths))
+      for (const [method, op] of Object.entries(ops))
+        if (op.tags[0] === tag.name) section.append(operation(path, method, op));
+    const count = section.querySelectorAll(".op").length;
+    links.append(el("li", {}, el("a", {href: "#" + section.id}, tag.name),
+                    " (" + count + (count === 1 ? " endpoint)" : " endpoints)")));
+    list.append(section);
+  });
 });
 </script>
 </body></html>
 """
 
+# The dashboard: the model calls of the journal's newest requests, by surface
+# and outcome, and the newest jobs.
+_DASHBOARD_CALLS = 500
+_DASHBOARD_OUTCOMES = ("2xx", "429", "4xx", "5xx", "broken")
 _DASHBOARD_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <link rel="icon" href="data:,"><title>dummyLLM</title>
@@ -7826,16 +7863,73 @@ _DASHBOARD_PAGE = """<!doctype html>
 <body>
 <h1>dummyLLM</h1>
 <nav><a href="/docs">API docs</a><a href="/metrics">metrics</a><a href="/journal">request timeline</a><a href="/v1/requests">request journal</a></nav>
+<h2>Model calls</h2>
+<p>The journal's newest """ + str(_DASHBOARD_CALLS) + """ requests, by the surface that
+answered them; each key's requests are on <a href="/journal">the timeline</a>.</p>
+<table id="calls"><thead><tr><th>surface</th>""" + "".join(
+    f"<th>{outcome}</th>" for outcome in _DASHBOARD_OUTCOMES) + """</tr></thead>
+<tbody></tbody></table>
+<table id="latest"><thead><tr><th>at</th><th>surface</th><th>request</th><th>outcome</th>
+<th>key</th></tr></thead><tbody></tbody></table>
+<h2>Jobs</h2>
 <p class="counts" id="counts">...</p>
 <table id="jobs"><thead><tr><th>id</th><th>op</th><th>mode</th><th>state</th><th>age</th></tr></thead>
 <tbody></tbody></table>
 <script>
 "use strict";
 const STATES = """ + json.dumps(list(_JOB_STATES)) + """;
+const OUTCOMES = """ + json.dumps(list(_DASHBOARD_OUTCOMES)) + """;
+function outcome(entry) {
+  if (entry.status === null || entry.fault || entry.stream_failure) return "broken";
+  if (entry.status === 429) return "429";
+  return String(entry.status)[0] + "xx";
+}
+function fill(rows, cells) {
+  const row = rows.insertRow();
+  for (const cell of cells) {
+    const td = row.insertCell();
+    if (cell instanceof Node) td.append(cell); else td.textContent = cell;
+  }
+  return row;
+}
+function showCalls(journal) {
+  const calls = journal.requests.filter((entry) => entry.surface !== null);
+  const counts = new Map();
+  for (const entry of calls) {
+    if (!counts.has(entry.surface)) counts.set(entry.surface, new Map());
+    const bySurface = counts.get(entry.surface);
+    bySurface.set(outcome(entry), (bySurface.get(outcome(entry)) || 0) + 1);
+  }
+  const rows = document.querySelector("#calls tbody");
+  rows.textContent = "";
+  for (const [surface, bySurface] of counts) {
+    fill(rows, [surface, ...OUTCOMES.map((name) => bySurface.get(name) || 0)]).dataset.surface =
+      surface;
+  }
+  const latest = document.querySelector("#latest tbody");
+  latest.textContent = "";
+  for (const entry of calls.slice(-15).reverse()) {
+    const link = document.createElement("a");
+    const query = new URLSearchParams();
+    if (entry.trace_id !== null) query.set("key", entry.trace_id);
+    if (entry.test_id !== null) query.set("test_id", entry.test_id);
+    link.href = "/journal?" + query;
+    link.textContent = entry.trace_id === null ? "(no key)" : entry.trace_id;
+    const row = fill(latest, [new Date(entry.at_ms).toLocaleTimeString(), entry.surface,
+                              entry.method + " " + entry.path,
+                              entry.status === null ? "no answer" : entry.status +
+                              (entry.code ? " " + entry.code : "") +
+                              (entry.fault ? " " + entry.fault.kind : "") +
+                              (entry.stream_failure ? " " + entry.stream_failure : ""), link]);
+    row.className = outcome(entry) === "2xx" ? "ok" : "fail";
+  }
+}
 async function refresh() {
   try {
-    const [health, list] = await Promise.all([fetch("/health").then((r) => r.json()),
-                                              fetch("/v1/jobs?limit=25").then((r) => r.json())]);
+    const [health, list, journal] = await Promise.all([
+      fetch("/health").then((r) => r.json()), fetch("/v1/jobs?limit=25").then((r) => r.json()),
+      fetch("/v1/requests?limit=""" + str(_DASHBOARD_CALLS) + """").then((r) => r.json())]);
+    showCalls(journal);
     const counts = document.getElementById("counts");
     counts.textContent = "";
     for (const state of STATES) {
@@ -7877,11 +7971,15 @@ body { max-width: none; } #rows td { vertical-align: top; } .key { width: 10em; 
 .findings { width: 28em; font-size: 13px; } .findings li { margin-bottom: 0.3em; }
 .error { color: #b42318; } .warning { color: #9a6700; } svg { display: block; }
 .mark { stroke: #fff; stroke-width: 1.5; } .mark.flagged { stroke: #b42318; stroke-width: 3; }
-.s2xx { fill: #1a7f37; } .s4xx { fill: #d97706; } .s5xx { fill: #b42318; }
-.transport { fill: #6f42c1; } .stream { fill: #1d232a; }
-.retry-after { fill: #d97706; opacity: 0.18; } .gap, .tick { font: 11px system-ui; fill: #57606a; }
+/* fill paints the SVG marks, background the legend's swatches */
+.s2xx { fill: #1a7f37; background: #1a7f37; } .s4xx { fill: #d97706; background: #d97706; }
+.s5xx { fill: #b42318; background: #b42318; } .transport { fill: #6f42c1; background: #6f42c1; }
+.stream { fill: #1d232a; background: #1d232a; }
+.retry-after { fill: #d97706; background: #d97706; opacity: 0.18; }
+.gap, .tick { font: 11px system-ui; fill: #57606a; }
 .legend span { margin-right: 1.2em; } .legend b { display: inline-block; width: 0.8em;
   height: 0.8em; border-radius: 50%; margin-right: 0.3em; vertical-align: -1px; }
+.legend b.retry-after { border-radius: 0; opacity: 0.35; }
 </style></head>
 <body>
 <h1>Request timeline</h1>
@@ -7922,18 +8020,41 @@ function findingList(findings) {
   }
   return list;
 }
-// /journal?test_id=... shows one test's requests (see the README's test ids).
+// The filters live in the page's URL (?key=&path=&test_id=), to be shared;
+// test_id shows one test's requests (see the README's test ids).
+const FILTERS = ["key", "path"];
 const scope = new URLSearchParams(location.search).get("test_id");
-async function refresh() {
-  const query = new URLSearchParams(), journalQuery = new URLSearchParams();
-  for (const name of ["key", "path"]) {
+for (const name of FILTERS) {
+  document.getElementById(name).value = new URLSearchParams(location.search).get(name) || "";
+}
+function filters() {
+  const query = new URLSearchParams();
+  for (const name of FILTERS) {
     const value = document.getElementById(name).value.trim();
     if (value) query.set(name, value);
   }
-  if (scope) {
-    query.set("test_id", scope);
-    journalQuery.set("test_id", scope);
+  if (scope) query.set("test_id", scope);
+  return query;
+}
+// A label is moved inside the drawing, and left out where it would overlap
+// the one before it.
+function fits(label, drawn) {
+  let box = label.getBBox();
+  const shift = box.x < 0 ? -box.x : Math.min(0, WIDTH - box.x - box.width);
+  if (shift) {
+    label.setAttribute("x", Number(label.getAttribute("x")) + shift);
+    box = label.getBBox();
   }
+  if (box.x < drawn.right + 4) {
+    label.remove();
+    return false;
+  }
+  drawn.right = box.x + box.width;
+  return true;
+}
+async function refresh() {
+  const query = filters(), journalQuery = new URLSearchParams();
+  if (scope) journalQuery.set("test_id", scope);
   let verdict, journal;
   try {
     [verdict, journal] = await Promise.all([
@@ -7949,16 +8070,23 @@ async function refresh() {
   }
   const entries = new Map(journal.requests.map((entry) => [entry.seq, entry]));
   const flagged = new Set(verdict.findings.flatMap((finding) => finding.evidence));
-  const end = Math.max(1000, ...verdict.attempts.map((a) => Math.max(
-    a.at_ms, a.answered_at_ms + (a.retry_after_ms || 0)))) * 1.05;
-  const x = (ms) => 6 + ms * (WIDTH - 12) / end;
+  // The axis spans the requests shown, from the first: a filter refits it.
+  const shown = verdict.attempts;
+  const start = shown.length ? Math.min(...shown.map((a) => a.at_ms)) : 0;
+  const span = 1.05 * Math.max(1, ...shown.map((a) => Math.max(
+    a.at_ms, a.answered_at_ms + (a.retry_after_ms || 0)) - start));
+  const x = (ms) => 6 + (ms - start) * (WIDTH - 12) / span;
   const axis = document.getElementById("axis");
   axis.textContent = "";
+  axis.title = "time since the first request shown";
   const scale = draw("svg", {width: WIDTH, height: 18}, axis);
-  const step = Math.pow(10, Math.floor(Math.log10(end / 4)));
-  for (let ms = 0; ms <= end; ms += step * (end / step > 20 ? 5 : end / step > 8 ? 2 : 1)) {
-    draw("text", {x: x(ms), y: 13, class: "tick"}, scale).textContent =
-      ms >= 1000 ? ms / 1000 + " s" : ms + " ms";
+  const step = Math.pow(10, Math.floor(Math.log10(span / 4)));
+  const ticks = {right: -Infinity};
+  for (let ms = 0; ms <= span; ms += step * (span / step > 20 ? 5 : span / step > 8 ? 2 : 1)) {
+    const tick = draw("text", {x: x(start + ms), y: 13, class: "tick",
+                               "text-anchor": ms ? "middle" : "start"}, scale);
+    tick.textContent = ms >= 1000 ? +(ms / 1000).toFixed(3) + " s" : +ms.toFixed(1) + " ms";
+    fits(tick, ticks);
   }
   const rows = new Map();
   for (const attempt of verdict.attempts) {
@@ -7976,6 +8104,7 @@ async function refresh() {
     const svg = draw("svg", {width: WIDTH, height: HEIGHT}, row.insertCell());
     draw("line", {x1: 0, x2: WIDTH, y1: HEIGHT / 2, y2: HEIGHT / 2, stroke: "#dde2e7"}, svg);
     let previous = null;
+    const gaps = {right: -Infinity};
     for (const attempt of attempts) {
       if (attempt.retry_after_ms !== null) {
         draw("rect", {class: "retry-after", x: x(attempt.answered_at_ms), y: 3, height: HEIGHT - 6,
@@ -7983,9 +8112,10 @@ async function refresh() {
                              x(attempt.answered_at_ms)}, svg);
       }
       if (attempt.retry && previous !== null) {
-        draw("text", {class: "gap", "text-anchor": "middle", y: 10,
-                      x: (x(previous.at_ms) + x(attempt.at_ms)) / 2}, svg).textContent =
-          attempt.gap_ms + " ms";
+        const gap = draw("text", {class: "gap", "text-anchor": "middle", y: 10,
+                                  x: (x(previous.at_ms) + x(attempt.at_ms)) / 2}, svg);
+        gap.textContent = attempt.gap_ms + " ms";
+        fits(gap, gaps);
       }
       previous = attempt;
     }
@@ -8010,8 +8140,12 @@ async function refresh() {
 }
 refresh();
 setInterval(refresh, 1000);
-for (const name of ["key", "path"]) {
-  document.getElementById(name).addEventListener("input", refresh);
+for (const name of FILTERS) {
+  document.getElementById(name).addEventListener("input", () => {
+    const query = String(filters());
+    history.replaceState(null, "", location.pathname + (query ? "?" + query : ""));
+    refresh();
+  });
 }
 </script>
 </body></html>

@@ -5798,6 +5798,28 @@ class BrowserTest(ServerTestCase):
         entry = self.call("GET", "/v1/requests?path=/v1/jobs")[1]["requests"][-1]
         self.assertIn("HeadlessChrome", entry["headers"]["User-Agent"])
 
+    def test_the_docs_are_grouped_by_surface_under_contents(self):
+        self.browser.open(self.server.url + "/docs")
+        self.browser.wait_for("return document.querySelectorAll('section.surface').length")
+        seen = self.browser.script("""
+            const sections = [...document.querySelectorAll('section.surface')];
+            return {links: [...document.querySelectorAll('#contents a')].map((a) => a.textContent),
+                    headings: sections.map((s) => s.querySelector('h2').textContent),
+                    operations: sections.map((s) => s.querySelectorAll('.op').length),
+                    contents_top: document.getElementById('contents').getBoundingClientRect().top,
+                    viewport: innerHeight};""")
+        titles = [surface.title for surface in self.server.registry.surfaces if surface.routes]
+        self.assertEqual(seen["links"], titles)
+        self.assertEqual(seen["headings"], titles)
+        self.assertEqual(sum(seen["operations"]), sum(
+            len(ops) for ops in self.server.registry.document["paths"].values()))
+        self.assertLess(seen["contents_top"], seen["viewport"])  # on the first screen
+        self.browser.click("#contents a[href='#surface-6']")  # Anthropic's section comes up
+        top = self.browser.wait_for("const top = document.getElementById('surface-6')"
+                                    ".getBoundingClientRect().top; return Math.abs(top) < 5 && "
+                                    "String(top)")
+        self.assertIsNotNone(top)
+
     def test_the_dashboard_shows_a_job_finish(self):
         self.browser.open(self.server.url + "/")
         job_id = self.create(op="dash.op", simulate={"latency_ms": 900})  # it refreshes at 500 ms
@@ -5806,6 +5828,34 @@ class BrowserTest(ServerTestCase):
         self.assertEqual(self.browser.wait_for(state + " === 'ok' && 'ok'"), "ok")
         counts = self.browser.script("return document.getElementById('counts').textContent")
         self.assertIn("ok: 1", counts)
+
+    def test_the_dashboard_shows_model_calls_by_surface_and_outcome(self):
+        chat = {"model": "m", "messages": HELLO, "simulate": {"latency_ms": 0}}
+        self.call("POST", "/v1/chat/completions", chat, headers={"X-Trace-Id": "agent-1"})
+        self.call("POST", "/v1/chat/completions", dict(chat, simulate={"mode": "rate_limit"}),
+                  headers={"X-Trace-Id": "agent-1", "X-Test-Id": "t1"})
+        self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": HELLO[1:],
+                                          "simulate": {"latency_ms": 0}})
+        self.call("POST", "/v1beta/models/g:generateContent", {**ASK_GEMINI, "simulate": {
+            "mode": "fail", "latency_ms": 0}})
+        self.browser.open(self.server.url + "/")
+        self.browser.wait_for("return document.querySelectorAll('#calls tbody tr').length === 3")
+        seen = self.browser.script("""
+            const rows = [...document.querySelectorAll('#calls tbody tr')];
+            const latest = document.querySelector('#latest tbody tr');
+            return {counts: rows.map((row) => [...row.cells].map((cell) => cell.textContent)),
+                    visible: document.getElementById('calls').getBoundingClientRect().height > 40,
+                    link: latest.querySelector('a').getAttribute('href'),
+                    journal: document.querySelector('a[href="/journal"]') !== null};""")
+        self.assertEqual(seen["counts"], [["openai.chat", "1", "1", "0", "0", "0"],
+                                          ["anthropic", "1", "0", "0", "0", "0"],
+                                          ["gemini", "0", "0", "0", "1", "0"]])
+        self.assertTrue(seen["visible"])
+        self.assertTrue(seen["journal"])
+        self.assertEqual(seen["link"], "/journal?")  # the newest, gemini's, has no key
+        link = self.browser.script("return [...document.querySelectorAll('#latest a')].map("
+                                   "(a) => a.getAttribute('href'))")
+        self.assertIn("/journal?key=agent-1&test_id=t1", link)
 
     def test_the_timeline_draws_a_retry_loop_and_flags_the_early_retry(self):
         limited = {"mode": "rate_limit", "retry_after_ms": 300}
@@ -5840,6 +5890,55 @@ class BrowserTest(ServerTestCase):
         self.browser.wait_for("const rows = document.querySelectorAll('tr.key-row');"
                               "return rows.length === 1 && rows[0].dataset.key === 'other'")
 
+
+    # What a person sees: each box on the screen, as the browser laid it out.
+    SEEN = """
+        const boxes = (selector, root = document) => [...root.querySelectorAll(selector)].map(
+            (element) => element.getBoundingClientRect());
+        const overlap = (found) => found.some((a, i) => found.slice(i + 1).some(
+            (b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom));
+        const axis = document.querySelector('#axis svg').getBoundingClientRect();
+        const marks = (key) => boxes('circle.mark',
+            document.querySelector(`tr.key-row[data-key="${key}"]`));
+        return {
+            legend: [...document.querySelectorAll('.legend b')].map((swatch) => [
+                swatch.getBoundingClientRect().width > 0,
+                getComputedStyle(swatch).backgroundColor !== 'rgba(0, 0, 0, 0)']),
+            ticks_inside: boxes('text.tick').every(
+                (tick) => tick.left >= axis.left && tick.right <= axis.right),
+            ticks: boxes('text.tick').length, ticks_overlap: overlap(boxes('text.tick')),
+            gaps_overlap: [...document.querySelectorAll('tr.key-row')].some(
+                (row) => overlap(boxes('text.gap', row))),
+            burst_width: (Math.max(...marks('burst').map((m) => m.right)) -
+                          Math.min(...marks('burst').map((m) => m.left))) / axis.width,
+            key: document.getElementById('key').value};"""
+
+    def test_the_timeline_as_a_person_sees_it(self):
+        script = {"latency_ms": 0, "retry_after_ms": 1, "script": ["rate_limit"] * 5 + ["ok"]}
+        for _ in range(6):  # five retries a millisecond apart, then a request 1 s on
+            self.call("POST", "/v1/chat/completions", {"model": "m", "messages": HELLO,
+                      "simulate": script}, headers={"X-Trace-Id": "burst"})
+        time.sleep(1)
+        self.call("POST", "/v1/jobs", {"op": "x", "trace_id": "late"})
+        self.browser.open(self.server.url + "/journal")
+        self.browser.wait_for("return document.querySelectorAll('tr.key-row').length === 2")
+        seen = self.browser.script(self.SEEN)
+        self.assertEqual(seen["legend"], [[True, True]] * 6)  # every swatch shows its colour
+        self.assertTrue(seen["ticks_inside"])
+        self.assertGreaterEqual(seen["ticks"], 3)
+        self.assertFalse(seen["ticks_overlap"])
+        self.assertFalse(seen["gaps_overlap"])
+        self.assertLess(seen["burst_width"], 0.2)  # a second of axis: the burst is a blob
+        self.browser.open(self.server.url + "/journal?key=burst")  # the filter in the URL
+        self.browser.wait_for("return document.querySelectorAll('tr.key-row').length === 1")
+        seen = self.browser.script(self.SEEN)
+        self.assertGreater(seen["burst_width"], 0.5)  # the axis refits to what is shown
+        self.assertFalse(seen["gaps_overlap"])
+        self.assertEqual(seen["key"], "burst")
+        self.browser.script("const p = document.getElementById('path');"
+                            "p.value = '/v1/chat/completions'; p.dispatchEvent(new Event('input'));")
+        self.assertEqual(self.browser.script("return location.search"),
+                         "?key=burst&path=%2Fv1%2Fchat%2Fcompletions")
 
     def test_the_timeline_of_one_test(self):
         for test in ("a", "b"):
