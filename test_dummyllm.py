@@ -19,6 +19,7 @@ import http.client
 import http.server
 import importlib.util
 import io
+import itertools
 import json
 import os
 import re
@@ -3394,6 +3395,93 @@ langchain_openai = optional_import("langchain_openai")
 instructor = optional_import("instructor")
 
 
+def raised_name(call):
+    """The name a test would catch of what call() raises, as the README's
+    table writes it (google-genai's by its path under google), or None."""
+    try:
+        call()
+    except Exception as error:
+        module = type(error).__module__
+        package = (".".join(module.split(".")[1:3]) if module.startswith("google.")
+                   else module.split(".")[0])
+        return f"{package}.{type(error).__name__}"
+    return None
+
+
+class SDKFailureTableTest(ServerTestCase):
+    """The README's table of what each failure raises, by SDK, is what each
+    SDK installed raises (CI installs them all)."""
+
+    options = {"latency_ms": 0, "timeout_ms": 200}
+    TIMEOUT_S = 0.5
+
+    def openai(self, simulate, stream):
+        client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="x", max_retries=0,
+                               timeout=self.TIMEOUT_S)
+        answer = client.chat.completions.create(model="m", messages=HELLO[1:], stream=stream,
+                                                extra_body={"simulate": simulate})
+        if stream:
+            list(answer)
+
+    def anthropic(self, simulate, stream):
+        client = anthropic.Anthropic(base_url=self.server.url, api_key="x", max_retries=0,
+                                     timeout=self.TIMEOUT_S)
+        answer = client.messages.create(model="m", max_tokens=100, messages=HELLO[1:],
+                                        stream=stream, extra_body={"simulate": simulate})
+        if stream:
+            list(answer)
+
+    def google_genai(self, simulate, stream):
+        client = genai.Client(api_key="x", http_options=genai.types.HttpOptions(
+            base_url=self.server.url, timeout=int(self.TIMEOUT_S * 1000),
+            headers={"X-DummyLLM-Simulate": json.dumps(simulate)}))
+        if stream:
+            list(client.models.generate_content_stream(model="m", contents="Hello"))
+        else:
+            client.models.generate_content(model="m", contents="Hello")
+
+    def ollama(self, simulate, stream):
+        client = ollama.Client(host=self.server.url, timeout=self.TIMEOUT_S,
+                               headers={"X-DummyLLM-Simulate": json.dumps(simulate)})
+        answer = client.chat(model="m", messages=HELLO[1:], stream=stream)
+        if stream:
+            list(answer)
+
+    @staticmethod
+    def table():
+        with open(README, encoding="utf-8") as f:
+            text = f.read()
+        lines = text.partition("<!-- sdk-raises:")[2].splitlines()[1:]
+        rows = [[cell.strip() for cell in line.strip("|").split("|")]
+                for line in itertools.takewhile(lambda line: line.startswith("|"), lines)]
+        return rows[0][1:], rows[2:]
+
+    def test_the_readme_table_is_what_each_sdk_raises(self):
+        sdks, rows = self.table()
+        self.assertEqual(sdks, ["openai", "anthropic", "google-genai", "ollama"])
+        installed = {"openai": openai, "anthropic": anthropic, "google-genai": genai,
+                     "ollama": ollama}
+        checked = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)  # the clients, left unclosed
+            for row in rows:
+                kind, _, name = row[0].partition(" ")
+                simulate = {"mode": {"mode": name}, "fault": {"fault": name},
+                            "stream": {"stream": {name: 2}}}[kind]
+                for sdk, expected in zip(sdks, row[1:]):
+                    if installed[sdk] is None:
+                        continue
+                    with self.subTest(row=row[0], sdk=sdk):
+                        call = getattr(self, sdk.replace("-", "_"))
+                        got = raised_name(lambda: call(dict(simulate, token_ms=0),
+                                                       kind == "stream"))
+                        self.assertEqual(got or "—", expected)
+                        checked += 1
+            gc.collect()
+        if os.environ.get("DUMMYLLM_REQUIRE_OPENAI"):  # CI: every SDK is there
+            self.assertEqual(checked, len(rows) * len(sdks))
+
+
 @needs(pydantic_ai, "pydantic-ai", "DUMMYLLM_REQUIRE_PYDANTIC_AI")
 class PydanticAITest(ServerTestCase):
     """pydantic-ai's Agent on the OpenAI chat model."""
@@ -6161,6 +6249,42 @@ class ReadmeTest(AppTestCase):
         start = text.index("\n" + heading + "\n")
         end = text.find("\n## ", start + 1)
         return text[start:end if end != -1 else None]
+
+    def test_the_contents_list_every_section_and_every_link_has_its_heading(self):
+        with open(README, encoding="utf-8") as f:
+            text = re.sub(r"^```.*?^```$", "", f.read(), flags=re.M | re.S)
+        headings = re.findall(r"^(#{2,4}) (.+)$", text, re.M)
+        slugs = {re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+                 for _, title in headings}
+        for anchor in re.findall(r"\]\(#([^)]+)\)", text):
+            with self.subTest(anchor=anchor):
+                self.assertIn(anchor, slugs)
+        contents = set(re.findall(r"\]\(#([^)]+)\)", self.section("## Contents")))
+        for level, title in headings:
+            slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+            if level == "##" and title not in ("Contents", "License"):
+                self.assertIn(slug, contents)
+
+    def test_the_dockerfile_runs_as_written(self):
+        # No container here: its commands, with the file where COPY put it.
+        with open(README, encoding="utf-8") as f:
+            dockerfile = re.search(r"^```dockerfile\n(.*?)^```$", f.read(), re.M | re.S).group(1)
+        self.assertIn("FROM python:3-slim\nCOPY dummyllm.py /dummyllm.py\n", dockerfile)
+        command = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))
+        check = json.loads(re.search(r"^HEALTHCHECK .*?CMD (.+)$", dockerfile, re.M).group(1))
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = str(free.getsockname()[1])
+        command = [sys.executable if word == "python3" else SCRIPT if word == "/dummyllm.py"
+                   else port if word == "8787" else word for word in command]
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        self.addCleanup(lambda: (server.kill(), server.wait(), server.stdout.close(),
+                                 server.stderr.close()))
+        self.assertIn(f":{port}", server.stdout.readline())
+        check = [sys.executable if word == "python3" else word.replace("8787", port)
+                 for word in check]
+        self.assertEqual(subprocess.run(check, timeout=10).returncode, 0)
 
     def test_the_options_table_is_the_options(self):
         rows = re.findall(r"^\| `(--[a-z-]+)` \| *`?([A-Z_]*)`? *\| *`?([^|`]*?)`? *\| ",
