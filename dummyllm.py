@@ -64,8 +64,9 @@ The life of a request.  A thread of the ThreadingHTTPServer runs a
 _Handler for its connection: handle() waits for a request (and parks the
 connection without a thread when none comes), handle_one_request() reads
 its head with the file's own parser, and _dispatch() reads its body into a
-_Request and asks the application: _Application.answer() routes it
-(_Router.match), checks its key, meets --chaos and calls the route's
+_Request and asks the application: _Application.answer() takes its test
+id (_test_id: whose scripts, sequences, rules, quotas and journal it is
+in), routes it (_Router.match), checks its key, meets --chaos and calls the route's
 handler with the route's surface.  A model call's handler is _model_call:
 the surface's parse() makes the common _Call (simulate settings from the
 body, the header or a reply rule), _admit() counts it against its key's
