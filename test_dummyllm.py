@@ -5734,22 +5734,48 @@ class PytestPluginTest(unittest.TestCase):
     a scope per test, options from the command line and pytest.ini, and a
     failing test's requests and verdict in its report."""
 
-    def pytest(self, *args, conftest=None):
-        project = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, project)
-        for name, text in (("test_example.py", PYTEST_EXAMPLE),
-                           ("pytest.ini", "[pytest]\ndummyllm_latency_ms = 5\n"),
-                           ("conftest.py", conftest)):
-            if text is not None:
-                with open(os.path.join(project, name), "w") as file:
-                    file.write(text)
-        return subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             "--dummyllm-seed", "42", *args], cwd=project, capture_output=True, text=True,
-            timeout=120, env=dict(os.environ, PYTHONPATH=HERE))
+    XDIST = importlib.util.find_spec("xdist") or os.environ.get("DUMMYLLM_REQUIRE_XDIST")
+    RUNS = {  # name: (arguments, conftest.py)
+        "plugin": (("-p", "dummyllm"), None),
+        "conftest": (("-k", "not fails"), 'pytest_plugins = ["dummyllm"]\n'),
+        "bad option": (("-p", "dummyllm", "--dummyllm-latency-ms", "-1"), None),
+        **({"xdist": (("-p", "dummyllm", "-n", "2", "-k", "not fails"), None)} if XDIST else {}),
+    }
+
+    @classmethod
+    def setUpClass(cls):
+        # The runs go at once: each is mostly pytest's own start (0.5 to 1 s).
+        cls.runs, cls.projects = {}, []
+        for name, (args, conftest) in cls.RUNS.items():
+            project = tempfile.mkdtemp()
+            cls.projects.append(project)
+            for file_name, text in (("test_example.py", PYTEST_EXAMPLE),
+                                    ("pytest.ini", "[pytest]\ndummyllm_latency_ms = 5\n"),
+                                    ("conftest.py", conftest)):
+                if text is not None:
+                    with open(os.path.join(project, file_name), "w") as file:
+                        file.write(text)
+            cls.runs[name] = subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                 "--dummyllm-seed", "42", *args], cwd=project, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=HERE))
+
+    @classmethod
+    def tearDownClass(cls):
+        for run in cls.runs.values():
+            with contextlib.suppress(ProcessLookupError):
+                run.kill()
+            run.communicate()
+        for project in cls.projects:
+            shutil.rmtree(project)
+
+    def pytest(self, name):
+        run = self.runs[name]
+        stdout, stderr = run.communicate(timeout=120)
+        return types.SimpleNamespace(returncode=run.returncode, stdout=stdout, stderr=stderr)
 
     def test_each_test_its_own_scope_and_a_failure_shows_its_requests(self):
-        run = self.pytest("-p", "dummyllm")
+        run = self.pytest("plugin")
         self.assertEqual(run.returncode, 1, run.stdout + run.stderr)
         self.assertIn("1 failed, 3 passed", run.stdout)
         report = run.stdout.partition("dummyllm: this test's requests and verdict")[2]
@@ -5758,19 +5784,18 @@ class PytestPluginTest(unittest.TestCase):
         self.assertEqual(run.stderr, "")
 
     def test_enabled_from_a_conftest(self):
-        run = self.pytest("-k", "not fails", conftest='pytest_plugins = ["dummyllm"]\n')
+        run = self.pytest("conftest")
         self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
         self.assertIn("3 passed", run.stdout)
 
     def test_a_bad_option_is_a_usage_error(self):
-        run = self.pytest("-p", "dummyllm", "--dummyllm-latency-ms", "-1")
+        run = self.pytest("bad option")
         self.assertEqual(run.returncode, 4)  # pytest's usage error: no test ran
         self.assertIn("ERROR: dummyllm: --latency-ms must be", run.stderr)
 
-    @unittest.skipUnless(importlib.util.find_spec("xdist") or os.environ.get(
-        "DUMMYLLM_REQUIRE_XDIST"), "the pytest-xdist package is not installed")
+    @unittest.skipUnless(XDIST, "the pytest-xdist package is not installed")
     def test_a_server_per_xdist_worker(self):
-        run = self.pytest("-p", "dummyllm", "-n", "2", "-k", "not fails")
+        run = self.pytest("xdist")
         self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
         self.assertIn("3 passed", run.stdout)
 
@@ -6003,10 +6028,10 @@ class BrowserTest(ServerTestCase):
 
     def test_the_timeline_as_a_person_sees_it(self):
         script = {"latency_ms": 0, "retry_after_ms": 1, "script": ["rate_limit"] * 5 + ["ok"]}
-        for _ in range(6):  # five retries a millisecond apart, then a request 1 s on
+        for _ in range(6):  # five retries a millisecond apart, then a request 0.5 s on
             self.call("POST", "/v1/chat/completions", {"model": "m", "messages": HELLO,
                       "simulate": script}, headers={"X-Trace-Id": "burst"})
-        time.sleep(1)
+        time.sleep(0.5)
         self.call("POST", "/v1/jobs", {"op": "x", "trace_id": "late"})
         self.browser.open(self.server.url + "/journal")
         self.browser.wait_for("return document.querySelectorAll('tr.key-row').length === 2")
@@ -6016,7 +6041,7 @@ class BrowserTest(ServerTestCase):
         self.assertGreaterEqual(seen["ticks"], 3)
         self.assertFalse(seen["ticks_overlap"])
         self.assertFalse(seen["gaps_overlap"])
-        self.assertLess(seen["burst_width"], 0.2)  # a second of axis: the burst is a blob
+        self.assertLess(seen["burst_width"], 0.2)  # half a second of axis: the burst is a blob
         self.browser.open(self.server.url + "/journal?key=burst")  # the filter in the URL
         self.browser.wait_for("return document.querySelectorAll('tr.key-row').length === 1")
         seen = self.browser.script(self.SEEN)
