@@ -8246,8 +8246,8 @@ def main(argv=None, environ=None):
 # pytest is imported only when pytest loads the plugin.
 
 _PYTEST_OPTIONS = tuple(option for option in _OPTIONS if option.name not in ("port", "quiet"))
-_SDK_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")  # SDKs refuse to start
-                                                                          # without one
+# The SDKs refuse to start without a key: a placeholder where none is set.
+_SDK_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
 
 
 def pytest_addoption(parser):
