@@ -768,7 +768,8 @@ _SIMULATE_FIELDS = {
 # call that forces a tool has `forced_tool` {"name", "schema", "field"}, one
 # that asks for structured output `output` {"schema", "field"} (see _result).
 _JobSpec = collections.namedtuple("_JobSpec", [
-    "op", "args", "timeout_ms", "trace_id", "test_id", "callback_url", "rule", "forced_tool", "output",
+    "op", "args", "timeout_ms", "trace_id", "test_id", "callback_url", "rule", "forced_tool",
+    "output",
     *_SIMULATE_FIELDS])
 
 _SIMULATE = _Check(lambda value, field: _given(value, _SIMULATE_FIELDS, field, strict=True),
@@ -2188,6 +2189,9 @@ class _Surface:
     request_headers   the headers it reads, besides the common ones
     answer_headers    the headers it sends, besides the common ones and its
                       quota's (CORS lets a browser read them)
+    sdk_environ       the environment variables its SDKs read: {name: the
+                      path after the server's URL}, for a base URL, or None
+                      for an API key (a placeholder is set where none is)
     quota_header      the pattern of its quota headers' names ({part} is
                       limit, remaining or reset; {kind} requests or tokens),
                       or None where the API tells no quota
@@ -2201,6 +2205,7 @@ class _Surface:
 
     name = title = None
     routes = ()
+    sdk_environ = {}
     keyed = False
     error_schema = "Error"
     error_types = {}
@@ -2353,7 +2358,8 @@ class _Surface:
             asked_output = {"field": field, "schema": schema}
         spec = _JobSpec(op="llm.chat", args={"model": model, "messages": messages, **(args or {})},
                         timeout_ms=timeout_ms, trace_id=trace_id, test_id=request.test_id,
-                        callback_url=callback_url, rule=rule, forced_tool=forced_tool, output=asked_output, **settings)
+                        callback_url=callback_url, rule=rule, forced_tool=forced_tool,
+                        output=asked_output, **settings)
         return _Call(spec, model, stream, max_tokens, tuple(stop), options)
 
     def respond(self, app, request, call):
@@ -3118,6 +3124,7 @@ class _OpenAI(_Surface):
     the usage and the key."""
 
     keyed = True
+    sdk_environ = {"OPENAI_BASE_URL": "/v1", "OPENAI_API_KEY": None}
     error_schema = "OpenAIError"
     validation_status = 400  # OpenAI has no 422
     error_types = {  # (type, code)
@@ -4015,6 +4022,7 @@ class _AnthropicMessages(_Surface):
               "tool_calls": "tool_use"}
     framing = _NAMED_SSE
     request_headers = ("x-api-key", "anthropic-version")
+    sdk_environ = {"ANTHROPIC_BASE_URL": "", "ANTHROPIC_API_KEY": None}
     answer_headers = ("request-id",)
     quota_header = "anthropic-ratelimit-{kind}-{part}"
     reasons = {529: "Overloaded"}
@@ -4298,6 +4306,7 @@ class _Gemini(_Surface):
     finish = {"end": "STOP", "max_tokens": "MAX_TOKENS", "stop_sequence": "STOP",
               "tool_calls": "STOP"}
     request_headers = ("x-goog-api-key",)
+    sdk_environ = {"GOOGLE_GEMINI_BASE_URL": "", "GEMINI_API_KEY": None}
     quota_header = None  # Google tells the wait in the body's RetryInfo, and no quota
     CONTENT = {"type": "object", "required": ["parts"], "properties": {
         "role": {"enum": _CONTENT_ROLES},
@@ -4539,6 +4548,7 @@ class _Ollama(_Surface):
 
     name = "ollama"
     title = "Ollama"
+    sdk_environ = {"OLLAMA_HOST": ""}
     keyed = True
     error_schema = "OllamaError"
     validation_status = 400
@@ -7575,8 +7585,10 @@ class ServerScope:
         self.url = f"{server.url}/test/{urllib.parse.quote(test_id, safe='')}"
 
     def environ(self):
-        """The variables that point each SDK at this scope (see _SDK_VARIABLES)."""
-        return {name: self.url + path for name, path in _SDK_VARIABLES}
+        """The variables that point each SDK at this scope (their base URLs;
+        see _Surface.sdk_environ)."""
+        return {name: self.url + path for surface in self.server.registry.surfaces
+                for name, path in surface.sdk_environ.items() if path is not None}
 
     def requests(self, **query):
         """The journal's entries of this test's requests (see GET /v1/requests)."""
@@ -7609,10 +7621,6 @@ class ServerScope:
                   for finding in verdict["findings"]]
         return "\n".join(lines)
 
-
-# The SDKs' base-URL variables, and the path each puts after it.
-_SDK_VARIABLES = (("OPENAI_BASE_URL", "/v1"), ("ANTHROPIC_BASE_URL", ""),
-                  ("GOOGLE_GEMINI_BASE_URL", ""), ("OLLAMA_HOST", ""))
 
 
 # --- API document and pages -------------------------------------------------------
@@ -7832,7 +7840,8 @@ fetch("/openapi.json").then((r) => r.json()).then((document_) => {
   spec = document_;
   document.getElementById("about").textContent = spec.info.description + " Version " + spec.info.version + ".";
   // A section per surface (the operations' tag), a link to each up top.
-  const list = document.getElementById("operations"), contents = document.getElementById("contents");
+  const list = document.getElementById("operations");
+  const contents = document.getElementById("contents");
   list.textContent = "";
   contents.append(el("h2", {}, "Contents"));
   const links = el("ul");
@@ -8246,8 +8255,6 @@ def main(argv=None, environ=None):
 # pytest is imported only when pytest loads the plugin.
 
 _PYTEST_OPTIONS = tuple(option for option in _OPTIONS if option.name not in ("port", "quiet"))
-# The SDKs refuse to start without a key: a placeholder where none is set.
-_SDK_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY")
 
 
 def pytest_addoption(parser):
@@ -8315,9 +8322,10 @@ def _pytest_fixtures(server_config):
         scope.reset()  # a rerun starts afresh
         for name, value in scope.environ().items():
             monkeypatch.setenv(name, value)
-        for name in _SDK_KEYS:
-            if not os.environ.get(name):
-                monkeypatch.setenv(name, "dummyllm")
+        for surface in dummyllm_server.registry.surfaces:  # SDKs refuse to start keyless
+            for name, path in surface.sdk_environ.items():
+                if path is None and not os.environ.get(name):
+                    monkeypatch.setenv(name, "dummyllm")
         request.node.dummyllm_scope = scope
         yield scope
         scope.reset()
