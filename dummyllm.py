@@ -46,7 +46,8 @@ it (a name looked up only when a request runs may come later).
                                   embeddings, completions; Anthropic Messages;
                                   Gemini; Ollama) and their registration
     Job store                     the dict behind one lock, its Timer, the
-                                  injected clock; the quotas; the journal
+                                  injected clock; the quotas; the slots and
+                                  what vLLM's metrics count; the journal
     Verdict                       findings on a client's requests, from the
                                   journal (pure)
     Server                        the log, webhooks, streams, the application
@@ -66,15 +67,17 @@ connection without a thread when none comes), handle_one_request() reads
 its head with the file's own parser, and _dispatch() reads its body into a
 _Request and asks the application: _Application.answer() takes its test
 id (_test_id: whose scripts, sequences, rules, quotas and journal it is
-in), routes it (_Router.match), checks its key, meets --chaos and calls the route's
-handler with the route's surface.  A model call's handler is _model_call:
-the surface's parse() makes the common _Call (simulate settings from the
-body, the header or a reply rule), _admit() counts it against its key's
-quota, and the surface's respond() takes the call's place in the seeded
-sequences and scripts (_JobStore.plan_call, the only work under the
-store's lock), draws its plan once, outside it (_plan), then refuses,
-fails, hangs or answers: a JSON answer by the surface's answer(), a stream
-as a _Render of _stream_timeline.  The handler's _deliver() waits until the
+in), routes it (_Router.match), checks its key, meets --chaos and calls
+the route's handler with the route's surface.  A model call's handler is
+_model_call: the surface's parse() makes the common _Call (simulate
+settings from the body, the header or a reply rule), _admit() counts it
+against its key's quota, and the surface's respond() takes the call's
+place in the seeded sequences and scripts (_JobStore.plan_call, the only
+work under the store's lock), draws its plan once, outside it (_plan),
+then refuses, fails, hangs or answers: its reply (_reply) books a slot
+(_Capacity.book, under a lock of its own: when its first token goes out),
+then a JSON answer is written by the surface's answer(), a stream as a
+_Render of _stream_timeline.  The handler's _deliver() waits until the
 answer is due and writes it in one send (_send_bytes), spoils it with a
 fault, or gives a stream to the _StreamWriter, which renders each frame as
 it falls due and sends it; _answered() tells _Application.record(), which
@@ -468,6 +471,15 @@ def _check_object(value, field):
 _OBJECT = _Check(_check_object, {"type": "object"})
 
 
+def _check_json_schema(value, field):
+    if not isinstance(value, (dict, bool)):
+        raise _ValidationError(field, "must be a JSON Schema: an object or a boolean")
+    return value
+
+
+_JSON_SCHEMA = _Check(_check_json_schema, {"type": ["object", "boolean"]})
+
+
 # A weight is a share: a million to one is as lopsided as a draw needs.
 _WEIGHT = _Number(0, 1_000_000)
 
@@ -608,12 +620,20 @@ def _check_tool_calls(value, field):
     return tuple(calls)
 
 
-def _check_hosts(value, field):
-    hosts = value.split(",") if isinstance(value, str) else value
-    if not isinstance(hosts, (list, tuple)):
-        raise _ValidationError(field, "must list host names, e.g. hooks.test,10.0.0.5")
-    return tuple(_Text(non_empty=True)(host.strip().lower(), field)
-                 for host in hosts if host.strip())
+class _Names(_Rule):
+    """Names, as a list or comma-separated (a flag of them may be repeated)."""
+
+    schema = {"type": "array", "items": {"type": "string"}}
+
+    def __init__(self, example, lower=False):
+        self.example, self.lower = example, lower
+
+    def __call__(self, value, field):
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)):
+            raise _ValidationError(field, "must list names, e.g. " + self.example)
+        return tuple(_Text(non_empty=True)(name.strip().lower() if self.lower else name.strip(),
+                                           field) for name in names if name.strip())
 
 
 class _Field(collections.namedtuple("_Field", "rule default about")):
@@ -711,6 +731,30 @@ _AN_INTEGER, _A_STRING, _AN_OBJECT = {"type": "integer"}, {"type": "string"}, {"
 
 _MS = _Int(0, _MAX_TIMEOUT_MS)
 _LATENCY = _Int(0, _MAX_LATENCY_MS)
+_MAX_TOKEN_MS = 60_000
+_MAX_OUTPUT_TOKENS = 1_000_000
+
+
+class _Amount(_Rule):
+    """An amount up to `most`, or a distribution to draw it from per request
+    (see _amount): {"mean": M, "stdev": S, "dist": "normal" | "lognormal"}."""
+
+    def __init__(self, most, integer=True):
+        self.number = (_Int if integer else _Number)(0, most)
+        self.fields = {"mean": _Field(_Number(0, most), _REQUIRED, "The mean."),
+                       "stdev": _Field(_Number(0, most), 0, "The standard deviation."),
+                       "dist": _Field(_Choice("normal", "lognormal"), "normal",
+                                      "normal (clamped at zero), or lognormal.")}
+        self.schema = {"oneOf": [self.number.schema, _object_schema(self.fields, strict=True)]}
+
+    def __call__(self, value, field):
+        if isinstance(value, dict):
+            return _with_defaults(_given(value, self.fields, field, strict=True), self.fields,
+                                  None, field)
+        return self.number(value, field)
+
+    def from_text(self, text):
+        return self.number.from_text(text)
 
 # Every key allowed inside "simulate".  A new setting is one entry here.
 _SIMULATE_FIELDS = {
@@ -728,8 +772,15 @@ _SIMULATE_FIELDS = {
                              "when not given), and of status faults that give none."),
     "status": _Field(_Int(500, 599), None, "Status of mode overloaded (default: the "
                      "surface's own)."),
-    "ttft_ms": _Field(_LATENCY, None, "Chat: time to the first token (replaces latency_ms)."),
-    "token_ms": _Field(_Int(0, 60_000), 20, "Chat: gap between stream chunks."),
+    "ttft_ms": _Field(_Amount(_MAX_LATENCY_MS), None, "Chat: time to the first token "
+                      "(replaces latency_ms), or a distribution to draw it from."),
+    "prefill_ms_per_token": _Field(_Number(0, 10_000), 0, "Chat: time to the first token "
+                                   "added per prompt token."),
+    "token_ms": _Field(_Amount(_MAX_TOKEN_MS, integer=False), 20, "Chat: gap between stream "
+                       "chunks, or a distribution to draw each gap from."),
+    "output_tokens": _Field(_Amount(_MAX_OUTPUT_TOKENS), None, "Chat: the reply's text is "
+                            "exactly this many tokens (cut by the request's maximum), or a "
+                            "distribution to draw it from."),
     "stream": _Field(_Check(_check_stream_failure, {
         "type": "object", "minProperties": 1, "maxProperties": 1,
         "properties": {kind: _Int(0, 1_000_000).schema for kind in _STREAM_FAILURES},
@@ -1237,7 +1288,7 @@ _OPTIONS = (
     _Option("cors", "--cors", "DUMMYLLM_CORS", None, _Nullable(_Text()),
             "allow browser calls from this origin, or *"),
     _Option("allow_callback_hosts", "--allow-callback-host", "DUMMYLLM_ALLOW_CALLBACK_HOSTS",
-            (), _Check(_check_hosts, {"type": "array"}),
+            (), _Names("hooks.test,10.0.0.5", lower=True),
             "hosts besides loopback that callback_url may name, comma-separated"),
     _Option("chaos", "--chaos", "DUMMYLLM_CHAOS", 0, _Number(0, 1),
             "fraction of requests that meet a random --chaos-faults fault"),
@@ -1257,6 +1308,18 @@ _OPTIONS = (
             "tokens per minute each key may use: a request's prompt tokens plus its max_tokens"),
     _Option("rules", "--rules", "DUMMYLLM_RULES", (), _Check(_check_rules, {"type": "array"}),
             "a JSON file of reply rules: settings chosen by what a model call asks"),
+    _Option("slots", "--slots", "DUMMYLLM_SLOTS", None, _Nullable(_Int(1, 1_000_000)),
+            "model calls that generate at once (none: no limit); a call holds a slot from its "
+            "first token to its last, and a plain answer is sent at its last token"),
+    _Option("queue", "--queue", "DUMMYLLM_QUEUE", None, _Nullable(_Int(0, 1_000_000)),
+            "with --slots, calls that may wait for one (none: no limit); beyond, the "
+            "surface's overloaded answer with the wait until a place frees"),
+    _Option("load_factor", "--load-factor", "DUMMYLLM_LOAD_FACTOR", 1, _Number(1, 1000),
+            "with --slots, the token gap is this many times longer with every slot held "
+            "(x1 with one; in a line between)"),
+    _Option("served_models", "--served-model", "DUMMYLLM_SERVED_MODELS", (),
+            _Names("llama-3-8b,qwen-2"),
+            "the model names /v1/models lists, comma-separated or repeated (none: dummyllm)"),
     _Option("quiet", "--quiet", None, False, _Bool(), "no access log"),
 )
 
@@ -1313,14 +1376,16 @@ _Plan = collections.namedtuple("_Plan", [
     "running_at_ms", # when the job leaves "queued", or None if it never does
     "ends_at_ms",    # when it reaches `state`, or None: it never ends by itself
     "state", "result", "error",
+    "draws",         # (seed, key, n): where its draws come from, for those made later
 ])
 
 # A successful reply: its text or its tool calls, why it ended ("end";
 # "tool_calls"; "max_tokens", cut to them; "stop_sequence", cut before
 # `stop_sequence`), its usage, and the simulated ms from the request to its
 # first token.
+# `gap(i)` is the ms between the (i-1)-th and the i-th piece of its stream.
 _Reply = collections.namedtuple("_Reply", "text tool_calls end stop_sequence prompt_tokens "
-                                          "completion_tokens elapsed_ms")
+                                          "completion_tokens elapsed_ms gap")
 
 
 def _tokens(text):
@@ -1720,9 +1785,31 @@ def _unit_draw(seed, key, n, purpose):
     purpose]``, read big-endian, divided by 2**64: stable across Python
     versions and machines, unlike random.Random methods or hash().
     """
-    text = json.dumps([seed, key, n, purpose])
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2 ** 64
+    return _unit_draws(seed, key, n, purpose)[0]
+
+
+def _unit_draws(seed, key, n, purpose):
+    """Two numbers in [0, 1): those of the first and the next 8 bytes (see _unit_draw)."""
+    digest = hashlib.sha256(json.dumps([seed, key, n, purpose]).encode("utf-8")).digest()
+    return tuple(int.from_bytes(digest[at:at + 8], "big") / 2 ** 64 for at in (0, 8))
+
+
+def _amount(value, draws, purpose, most):
+    """An amount: a number as it is, or a draw for `purpose` from the seeded
+    sequence `draws` (seed, key, n) of its distribution {"mean", "stdev",
+    "dist"}: normal clamped at zero, or lognormal with that mean and stdev;
+    never past `most`."""
+    if not isinstance(value, dict):
+        return value
+    mean, stdev = value["mean"], value["stdev"]
+    u, v = _unit_draws(*draws, purpose)
+    normal = math.sqrt(-2 * math.log(1 - u)) * math.cos(2 * math.pi * v)  # Box-Muller
+    if value["dist"] == "lognormal" and mean > 0:
+        sigma = math.sqrt(math.log1p((stdev / mean) ** 2))
+        amount = mean * math.exp(sigma * normal - sigma * sigma / 2)
+    else:
+        amount = mean + stdev * normal
+    return min(max(0.0, amount), most)
 
 
 def _weighted_choice(weights, u):
@@ -1746,7 +1833,11 @@ def _plan(spec, n, seed, server_weights, slow_factor):
     if spec.context_window is not None and _prompt_tokens(spec) > spec.context_window:
         raise ApiError("CONTEXT_LENGTH_EXCEEDED", f"prompt is too long: {_prompt_tokens(spec)} "
                        f"tokens > {spec.context_window} maximum", "messages")
-    latency_ms = spec.latency_ms
+    draws = seed, key, n
+    latency_ms = spec.latency_ms if spec.ttft_ms is None else round(
+        _amount(spec.ttft_ms, draws, "ttft", _MAX_LATENCY_MS))
+    if spec.prefill_ms_per_token:
+        latency_ms += round(spec.prefill_ms_per_token * _prompt_tokens(spec))
     if spec.jitter_ms:
         shift = round((2 * _unit_draw(seed, key, n, "jitter") - 1) * spec.jitter_ms)
         latency_ms = max(0, latency_ms + shift)
@@ -1773,7 +1864,8 @@ def _plan(spec, n, seed, server_weights, slow_factor):
         state, ends_at_ms, result = "timeout", spec.timeout_ms, None
         error = {"code": "TIMEOUT", "message": _ERRORS["TIMEOUT"].message}
     running_at_ms = spec.queue_ms if ends_at_ms is None or spec.queue_ms < ends_at_ms else None
-    return _Plan(name, weights, latency_ms, running_at_ms, ends_at_ms, state, result, error)
+    return _Plan(name, weights, latency_ms, running_at_ms, ends_at_ms, state, result, error,
+                 draws)
 
 
 def _attempt_settings(spec, step):
@@ -1824,23 +1916,54 @@ def _fault_error(fault):
                     retry_after_ms=fault.retry_after_ms)
 
 
-def _reply(spec, plan, max_tokens, stop_sequences=()):
-    """The reply of a model call that succeeds: cut before the first stop
-    sequence it meets, then to max_tokens."""
+def _reply(spec, plan, max_tokens, stop_sequences=(), min_tokens=None):
+    """The reply of a model call that succeeds: its text made exactly
+    simulate.output_tokens long (else at least min_tokens), cut before the
+    first stop sequence it meets, then to max_tokens (a text made long
+    enough to reach them ends there, as vLLM's ignore_eos does); JSON output
+    and tool calls keep their length.  Its stream's gaps are drawn from
+    token_ms."""
     text, end, met = plan.result["text"], "end", None
     calls = plan.result.get("tool_calls")
     usage = plan.result["usage"]
+    gap = _token_gaps(spec.token_ms, plan.draws)
     if calls is not None:
         return _Reply("", calls, "tool_calls", None, usage["prompt_tokens"],
-                      usage["completion_tokens"], plan.ends_at_ms)
+                      usage["completion_tokens"], plan.ends_at_ms, gap)
+    length = _amount(spec.output_tokens, plan.draws, "output tokens", _MAX_OUTPUT_TOKENS)
+    if length is None and min_tokens is not None and _tokens(text) <= min_tokens:
+        length = min_tokens
+    sized = length is not None and spec.output is None
+    if sized:
+        text = _sized(text, round(length))
     found = [(text.find(sequence), sequence) for sequence in stop_sequences
              if sequence and sequence in text]
     if found:
         at, met = min(found)
-        text, end = text[:at], "stop_sequence"
-    if max_tokens is not None and _tokens(text) > max_tokens:
+        text, end, sized = text[:at], "stop_sequence", False
+    if max_tokens is not None and _tokens(text) >= max_tokens + (not sized):
         text, end, met = text[:max_tokens * 4], "max_tokens", None
-    return _Reply(text, None, end, met, usage["prompt_tokens"], _tokens(text), plan.ends_at_ms)
+    return _Reply(text, None, end, met, usage["prompt_tokens"], _tokens(text), plan.ends_at_ms,
+                  gap)
+
+
+def _sized(text, tokens):
+    """A text of exactly `tokens` tokens: this one, repeated or cut."""
+    unit = (text or "Simulated reply") + " "
+    return (unit * (4 * tokens // len(unit) + 1))[:4 * tokens]
+
+
+def _token_gaps(token_ms, draws):
+    """gap(i), the ms before the i-th piece of a stream (i from 1): token_ms,
+    or a draw from its distribution for that piece."""
+    if isinstance(token_ms, dict):
+        return lambda index: _amount(token_ms, draws, f"token {index}", _MAX_TOKEN_MS)
+    return lambda index: token_ms
+
+
+def _streamed_ms(reply, pieces):
+    """The ms from the first of a stream's pieces to the last of `pieces`."""
+    return sum(reply.gap(index) for index in range(1, pieces))
 
 
 def _embedding(model, text, dimensions):
@@ -1860,32 +1983,33 @@ def _embedding(model, text, dimensions):
         f"<{dimensions}f", *(value / length for value in values))))
 
 
-def _stream_timeline(reply, token_ms, failure):
+def _stream_timeline(reply, failure):
     """A streamed reply as (ms after the first token, event, data), lazily.
 
     Events: "open" at 0; a "piece" of text, four characters (one token),
-    every token_ms; for each tool call, "call" (its index), then its
-    arguments as "arguments" pieces (index, text: two at least), then
-    "call_done"; "close" with the last piece.  A failure ({"cut_after": N},
-    ...: see _STREAM_FAILURES) stops after N pieces: error_after adds an
-    "error" event token_ms later, malformed_after the next piece as
-    "malformed" (event, data), to be sent cut in half.
+    each reply.gap(i) after the one before; for each tool call, "call" (its
+    index), then its arguments as "arguments" pieces (index, text: two at
+    least), then "call_done"; "close" with the last piece.  A failure
+    ({"cut_after": N}, ...: see _STREAM_FAILURES) stops after N pieces:
+    error_after adds an "error" event a gap later, malformed_after the next
+    piece as "malformed" (event, data), to be sent cut in half.
     """
     kind, count = next(iter(failure.items())) if failure else (None, None)
     yield 0, "open", None
     pieces = itertools.islice(_stream_pieces(reply), count)
     at_ms, index = 0, -1
     for index, (event, data) in enumerate(pieces):
-        at_ms = index * token_ms
+        if index:
+            at_ms += reply.gap(index)
         yield at_ms, event, data
     if kind is None:
         yield at_ms, "close", None
     elif kind == "error_after":
-        yield at_ms + token_ms, "error", None
+        yield at_ms + reply.gap(index + 1), "error", None
     elif kind == "malformed_after":
         following = next(itertools.islice(_stream_pieces(reply), count, None), None)
         if following is not None:
-            yield (index + 1) * token_ms, "malformed", following
+            yield at_ms + reply.gap(index + 1), "malformed", following
 
 
 def _stream_pieces(reply):
@@ -2143,7 +2267,7 @@ def _query_args(request, fields):
 # The common call: what every model-call surface's request comes down to.
 # `spec` holds the operation, the messages, the simulate settings and the
 # sequence key; `options` what only that surface needs back.
-_Call = collections.namedtuple("_Call", "spec model stream max_tokens stop options")
+_Call = collections.namedtuple("_Call", "spec model stream max_tokens stop min_tokens options")
 
 _TRACE_ID_TEXT = _Text(_MAX_TRACE_ID_CHARS)
 _TRACE_ID_HEADER = _Nullable(_TRACE_ID_TEXT)
@@ -2300,8 +2424,8 @@ class _Surface:
         return self.error_body(error, error.status, None)
 
     def call(self, request, config, *, model, messages, stream, max_tokens, user, timeout_ms,
-             simulate, stop=(), args=None, callback_url=None, tools=None, forced=None,
-             output=None, **options):
+             simulate, stop=(), min_tokens=None, args=None, callback_url=None, tools=None,
+             forced=None, output=None, **options):
         """The _Call of a model request.
 
         Its simulate settings, field by field: the body's, else those of the
@@ -2331,8 +2455,6 @@ class _Surface:
                 ruled = f"rules[{rule}].simulate", config.rules[rule].simulate
         sources = (("simulate", simulate or {}), (_SIMULATE_HEADER, header or {}), ruled)
         settings = _simulate_settings({**ruled[1], **sources[1][1], **sources[0][1]}, config)
-        if settings["ttft_ms"] is not None:
-            settings["latency_ms"] = settings["ttft_ms"]
         if settings["stream"] is not None and not stream:
             settings["stream"] = _left_out(sources, "stream", 'applies only with "stream": true')
         if tools is None and settings["tool_calls"] is not None:
@@ -2360,7 +2482,7 @@ class _Surface:
                         timeout_ms=timeout_ms, trace_id=trace_id, test_id=request.test_id,
                         callback_url=callback_url, rule=rule, forced_tool=forced_tool,
                         output=asked_output, **settings)
-        return _Call(spec, model, stream, max_tokens, tuple(stop), options)
+        return _Call(spec, model, stream, max_tokens, tuple(stop), min_tokens, options)
 
     def respond(self, app, request, call):
         """The common path of a model call, once parsed and admitted: take
@@ -2378,13 +2500,17 @@ class _Surface:
         if plan.state != "ok":
             return _Answer(payload=ApiError(plan.error["code"], plan.error["message"]), at=at_ms,
                            fault=spec.fault, dribble_ms=spec.dribble_ms)
-        reply = _reply(spec, plan, call.max_tokens, call.stop)
+        reply = _reply(spec, plan, call.max_tokens, call.stop, call.min_tokens)
+        at_ms, reply = app.capacity.book(call.model, request.received_ms, at_ms, reply,
+                                         self.overloaded_status,
+                                         call.stream or app.config.slots is not None)
         created = app.clock.wall_ms() // 1000
         if call.stream and spec.fault is None:
             render = _Render(self, call, reply, created)
-            return render.answer(render.frames(_stream_timeline(reply, spec.token_ms,
-                                                                spec.stream)), at=at_ms,
+            return render.answer(render.frames(_stream_timeline(reply, spec.stream)), at=at_ms,
                                  failure=next(iter(spec.stream)) if spec.stream else None)
+        if app.config.slots is not None:  # a plain answer is sent at its last token
+            at_ms += _streamed_ms(reply, sum(1 for _ in _stream_pieces(reply)))
         return _Answer(200, self.answer(call, reply, created), at=at_ms, fault=spec.fault,
                        dribble_ms=spec.dribble_ms)
 
@@ -2433,6 +2559,9 @@ _MODEL_CALL_REFUSES = {
     "simulate.fault": "dribble, on a stream (token_ms paces a stream)",
 }
 _FORCES_AN_UNOFFERED_TOOL = "forcing a call of a tool the request does not offer"
+_UNDRAWABLE_SCHEMA = ("a schema that is not a JSON Schema (an object or a boolean), or one no "
+                      "value can be drawn from when one must be (false, bounds that cross, a "
+                      "pattern beyond the known formats)")
 
 
 def _model_api(summary, request, answers, query=None, streams=True, refuses=None):
@@ -2630,10 +2759,8 @@ def _tool_table(tools, field, inner=None, schema_keys=("parameters",)):
             continue
         _NAME(tool["name"], where + ".name")
         key = next((key for key in schema_keys if tool.get(key) is not None), schema_keys[0])
-        schema, where = tool.get(key, {"type": "object"}), f"{where}.{key}"
-        if not isinstance(schema, (dict, bool)):
-            raise _ValidationError(where, "must be a JSON Schema")
-        table[tool["name"]] = schema, where
+        where = f"{where}.{key}"
+        table[tool["name"]] = _JSON_SCHEMA(tool.get(key, {"type": "object"}), where), where
     return table
 
 
@@ -2741,6 +2868,7 @@ class _JobApi(_Surface):
             _check_callback_url(values["callback_url"], "callback_url",
                                 config.allow_callback_hosts)
         settings = _simulate_settings(values.pop("simulate"), config)
+        settings.update(ttft_ms=None, prefill_ms_per_token=0)  # a job has no first token
         return _JobSpec(**values, test_id=test_id, rule=None, forced_tool=None, output=None,
                         **settings)
 
@@ -2854,6 +2982,17 @@ class _Exposition:
         self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
         self.samples(name + suffix, samples)
 
+    def histogram(self, name, help_text, histograms):
+        """A histogram family: [(labels, _Histogram)]."""
+        self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        for labels, histogram in histograms:
+            bounds = [str(bound) for bound in histogram.bounds] + ["+Inf"]
+            self.samples(name + "_bucket", [
+                ({**labels, "le": le}, n)
+                for le, n in zip(bounds, itertools.accumulate(histogram.counts))])
+            self.samples(name + "_sum", [(labels, round(histogram.sum, 6))])
+            self.samples(name + "_count", [(labels, sum(histogram.counts))])
+
     def samples(self, name, samples):
         for labels, value in samples:
             text = ",".join(f'{key}="{self._label_value(value)}"'
@@ -2965,7 +3104,34 @@ class _Control(_Surface):
                     "Requests refused by --rpm or --tpm, by the limit reached.",
                     [({"limit": limit}, refused.get(limit, 0)) for limit in ("requests",
                                                                              "tokens")])
+        self.vllm_metrics(text, app.capacity.snapshot())
         return _Answer(200, str(text).encode(), content_type=_Exposition.content_type)
+
+    @staticmethod
+    def vllm_metrics(text, models):
+        """vLLM's metrics of the model calls (see _Capacity), by model_name."""
+        def each(value):
+            return [({"model_name": model}, value(*counted)) for model, counted in models.items()]
+        text.family("vllm:num_requests_running", "gauge", "Number of requests in model "
+                    "execution batches.", each(lambda running, waiting, counts: running))
+        text.family("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be "
+                    "processed.", each(lambda running, waiting, counts: waiting))
+        for name, about, histogram in [
+                ("time_to_first_token_seconds", "time to first token", "ttft"),
+                ("inter_token_latency_seconds", "inter-token latency", "itl"),
+                ("e2e_request_latency_seconds", "e2e request latency", "e2e")]:
+            text.histogram("vllm:" + name, f"Histogram of {about} in seconds.", [
+                ({"model_name": model}, getattr(counts, histogram))
+                for model, (_, _, counts) in models.items()])
+        text.family("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
+                    each(lambda running, waiting, counts: counts.prompt_tokens))
+        text.family("vllm:generation_tokens_total", "counter",
+                    "Number of generation tokens processed.",
+                    each(lambda running, waiting, counts: counts.generation_tokens))
+        text.family("vllm:request_success_total", "counter",
+                    "Count of successfully processed requests.",
+                    [({"model_name": model, "finished_reason": reason}, counts.finished[reason])
+                     for model, (_, _, counts) in models.items() for reason in ("stop", "length")])
 
     # Each endpoint that reads or forgets state keeps to one test's scope:
     # that of ?test_id=, else the request's own (see _test_id).
@@ -3101,9 +3267,7 @@ def _openai_output(response_format, field):
         if "json_schema" in response_format:
             response_format, field = response_format["json_schema"], field + ".json_schema"
         schema = response_format.get("schema", True) if isinstance(response_format, dict) else 0
-        if not isinstance(schema, (dict, bool)):
-            raise _ValidationError(field + ".schema", "must be a JSON Schema")
-        return schema, field + ".schema"
+        return _JSON_SCHEMA(schema, field + ".schema"), field + ".schema"
     if kind != "text":
         raise _ValidationError(field + ".type", "must be one of text, json_object, json_schema")
     return None
@@ -3112,7 +3276,7 @@ def _openai_output(response_format, field):
 def _response_format_schema(inner):
     """The schema of a response format: its schema in `inner` (chat's
     json_schema), or beside its type (Responses)."""
-    schema = {"type": ["object", "boolean"]}
+    schema = _JSON_SCHEMA.schema
     return {"type": "object", "required": ["type"], "properties": {
         "type": {"enum": ["text", "json_object", "json_schema"]},
         **({inner: {"type": "object", "properties": {"schema": schema}}} if inner
@@ -3154,6 +3318,18 @@ class _OpenAI(_Surface):
         return {"error": {"message": error.message, "type": kind, "param": error.field,
                           "code": code}}
 
+    # vLLM's fields that fix a reply's length, which benchmark clients send.
+    LENGTH = {
+        "ignore_eos": _Field(_Bool(), False, "vLLM's: the reply runs to max_tokens."),
+        "min_tokens": _Field(_Int(0, _MAX_OUTPUT_TOKENS), None,
+                             "vLLM's: the reply has at least this many tokens."),
+    }
+
+    @staticmethod
+    def min_tokens(values, max_tokens):
+        """The least length vLLM's fields ask of a reply (ignore_eos: the maximum)."""
+        return max_tokens if values["ignore_eos"] and max_tokens else values["min_tokens"]
+
     @staticmethod
     def usage(reply):
         return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
@@ -3190,6 +3366,7 @@ class _OpenAIChat(_OpenAI):
         "max_tokens": _Field(_Int(1, 10_000_000), None,
                              "Cut the reply to this many tokens (finish_reason length)."),
         "max_completion_tokens": _Field(_Int(1, 10_000_000), None, "As max_tokens."),
+        **_OpenAI.LENGTH,
         "n": _ONE_CHOICE,
         "stop": _OPENAI_STOP,
         "tools": _Field(_TOOLS, (), "Functions the reply may call."),
@@ -3235,11 +3412,12 @@ class _OpenAIChat(_OpenAI):
     def parse(self, request, config):
         body = _json_body(request)
         values = _with_defaults(_given(body, self.REQUEST, None), self.REQUEST, config)
+        max_tokens = values["max_completion_tokens"] or values["max_tokens"]
         return self.call(request, config, model=values["model"],
                          messages=_text_messages(values["messages"]),
                          stream=values["stream"], user=values["user"],
-                         max_tokens=values["max_completion_tokens"] or values["max_tokens"],
-                         stop=values["stop"],
+                         max_tokens=max_tokens, stop=values["stop"],
+                         min_tokens=self.min_tokens(values, max_tokens),
                          timeout_ms=values["timeout_ms"], simulate=values["simulate"],
                          tools=_tool_table(values["tools"], "tools", "function"),
                          forced=_openai_forced(values["tool_choice"], "tool_choice"),
@@ -3316,9 +3494,10 @@ class _OpenAIChat(_OpenAI):
     def model(self, model_id):
         return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "dummyllm"}
 
-    @_api("OpenAI-compatible model list", answers={200: "ModelList"})
+    @_api("OpenAI-compatible model list: --served-model's names", answers={200: "ModelList"})
     def list_models(self, app, request):
-        return _Answer(200, {"object": "list", "data": [self.model("dummyllm")]})
+        return _Answer(200, {"object": "list", "data": [
+            self.model(name) for name in app.config.served_models or ("dummyllm",)]})
 
     @_api("A model (every name is served)", answers={200: "Model"})
     def get_model(self, app, request):
@@ -3328,7 +3507,8 @@ class _OpenAIChat(_OpenAI):
         _route("POST", "/v1/chat/completions", _model_call, api=_model_api(
             "OpenAI-compatible chat completion, streamed or not", "ChatRequest",
             {200: "ChatCompletion", **_MODEL_ERRORS},
-            refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL})),
+            refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL, "tools": _UNDRAWABLE_SCHEMA,
+                     "response_format": _UNDRAWABLE_SCHEMA})),
         _route("GET", "/v1/models", list_models),
         _route("GET", "/v1/models/{id+}", get_model),
     )
@@ -3608,7 +3788,7 @@ class _OpenAIResponses(_OpenAI):
         request's arrival), those after sequence number `skip`; a background
         one's end once it is cancelled or deleted."""
         status, reply, error = self.outcome(spec, plan)
-        call = _Call(spec, spec.args["model"], True, spec.args["max_output_tokens"], (), {})
+        call = _Call(spec, spec.args["model"], True, spec.args["max_output_tokens"], (), None, {})
         render = _Render(self, call, reply, created_at, skip, id=response_id, status=status,
                          error=error)
         background = spec.args["echo"]["background"]
@@ -3638,7 +3818,7 @@ class _OpenAIResponses(_OpenAI):
         if reply is None:
             yield start, "failed", None
             return
-        for ms, kind, piece in _stream_timeline(reply, spec.token_ms, spec.stream):
+        for ms, kind, piece in _stream_timeline(reply, spec.stream):
             yield start + ms, kind, piece
             if kind == "close":
                 yield start + ms, status, None
@@ -3779,7 +3959,8 @@ class _OpenAIResponses(_OpenAI):
             "OpenAI Responses: create a response; background: a job to poll",
             "ResponseRequest", {200: "Response", **_MODEL_ERRORS},
             refuses={**_CALLBACK_REFUSED, "store": "false, with background true",
-                     "tool_choice": _FORCES_AN_UNOFFERED_TOOL})),
+                     "tool_choice": _FORCES_AN_UNOFFERED_TOOL, "tools": _UNDRAWABLE_SCHEMA,
+                     "text.format": _UNDRAWABLE_SCHEMA})),
         _route("GET", "/v1/responses/{id}", retrieve),
         _route("POST", "/v1/responses/{id}/cancel", cancel),
         _route("DELETE", "/v1/responses/{id}", delete),
@@ -3908,6 +4089,7 @@ class _OpenAICompletions(_OpenAI):
             "The prompt; its text feeds the reply."),
         "max_tokens": _Field(_Int(1, 10_000_000), None,
                              "Cut the reply to this many tokens (finish_reason length)."),
+        **_OpenAI.LENGTH,
         "stream": _Field(_Bool(), False, "Answer as server-sent events."),
         "stream_options": _STREAM_OPTIONS_FIELD,
         "n": _ONE_CHOICE,
@@ -3935,6 +4117,7 @@ class _OpenAICompletions(_OpenAI):
         return self.call(request, config, model=values["model"],
                          messages=[{"role": "user", "content": values["prompt"]}],
                          stream=values["stream"], max_tokens=values["max_tokens"],
+                         min_tokens=self.min_tokens(values, values["max_tokens"]),
                          stop=values["stop"], user=values["user"],
                          timeout_ms=values["timeout_ms"], simulate=values["simulate"],
                          include_usage=values["stream_options"].get("include_usage", False))
@@ -4225,7 +4408,7 @@ class _AnthropicMessages(_Surface):
         _route("POST", "/v1/messages", _model_call, api=_model_api(
             "Anthropic Messages: a message, streamed or not", "AnthropicRequest",
             {200: "AnthropicMessage", 429: None, 500: None, 504: None, 529: None},
-            refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL})),
+            refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL, "tools": _UNDRAWABLE_SCHEMA})),
         _route("POST", "/v1/messages/count_tokens", count_tokens),
     )
 
@@ -4268,7 +4451,7 @@ _GENERATION_CONFIG = {
     "responseMimeType": _Field(_Text(), None, "application/json: the reply is a JSON object."),
     "responseSchema": _Field(_OBJECT, None, "The reply is JSON valid against this (OpenAPI) "
                              "schema."),
-    "responseJsonSchema": _Field(_Check(lambda value, field: value, {}), None,
+    "responseJsonSchema": _Field(_JSON_SCHEMA, None,
                                  "The reply is JSON valid against this JSON Schema."),
 }
 _FUNCTION_CALLING = {
@@ -4505,7 +4688,9 @@ class _Gemini(_Surface):
     def get_model(self, app, request):
         return _Answer(200, self.model(request.params["model"]))
 
-    REFUSES = {"toolConfig": _FORCES_AN_UNOFFERED_TOOL}
+    REFUSES = {"toolConfig": _FORCES_AN_UNOFFERED_TOOL, "tools": _UNDRAWABLE_SCHEMA,
+               "generationConfig.responseJsonSchema": _UNDRAWABLE_SCHEMA,
+               "generationConfig.responseSchema": _UNDRAWABLE_SCHEMA}
     CALLS = (("generateContent", _model_call, _model_api(
                   "Gemini: generate content", "GeminiRequest",
                   {200: "GeminiResponse", 429: None, 500: None, 503: None, 504: None}, QUERY,
@@ -4667,16 +4852,15 @@ class _Ollama(_Surface):
         simulated timing: the prompt took the time to the first token, the
         reply token_ms a token."""
         eval_ms = streamed_ms if call.stream else min(
-            reply.elapsed_ms, reply.completion_tokens * call.spec.token_ms)
+            reply.elapsed_ms, _streamed_ms(reply, reply.completion_tokens + 1))
         nanoseconds = 1_000_000
         body = self.line(call, created, text, done=True, tool_calls=tool_calls)
-        body.update(done_reason=self.finish[reply.end],
-                    total_duration=(reply.elapsed_ms + streamed_ms) * nanoseconds,
+        total, evaluated = (round(ms * nanoseconds) for ms in (reply.elapsed_ms + streamed_ms,
+                                                                eval_ms))
+        body.update(done_reason=self.finish[reply.end], total_duration=total,
                     load_duration=0, prompt_eval_count=reply.prompt_tokens,
-                    prompt_eval_duration=max(0, (reply.elapsed_ms + streamed_ms) * nanoseconds
-                                             - max(1, eval_ms * nanoseconds)),
-                    eval_count=reply.completion_tokens,
-                    eval_duration=max(1, eval_ms * nanoseconds))
+                    prompt_eval_duration=max(0, total - max(1, evaluated)),
+                    eval_count=reply.completion_tokens, eval_duration=max(1, evaluated))
         if call.options["kind"] == "generate":
             body["context"] = []
         return body
@@ -4705,8 +4889,7 @@ class _Ollama(_Surface):
                          tool_calls=[(index, render.reply.tool_calls[index])])
 
     def final_line(self, render, piece):
-        pieces = sum(1 for _ in _stream_pieces(render.reply))
-        streamed_ms = max(0, pieces - 1) * render.call.spec.token_ms
+        streamed_ms = _streamed_ms(render.reply, sum(1 for _ in _stream_pieces(render.reply)))
         return self.final(render.call, render.reply, render.created, "", streamed_ms)
 
     stream_events = {
@@ -5619,6 +5802,140 @@ class _Quotas:
             self.refused.clear()
 
 
+class _Histogram:
+    """Observations counted in buckets (upper bounds, +Inf last), with their sum."""
+
+    def __init__(self, bounds):
+        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, value):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def copy(self):
+        histogram = _Histogram(self.bounds)
+        histogram.counts, histogram.sum = list(self.counts), self.sum
+        return histogram
+
+
+class _ModelCounts:
+    """What vLLM's metrics count of one model's calls (times in seconds)."""
+
+    # vLLM's buckets (vllm/v1/metrics/loggers.py).
+    TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+    ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   7.5, 10.0, 20.0, 40.0, 80.0)
+    E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+    def __init__(self):
+        self.ttft = _Histogram(self.TTFT_BUCKETS)
+        self.itl = _Histogram(self.ITL_BUCKETS)
+        self.e2e = _Histogram(self.E2E_BUCKETS)
+        self.prompt_tokens = self.generation_tokens = 0
+        self.finished = collections.Counter()  # vLLM's finished_reason -> calls
+
+    def copy(self):
+        counts = _ModelCounts()
+        counts.ttft, counts.itl, counts.e2e = (self.ttft.copy(), self.itl.copy(),
+                                               self.e2e.copy())
+        counts.prompt_tokens, counts.generation_tokens = self.prompt_tokens, self.generation_tokens
+        counts.finished = collections.Counter(self.finished)
+        return counts
+
+
+class _Capacity:
+    """--slots, --queue and --load-factor: the model calls that generate at
+    once, and what vLLM's metrics count of them.
+
+    A call holds a slot from its first token to its last.  Every time of a
+    call is known when it arrives (its plan and its reply's gaps), so its
+    slot is booked then: the one that frees first, after the calls that
+    came before it.  A call whose first token falls due before that waits,
+    its wait added to its time to first token; up to --queue calls may wait
+    at once, and past that a call is refused, with the wait until a place
+    frees.  Its token gaps are stretched by the load when it starts: x1 with
+    one call generating, rising in a line to x--load-factor with every slot
+    held.  A call is counted in the metrics when booked.  Times are
+    simulated ms on the store's clock."""
+
+    def __init__(self, config, clock):
+        self.slots, self.queue, self.load_factor = config.slots, config.queue, config.load_factor
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._free_at = [-math.inf] * (self.slots or 0)  # a heap: when each slot frees
+        self._calls = []     # a heap of (ends, starts, first token due, model) of calls not ended
+        self._models = {}    # model name -> _ModelCounts
+
+    def book(self, model, received_ms, due_ms, reply, overloaded_status, generates=True):
+        """(when its first token goes out, the reply with its gaps
+        stretched) of a call received at received_ms whose first token is
+        due at due_ms; past the queue, raises the surface's overloaded error.
+        A call that does not generate (a plain answer without --slots, sent
+        whole when its first token is due) ends then."""
+        pieces = sum(1 for _ in _stream_pieces(reply)) if generates else 0
+        gaps = [reply.gap(index) for index in range(1, pieces)]
+        now = self.clock.now_ms()
+        with self._lock:
+            while self._calls and self._calls[0][0] <= now:
+                heapq.heappop(self._calls)
+            start_ms, factor = due_ms, 1
+            if self.slots is not None:
+                start_ms = max(due_ms, self._free_at[0])
+                if start_ms > due_ms and self.queue is not None:
+                    self._check_queue(due_ms, now, overloaded_status)
+                held = sum(1 for free_at in self._free_at if free_at > start_ms)
+                factor = 1 + (self.load_factor - 1) * held / max(1, self.slots - 1)
+                heapq.heapreplace(self._free_at, start_ms + factor * sum(gaps))
+            ends_ms = start_ms + factor * sum(gaps)
+            heapq.heappush(self._calls, (ends_ms, start_ms, due_ms, model))
+            self._count(model, reply, [self.clock.real_ms(ms) / 1000 for ms in (
+                start_ms - received_ms, ends_ms - received_ms, *(gap * factor for gap in gaps))])
+        if factor != 1:
+            reply = reply._replace(gap=lambda index, gap=reply.gap: factor * gap(index))
+        return start_ms, reply._replace(elapsed_ms=start_ms - received_ms)
+
+    def _check_queue(self, due_ms, now, overloaded_status):
+        """Refuse a call that would wait when --queue calls that came before
+        it wait for a slot they will not have by its first token (under the
+        lock)."""
+        waiting = [starts for _, starts, due, _ in self._calls if due < starts and due_ms < starts]
+        if len(waiting) < self.queue:
+            return
+        wait_ms = max(1, math.ceil(self.clock.real_ms(min(waiting or self._free_at) - now)))
+        raise ApiError("OVERLOADED", f"all {self.slots} slots are busy and {self.queue} calls "
+                       f"wait; retry in {wait_ms} ms", status=overloaded_status,
+                       retry_after_ms=wait_ms / self.clock.scale)
+
+    def _count(self, model, reply, seconds):
+        counts = self._models.get(model)
+        if counts is None:
+            counts = self._models[model] = _ModelCounts()
+        ttft, e2e, *gaps = seconds
+        counts.ttft.observe(ttft)
+        counts.e2e.observe(e2e)
+        for gap in gaps:
+            counts.itl.observe(gap)
+        counts.prompt_tokens += reply.prompt_tokens
+        counts.generation_tokens += reply.completion_tokens
+        counts.finished["length" if reply.end == "max_tokens" else "stop"] += 1
+
+    def snapshot(self):
+        """{model: (calls running, calls waiting for a slot, its _ModelCounts
+        copied)}; a call runs from its arrival to its last token but while
+        it waits."""
+        now = self.clock.now_ms()
+        with self._lock:
+            calls = [call for call in self._calls if call[0] > now]
+            models = {model: counts.copy() for model, counts in self._models.items()}
+        running, waiting = collections.Counter(), collections.Counter()
+        for _, starts, due, model in calls:
+            (waiting if due <= now < starts else running)[model] += 1
+        return {model: (running[model], waiting[model], counts)
+                for model, counts in sorted(models.items())}
+
+
 _JOURNAL_BODY_BYTES = 4096
 _JOURNAL_HEADERS = ("Idempotency-Key", "X-Trace-Id", "User-Agent")
 
@@ -6346,6 +6663,7 @@ class _Application:
         self.store = _JobStore(self.config, clock)
         self.clock = self.store.clock
         self.quotas = _Quotas(self.clock)
+        self.capacity = _Capacity(self.config, self.clock)
         self.journal = _Journal(self.config.journal_size)
         self.stopping = threading.Event()   # wakes handlers that wait to answer
         self._log_writer = None
@@ -8183,6 +8501,9 @@ def _argument_parser():
         if isinstance(option.rule, _Bool):
             parser.add_argument(option.flag, action="store_true", default=None, help=help_text,
                                 dest=option.name)
+        elif isinstance(option.rule, _Names):
+            parser.add_argument(option.flag, metavar=option.name.upper(), dest=option.name,
+                                action="append", help=f"{help_text}; ${option.env}")
         else:
             parser.add_argument(option.flag, metavar=option.name.upper(), dest=option.name,
                                 help=f"{help_text}; ${option.env}")
@@ -8200,6 +8521,8 @@ def _config_from_command_line(argv, environ):
             given, source = environ[option.env], option.env
         if given is None:
             continue
+        if isinstance(given, list):  # a repeated flag
+            given = ",".join(given)
         value = option.rule.from_text(given) if isinstance(given, str) else given
         try:
             values[option.name] = option.rule(value, source)

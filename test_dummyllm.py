@@ -28,6 +28,7 @@ import signal
 import socket
 import struct
 import subprocess
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -81,6 +82,7 @@ def needs(module, package, variable):
 
 
 jsonschema = optional_import("jsonschema")
+prometheus_parser = optional_import("prometheus_client.parser")
 pydantic = optional_import("pydantic")
 
 if pydantic is not None:  # a structured answer, as the SDKs and frameworks ask for one
@@ -717,8 +719,8 @@ class SimulationTest(unittest.TestCase):
 
     def test_a_stream_timeline_is_lazy_and_ends_as_its_failure_says(self):
         def events(text, failure=None, tool_calls=None):
-            reply = dummyllm._Reply(text, tool_calls, "end", None, 0, 0, 0)
-            return list(dummyllm._stream_timeline(reply, 10, failure))
+            reply = dummyllm._Reply(text, tool_calls, "end", None, 0, 0, 0, lambda i: 10)
+            return list(dummyllm._stream_timeline(reply, failure))
         self.assertEqual(events("abcdefghi"), [
             (0, "open", None), (0, "piece", "abcd"), (10, "piece", "efgh"),
             (20, "piece", "i"), (20, "close", None)])
@@ -728,14 +730,47 @@ class SimulationTest(unittest.TestCase):
         self.assertEqual(events("abcdefghi", {"malformed_after": 1})[-1],
                          (10, "malformed", ("piece", "efgh")))
         self.assertEqual(events(""), [(0, "open", None), (0, "close", None)])
-        reply = dummyllm._Reply("x" * 10 ** 7, None, "end", None, 0, 0, 0)
-        timeline = dummyllm._stream_timeline(reply, 1, None)
+        reply = dummyllm._Reply("x" * 10 ** 7, None, "end", None, 0, 0, 0, lambda i: 1)
+        timeline = dummyllm._stream_timeline(reply, None)
         self.assertEqual(next(timeline), (0, "open", None))  # nothing built ahead
+
+    def test_a_distribution_draws_from_the_seeded_sequence(self):
+        for dist in ("normal", "lognormal"):
+            with self.subTest(dist=dist):
+                profile = {"mean": 100, "stdev": 10, "dist": dist}
+                draws = [dummyllm._amount(profile, (7, "k", n), "ttft", 10 ** 6)
+                         for n in range(2000)]
+                self.assertEqual(draws, [dummyllm._amount(profile, (7, "k", n), "ttft", 10 ** 6)
+                                         for n in range(2000)])
+                self.assertAlmostEqual(statistics.fmean(draws), 100, delta=5)
+                self.assertAlmostEqual(statistics.pstdev(draws), 10, delta=0.5)
+        wide = [dummyllm._amount({"mean": 1, "stdev": 100, "dist": "normal"}, (7, "k", n), "x",
+                                 50) for n in range(200)]
+        self.assertEqual((min(wide), max(wide)), (0, 50))  # clamped at zero, and at the most
+        self.assertEqual(dummyllm._amount(12, (7, "k", 0), "x", 50), 12)
+
+    def test_time_to_first_token_and_token_gaps_follow_their_profile(self):
+        profile = {"ttft_ms": {"mean": 100, "stdev": 10, "dist": "normal"},
+                   "token_ms": {"mean": 10, "stdev": 1, "dist": "lognormal"},
+                   "output_tokens": 2000}
+        first = [plan(n, 3, **profile).latency_ms for n in range(300)]
+        self.assertEqual(first, [plan(n, 3, **profile).latency_ms for n in range(300)])
+        self.assertAlmostEqual(statistics.fmean(first), 100, delta=5)
+        drawn = plan(0, 3, **profile)
+        times = [ms for ms, event, _ in dummyllm._stream_timeline(
+            dummyllm._reply(spec(**profile), drawn, None), None) if event == "piece"]
+        gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+        self.assertEqual(len(gaps), 1999)
+        self.assertAlmostEqual(statistics.fmean(gaps), 10, delta=0.5)
+        self.assertAlmostEqual(statistics.pstdev(gaps), 1, delta=0.05)
+        prompt = {"messages": [{"role": "user", "content": "x" * 400}]}  # 100 tokens
+        self.assertEqual(plan(args=prompt, latency_ms=50, prefill_ms_per_token=0.5).latency_ms,
+                         100)
 
     def test_a_tool_call_streams_its_name_then_its_arguments_in_pieces(self):
         call = {"id": "call_1", "name": "f", "arguments": {"city": "Paris"}}
         timeline = list(dummyllm._stream_timeline(
-            dummyllm._Reply("", [call], "tool_calls", None, 0, 0, 0), 10, None))
+            dummyllm._Reply("", [call], "tool_calls", None, 0, 0, 0, lambda i: 10), None))
         self.assertEqual(timeline[:2], [(0, "open", None), (0, "call", 0)])
         pieces = [piece for _, event, piece in timeline if event == "arguments"]
         self.assertGreaterEqual(len(pieces), 2)
@@ -1330,6 +1365,133 @@ class StreamContentTypeTest(AppTestCase):
                  "text/event-stream")]:
             with self.subTest(path=path, body=body):
                 self.assertEqual(self.content_type(method, path, body), expected)
+
+
+class OutputLengthTest(AppTestCase):
+    """A reply of exactly the tokens asked (a token: four characters), on
+    every surface, plain and streamed: the text, the usage and the number
+    of streamed text chunks agree; the request's maximum cuts it, with the
+    surface's length finish reason."""
+
+    options = {"latency_ms": 0}
+    ASK = [{"role": "user", "content": "Hi"}]
+
+    # surface: (path, body given simulate and a maximum, the reply's text,
+    # its usage's output tokens, its finish reason when cut, the streamed
+    # text chunks)
+    SURFACES = {
+        "openai.chat": ("/v1/chat/completions", lambda simulate, most: dict(
+            model="m", messages=OutputLengthTest.ASK, simulate=simulate,
+            stream_options={"include_usage": True}, **({"max_tokens": most} if most else {})),
+            lambda body: body["choices"][0]["message"]["content"],
+            lambda body: body["usage"]["completion_tokens"],
+            lambda body: body["choices"][0]["finish_reason"] == "length",
+            lambda events: [data["choices"][0]["delta"]["content"] for _, data in events
+                            if data.get("choices") and data["choices"][0]["delta"].get(
+                                "content")]),
+        "openai.completions": ("/v1/completions", lambda simulate, most: dict(
+            model="m", prompt="Hi", simulate=simulate, **({"max_tokens": most} if most else {})),
+            lambda body: body["choices"][0]["text"],
+            lambda body: body["usage"]["completion_tokens"],
+            lambda body: body["choices"][0]["finish_reason"] == "length",
+            lambda events: [data["choices"][0]["text"] for _, data in events
+                            if data.get("choices") and data["choices"][0]["text"]]),
+        "openai.responses": ("/v1/responses", lambda simulate, most: dict(
+            model="m", input="Hi", simulate=simulate,
+            **({"max_output_tokens": most} if most else {})),
+            lambda body: body["output"][0]["content"][0]["text"],
+            lambda body: body["usage"]["output_tokens"],
+            lambda body: body["status"] == "incomplete",
+            lambda events: [data["delta"] for name, data in events
+                            if name == "response.output_text.delta"]),
+        "anthropic.messages": ("/v1/messages", lambda simulate, most: dict(
+            model="m", messages=OutputLengthTest.ASK, simulate=simulate, max_tokens=most or 4096),
+            lambda body: body["content"][0]["text"], lambda body: body["usage"]["output_tokens"],
+            lambda body: body["stop_reason"] == "max_tokens",
+            lambda events: [data["delta"]["text"] for name, data in events
+                            if name == "content_block_delta"]),
+        "gemini": ("/v1beta/models/g:generateContent", lambda simulate, most: dict(
+            contents=[{"role": "user", "parts": [{"text": "Hi"}]}], simulate=simulate,
+            **({"generationConfig": {"maxOutputTokens": most}} if most else {})),
+            lambda body: body["candidates"][0]["content"]["parts"][0]["text"],
+            lambda body: body["usageMetadata"]["candidatesTokenCount"],
+            lambda body: body["candidates"][0]["finishReason"] == "MAX_TOKENS",
+            lambda events: [data["candidates"][0]["content"]["parts"][0]["text"]
+                            for _, data in events
+                            if data["candidates"][0]["content"]["parts"][0]["text"]]),
+        "ollama": ("/api/chat", lambda simulate, most: dict(
+            model="m", messages=OutputLengthTest.ASK, simulate=simulate,
+            **({"options": {"num_predict": most}} if most else {})),
+            lambda body: body["message"]["content"], lambda body: body["eval_count"],
+            lambda body: body["done_reason"] == "length",
+            lambda events: [data["message"]["content"] for _, data in events
+                            if data["message"]["content"]]),
+    }
+
+    def ask(self, surface, simulate, most=None, stream=False):
+        path, body, *_ = self.SURFACES[surface]
+        body = dict(body({"token_ms": 0, **simulate}, most), stream=stream)
+        if not stream:
+            status, answer, _ = self.call("POST", path, body)
+            self.assertEqual(status, 200, answer)
+            return answer
+        if surface == "gemini":
+            path = path.replace(":generateContent", ":streamGenerateContent?alt=sse")
+        self.conn.request("POST", path, json.dumps(body))
+        response = self.conn.getresponse()
+        self.assertEqual(response.status, 200)
+        if surface == "ollama":
+            return [(None, json.loads(line)) for line in response.read().splitlines()]
+        return sse_events(io.BytesIO(response.read().replace(b"data: [DONE]", b"")))
+
+    def test_exactly_the_tokens_asked_plain_and_streamed(self):
+        for surface, (_, _, text, used, _, chunks) in self.SURFACES.items():
+            with self.subTest(surface=surface):
+                answer = self.ask(surface, {"output_tokens": 37})
+                self.assertEqual((len(text(answer)), used(answer)), (148, 37))
+                pieces = chunks(self.ask(surface, {"output_tokens": 37}, stream=True))
+                self.assertEqual(len(pieces), 37)
+                self.assertEqual("".join(pieces), text(answer))
+
+    def test_the_maximum_cuts_with_the_surfaces_length_reason(self):
+        for surface, (_, _, text, used, cut, chunks) in self.SURFACES.items():
+            with self.subTest(surface=surface):
+                answer = self.ask(surface, {"output_tokens": 50}, most=20)
+                self.assertEqual((len(text(answer)), used(answer), cut(answer)), (80, 20, True))
+                self.assertEqual(len(chunks(self.ask(surface, {"output_tokens": 50}, most=20,
+                                                     stream=True))), 20)
+                answer = self.ask(surface, {"output_tokens": 5}, most=20)
+                self.assertEqual((used(answer), cut(answer)), (5, False))
+
+    def test_vllms_ignore_eos_and_min_tokens(self):
+        for path, body, finish in [
+                ("/v1/chat/completions", {"messages": self.ASK},
+                 lambda answer: answer["choices"][0]["finish_reason"]),
+                ("/v1/completions", {"prompt": "Hi"},
+                 lambda answer: answer["choices"][0]["finish_reason"])]:
+            with self.subTest(path=path):
+                ask = dict(body, model="m", max_tokens=512)
+                answer = self.call("POST", path, dict(ask, ignore_eos=True))[1]
+                self.assertEqual((answer["usage"]["completion_tokens"], finish(answer)),
+                                 (512, "length"))
+                answer = self.call("POST", path, dict(ask, min_tokens=30))[1]
+                self.assertEqual((answer["usage"]["completion_tokens"], finish(answer)),
+                                 (30, "stop"))
+                answer = self.call("POST", path, dict(ask))[1]
+                self.assertLess(answer["usage"]["completion_tokens"], 30)  # as it was
+
+    def test_a_drawn_length_is_seeded_and_json_keeps_its_own(self):
+        lengths = {"mean": 60, "stdev": 20}
+        first = [self.ask("openai.chat", {"output_tokens": lengths, "seed": 5})["usage"][
+            "completion_tokens"] for _ in range(5)]
+        self.assertEqual(len(set(first)), 5)  # each request draws its own
+        self.call("POST", "/v1/reset")
+        self.assertEqual([self.ask("openai.chat", {"output_tokens": lengths, "seed": 5})[
+            "usage"]["completion_tokens"] for _ in range(5)], first)
+        answer = self.call("POST", "/v1/chat/completions", {
+            "model": "m", "messages": self.ASK, "simulate": {"output_tokens": 500},
+            "response_format": {"type": "json_object"}})[1]
+        json.loads(answer["choices"][0]["message"]["content"])
 
 
 class IdsTest(AppTestCase):
@@ -2968,6 +3130,20 @@ class GeminiFunctionCallTest(GeminiCalls, AppTestCase):
         self.assertIsInstance(json.loads(body["candidates"][0]["content"]["parts"][0]["text"]),
                               dict)
 
+    def test_a_json_schema_is_an_object_or_a_boolean(self):
+        body = self.generate(generationConfig={"responseJsonSchema": True})[1]
+        json.loads(body["candidates"][0]["content"]["parts"][0]["text"])
+        for schema, reason in (("0", "must be a JSON Schema: an object or a boolean"),
+                               (False, "is false: no value is valid")):
+            status, body, _ = self.generate(generationConfig={"responseJsonSchema": schema})
+            self.assert_google_error(status, body, 400, "INVALID_ARGUMENT")
+            self.assertEqual(body["error"]["message"],
+                             "generationConfig.responseJsonSchema " + reason)
+        # Both refusals are declared in the document, where the fuzzer reads them.
+        refuses = self.call("GET", "/openapi.json")[1]["paths"][
+            "/v1beta/models/{model}:generateContent"]["post"]["x-dummyllm-refuses"]
+        self.assertIn("generationConfig.responseJsonSchema", refuses)
+
     def test_truncate_after_leaves_out_the_finish(self):
         response = self.stream(stream={"truncate_after": 2})
         events = sse_events(response)
@@ -4103,6 +4279,39 @@ class MetricsTest(AppTestCase):
                        "dummyllm_job_duration_seconds_count 1"]:
             self.assertIn(sample + "\n", text)
 
+    def metrics(self):
+        self.conn.request("GET", "/metrics")
+        return self.conn.getresponse().read().decode()
+
+    def test_vllms_metrics_by_model_name(self):
+        for model, tokens in (("llama", 7), ("llama", 5), ("qwen", 3)):
+            self.conn.request("POST", "/v1/chat/completions", json.dumps({
+                "model": model, "messages": HELLO, "max_tokens": tokens, "ignore_eos": True,
+                "stream": True, "simulate": {"latency_ms": 100, "token_ms": 10}}))
+            self.conn.getresponse().read()
+        self.call("POST", "/v1/chat/completions", {"model": "qwen", "messages": HELLO,
+                                                   "simulate": {"latency_ms": 50}})
+        text = self.metrics()
+        for sample in ['vllm:num_requests_running{model_name="llama"} 0',
+                       'vllm:generation_tokens_total{model_name="llama"} 12',
+                       'vllm:request_success_total{model_name="llama",finished_reason="length"} 2',
+                       'vllm:request_success_total{model_name="qwen",finished_reason="stop"} 1',
+                       'vllm:time_to_first_token_seconds_bucket{model_name="qwen",le="0.06"} 1',
+                       'vllm:time_to_first_token_seconds_sum{model_name="llama"} 0.2',
+                       'vllm:inter_token_latency_seconds_count{model_name="llama"} 10',
+                       'vllm:e2e_request_latency_seconds_sum{model_name="qwen"} 0.17']:
+            self.assertIn(sample + "\n", text)
+
+    @needs(prometheus_parser, "prometheus-client", "DUMMYLLM_REQUIRE_PROMETHEUS")
+    def test_prometheus_clients_parser_reads_them(self):
+        self.call("POST", "/v1/chat/completions", {"model": "llama", "messages": HELLO})
+        families = {family.name: family
+                    for family in prometheus_parser.text_string_to_metric_families(self.metrics())}
+        self.assertEqual(families["vllm:time_to_first_token_seconds"].type, "histogram")
+        self.assertEqual(families["vllm:prompt_tokens"].type, "counter")
+        [running] = families["vllm:num_requests_running"].samples
+        self.assertEqual((running.labels, running.value), ({"model_name": "llama"}, 0))
+
 
 class RouteFactsTest(unittest.TestCase):
 
@@ -4257,6 +4466,95 @@ class JobStoreTest(unittest.TestCase):
         self.assertEqual((taken.fault.kind, job), ("reset", None))
         self.assertIsNone(store.create(scripted)[0].fault)
         self.assertEqual(store.counts()["stored"], 1)
+
+
+def ten_tokens(gap_ms=10, end="end"):
+    """A reply of ten one-token pieces, gap_ms apart: 90 ms from first to last."""
+    return dummyllm._Reply("x" * 40, None, end, None, 3, 10, 0, lambda index: gap_ms)
+
+
+class SlotsTest(unittest.TestCase):
+    """--slots, --queue and --load-factor on the fake clock: N calls
+    generate, M wait in arrival order, one more is refused."""
+
+    def capacity(self, **options):
+        clock = FakeClock()
+        return dummyllm._Capacity(dummyllm.make_config(**options), clock), clock
+
+    def book(self, capacity, due_ms=1000):
+        return capacity.book("m", 1000, due_ms, ten_tokens(), 503)
+
+    def test_n_generate_m_wait_and_one_more_is_refused(self):
+        capacity, clock = self.capacity(slots=2, queue=1)
+        starts = [self.book(capacity)[0] for _ in range(3)]
+        self.assertEqual(starts, [1000, 1000, 1090])  # the third waits for the first slot
+        with self.assertRaises(dummyllm.ApiError) as refused:
+            self.book(capacity)
+        self.assertEqual((refused.exception.code, refused.exception.status), ("OVERLOADED", 503))
+        self.assertEqual(refused.exception.retry_after_ms, 90)  # until the waiting call starts
+        self.assertEqual({model: counted[:2] for model, counted in capacity.snapshot().items()},
+                         {"m": (2, 1)})
+        clock.advance(90)  # the first two end; the third generates
+        self.assertEqual(capacity.snapshot()["m"][:2], (1, 0))
+        self.assertEqual(self.book(capacity, due_ms=clock.now)[0], clock.now)
+
+    def test_without_a_queue_bound_calls_wait_in_arrival_order(self):
+        capacity, _ = self.capacity(slots=1)
+        self.assertEqual([self.book(capacity)[0] for _ in range(4)], [1000, 1090, 1180, 1270])
+        capacity, _ = self.capacity(slots=1, queue=0)
+        self.book(capacity)
+        with self.assertRaises(dummyllm.ApiError):
+            self.book(capacity)
+
+    def test_token_gaps_follow_the_load_factor(self):
+        capacity, _ = self.capacity(slots=3, load_factor=3)
+        gaps = []
+        for _ in range(3):
+            start_ms, reply = self.book(capacity)
+            gaps.append(reply.gap(1))
+        self.assertEqual(gaps, [10, 20, 30])  # x1 alone, x3 with every slot held
+        self.assertEqual(self.book(capacity)[0], 1090)  # the first call's slot, stretched not
+
+    def test_the_metrics_count_what_vllm_counts(self):
+        capacity, clock = self.capacity()
+        self.book(capacity, due_ms=1100)
+        capacity.book("m", 1000, 1100, ten_tokens(end="max_tokens"), 503)
+        running, waiting, counts = capacity.snapshot()["m"]
+        self.assertEqual((running, waiting), (2, 0))  # no --slots: nothing waits
+        self.assertEqual((counts.ttft.sum, counts.e2e.sum), (0.2, 0.38))
+        self.assertEqual((sum(counts.itl.counts), round(counts.itl.sum, 6)), (18, 0.18))
+        self.assertEqual((counts.prompt_tokens, counts.generation_tokens), (6, 20))
+        self.assertEqual(counts.finished, {"stop": 1, "length": 1})
+        clock.advance(190)
+        self.assertEqual(capacity.snapshot()["m"][:2], (0, 0))
+
+
+class SlotsAppTest(ChatCalls, AppTestCase):
+    """Slots through the surfaces: each refuses in its own shape."""
+
+    options = {"latency_ms": 0, "slots": 1, "queue": 0, "served_models": ("llama", "qwen")}
+
+    def test_a_full_server_answers_each_surfaces_overloaded_error(self):
+        self.server.capacity.book("llama", self.clock.now, self.clock.now,
+                                  ten_tokens(gap_ms=1000), 503)  # a call in flight for 9 s
+        ask = [{"role": "user", "content": "Hi"}]
+        for path, body, status in [
+                ("/v1/chat/completions", {"model": "m", "messages": ask}, 503),
+                ("/v1/messages", {"model": "m", "messages": ask, "max_tokens": 5}, 529),
+                ("/v1beta/models/g:generateContent",
+                 {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]}, 503)]:
+            with self.subTest(path=path):
+                answered, body, response = self.call("POST", path, body)
+                self.assertEqual(answered, status, body)
+                self.assertEqual(response.getheader("retry-after"), "9")
+
+    def test_a_plain_answer_is_sent_at_its_last_token_and_models_are_listed(self):
+        before = self.clock.now
+        answer = self.chat(simulate={"output_tokens": 10, "token_ms": 10})[1]
+        self.assertEqual(answer["usage"]["completion_tokens"], 10)
+        self.assertEqual(self.clock.now - before, 90)
+        self.assertEqual([model["id"] for model in self.call("GET", "/v1/models")[1]["data"]],
+                         ["llama", "qwen"])
 
 
 # --- Verdict ----------------------------------------------------------------------
@@ -5563,6 +5861,17 @@ HOUR_MS = 3600000
 DOCUMENT = {}
 
 
+# A reply's length (a number or a distribution) of 64 tokens at most: a
+# stream of a million tokens outlasts the request timeout.
+def shorter(length):
+    if isinstance(length, (int, float)) and not isinstance(length, bool):
+        return min(length, 64)
+    if isinstance(length, dict):
+        return {key: shorter(item) if key in ("mean", "stdev") else item
+                for key, item in length.items()}
+    return length
+
+
 def tame(value):
     if isinstance(value, list):
         return [tame(item) for item in value]
@@ -5578,6 +5887,9 @@ def tame(value):
             key = "timeout"
         if key.endswith("_ms") and isinstance(item, (int, float)) and HOUR_MS < item <= 86400000:
             item = HOUR_MS
+        if key in ("output_tokens", "min_tokens") or (
+                key in ("max_tokens", "max_completion_tokens") and value.get("ignore_eos")):
+            item = shorter(item)
         tamed[key] = tame(item)
     return tamed
 
@@ -6155,7 +6467,13 @@ class CommandLineTest(unittest.TestCase):
             "log_format": "json", "cors": "*", "allow_callback_hosts": "a.test,b.test",
             "chaos": "0", "chaos_faults": "reset,status:503,status:429,dribble",
             "journal_size": "10", "max_connections": "100", "rpm": "60", "tpm": "10000",
+            "slots": "4", "queue": "8", "load_factor": "2", "served_models": "a,b",
             "quiet": True}
+
+    def test_a_list_flag_may_be_repeated(self):
+        config = dummyllm._config_from_command_line(
+            ["--served-model", "llama", "--served-model", "qwen,mistral"], {})
+        self.assertEqual(config.served_models, ("llama", "qwen", "mistral"))
 
     def test_every_option_by_flag_and_by_variable(self):
         options = {option.name: option for option in dummyllm._OPTIONS}
