@@ -1926,7 +1926,7 @@ def _reply(spec, plan, max_tokens, stop_sequences=(), min_tokens=None):
     text, end, met = plan.result["text"], "end", None
     calls = plan.result.get("tool_calls")
     usage = plan.result["usage"]
-    gap = _token_gaps(spec.token_ms, plan.draws)
+    gap = _Gaps(spec.token_ms, plan.draws)
     if calls is not None:
         return _Reply("", calls, "tool_calls", None, usage["prompt_tokens"],
                       usage["completion_tokens"], plan.ends_at_ms, gap)
@@ -1953,17 +1953,41 @@ def _sized(text, tokens):
     return (unit * (4 * tokens // len(unit) + 1))[:4 * tokens]
 
 
-def _token_gaps(token_ms, draws):
+class _Gaps:
     """gap(i), the ms before the i-th piece of a stream (i from 1): token_ms,
-    or a draw from its distribution for that piece."""
-    if isinstance(token_ms, dict):
-        return lambda index: _amount(token_ms, draws, f"token {index}", _MAX_TOKEN_MS)
-    return lambda index: token_ms
+    or a draw from its distribution for that piece (made once, when first
+    asked for); times `factor`.  `constant` is the one gap of them all, or
+    None when they are drawn."""
+
+    def __init__(self, token_ms, draws, factor=1, drawn=None):
+        self.token_ms, self.draws, self.factor = token_ms, draws, factor
+        self.constant = None if isinstance(token_ms, dict) else token_ms * factor
+        self._drawn = [] if drawn is None else drawn
+
+    def __call__(self, index):
+        if self.constant is not None:
+            return self.constant
+        while len(self._drawn) < index:
+            self._drawn.append(_amount(self.token_ms, self.draws,
+                                       f"token {len(self._drawn) + 1}", _MAX_TOKEN_MS))
+        return self._drawn[index - 1] * self.factor
+
+    def stretched(self, factor):
+        """These gaps, each `factor` times longer (the draws shared)."""
+        return _Gaps(self.token_ms, self.draws, self.factor * factor, self._drawn)
+
+    def total(self, pieces):
+        """The ms from the first of a stream's pieces to the last of `pieces`."""
+        if self.constant is not None:
+            return max(0, pieces - 1) * self.constant
+        return sum(self(index) for index in range(1, pieces))
 
 
-def _streamed_ms(reply, pieces):
-    """The ms from the first of a stream's pieces to the last of `pieces`."""
-    return sum(reply.gap(index) for index in range(1, pieces))
+def _piece_count(reply):
+    """How many pieces its stream has (see _stream_pieces)."""
+    if reply.tool_calls is None:
+        return -(-len(reply.text) // 4)
+    return sum(1 for _ in _stream_pieces(reply))
 
 
 def _embedding(model, text, dimensions):
@@ -2510,7 +2534,7 @@ class _Surface:
             return render.answer(render.frames(_stream_timeline(reply, spec.stream)), at=at_ms,
                                  failure=next(iter(spec.stream)) if spec.stream else None)
         if app.config.slots is not None:  # a plain answer is sent at its last token
-            at_ms += _streamed_ms(reply, sum(1 for _ in _stream_pieces(reply)))
+            at_ms += reply.gap.total(_piece_count(reply))
         return _Answer(200, self.answer(call, reply, created), at=at_ms, fault=spec.fault,
                        dribble_ms=spec.dribble_ms)
 
@@ -4852,7 +4876,7 @@ class _Ollama(_Surface):
         simulated timing: the prompt took the time to the first token, the
         reply token_ms a token."""
         eval_ms = streamed_ms if call.stream else min(
-            reply.elapsed_ms, _streamed_ms(reply, reply.completion_tokens + 1))
+            reply.elapsed_ms, reply.gap.total(reply.completion_tokens + 1))
         nanoseconds = 1_000_000
         body = self.line(call, created, text, done=True, tool_calls=tool_calls)
         total, evaluated = (round(ms * nanoseconds) for ms in (reply.elapsed_ms + streamed_ms,
@@ -4889,7 +4913,7 @@ class _Ollama(_Surface):
                          tool_calls=[(index, render.reply.tool_calls[index])])
 
     def final_line(self, render, piece):
-        streamed_ms = _streamed_ms(render.reply, sum(1 for _ in _stream_pieces(render.reply)))
+        streamed_ms = render.reply.gap.total(_piece_count(render.reply))
         return self.final(render.call, render.reply, render.created, "", streamed_ms)
 
     stream_events = {
@@ -5808,9 +5832,9 @@ class _Histogram:
     def __init__(self, bounds):
         self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
 
-    def observe(self, value):
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
+    def observe(self, value, times=1):
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.sum += value * times
 
     def copy(self):
         histogram = _Histogram(self.bounds)
@@ -5863,6 +5887,7 @@ class _Capacity:
     def __init__(self, config, clock):
         self.slots, self.queue, self.load_factor = config.slots, config.queue, config.load_factor
         self.clock = clock
+        self._in_seconds = clock.real_ms(0.001)  # real seconds of a simulated ms
         self._lock = threading.Lock()
         self._free_at = [-math.inf] * (self.slots or 0)  # a heap: when each slot frees
         self._calls = []     # a heap of (ends, starts, first token due, model) of calls not ended
@@ -5874,8 +5899,8 @@ class _Capacity:
         due at due_ms; past the queue, raises the surface's overloaded error.
         A call that does not generate (a plain answer without --slots, sent
         whole when its first token is due) ends then."""
-        pieces = sum(1 for _ in _stream_pieces(reply)) if generates else 0
-        gaps = [reply.gap(index) for index in range(1, pieces)]
+        pieces = _piece_count(reply) if generates else 0
+        generating_ms = reply.gap.total(pieces)  # drawn gaps are drawn here, outside the lock
         now = self.clock.now_ms()
         with self._lock:
             while self._calls and self._calls[0][0] <= now:
@@ -5887,14 +5912,15 @@ class _Capacity:
                     self._check_queue(due_ms, now, overloaded_status)
                 held = sum(1 for free_at in self._free_at if free_at > start_ms)
                 factor = 1 + (self.load_factor - 1) * held / max(1, self.slots - 1)
-                heapq.heapreplace(self._free_at, start_ms + factor * sum(gaps))
-            ends_ms = start_ms + factor * sum(gaps)
+                heapq.heapreplace(self._free_at, start_ms + factor * generating_ms)
+            ends_ms = start_ms + factor * generating_ms
             heapq.heappush(self._calls, (ends_ms, start_ms, due_ms, model))
-            self._count(model, reply, [self.clock.real_ms(ms) / 1000 for ms in (
-                start_ms - received_ms, ends_ms - received_ms, *(gap * factor for gap in gaps))])
-        if factor != 1:
-            reply = reply._replace(gap=lambda index, gap=reply.gap: factor * gap(index))
-        return start_ms, reply._replace(elapsed_ms=start_ms - received_ms)
+            self._count(model, reply, start_ms - received_ms, ends_ms - received_ms,
+                        pieces, factor)
+        if start_ms != due_ms or factor != 1:
+            reply = reply._replace(gap=reply.gap.stretched(factor),
+                                   elapsed_ms=start_ms - received_ms)
+        return start_ms, reply
 
     def _check_queue(self, due_ms, now, overloaded_status):
         """Refuse a call that would wait when --queue calls that came before
@@ -5908,15 +5934,21 @@ class _Capacity:
                        f"wait; retry in {wait_ms} ms", status=overloaded_status,
                        retry_after_ms=wait_ms / self.clock.scale)
 
-    def _count(self, model, reply, seconds):
+    def _count(self, model, reply, first_token_ms, last_token_ms, pieces, factor):
+        """Count a call in its model's metrics (under the lock)."""
         counts = self._models.get(model)
         if counts is None:
             counts = self._models[model] = _ModelCounts()
-        ttft, e2e, *gaps = seconds
-        counts.ttft.observe(ttft)
-        counts.e2e.observe(e2e)
-        for gap in gaps:
-            counts.itl.observe(gap)
+        in_seconds = self._in_seconds
+        counts.ttft.observe(first_token_ms * in_seconds)
+        counts.e2e.observe(last_token_ms * in_seconds)
+        if pieces < 2:
+            pass
+        elif reply.gap.constant is not None:
+            counts.itl.observe(reply.gap.constant * factor * in_seconds, pieces - 1)
+        else:
+            for index in range(1, pieces):
+                counts.itl.observe(reply.gap(index) * factor * in_seconds)
         counts.prompt_tokens += reply.prompt_tokens
         counts.generation_tokens += reply.completion_tokens
         counts.finished["length" if reply.end == "max_tokens" else "stop"] += 1

@@ -719,7 +719,7 @@ class SimulationTest(unittest.TestCase):
 
     def test_a_stream_timeline_is_lazy_and_ends_as_its_failure_says(self):
         def events(text, failure=None, tool_calls=None):
-            reply = dummyllm._Reply(text, tool_calls, "end", None, 0, 0, 0, lambda i: 10)
+            reply = dummyllm._Reply(text, tool_calls, "end", None, 0, 0, 0, dummyllm._Gaps(10, None))
             return list(dummyllm._stream_timeline(reply, failure))
         self.assertEqual(events("abcdefghi"), [
             (0, "open", None), (0, "piece", "abcd"), (10, "piece", "efgh"),
@@ -730,7 +730,7 @@ class SimulationTest(unittest.TestCase):
         self.assertEqual(events("abcdefghi", {"malformed_after": 1})[-1],
                          (10, "malformed", ("piece", "efgh")))
         self.assertEqual(events(""), [(0, "open", None), (0, "close", None)])
-        reply = dummyllm._Reply("x" * 10 ** 7, None, "end", None, 0, 0, 0, lambda i: 1)
+        reply = dummyllm._Reply("x" * 10 ** 7, None, "end", None, 0, 0, 0, dummyllm._Gaps(1, None))
         timeline = dummyllm._stream_timeline(reply, None)
         self.assertEqual(next(timeline), (0, "open", None))  # nothing built ahead
 
@@ -770,7 +770,7 @@ class SimulationTest(unittest.TestCase):
     def test_a_tool_call_streams_its_name_then_its_arguments_in_pieces(self):
         call = {"id": "call_1", "name": "f", "arguments": {"city": "Paris"}}
         timeline = list(dummyllm._stream_timeline(
-            dummyllm._Reply("", [call], "tool_calls", None, 0, 0, 0, lambda i: 10), None))
+            dummyllm._Reply("", [call], "tool_calls", None, 0, 0, 0, dummyllm._Gaps(10, None)), None))
         self.assertEqual(timeline[:2], [(0, "open", None), (0, "call", 0)])
         pieces = [piece for _, event, piece in timeline if event == "arguments"]
         self.assertGreaterEqual(len(pieces), 2)
@@ -4470,7 +4470,7 @@ class JobStoreTest(unittest.TestCase):
 
 def ten_tokens(gap_ms=10, end="end"):
     """A reply of ten one-token pieces, gap_ms apart: 90 ms from first to last."""
-    return dummyllm._Reply("x" * 40, None, end, None, 3, 10, 0, lambda index: gap_ms)
+    return dummyllm._Reply("x" * 40, None, end, None, 3, 10, 0, dummyllm._Gaps(gap_ms, None))
 
 
 class SlotsTest(unittest.TestCase):
