@@ -620,6 +620,14 @@ def _check_tool_calls(value, field):
     return tuple(calls)
 
 
+def _check_replica(value, field):
+    found = re.fullmatch(r"([0-9]{1,2})/([0-9]{1,2})", value) if isinstance(value, str) else None
+    if found is None or not int(found[1]) < int(found[2]) <= 16:
+        raise _ValidationError(field, "must be I/N: this replica's index I of N replicas, "
+                               "0 <= I < N <= 16, e.g. 0/3")
+    return value
+
+
 class _Names(_Rule):
     """Names, as a list or comma-separated (a flag of them may be repeated)."""
 
@@ -1317,6 +1325,10 @@ _OPTIONS = (
     _Option("load_factor", "--load-factor", "DUMMYLLM_LOAD_FACTOR", 1, _Number(1, 1000),
             "with --slots, the token gap is this many times longer with every slot held "
             "(x1 with one; in a line between)"),
+    _Option("replica", "--replica", "DUMMYLLM_REPLICA", None,
+            _Nullable(_Check(_check_replica, {"type": "string", "pattern": "^[0-9]+/[0-9]+$"})),
+            "I/N: replica I of N behind a balancer; every id it makes begins its hex part with "
+            "the digit I, so the balancer can route by id"),
     _Option("served_models", "--served-model", "DUMMYLLM_SERVED_MODELS", (),
             _Names("llama-3-8b,qwen-2"),
             "the model names /v1/models lists, comma-separated or repeated (none: dummyllm)"),
@@ -3002,13 +3014,13 @@ class _Exposition:
     def __init__(self):
         self._lines = []
 
-    def family(self, name, kind, help_text, samples, suffix=""):
+    def family(self, name, kind, help_text, samples):
         self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        self.samples(name + suffix, samples)
+        self.samples(name, samples)
 
     def histogram(self, name, help_text, histograms):
         """A histogram family: [(labels, _Histogram)]."""
-        self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        self.family(name, "histogram", help_text, ())
         for labels, histogram in histograms:
             bounds = [str(bound) for bound in histogram.bounds] + ["+Inf"]
             self.samples(name + "_bucket", [
@@ -3094,7 +3106,7 @@ class _Control(_Surface):
 
     @_api("Prometheus metrics", answers={200: "text/plain"})
     def metrics(self, app, request):
-        created, finished, active, (buckets, seconds) = app.store.metrics()
+        created, finished, active, durations = app.store.metrics()
         requests, faults, stream_errors = app.counted()
         text = _Exposition()
         text.family("dummyllm_jobs_created_total", "counter",
@@ -3108,13 +3120,8 @@ class _Control(_Surface):
                     "HTTP requests answered, by method, route and status.",
                     [({"method": method, "route": route, "status": status}, n)
                      for (method, route, status), n in sorted(requests.items(), key=str)])
-        cumulative = list(itertools.accumulate(buckets))
-        bounds = [str(bound) for bound in _JobStore.DURATION_BUCKETS] + ["+Inf"]
-        text.family("dummyllm_job_duration_seconds", "histogram",
-                    "Time from a job's creation to its final state.",
-                    [({"le": le}, n) for le, n in zip(bounds, cumulative)], suffix="_bucket")
-        text.samples("dummyllm_job_duration_seconds_sum", [({}, round(seconds, 6))])
-        text.samples("dummyllm_job_duration_seconds_count", [({}, cumulative[-1])])
+        text.histogram("dummyllm_job_duration_seconds",
+                       "Time from a job's creation to its final state.", [({}, durations)])
         text.family("dummyllm_faults_injected_total", "counter",
                     "Transport faults injected, by kind.",
                     [({"kind": kind}, n) for kind, n in sorted(faults.items())])
@@ -3722,7 +3729,7 @@ class _OpenAIResponses(_OpenAI):
             spec, plan, n = app.store.plan_call(call.spec)
             if plan.state in _REFUSED_STATES:
                 raise _refusal(spec, plan, self.overloaded_status)
-            response_id = _response_id(spec.seed, spec.trace_id or "", n)
+            response_id = app.store.own_id(_response_id(spec.seed, spec.trace_id or "", n))
             created_at = request.received_wall_ms // 1000
         request.note.rule = spec.rule
         _no_dribbled_stream(call._replace(spec=spec))
@@ -5142,6 +5149,22 @@ class _Router:
 # operation first applies the transitions already due, so no answer depends
 # on when the Timer ran.  Time comes from an injected clock.
 
+class _Histogram:
+    """Observations counted in buckets (upper bounds, +Inf last), with their sum."""
+
+    def __init__(self, bounds):
+        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, value, times=1):
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.sum += value * times
+
+    def copy(self):
+        histogram = _Histogram(self.bounds)
+        histogram.counts, histogram.sum = list(self.counts), self.sum
+        return histogram
+
+
 class _Clock:
     """Time as the store and the server see it, and --time-scale, which is
     applied here and nowhere else.
@@ -5319,7 +5342,7 @@ class _JobStore:
         self._by_state = collections.Counter()          # stored jobs by state
         self._created_by_mode = collections.Counter()   # for /metrics
         self._finished_by_state = collections.Counter()
-        self._durations = [0] * (len(self.DURATION_BUCKETS) + 1), [0.0]  # bucket counts, sum
+        self._durations = _Histogram(self.DURATION_BUCKETS)
 
     def create(self, spec, idempotency=None, prefix="job", view=_Job.created_json, id_of=None):
         """Take the request's script step and store its job: a _Created of the
@@ -5532,7 +5555,7 @@ class _JobStore:
             self._apply_due()
             return (dict(self._created_by_mode), dict(self._finished_by_state),
                     len(self._jobs) - len(self._finished),
-                    (list(self._durations[0]), self._durations[1][0]))
+                    self._durations.copy())
 
     def ended_at(self, job_ids):
         """When each of these jobs that the store keeps and that has ended
@@ -5653,10 +5676,18 @@ class _JobStore:
         return job
 
     def _new_id(self, prefix, chosen=None):
-        job_id = chosen
+        job_id = chosen and self.own_id(chosen)
         while job_id is None or job_id in self._jobs:
-            job_id = f"{prefix}_{self._ids.getrandbits(48):012x}"
+            job_id = self.own_id(f"{prefix}_{self._ids.getrandbits(48):012x}")
         return job_id
+
+    def own_id(self, made):
+        """An id this server made, as --replica I/N has it: its hex part
+        begins with the digit I."""
+        if self.config.replica is None:
+            return made
+        prefix, _, digits = made.partition("_")
+        return f"{prefix}_{int(self.config.replica.partition('/')[0]):x}{digits[1:]}"
 
     def _count(self, counters, key):
         """Count one more for key; returns the count before.  Bounded: the
@@ -5720,8 +5751,7 @@ class _JobStore:
         self._finished[job.id] = None
         self._finished_by_state[state] += 1
         seconds = self.clock.real_ms(self.clock.now_ms() - job.start_ms) / 1000
-        self._durations[0][bisect.bisect_left(self.DURATION_BUCKETS, seconds)] += 1
-        self._durations[1][0] += seconds
+        self._durations.observe(seconds)
         self._changed(job)
         if job.spec.callback_url and self.on_finish is not None:
             self._lock.later(self.on_finish, job.id, job.spec.callback_url, job.to_json())
@@ -5824,22 +5854,6 @@ class _Quotas:
                 return
             self._windows.clear()
             self.refused.clear()
-
-
-class _Histogram:
-    """Observations counted in buckets (upper bounds, +Inf last), with their sum."""
-
-    def __init__(self, bounds):
-        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
-
-    def observe(self, value, times=1):
-        self.counts[bisect.bisect_left(self.bounds, value)] += times
-        self.sum += value * times
-
-    def copy(self):
-        histogram = _Histogram(self.bounds)
-        histogram.counts, histogram.sum = list(self.counts), self.sum
-        return histogram
 
 
 class _ModelCounts:
@@ -6905,6 +6919,10 @@ def _http_date():
     return _date_cache[1]
 
 
+# A stream's header that tells nginx (and balancers that follow it) to pass
+# the stream through as it is sent, whatever their buffering.
+_UNBUFFERED = "X-Accel-Buffering: no"
+
 _REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/([0-9])\.([0-9])\Z")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _TOKEN_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+( *, *[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
@@ -7582,11 +7600,11 @@ class _Handler(BaseHTTPRequestHandler):
         elif length is not None:
             lines += ["Content-Type: " + content_type, f"Content-Length: {length}"]
         elif self.request_version == "HTTP/1.0":
-            lines.append("Content-Type: " + content_type)
+            lines += ["Content-Type: " + content_type, _UNBUFFERED]
             self.close_connection = True  # no chunked encoding: the end of the body is the close
         else:
             lines += ["Content-Type: " + content_type, "Transfer-Encoding: chunked",
-                      "Cache-Control: no-cache"]
+                      "Cache-Control: no-cache", _UNBUFFERED]
         lines.extend(f"{name}: {value}" for name, value in headers)
         lines.extend(self.server.cors_headers)
         if self.close_connection:

@@ -1322,7 +1322,8 @@ class SurfaceProtocolTest(Registers, AppTestCase):
 
 
 class StreamContentTypeTest(AppTestCase):
-    """Every stream, of every surface and kind, in its vendor's content type."""
+    """Every stream, of every surface and kind, in its vendor's content type,
+    and marked for a proxy to pass through unbuffered."""
 
     options = {"latency_ms": 0}
     FAST = {"simulate": {"token_ms": 0}}
@@ -1334,6 +1335,7 @@ class StreamContentTypeTest(AppTestCase):
         response = self.conn.getresponse()
         response.read()
         self.assertEqual(response.status, 200, path)
+        self.assertEqual(response.getheader("X-Accel-Buffering"), "no")
         return response.getheader("Content-Type")
 
     def test_each_surface_and_kind(self):
@@ -4412,7 +4414,7 @@ class JobStoreTest(unittest.TestCase):
         self.clock.advance(1000)
         self.assertEqual(self.state(store, job_id), "ok")
         self.assertEqual(store.request_view(job_id)["simulate"]["latency_ms"], 1000)
-        self.assertAlmostEqual(store.metrics()[3][1], 0.1)  # durations are real seconds
+        self.assertAlmostEqual(store.metrics()[3].sum, 0.1)  # durations are real seconds
 
     def test_one_timer_for_the_earliest_rearmed_only_when_an_earlier_one_comes(self):
         store = self.store()
@@ -5754,6 +5756,138 @@ class EmbeddingTest(unittest.TestCase):
             self.assertTrue(hasattr(dummyllm, name), name)
 
 
+def free_port():
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
+
+
+NGINX = shutil.which("nginx") or next(
+    (path for path in ("/usr/sbin/nginx",) if os.access(path, os.X_OK)), None)
+
+
+@needs(NGINX, "nginx", "DUMMYLLM_REQUIRE_NGINX")
+class ReplicaIdsTest(AppTestCase):
+    """--replica I/N: every id the server makes begins its hex part with I."""
+
+    options = {"replica": "11/16", "latency_ms": 0}
+
+    def test_job_and_response_ids_begin_with_the_replicas_digit(self):
+        self.assertRegex(self.create(), r"\Ajob_b[0-9a-f]{11}\Z")
+        for store in (True, False):
+            response = self.call("POST", "/v1/responses", {"model": "m", "input": "Hi",
+                                                           "store": store})[1]
+            self.assertRegex(response["id"], r"\Aresp_b[0-9a-f]{11}\Z")
+
+
+class ReplicasBehindNginxTest(unittest.TestCase):
+    """Three replicas behind nginx with the README's configuration, as written
+    (its ports changed): ids route to their replica, keys hash to one."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.replicas = [dummyllm.start_server(replica=f"{index}/3", seed=1337, latency_ms=0)
+                        for index in range(3)]
+        cls.directory = tempfile.mkdtemp()
+        cls.port = free_port()
+        with open(README, encoding="utf-8") as file:
+            text = file.read()
+        [conf] = re.findall(r"^```nginx\n(.*?)^```$", text, re.M | re.S)
+        for index, replica in enumerate(cls.replicas):
+            conf = conf.replace(f"127.0.0.1:880{index + 1}", replica.url.partition("//")[2])
+        conf = conf.replace("listen 8787;", f"listen 127.0.0.1:{cls.port};")
+        with open(os.path.join(cls.directory, "dummyllm.conf"), "w") as file:
+            file.write(conf)
+        with open(os.path.join(cls.directory, "nginx.conf"), "w") as file:
+            file.write(f"""
+                worker_processes 1; pid nginx.pid; error_log error.log;
+                events {{}}
+                http {{
+                    access_log off;
+                    client_body_temp_path body; proxy_temp_path proxy;
+                    fastcgi_temp_path fastcgi; uwsgi_temp_path uwsgi; scgi_temp_path scgi;
+                    include dummyllm.conf;
+                }}""")
+        cls.nginx = subprocess.Popen([NGINX, "-p", cls.directory, "-c", "nginx.conf",
+                                      "-g", "daemon off;"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", cls.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or cls.nginx.poll() is not None:
+                    cls.tearDownClass()
+                    raise RuntimeError("nginx did not start: " + cls.nginx.stderr.read())
+                time.sleep(0.05)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.nginx.terminate()
+        cls.nginx.wait(10)
+        cls.nginx.stderr.close()
+        for replica in cls.replicas:
+            replica.stop()
+        shutil.rmtree(cls.directory, ignore_errors=True)
+
+    def call(self, method, path, body=None, headers=None, port=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request(method, path, None if body is None else json.dumps(body), headers or {})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    def modes(self, port, key):
+        """The modes a key's six flaky jobs drew, and the replicas that made them."""
+        ids = [self.call("POST", "/v1/jobs", {"op": "x", "simulate": {"mode": "flaky"}},
+                         {"X-Trace-Id": key}, port)[1]["id"] for _ in range(6)]
+        return ([self.call("GET", f"/v1/jobs/{job_id}/request", port=port)[1]["simulate"][
+            "mode"] for job_id in ids], {job_id[4] for job_id in ids})
+
+    def test_a_seeded_key_walks_the_same_sequence_as_on_one_server(self):
+        with dummyllm.start_server(seed=1337, latency_ms=0) as alone:
+            expected, _ = self.modes(alone.url.rpartition(":")[2], "walk")
+        modes, replicas = self.modes(None, "walk")
+        self.assertEqual(modes, expected)
+        self.assertEqual(len(replicas), 1)  # one replica holds the key
+
+    def test_every_poll_and_cancel_reaches_its_jobs_replica(self):
+        ids = [self.call("POST", "/v1/jobs", {"op": "x", "simulate": {"mode": "hang"}})[1]["id"]
+               for _ in range(9)]
+        self.assertEqual({job_id[4] for job_id in ids}, {"0", "1", "2"})  # round robin
+        for job_id in ids:
+            self.assertEqual(self.call("GET", "/v1/jobs/" + job_id)[1]["state"], "running")
+            self.assertEqual(self.call("POST", f"/v1/jobs/{job_id}/cancel")[1]["state"],
+                             "cancelled")
+
+    def test_a_stream_passes_through_as_it_is_sent(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        self.addCleanup(conn.close)
+        started = time.monotonic()
+        conn.request("POST", "/v1/chat/completions", json.dumps({
+            "model": "m", "messages": HELLO, "stream": True,
+            "simulate": {"token_ms": 300, "output_tokens": 4}}))
+        response = conn.getresponse()
+        first = response.readline()
+        first_at = time.monotonic() - started
+        response.read()
+        self.assertTrue(first.startswith(b"data: "))
+        self.assertLess(first_at, 0.5)  # the last of four chunks goes 0.9 s after the first
+        self.assertGreater(time.monotonic() - started, 0.85)
+
+    def test_the_verdict_for_a_key_counts_all_its_requests(self):
+        key = {"X-Trace-Id": "verdict-key"}
+        for _ in range(2):
+            self.call("POST", "/v1/chat/completions", {"model": "m", "messages": HELLO},
+                      headers=key)
+        job_id = self.call("POST", "/v1/jobs", {"op": "x"}, headers=key)[1]["id"]
+        for _ in range(2):
+            self.call("GET", "/v1/jobs/" + job_id)  # no key: routed by the id
+        status, verdict = self.call("GET", "/v1/verdict?trace_id=verdict-key")
+        self.assertEqual((status, verdict["requests"]), (200, 5))
+
+
 # --- API document and pages -------------------------------------------------------
 
 class OpenAPITest(AppTestCase):
@@ -6450,6 +6584,7 @@ class CommandLineTest(unittest.TestCase):
                                  (["--weights", "ok=x"], {}, "--weights"),
                                  (["--chaos", "1.5"], {}, "--chaos"),
                                  (["--chaos-faults", "reset,boom"], {}, "--chaos-faults"),
+                                 (["--replica", "3/3"], {}, "--replica"),
                                  ([], {"DUMMYLLM_LATENCY_MS": "abc"}, "DUMMYLLM_LATENCY_MS"),
                                  (["--no-such-flag"], {}, "--no-such-flag")]:
             with self.subTest(args=args, env=env):
@@ -6468,6 +6603,7 @@ class CommandLineTest(unittest.TestCase):
             "chaos": "0", "chaos_faults": "reset,status:503,status:429,dribble",
             "journal_size": "10", "max_connections": "100", "rpm": "60", "tpm": "10000",
             "slots": "4", "queue": "8", "load_factor": "2", "served_models": "a,b",
+            "replica": "1/2",
             "quiet": True}
 
     def test_a_list_flag_may_be_repeated(self):
