@@ -5895,16 +5895,22 @@ class _Capacity:
     at once, and past that a call is refused, with the wait until a place
     frees.  Its token gaps are stretched by the load when it starts: x1 with
     one call generating, rising in a line to x--load-factor with every slot
-    held.  A call is counted in the metrics when booked.  Times are
-    simulated ms on the store's clock."""
+    held.  Times are simulated ms on the store's clock.
+
+    A call is counted in the metrics when booked: its figures go to a tally,
+    summed into the histograms when they are read or the tally is long,
+    equal figures at once (summing each call as it came made a chat answer
+    take 62 us of server time instead of 57)."""
+
+    TALLY = 4096  # calls tallied before they are summed
 
     def __init__(self, config, clock):
         self.slots, self.queue, self.load_factor = config.slots, config.queue, config.load_factor
         self.clock = clock
-        self._in_seconds = clock.real_ms(0.001)  # real seconds of a simulated ms
         self._lock = threading.Lock()
         self._free_at = [-math.inf] * (self.slots or 0)  # a heap: when each slot frees
         self._calls = []     # a heap of (ends, starts, first token due, model) of calls not ended
+        self._tally = []     # (model, reply's figures, first and last token ms, pieces, factor)
         self._models = {}    # model name -> _ModelCounts
 
     def book(self, model, received_ms, due_ms, reply, overloaded_status, generates=True):
@@ -5929,8 +5935,12 @@ class _Capacity:
                 heapq.heapreplace(self._free_at, start_ms + factor * generating_ms)
             ends_ms = start_ms + factor * generating_ms
             heapq.heappush(self._calls, (ends_ms, start_ms, due_ms, model))
-            self._count(model, reply, start_ms - received_ms, ends_ms - received_ms,
-                        pieces, factor)
+            self._tally.append((model, reply.gap.constant if pieces > 1 else 0,
+                                reply.prompt_tokens, reply.completion_tokens, reply.end,
+                                start_ms - received_ms, ends_ms - received_ms, pieces, factor,
+                                None if reply.gap.constant is not None else reply.gap))
+            if len(self._tally) >= self.TALLY:
+                self._sum_tally()
         if start_ms != due_ms or factor != 1:
             reply = reply._replace(gap=reply.gap.stretched(factor),
                                    elapsed_ms=start_ms - received_ms)
@@ -5948,24 +5958,26 @@ class _Capacity:
                        f"wait; retry in {wait_ms} ms", status=overloaded_status,
                        retry_after_ms=wait_ms / self.clock.scale)
 
-    def _count(self, model, reply, first_token_ms, last_token_ms, pieces, factor):
-        """Count a call in its model's metrics (under the lock)."""
-        counts = self._models.get(model)
-        if counts is None:
-            counts = self._models[model] = _ModelCounts()
-        in_seconds = self._in_seconds
-        counts.ttft.observe(first_token_ms * in_seconds)
-        counts.e2e.observe(last_token_ms * in_seconds)
-        if pieces < 2:
-            pass
-        elif reply.gap.constant is not None:
-            counts.itl.observe(reply.gap.constant * factor * in_seconds, pieces - 1)
-        else:
-            for index in range(1, pieces):
-                counts.itl.observe(reply.gap(index) * factor * in_seconds)
-        counts.prompt_tokens += reply.prompt_tokens
-        counts.generation_tokens += reply.completion_tokens
-        counts.finished["length" if reply.end == "max_tokens" else "stop"] += 1
+    def _sum_tally(self):
+        """Sum the tallied calls into their models' counts (under the lock)."""
+        in_seconds = self.clock.real_ms(0.001)  # real seconds of a simulated ms
+        for (model, constant, prompt_tokens, completion_tokens, end, first_token_ms,
+             last_token_ms, pieces, factor, gaps), calls in collections.Counter(
+                self._tally).items():
+            counts = self._models.get(model)
+            if counts is None:
+                counts = self._models[model] = _ModelCounts()
+            counts.ttft.observe(first_token_ms * in_seconds, calls)
+            counts.e2e.observe(last_token_ms * in_seconds, calls)
+            if gaps is None:
+                counts.itl.observe(constant * factor * in_seconds, calls * max(0, pieces - 1))
+            else:
+                for index in range(1, pieces):
+                    counts.itl.observe(gaps(index) * factor * in_seconds, calls)
+            counts.prompt_tokens += prompt_tokens * calls
+            counts.generation_tokens += completion_tokens * calls
+            counts.finished["length" if end == "max_tokens" else "stop"] += calls
+        self._tally.clear()
 
     def snapshot(self):
         """{model: (calls running, calls waiting for a slot, its _ModelCounts
@@ -5973,6 +5985,7 @@ class _Capacity:
         it waits."""
         now = self.clock.now_ms()
         with self._lock:
+            self._sum_tally()
             calls = [call for call in self._calls if call[0] > now]
             models = {model: counts.copy() for model, counts in self._models.items()}
         running, waiting = collections.Counter(), collections.Counter()

@@ -4531,6 +4531,17 @@ class SlotsTest(unittest.TestCase):
         self.assertEqual(capacity.snapshot()["m"][:2], (0, 0))
 
 
+    def test_a_long_tally_is_summed_as_it_grows(self):
+        capacity, _ = self.capacity()
+        for _ in range(dummyllm._Capacity.TALLY + 10):
+            self.book(capacity)
+        self.assertEqual(len(capacity._tally), 10)  # the first TALLY calls already summed
+        counts = capacity.snapshot()["m"][2]
+        self.assertEqual((sum(counts.e2e.counts), sum(counts.itl.counts)),
+                         (dummyllm._Capacity.TALLY + 10, 9 * (dummyllm._Capacity.TALLY + 10)))
+        self.assertAlmostEqual(counts.e2e.sum, 0.09 * (dummyllm._Capacity.TALLY + 10))
+
+
 class SlotsAppTest(ChatCalls, AppTestCase):
     """Slots through the surfaces: each refuses in its own shape."""
 
