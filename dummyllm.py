@@ -838,6 +838,10 @@ _SIMULATE_HEADER = "X-DummyLLM-Simulate"
 # A test's own scope on a shared server (see _test_id): a /test/{test_id}
 # prefix on any path, else this header.
 _TEST_ID_HEADER = "X-Test-Id"
+# The server's own pages send this with the reads they repeat (the dashboard
+# lists the jobs twice a second): the journal, a record of the clients' own
+# requests, leaves those out.
+_PAGE_HEADER = "X-DummyLLM-Page"
 _TEST_ID_TEXT = _Text(_MAX_TRACE_ID_CHARS, non_empty=True)
 _TEST_PATH = re.compile(r"/test/([^/]*)(/.*)?\Z", re.S)
 
@@ -6804,7 +6808,8 @@ class _Application:
                 self._faults_counted[fault.kind] += 1
         if not self.config.quiet:
             self._log_access(request, status, fault, elapsed_ms, method, path)
-        if request is not None and (route is None or route.journal):
+        if request is not None and (route is None or route.journal) and (
+                _PAGE_HEADER.lower() not in request.headers):
             self.journal.record(request, status, fault, self.clock)
 
     def _log_access(self, request, status, fault, elapsed_ms, method, path):
@@ -8318,7 +8323,9 @@ function showCalls(journal) {
 async function refresh() {
   try {
     const [health, list, journal] = await Promise.all([
-      fetch("/health").then((r) => r.json()), fetch("/v1/jobs?limit=25").then((r) => r.json()),
+      fetch("/health").then((r) => r.json()),
+      fetch("/v1/jobs?limit=25", {headers: {'""" + _PAGE_HEADER + """': "dashboard"}})
+        .then((r) => r.json()),
       fetch("/v1/requests?limit=""" + str(_DASHBOARD_CALLS) + """").then((r) => r.json())]);
     showCalls(journal);
     const counts = document.getElementById("counts");

@@ -82,6 +82,9 @@ def needs(module, package, variable):
 
 
 jsonschema = optional_import("jsonschema")
+# Where npm installed the Node SDKs (.ci/run sets it), if node is here too.
+NODE_DIR = os.environ.get("DUMMYLLM_NODE_DIR") if shutil.which("node") and os.path.isdir(
+    os.path.join(os.environ.get("DUMMYLLM_NODE_DIR", ""), "node_modules")) else None
 prometheus_parser = optional_import("prometheus_client.parser")
 pydantic = optional_import("pydantic")
 
@@ -3660,6 +3663,78 @@ class SDKFailureTableTest(ServerTestCase):
             self.assertEqual(checked, len(rows) * len(sdks))
 
 
+# Each row's call with the Node SDKs: what it threw (the SDK's own classes
+# as SDK.Name), null when it returned, "waits" when it had not ended in 1.5 s.
+NODE_RAISES = """\
+import OpenAI from "openai";
+import Anthropic from "@anthropic-ai/sdk";
+const [base, rowsJson] = process.argv.slice(2);
+const rows = JSON.parse(rowsJson);
+const hello = [{ role: "user", content: "Hello" }];
+const clients = {
+  openai: [OpenAI, new OpenAI({ baseURL: base + "/v1", apiKey: "x", maxRetries: 0, timeout: 500 }),
+    (c, simulate, stream) => c.chat.completions.create({ model: "m", messages: hello, stream, simulate })],
+  anthropic: [Anthropic, new Anthropic({ baseURL: base, apiKey: "x", maxRetries: 0, timeout: 500 }),
+    (c, simulate, stream) => c.messages.create({ model: "m", max_tokens: 100, messages: hello, stream, simulate })],
+};
+const result = {};
+for (const [name, [sdk, client, call]] of Object.entries(clients)) {
+  result[name] = [];
+  for (const [simulate, stream] of rows) {
+    const run = (async () => {
+      const answer = await call(client, simulate, stream);
+      if (stream) for await (const _ of answer) {}
+      return null;
+    })();
+    let timer;
+    const waited = new Promise((resolve) => { timer = setTimeout(resolve, 1500, "waits"); });
+    try {
+      result[name].push(await Promise.race([run, waited]));
+      run.catch(() => {});
+    } catch (error) {
+      const type = error.constructor;
+      result[name].push((sdk[type.name] === type ? sdk.name + "." : "") + type.name);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+}
+console.log(JSON.stringify(result));
+process.exit(0);
+"""
+
+
+@needs(NODE_DIR, "the Node SDKs (npm)", "DUMMYLLM_REQUIRE_NODE")
+class NodeSDKFailureTableTest(ServerTestCase):
+    """The README's table of what each failure raises in the Node SDKs."""
+
+    options = SDKFailureTableTest.options
+
+    def test_the_readme_table_is_what_each_node_sdk_raises(self):
+        with open(README, encoding="utf-8") as f:
+            lines = f.read().partition("<!-- sdk-raises-node:")[2].splitlines()[1:]
+        rows = [[cell.strip() for cell in line.strip("|").split("|")]
+                for line in itertools.takewhile(lambda line: line.startswith("|"), lines)]
+        self.assertEqual(rows[0][1:], ["openai (Node)", "@anthropic-ai/sdk"])
+        calls = []
+        for row in rows[2:]:
+            kind, _, name = row[0].partition(" ")
+            simulate = {"mode": {"mode": name}, "fault": {"fault": name},
+                        "stream": {"stream": {name: 2}}}[kind]
+            calls.append([dict(simulate, token_ms=0), kind == "stream"])
+        script = os.path.join(NODE_DIR, f"raises-{os.getpid()}.mjs")
+        with open(script, "w", encoding="utf-8") as file:
+            file.write(NODE_RAISES)
+        self.addCleanup(os.unlink, script)
+        run = subprocess.run(["node", script, self.server.url, json.dumps(calls)], cwd=NODE_DIR,
+                             capture_output=True, text=True, timeout=120)
+        raised = json.loads(run.stdout)
+        for row, openai_node, anthropic_node in zip(rows[2:], raised["openai"],
+                                                    raised["anthropic"]):
+            with self.subTest(row=row[0]):
+                self.assertEqual([openai_node or "—", anthropic_node or "—"], row[1:])
+
+
 @needs(pydantic_ai, "pydantic-ai", "DUMMYLLM_REQUIRE_PYDANTIC_AI")
 class PydanticAITest(ServerTestCase):
     """pydantic-ai's Agent on the OpenAI chat model."""
@@ -6398,6 +6473,8 @@ class BrowserTest(ServerTestCase):
         self.assertEqual(self.browser.wait_for(state + " === 'ok' && 'ok'"), "ok")
         counts = self.browser.script("return document.getElementById('counts').textContent")
         self.assertIn("ok: 1", counts)
+        # The dashboard's own listing of the jobs is not the client's: not journaled.
+        self.assertEqual([entry["path"] for entry in self.journal()], ["/", "/v1/jobs"])
 
     def test_the_dashboard_shows_model_calls_by_surface_and_outcome(self):
         chat = {"model": "m", "messages": HELLO, "simulate": {"latency_ms": 0}}
@@ -6829,10 +6906,10 @@ class ReadmeTest(AppTestCase):
 
 
 def readme_blocks():
-    """(line, language, code) of each bash and python block of the README."""
+    """(line, language, code) of each bash, python and js block of the README."""
     with open(README, encoding="utf-8") as f:
         text = f.read()
-    for block in re.finditer(r"^```(bash|python)\n(.*?)^```$", text, re.M | re.S):
+    for block in re.finditer(r"^```(bash|python|js)\n(.*?)^```$", text, re.M | re.S):
         yield text.count("\n", 0, block.start()) + 1, block.group(1), block.group(2)
 
 
@@ -6871,13 +6948,18 @@ class ReadmeExamplesTest(unittest.TestCase):
                 if not self.runnable(language, code):
                     counts["skipped"] += 1
                     continue
-                (self.run_bash if language == "bash" else self.run_python)(line, code)
+                {"bash": self.run_bash, "python": self.run_python, "js": self.run_js}[language](
+                    line, code)
                 counts["run"] += 1
         print(f"\nREADME blocks: {dict(counts)}", file=sys.stderr)
         if os.environ.get("DUMMYLLM_REQUIRE_OPENAI"):  # CI: every package is there
             self.assertEqual(counts["skipped"], 0)
 
     def runnable(self, language, code):
+        if language == "js":  # the packages it imports, where npm installed them
+            return NODE_DIR is not None and all(
+                os.path.isdir(os.path.join(NODE_DIR, "node_modules", package)) for package in
+                re.findall(r'^import .* from "([^"]+)";$', code, re.M))
         if language == "bash":  # and the packages its python3 runs
             return shutil.which("curl") is not None and all(
                 importlib.util.find_spec(module) for module in
@@ -6919,6 +7001,19 @@ class ReadmeExamplesTest(unittest.TestCase):
         shown = re.findall(r"^# → (.*)$", code, re.M)
         if shown:
             self.assertEqual(out.strip().splitlines(), shown, f"README line {line}")
+
+    def run_js(self, line, code):
+        """Run as an ES module beside the packages (Node resolves them from
+        the script's directory), and print what its `// → ` comments show."""
+        script = os.path.join(NODE_DIR, f"readme-{os.getpid()}-{line}.mjs")
+        with open(script, "w", encoding="utf-8") as file:
+            file.write(self.with_address(code))
+        self.addCleanup(os.unlink, script)
+        run = subprocess.run(["node", script], cwd=NODE_DIR, capture_output=True, text=True,
+                             timeout=60)
+        self.assertEqual(run.returncode, 0, f"README line {line}: {run.stderr}")
+        self.assertEqual(run.stdout.strip().splitlines(),
+                         re.findall(r"// → (.*)$", code, re.M), f"README line {line}")
 
     def run_python(self, line, code):
         name = f"README line {line}"
