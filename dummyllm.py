@@ -3360,6 +3360,10 @@ class _OpenAI(_Surface):
                              "vLLM's: the reply has at least this many tokens."),
     }
 
+    def model_of(self, request, values):
+        """The model a request names (Azure's deployment names it instead)."""
+        return values["model"]
+
     @staticmethod
     def min_tokens(values, max_tokens):
         """The least length vLLM's fields ask of a reply (ignore_eos: the maximum)."""
@@ -3448,7 +3452,7 @@ class _OpenAIChat(_OpenAI):
         body = _json_body(request)
         values = _with_defaults(_given(body, self.REQUEST, None), self.REQUEST, config)
         max_tokens = values["max_completion_tokens"] or values["max_tokens"]
-        return self.call(request, config, model=values["model"],
+        return self.call(request, config, model=self.model_of(request, values),
                          messages=_text_messages(values["messages"]),
                          stream=values["stream"], user=values["user"],
                          max_tokens=max_tokens, stop=values["stop"],
@@ -4070,7 +4074,8 @@ class _OpenAIEmbeddings(_OpenAI):
         values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
                                 config)
         texts = self.texts(values["input"])
-        return self.call(request, config, model=values["model"], stream=False, max_tokens=None,
+        return self.call(request, config, model=self.model_of(request, values), stream=False,
+                         max_tokens=None,
                          messages=[{"role": "user", "content": text} for text, _ in texts],
                          user=values["user"], timeout_ms=values["timeout_ms"],
                          simulate=values["simulate"], texts=texts,
@@ -4149,7 +4154,7 @@ class _OpenAICompletions(_OpenAI):
     def parse(self, request, config):
         values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
                                 config)
-        return self.call(request, config, model=values["model"],
+        return self.call(request, config, model=self.model_of(request, values),
                          messages=[{"role": "user", "content": values["prompt"]}],
                          stream=values["stream"], max_tokens=values["max_tokens"],
                          min_tokens=self.min_tokens(values, values["max_tokens"]),
@@ -4196,6 +4201,90 @@ class _OpenAICompletions(_OpenAI):
 
 
 _OPENAI_COMPLETIONS = _OpenAICompletions()
+
+
+# --- Surfaces: Azure OpenAI -------------------------------------------------------
+# Chat completions, embeddings and legacy completions as Azure serves them:
+# each OpenAI surface with Azure's paths, key, errors and content filter.
+
+class _Azure:
+    """Azure OpenAI, mixed into an OpenAI surface: a deployment's paths
+    (/openai/deployments/{deployment}/...?api-version=, the deployment
+    naming the model) and the v1 paths (/openai/v1/..., the body naming
+    it), the api-key header, Azure's errors for what its gateway refuses
+    (the status as the code), and the content filter's verdict in every
+    plain answer (nothing filtered)."""
+
+    QUERY = {"api-version": _Field(_Text(non_empty=True), _REQUIRED,
+                                   "The API version, e.g. 2024-10-21 (any is accepted).")}
+    GATEWAY = (401, 404, 429, 500, 503, 504)  # what Azure's gateway answers, code = status
+    error_schema = "AzureError"
+    FILTERED = {kind: {"filtered": False, "severity": "safe"}
+                for kind in ("hate", "self_harm", "sexual", "violence")}
+
+    @classmethod
+    def unit(cls, base, name, title):
+        """The Azure surface of an OpenAI surface: its model calls' routes
+        under Azure's paths; its request with the model left to the
+        deployment."""
+        routes, request = [], None
+        for route in base.routes:
+            if route.method != "POST" or not route.path.startswith("/v1/"):
+                continue
+            request = route.api["request"]
+            for path, query, refuses in (
+                    ("/openai/deployments/{deployment}" + route.path[3:], cls.QUERY, {}),
+                    ("/openai/v1" + route.path[3:], {}, {"model": "left out (only a "
+                                                         "deployment's path names it)"})):
+                routes.append(route._replace(path=path, api=dict(
+                    route.api, summary="Azure: " + route.api["summary"], query=query,
+                    request="Azure" + request, refuses={**route.api["refuses"], **refuses})))
+        fields = {**base.REQUEST, "model": _Field(_Text(non_empty=True), None,
+                                                  "The model; a deployment's path names it.")}
+        return type("_Azure" + type(base).__name__[len("_OpenAI"):], (cls, type(base)), {
+            "name": name, "title": title, "routes": tuple(routes), "REQUEST": fields,
+            "request_schema": "Azure" + request, "sdk_environ": {}})()
+
+    def schemas(self):
+        return {self.request_schema: _object_schema(self.REQUEST), "AzureError": _object({
+            "error": _object({"code": {"type": ["string", "null"]}, "message": _A_STRING}, {
+                "type": {"type": ["string", "null"]}, "param": {"type": ["string", "null"]}})})}
+
+    def credential(self, request):
+        return request.headers.get("api-key") or super().credential(request)
+
+    def parse(self, request, config):
+        # Azure answers a deployment's path without its api-version as a
+        # path it does not know, before it reads the body.
+        if request.args.get("api-version") is _REQUIRED:
+            raise ApiError("NOT_FOUND", "Resource not found")
+        return super().parse(request, config)
+
+    def model_of(self, request, values):
+        model = values["model"] or request.params.get("deployment")
+        if model is None:
+            raise _ValidationError("model", "is required")
+        return model
+
+    def error_body(self, error, status, retry_ms):
+        if status not in self.GATEWAY:
+            return super().error_body(error, status, retry_ms)
+        return {"error": {"code": str(status), "message": error.message}}
+
+    def answer(self, call, reply, created):
+        body = super().answer(call, reply, created)
+        if "choices" in body:
+            body["prompt_filter_results"] = [
+                {"prompt_index": 0, "content_filter_results": self.FILTERED}]
+            for choice in body["choices"]:
+                choice["content_filter_results"] = self.FILTERED
+        return body
+
+
+_AZURE_CHAT = _Azure.unit(_OPENAI_CHAT, "azure.chat", "Azure OpenAI chat completions")
+_AZURE_EMBEDDINGS = _Azure.unit(_OPENAI_EMBEDDINGS, "azure.embeddings", "Azure OpenAI embeddings")
+_AZURE_COMPLETIONS = _Azure.unit(_OPENAI_COMPLETIONS, "azure.completions",
+                                 "Azure OpenAI legacy completions")
 
 
 # --- Surfaces: Anthropic Messages -------------------------------------------------
@@ -4996,7 +5085,8 @@ _OLLAMA = _Ollama()
 # The surfaces served, in the order their routes are tried.  A new provider
 # is its unit above and one entry here.
 _SURFACES = [_CONTROL, _JOB_API, _OPENAI_CHAT, _OPENAI_RESPONSES, _OPENAI_EMBEDDINGS,
-             _OPENAI_COMPLETIONS, _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA]
+             _OPENAI_COMPLETIONS, _AZURE_CHAT, _AZURE_EMBEDDINGS, _AZURE_COMPLETIONS,
+             _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA]
 
 
 def _register(surface):
@@ -8027,7 +8117,7 @@ def _openapi_document(registry):
         parameters = [{"name": name, "in": "path", "required": True,
                        "schema": {"type": "string"}}
                       for name in re.findall(r"\{(\w+)\+?\}", route.path)]
-        parameters += [{"name": name, "in": "query", "required": False,
+        parameters += [{"name": name, "in": "query", "required": spec.default is _REQUIRED,
                         "description": spec.about, "schema": spec.rule.schema}
                        for name, spec in api["query"].items()]
         parameters += [{"name": name, "in": "header", "required": False,

@@ -2747,6 +2747,96 @@ class CompletionsTest(ChatCalls, AppTestCase):
         self.assert_openai_error(status, body, 400, "invalid_request_error", param="echo")
 
 
+# --- Surfaces: Azure OpenAI -------------------------------------------------------
+
+class AzureTest(AppTestCase):
+    """Azure's paths, key, errors and content filter over the OpenAI surfaces."""
+
+    options = {"latency_ms": 0}
+    CHAT = {"messages": HELLO[1:]}
+    DEPLOYMENT = "/openai/deployments/my-gpt/chat/completions?api-version=2024-10-21"
+
+    def test_a_deployment_names_the_model_and_the_filter_passes_it(self):
+        status, body, _ = self.call("POST", self.DEPLOYMENT, self.CHAT)
+        self.assertEqual((status, body["model"], body["choices"][0]["message"]["content"]),
+                         (200, "my-gpt", "Simulated reply to: Hello"))
+        self.assertEqual(body["prompt_filter_results"][0]["content_filter_results"]["hate"],
+                         {"filtered": False, "severity": "safe"})
+        self.assertFalse(body["choices"][0]["content_filter_results"]["violence"]["filtered"])
+        status, body, _ = self.call("POST", "/openai/v1/chat/completions",
+                                    dict(self.CHAT, model="gpt-4o"))
+        self.assertEqual((status, body["model"]), (200, "gpt-4o"))
+        for path, body in [
+                ("/openai/deployments/emb/embeddings?api-version=2024-10-21",
+                 {"input": "Hi", "dimensions": 4}),
+                ("/openai/deployments/inst/completions?api-version=2024-10-21", {"prompt": "Hi"})]:
+            with self.subTest(path=path):
+                self.assertEqual(self.call("POST", path, body)[0], 200)
+        self.assertEqual(self.journal()[0]["surface"], "azure.chat")
+
+    def test_what_azure_refuses_in_its_shape(self):
+        path = "/openai/deployments/my-gpt/chat/completions"
+        self.assertEqual(self.call("POST", path, self.CHAT)[:2], (
+            404, {"error": {"code": "404", "message": "Resource not found"}}))
+        self.assertEqual(self.call("POST", path, b"{")[0], 404)  # before the body is read
+        status, body, _ = self.call("POST", path + "?api-version=", self.CHAT)
+        self.assertEqual((status, body["error"]["param"]), (400, "api-version"))
+        status, body, response = self.call("POST", self.DEPLOYMENT, dict(
+            self.CHAT, simulate={"mode": "rate_limit", "retry_after_ms": 2000}))
+        self.assertEqual((status, body["error"]["code"], response.getheader("retry-after")),
+                         (429, "429", "2"))
+        status, body, _ = self.call("POST", self.DEPLOYMENT, {"messages": []})
+        self.assertEqual((status, body["error"]["type"], body["error"]["param"]),
+                         (400, "invalid_request_error", "messages"))
+        status, body, _ = self.call("POST", "/openai/v1/chat/completions", self.CHAT)
+        self.assertEqual((status, body["error"]["param"]), (400, "model"))
+
+    def test_the_api_key_header(self):
+        app = self.start({"api_key": "sk-azure", "latency_ms": 0})
+        conn = self.connect(app)
+        self.assertEqual(self.call("POST", self.DEPLOYMENT, self.CHAT, conn=conn)[:2], (401, {
+            "error": {"code": "401", "message": self.call(
+                "POST", self.DEPLOYMENT, self.CHAT, conn=conn)[1]["error"]["message"]}}))
+        for headers in ({"api-key": "sk-azure"}, {"Authorization": "Bearer sk-azure"}):
+            with self.subTest(headers=headers):
+                self.assertEqual(self.call("POST", self.DEPLOYMENT, self.CHAT, headers=headers,
+                                           conn=conn)[0], 200)
+
+
+@needs(openai, "openai", "DUMMYLLM_REQUIRE_OPENAI")
+class AzureSDKTest(ServerTestCase):
+    """openai.AzureOpenAI, unchanged but for its endpoint."""
+
+    options = {"latency_ms": 0}
+
+    def client(self, **options):
+        return openai.AzureOpenAI(azure_endpoint=self.server.url, api_key="x",
+                                  api_version="2024-10-21", **options)
+
+    def test_chat_stream_embeddings_and_completions(self):
+        client = self.client()
+        answer = client.chat.completions.create(model="my-gpt", messages=HELLO[1:])
+        self.assertEqual((answer.model, answer.choices[0].message.content),
+                         ("my-gpt", "Simulated reply to: Hello"))
+        stream = client.chat.completions.create(model="my-gpt", messages=HELLO[1:], stream=True,
+                                                extra_body={"simulate": {"token_ms": 0}})
+        self.assertEqual("".join(chunk.choices[0].delta.content or "" for chunk in stream
+                                 if chunk.choices), "Simulated reply to: Hello")
+        self.assertEqual(len(client.embeddings.create(model="emb", input="Hi", dimensions=8)
+                             .data[0].embedding), 8)
+        self.assertEqual(client.completions.create(model="inst", prompt="Hi").choices[0].text,
+                         "Simulated reply to: Hi")
+
+    def test_the_sdk_retries_a_429_and_raises_it(self):
+        client = self.client(max_retries=1)
+        with self.assertRaises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model="my-gpt", messages=HELLO[1:], extra_body={
+                "simulate": {"mode": "rate_limit", "retry_after_ms": 10}})
+        self.assertEqual(caught.exception.body, {"code": "429", "message": caught.exception.body[
+            "message"]})
+        self.assertEqual([entry["status"] for entry in self.journal()], [429, 429])
+
+
 # --- Surfaces: Anthropic Messages -------------------------------------------------
 
 def sse_events(response):
