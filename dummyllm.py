@@ -6,12 +6,15 @@ model to test its timeouts, retries, cancellation, polling, streaming and
 agent loops.  It simulates execution behaviour (state transitions, latency,
 failures, hangs, broken streams, tool calls), not language: a job API
 (/v1/jobs), the wire formats of OpenAI (chat completions, the Responses
-API, embeddings, legacy completions), Anthropic's Messages, Google's Gemini
-and Ollama (streaming included), scripted or forced tool calls, JSON drawn
-from a request's schema for structured output, reply rules matched on the
-request, and the faults that retry logic must survive (scripted attempts,
-transport faults, idempotency keys, quotas per key, a request journal),
-and a verdict on the client's retries, back-off, polling and idempotency.
+API, embeddings, legacy completions; Azure OpenAI's paths for them),
+Anthropic's Messages, Google's Gemini and Ollama (streaming included),
+scripted or forced tool calls, JSON drawn from a request's schema for
+structured output, reply rules matched on the request, the faults that
+retry logic must survive (scripted attempts, transport faults, idempotency
+keys, quotas per key, a request journal), a verdict on the client's
+retries, back-off, polling and idempotency, and a load target (latency
+distributions, exact output lengths, slots and a queue, vLLM's metrics,
+replicas behind a balancer).
 
 Run it::
 
@@ -43,8 +46,9 @@ it (a name looked up only when a request runs may come later).
     Surfaces                      the protocol of a provider's unit, then a
                                   unit each (the job API; the server's own
                                   endpoints; OpenAI chat, Responses,
-                                  embeddings, completions; Anthropic Messages;
-                                  Gemini; Ollama) and their registration
+                                  embeddings, completions; Azure OpenAI;
+                                  Anthropic Messages; Gemini; Ollama) and
+                                  their registration
     Job store                     the dict behind one lock, its Timer, the
                                   injected clock; the quotas; the slots and
                                   what vLLM's metrics count; the journal
