@@ -6043,14 +6043,14 @@ class ReplicasBehindNginxTest(unittest.TestCase):
         started = time.monotonic()
         conn.request("POST", "/v1/chat/completions", json.dumps({
             "model": "m", "messages": HELLO, "stream": True,
-            "simulate": {"token_ms": 300, "output_tokens": 4}}))
+            "simulate": {"token_ms": 150, "output_tokens": 4}}))
         response = conn.getresponse()
         first = response.readline()
         first_at = time.monotonic() - started
         response.read()
         self.assertTrue(first.startswith(b"data: "))
-        self.assertLess(first_at, 0.5)  # the last of four chunks goes 0.9 s after the first
-        self.assertGreater(time.monotonic() - started, 0.85)
+        self.assertLess(first_at, 0.3)  # the last of four chunks goes 0.45 s after the first
+        self.assertGreater(time.monotonic() - started, 0.43)
 
     def test_the_verdict_for_a_key_counts_all_its_requests(self):
         key = {"X-Trace-Id": "verdict-key"}
