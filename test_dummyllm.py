@@ -3754,36 +3754,57 @@ class SDKFailureTableTest(ServerTestCase):
 
 
 # Each row's call with the Node SDKs: what it threw (the SDK's own classes
-# as SDK.Name), null when it returned, "waits" when it had not ended in 1.5 s.
+# as SDK.Name), the stream part that said it failed, null when it returned,
+# "waits" when it had not ended in 1.5 s.
 NODE_RAISES = """\
 import OpenAI from "openai";
 import Anthropic from "@anthropic-ai/sdk";
+import * as ai from "ai";
+import { createOpenAI } from "@ai-sdk/openai";
 const [base, rowsJson] = process.argv.slice(2);
 const rows = JSON.parse(rowsJson);
 const hello = [{ role: "user", content: "Hello" }];
-const clients = {
-  openai: [OpenAI, new OpenAI({ baseURL: base + "/v1", apiKey: "x", maxRetries: 0, timeout: 500 }),
-    (c, simulate, stream) => c.chat.completions.create({ model: "m", messages: hello, stream, simulate })],
-  anthropic: [Anthropic, new Anthropic({ baseURL: base, apiKey: "x", maxRetries: 0, timeout: 500 }),
-    (c, simulate, stream) => c.messages.create({ model: "m", max_tokens: 100, messages: hello, stream, simulate })],
+const openai = new OpenAI({ baseURL: base + "/v1", apiKey: "x", maxRetries: 0, timeout: 500 });
+const anthropic = new Anthropic({ baseURL: base, apiKey: "x", maxRetries: 0, timeout: 500 });
+const sdks = {
+  openai: [OpenAI, async (simulate, stream) => {
+    const answer = await openai.chat.completions.create({ model: "m", messages: hello, stream, simulate });
+    if (stream) for await (const _ of answer) {}
+  }],
+  anthropic: [Anthropic, async (simulate, stream) => {
+    const answer = await anthropic.messages.create({ model: "m", max_tokens: 100, messages: hello, stream, simulate });
+    if (stream) for await (const _ of answer) {}
+  }],
+  ai: [ai, async (simulate, stream) => {  // the Vercel AI SDK: the setting in the header
+    const model = createOpenAI({ baseURL: base + "/v1", apiKey: "x",
+      headers: { "X-DummyLLM-Simulate": JSON.stringify(simulate) } }).chat("m");
+    const options = { model, prompt: "Hello", maxRetries: 0, abortSignal: AbortSignal.timeout(500) };
+    if (!stream) return void await ai.generateText(options);
+    for await (const part of ai.streamText({ ...options, onError: () => {} }).fullStream) {
+      if (part.type === "error") throw part.error;
+      if (part.type === "abort") return "abort part";
+    }
+  }],
+};
+const named = (sdk, prefix, error) => {
+  if (!(error instanceof Error)) return "error part";
+  const type = error.constructor;
+  const name = type.name === "DOMException" ? error.name : type.name;
+  return (sdk[type.name] === type ? prefix + "." : "") + name;
 };
 const result = {};
-for (const [name, [sdk, client, call]] of Object.entries(clients)) {
+for (const [name, [sdk, call]] of Object.entries(sdks)) {
+  const prefix = name === "ai" ? "ai" : sdk.name;
   result[name] = [];
   for (const [simulate, stream] of rows) {
-    const run = (async () => {
-      const answer = await call(client, simulate, stream);
-      if (stream) for await (const _ of answer) {}
-      return null;
-    })();
+    const run = call(simulate, stream).then((value) => value || null);
     let timer;
     const waited = new Promise((resolve) => { timer = setTimeout(resolve, 1500, "waits"); });
     try {
       result[name].push(await Promise.race([run, waited]));
       run.catch(() => {});
     } catch (error) {
-      const type = error.constructor;
-      result[name].push((sdk[type.name] === type ? sdk.name + "." : "") + type.name);
+      result[name].push(named(sdk, prefix, error));
     } finally {
       clearTimeout(timer);
     }
@@ -3805,7 +3826,7 @@ class NodeSDKFailureTableTest(ServerTestCase):
             lines = f.read().partition("<!-- sdk-raises-node:")[2].splitlines()[1:]
         rows = [[cell.strip() for cell in line.strip("|").split("|")]
                 for line in itertools.takewhile(lambda line: line.startswith("|"), lines)]
-        self.assertEqual(rows[0][1:], ["openai (Node)", "@anthropic-ai/sdk"])
+        self.assertEqual(rows[0][1:], ["openai (Node)", "@anthropic-ai/sdk", "ai (Vercel)"])
         calls = []
         for row in rows[2:]:
             kind, _, name = row[0].partition(" ")
@@ -3819,10 +3840,9 @@ class NodeSDKFailureTableTest(ServerTestCase):
         run = subprocess.run(["node", script, self.server.url, json.dumps(calls)], cwd=NODE_DIR,
                              capture_output=True, text=True, timeout=120)
         raised = json.loads(run.stdout)
-        for row, openai_node, anthropic_node in zip(rows[2:], raised["openai"],
-                                                    raised["anthropic"]):
+        for row, *got in zip(rows[2:], raised["openai"], raised["anthropic"], raised["ai"]):
             with self.subTest(row=row[0]):
-                self.assertEqual([openai_node or "—", anthropic_node or "—"], row[1:])
+                self.assertEqual([name or "—" for name in got], row[1:])
 
 
 @needs(pydantic_ai, "pydantic-ai", "DUMMYLLM_REQUIRE_PYDANTIC_AI")
