@@ -291,6 +291,14 @@ _STREAM_FAILURES = {
 }
 
 
+# How embeddings are made (simulate.embedding, --embeddings): both are pure
+# functions of the model, the text and the dimensions (see _embedding).
+_EMBEDDING_KINDS = {
+    "hash": "a vector per text; how near two different texts are means nothing",
+    "similar": "texts that share words (or parts of words) are near",
+}
+
+
 # The stream failures that leave a partial answer a client may take for a whole one.
 _BROKEN_STREAM_FAILURES = ("cut_after", "truncate_after", "malformed_after")
 
@@ -818,6 +826,10 @@ _SIMULATE_FIELDS = {
     "fault_phase": _Field(_Choice("before", "after"), "before", "Job create: lose the answer "
                           "before or after the job is created."),
     "dribble_ms": _Field(_Int(0, 60_000), 50, "Gap between the pieces of a dribble fault."),
+    "embedding": _Field(_Choice(*_EMBEDDING_KINDS), _from_config("embeddings"),
+                        "Embeddings: " + "; ".join(f"{kind}: {about}" for kind, about in
+                                                   _EMBEDDING_KINDS.items())
+                        + " (default --embeddings)."),
     "poll_faults": _Field(_Check(_check_poll_faults, {"type": "array", "items": {"oneOf": [
         {"type": "null"}, _FAULT_SCHEMA, {
             "type": "object", "required": ["unknown_state"], "additionalProperties": False,
@@ -1340,6 +1352,9 @@ _OPTIONS = (
     _Option("served_models", "--served-model", "DUMMYLLM_SERVED_MODELS", (),
             _Names("llama-3-8b,qwen-2"),
             "the model names /v1/models lists, comma-separated or repeated (none: dummyllm)"),
+    _Option("embeddings", "--embeddings", "DUMMYLLM_EMBEDDINGS", "hash",
+            _Choice(*_EMBEDDING_KINDS), "how embeddings are made: " + "; ".join(
+                f"{kind}, {about}" for kind, about in _EMBEDDING_KINDS.items())),
     _Option("quiet", "--quiet", None, False, _Bool(), "no access log"),
 )
 
@@ -2010,17 +2025,46 @@ def _piece_count(reply):
     return sum(1 for _ in _stream_pieces(reply))
 
 
-def _embedding(model, text, dimensions):
+def _hashed_embedding(model, text, dimensions):
     """A unit vector that is a pure function of its arguments: each block of
     SHA-256 of the JSON text [model, text, block] gives 16 numbers from -1 to
-    1, and the vector is scaled to length 1 and rounded to float32.  Equal
-    texts give equal vectors on every run and machine; how near two
+    1.  Equal texts give equal vectors on every run and machine; how near two
     different texts are means nothing."""
     values = []
     for block in range(-(-dimensions // 16)):
         digest = hashlib.sha256(json.dumps([model, text, block]).encode("utf-8")).digest()
         values.extend(number / 32768 for number in struct.unpack(">16h", digest))
-    del values[dimensions:]
+    return values[:dimensions]
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _similar_embedding(model, text, dimensions):
+    """A vector in which texts that share words are near: each word of the
+    text (in lower case) adds its weight, 1 (a quarter for words of one to
+    three letters, which say little: "how", "the"), and each character
+    trigram of the word between "<" and ">" half that, so "retry" and
+    "retries" are near too; the sign and the place of each come from SHA-256
+    of the JSON text [model, feature].  A text without a word is given its
+    hashed vector."""
+    values = [0.0] * dimensions
+    for word in _WORD.findall(text.lower()):
+        weight, marked = 1.0 if len(word) > 3 else 0.25, f"<{word}>"
+        features = [(word, weight)] + [(marked[at:at + 3], weight / 2)
+                                       for at in range(len(marked) - 2)]
+        for feature, share in features:
+            digest = hashlib.sha256(json.dumps([model, feature]).encode("utf-8")).digest()
+            number = int.from_bytes(digest[:8], "big")
+            values[number % dimensions] += -share if number >> 63 else share
+    return values if any(values) else _hashed_embedding(model, text, dimensions)
+
+
+def _embedding(model, text, dimensions, kind="hash"):
+    """The unit vector `kind` makes of a text, rounded to float32: a pure
+    function of its arguments."""
+    maker = _similar_embedding if kind == "similar" else _hashed_embedding
+    values = maker(model, text, dimensions)
     length = math.sqrt(math.fsum(value * value for value in values)) or 1.0
     # As float32, the precision every encoding (JSON or base64) carries.
     return list(struct.unpack(f"<{dimensions}f", struct.pack(
@@ -4090,7 +4134,7 @@ class _OpenAIEmbeddings(_OpenAI):
         texts, dimensions = call.options["texts"], call.options["dimensions"]
         data = []
         for index, (text, _) in enumerate(texts):
-            vector = _embedding(call.model, text, dimensions)
+            vector = _embedding(call.model, text, dimensions, call.spec.embedding)
             if call.options["base64"]:
                 vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode("ascii")
             data.append({"object": "embedding", "index": index, "embedding": vector})
@@ -4997,11 +5041,12 @@ class _Ollama(_Surface):
         kind, texts = call.options["kind"], [message["content"] for message in
                                              call.spec.args["messages"]]
         if kind == "embeddings":
-            return {"embedding": _embedding(call.model, texts[0], 1536)}
+            return {"embedding": _embedding(call.model, texts[0], 1536, call.spec.embedding)}
         if kind == "embed":
             return {"model": call.model, "total_duration": reply.elapsed_ms * 1_000_000,
                     "load_duration": 0, "prompt_eval_count": reply.prompt_tokens,
-                    "embeddings": [_embedding(call.model, text, call.options["dimensions"])
+                    "embeddings": [_embedding(call.model, text, call.options["dimensions"],
+                                              call.spec.embedding)
                                    for text in texts]}
         return self.final(call, reply, created, reply.text, 0,
                           list(enumerate(reply.tool_calls or ())))

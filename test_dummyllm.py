@@ -2719,6 +2719,52 @@ class EmbeddingsTest(AppTestCase):
                 status, error, _ = self.embed(**body)
                 self.assertEqual((status, error["error"]["param"]), (400, param))
 
+    CORPUS = ["How do I reset my password?", "Shipping takes three to five business days.",
+              "Our refund policy allows returns within 30 days.",
+              "The API rate limit is 60 requests per minute.",
+              "Retries should back off exponentially after a 429.",
+              "Invoices are emailed on the first day of each month.",
+              "You can change the delivery address before the order ships."]
+    PARAPHRASES = ["I forgot my password, how can I reset it", "how long does shipping take",
+                   "what is the refund policy for returns",
+                   "how many requests per minute does the API allow",
+                   "should my retries back off exponentially", "when are invoices emailed",
+                   "change my delivery address"]
+
+    def nearest(self, server=None, **body):
+        """The index in CORPUS of each paraphrase's nearest vector."""
+        vectors = [item["embedding"] for item in self.embed(
+            server, input=self.CORPUS + self.PARAPHRASES, **body)[1]["data"]]
+        corpus, asked = vectors[:len(self.CORPUS)], vectors[len(self.CORPUS):]
+        return [max(range(len(corpus)), key=lambda index: sum(
+            a * b for a, b in zip(vector, corpus[index]))) for vector in asked]
+
+    def test_similar_vectors_rank_the_source_of_a_paraphrase_first(self):
+        in_order = list(range(len(self.CORPUS)))
+        for dimensions in (1536, 256, 64):
+            with self.subTest(dimensions=dimensions):
+                self.assertEqual(self.nearest(dimensions=dimensions,
+                                              simulate={"embedding": "similar"}), in_order)
+        self.assertNotEqual(self.nearest(), in_order)  # hashed vectors: nearness means nothing
+        self.assertEqual(self.nearest(self.start({"embeddings": "similar"})), in_order)
+        retry, retries, shipping = self.call("POST", "/api/embed", {
+            "model": "m", "input": ["Retry", "retries", "shipping"],
+            "simulate": {"embedding": "similar"}})[1]["embeddings"]
+        near, far = (sum(a * b for a, b in zip(retry, other)) for other in (retries, shipping))
+        self.assertGreater(near, far + 0.2)  # parts of words are shared too
+
+    def test_similar_vectors_are_pure_unit_vectors(self):
+        first = self.embed(input=["Hello there", "Hello there", "!!!"], dimensions=16,
+                           simulate={"embedding": "similar"})[1]["data"]
+        again = self.embed(self.start({"embeddings": "similar"}), input="Hello there",
+                           dimensions=16)[1]["data"][0]["embedding"]
+        self.assertEqual([first[0]["embedding"], first[1]["embedding"]], [again, again])
+        self.assertAlmostEqual(sum(value * value for value in again), 1, places=5)
+        self.assertEqual(first[2]["embedding"],  # no word: the hashed vector
+                         dummyllm._embedding("text-embedding-3-small", "!!!", 16))
+        status, error, _ = self.embed(input="a", simulate={"embedding": "near"})
+        self.assertEqual((status, error["error"]["param"]), (400, "simulate.embedding"))
+
     def test_modes_apply(self):
         self.assertEqual(self.embed(input="a", simulate={"mode": "rate_limit"})[0], 429)
         self.assertEqual(self.embed(input="a", simulate={"mode": "fail", "latency_ms": 0})[0],
@@ -6801,7 +6847,7 @@ class CommandLineTest(unittest.TestCase):
             "chaos": "0", "chaos_faults": "reset,status:503,status:429,dribble",
             "journal_size": "10", "max_connections": "100", "rpm": "60", "tpm": "10000",
             "slots": "4", "queue": "8", "load_factor": "2", "served_models": "a,b",
-            "replica": "1/2",
+            "replica": "1/2", "embeddings": "similar",
             "quiet": True}
 
     def test_a_list_flag_may_be_repeated(self):
