@@ -6,15 +6,15 @@ model to test its timeouts, retries, cancellation, polling, streaming and
 agent loops.  It simulates execution behaviour (state transitions, latency,
 failures, hangs, broken streams, tool calls), not language: a job API
 (/v1/jobs), the wire formats of OpenAI (chat completions, the Responses
-API, embeddings, legacy completions; Azure OpenAI's paths for them),
-Anthropic's Messages, Google's Gemini and Ollama (streaming included),
-scripted or forced tool calls, JSON drawn from a request's schema for
-structured output, reply rules matched on the request, the faults that
-retry logic must survive (scripted attempts, transport faults, idempotency
-keys, quotas per key, a request journal), a verdict on the client's
-retries, back-off, polling and idempotency, and a load target (latency
-distributions, exact output lengths, slots and a queue, vLLM's metrics,
-replicas behind a balancer).
+API, embeddings, legacy completions, and Azure OpenAI's paths for those;
+files and batches), Anthropic's Messages and message batches, Google's
+Gemini and Ollama (streaming included), scripted or forced tool calls, JSON
+drawn from a request's schema for structured output, reply rules matched on
+the request, the faults that retry logic must survive (scripted attempts,
+transport faults, idempotency keys, quotas per key, a request journal), a
+verdict on the client's retries, back-off, polling and idempotency, and a
+load target (latency distributions, exact output lengths, slots and a
+queue, vLLM's metrics, replicas behind a balancer).
 
 Run it::
 
@@ -47,11 +47,12 @@ it (a name looked up only when a request runs may come later).
                                   unit each (the job API; the server's own
                                   endpoints; OpenAI chat, Responses,
                                   embeddings, completions; Azure OpenAI;
-                                  Anthropic Messages; Gemini; Ollama) and
-                                  their registration
+                                  Anthropic Messages; Gemini; Ollama; the
+                                  vendors' batches) and their registration
     Job store                     the dict behind one lock, its Timer, the
-                                  injected clock; the quotas; the slots and
-                                  what vLLM's metrics count; the journal
+                                  injected clock; uploaded files; the quotas;
+                                  the slots and what vLLM's metrics count;
+                                  the journal
     Verdict                       findings on a client's requests, from the
                                   journal (pure)
     Server                        the log, webhooks, streams, the application
@@ -2320,8 +2321,9 @@ def _route(method, path, handler, auth=None, admin=False, chaos=True, journal=Tr
 
 
 def _describe(summary, request=None, answers=None, query=None, headers=None, streams=False,
-              refuses=None):
-    """An endpoint's description: its summary, request body schema, answers
+              refuses=None, request_type="application/json"):
+    """An endpoint's description: its summary, request body schema (of
+    request_type), answers
     ({status: schema name, media type, _EventStream, or None}), query
     parameters and request headers (tables of _Field, which also check
     them), whether its 200 may be its surface's stream instead (see
@@ -2329,7 +2331,7 @@ def _describe(summary, request=None, answers=None, query=None, headers=None, str
     when a value its schema allows is refused}, mostly for another field)."""
     return {"summary": summary, "request": request, "answers": answers or {200: None},
             "query": query or {}, "headers": headers or {}, "streams": streams,
-            "refuses": refuses or {}}
+            "refuses": refuses or {}, "request_type": request_type}
 
 
 def _api(*args, **kwargs):
@@ -5129,13 +5131,578 @@ class _Ollama(_Surface):
 _OLLAMA = _Ollama()
 
 
+# --- Surfaces: batches ------------------------------------------------------------
+
+# OpenAI's files and batches, and Anthropic's message batches.  A batch is a
+# job in the store, its states the job's under the vendor's names; each of
+# its requests is answered as it is created, by the route that answers such
+# a request alone (see _batch_answers), and its results are read once it ends.
+
+_BATCH_WINDOW_MS = 86_400_000  # both vendors' completion window: 24 hours
+_MULTIPART_BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^\s;]+))', re.I)
+_FORM_FIELD = re.compile(rb'(?im)^content-disposition:[^\r\n]*?\bname="([^"]*)"'
+                         rb'(?:[^\r\n]*?\bfilename="([^"]*)")?')
+
+
+def _multipart_form(request):
+    """The fields of a multipart/form-data body: {name: (filename or None, bytes)}."""
+    kind, _, parameters = request.headers.get("content-type", "").partition(";")
+    boundary = _MULTIPART_BOUNDARY.search(parameters)
+    if kind.strip().lower() != "multipart/form-data" or boundary is None:
+        raise _ValidationError(None, "request body must be multipart/form-data")
+    delimiter = b"--" + (boundary.group(1) or boundary.group(2)).encode("latin-1")
+    fields = {}
+    for part in request.body.split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            return fields  # the closing delimiter
+        head, separator, content = part.partition(b"\r\n\r\n")
+        field = _FORM_FIELD.search(head)
+        if not separator or field is None or not content.endswith(b"\r\n"):
+            break
+        name, filename = (None if value is None else value.decode("utf-8", "replace")
+                          for value in field.groups())
+        fields[name] = filename, content[:-2]
+    raise _ValidationError(None, "request body is malformed multipart/form-data")
+
+
+def _batch_answers(app, request, path, bodies):
+    """(status, JSON body) of each request of a batch, in order, as the
+    route at `path` answers it alone: under the batch request's key and test
+    scope, from when it arrived, each with its own simulate (the header's
+    are the batch's own); None for one that hangs.  A stream is refused, a
+    status fault is that status and other transport faults leave the answer
+    as it was: a batch's answers travel in a file."""
+    route, params = app.router.match("POST", path)
+    headers = {name: value for name, value in request.headers.items()
+               if name != _SIMULATE_HEADER.lower()}
+    answers = []
+    for body in bodies:
+        inner = _Request("POST", path, "", headers, request.received_ms,
+                         request.received_wall_ms, _json_bytes(body))
+        inner.route, inner.params, inner.test_id = route, params, request.test_id
+        try:
+            if body.get("stream") is True:
+                raise _ValidationError("stream", "must be false in a batch")
+            answer = route.handler(route.surface, app, inner)
+            payload = answer.payload
+            if answer.fault is not None and answer.fault.kind == "status":
+                payload = _fault_error(answer.fault)
+            if isinstance(payload, ApiError):
+                raise payload
+            answers.append(None if answer.status is None else (answer.status, payload))
+        except ApiError as error:
+            status, error_body, _ = route.surface.error(error, None, request.received_wall_ms)
+            answers.append((status, error_body))
+    return answers
+
+
+def _batch_job(app, request, op, prefix, args, simulate, view):
+    """The answer that stores a batch as a job and shows view(job): it runs
+    as its simulate and the X-DummyLLM-Simulate header say (queue_ms while it
+    is checked, latency_ms while it runs, mode timeout: it expires)."""
+    header = request.headers.get(_SIMULATE_HEADER.lower())
+    header = {} if header is None else _SIMULATE(
+        _json_value(header, _SIMULATE_HEADER, _SIMULATE_HEADER), _SIMULATE_HEADER)
+    settings = _simulate_settings({**header, **(simulate or {})}, app.config)
+    settings.update(ttft_ms=None, prefill_ms_per_token=0)  # a batch has no first token
+    spec = _JobSpec(op=op, args=args, timeout_ms=_BATCH_WINDOW_MS, trace_id=_TRACE_ID_HEADER(
+        request.headers.get("x-trace-id"), "X-Trace-Id"), test_id=request.test_id,
+        callback_url=None, rule=None, forced_tool=None, output=None, **settings)
+    _admit(app, request, spec)
+    spec, batch, _, _ = app.store.create(spec, prefix=prefix, view=view)
+    if batch is None:
+        return _Answer(fault=spec.fault)  # lost before the batch was created
+    request.note.job_id = batch["id"]
+    return _Answer(200, batch, fault=spec.fault, dribble_ms=spec.dribble_ms)
+
+
+def _page(items, limit, after=None, before=None):
+    """The page of items, newest first, that follows the one with id
+    `after` or precedes the one with id `before`: {"data", "has_more",
+    "first_id", "last_id"}, as both vendors list."""
+    ids = [item["id"] for item in items]
+    if before is not None:
+        newer = items[:ids.index(before)] if before in ids else []
+        page, more = newer[-limit:], len(newer) > limit
+    else:
+        if after is not None:
+            items = items[ids.index(after) + 1:] if after in ids else []
+        page, more = items[:limit], len(items) > limit
+    return {"data": page, "has_more": more, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
+
+
+class _Batches:
+    """What both vendors' batches share: a batch is a job of `op` with ids
+    `prefix`_..., shown by viewer(app, request), a function of the job;
+    `status_key` is the field of its state, `ended` its values once it has
+    ended.  Routes describe these handlers (see routes_of)."""
+
+    op = prefix = status_key = None
+    ended = ()
+    LIST = {}     # the query of a list: limit, its cursors
+    listing = {}  # what a list's answer adds to the page
+
+    def viewer(self, app, request):
+        """The view of a batch for a request (see _JobStore)."""
+        raise NotImplementedError
+
+    def batch_id(self, request):
+        request.note.job_id = batch_id = request.params["id"]
+        if not batch_id.startswith(self.prefix + "_"):
+            raise ApiError("NOT_FOUND", f"no batch with id {batch_id!r}", "id")
+        return batch_id
+
+    def retrieve(self, app, request):
+        batch, fault = app.store.poll(self.batch_id(request), view=self.viewer(app, request))
+        return _polled(request, batch, fault, self.status_key,
+                       batch[self.status_key] in self.ended)
+
+    def cancel(self, app, request):
+        return _Answer(200, app.store.cancel(self.batch_id(request),
+                                             view=self.viewer(app, request)))
+
+    def batches(self, app, request):
+        """A page of batches, newest first: the query's `limit` and cursors
+        (those of LIST, after then before), what `listing` adds."""
+        cursor = (request.args[name] for name in self.LIST if name != "limit")
+        return _Answer(200, {**self.listing, **_page(app.store.views(
+            self.op, self.viewer(app, request), request.test_id), request.args["limit"],
+            *cursor)})
+
+    @classmethod
+    def routes_of(cls, path, title, batch, listing, query):
+        """The routes to read, list and cancel batches under `path`."""
+        return (
+            _route("GET", path, cls.batches, api=_describe(
+                f"{title}: the batches, newest first", answers={200: listing}, query=query)),
+            _route("GET", path + "/{id}", cls.retrieve, api=_describe(
+                f"{title}: a batch", answers={200: batch})),
+            _route("POST", path + "/{id}/cancel", cls.cancel, api=_describe(
+                f"{title}: cancel a batch", answers={200: batch})))
+
+
+class _OpenAIBatches(_Batches, _OpenAI):
+    """OpenAI's files and batches: a file of requests (a JSON line each:
+    custom_id, method, url, body) is uploaded, a batch made of it runs as a
+    job (validating while queued, in_progress while running, then completed,
+    failed, expired or cancelled) and its output and error files are read
+    back, a line per request."""
+
+    title = "OpenAI files and batches"
+    op, prefix, status_key = "openai.batch", "batch", "status"
+    listing = {"object": "list"}
+    STATUS = {"queued": "validating", "running": "in_progress", "ok": "completed",
+              "fail": "failed", "timeout": "expired", "cancelled": "cancelled"}
+    # Each way a batch ends, and the times it sets then.
+    ENDED_STAMPS = {"completed": ("finalizing_at", "completed_at"), "failed": ("failed_at",),
+                    "expired": ("expired_at",), "cancelled": ("cancelling_at", "cancelled_at")}
+    ended = tuple(ENDED_STAMPS)
+    ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
+    PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+    MAX_REQUESTS = 50_000
+    EXPIRED = {"code": "batch_expired",
+               "message": "This request could not be executed before the completion window "
+                          "expired."}
+    BATCH = {
+        "input_file_id": _Field(_Text(non_empty=True), _REQUIRED,
+                                "An uploaded file of requests, a JSON line each."),
+        "endpoint": _Field(_Choice(*ENDPOINTS), _REQUIRED, "Where every request goes."),
+        "completion_window": _Field(_Choice("24h"), _REQUIRED, "24h."),
+        "metadata": _Field(_OBJECT, None, "Kept and shown."),
+        "output_expires_after": _Field(_OBJECT, None, "Accepted."),
+        "simulate": _Field(_SIMULATE, None, "How the batch runs, as a job (an extension)."),
+    }
+    LIST = {"limit": _Field(_Int(1, 100), 20, "Page size"),
+            "after": _Field(_Text(), None, "The last id of the previous page")}
+
+    def schemas(self):
+        stamp = {"type": ["integer", "null"]}
+        return {
+            **super().schemas(),
+            "FileUpload": {"type": "object", "required": ["file", "purpose"], "properties": {
+                "file": {"type": "string", "format": "binary"},
+                "purpose": {"type": "string", "enum": list(self.PURPOSES)}}},
+            "FileObject": _object({
+                "id": _A_STRING, "object": {"const": "file"}, "bytes": _AN_INTEGER,
+                "created_at": _AN_INTEGER, "filename": _A_STRING, "purpose": _A_STRING,
+                "status": {"const": "processed"}}),
+            "FileList": _object({"object": {"const": "list"}, "data": {
+                "type": "array", "items": _ref("FileObject")}, "has_more": {"type": "boolean"}}),
+            "FileDeleted": _object({"id": _A_STRING, "object": {"const": "file"},
+                                    "deleted": {"const": True}}),
+            "BatchRequest": _object_schema(self.BATCH, example={
+                "input_file_id": "file-...", "endpoint": "/v1/chat/completions",
+                "completion_window": "24h", "simulate": {"latency_ms": 2000}}),
+            "Batch": _object({
+                "id": _A_STRING, "object": {"const": "batch"}, "endpoint": _A_STRING,
+                "input_file_id": _A_STRING, "completion_window": _A_STRING,
+                "status": {"enum": list(self.STATUS.values())}, "created_at": _AN_INTEGER,
+                "request_counts": _object({key: _AN_INTEGER
+                                           for key in ("total", "completed", "failed")}),
+                "output_file_id": {"type": ["string", "null"]},
+                "error_file_id": {"type": ["string", "null"]},
+                "errors": {"type": ["object", "null"]}, "metadata": {"type": ["object", "null"]},
+                **{key: stamp for key in ("in_progress_at", "expires_at", *itertools.chain(
+                    *self.ENDED_STAMPS.values()))}}),
+            "BatchList": _object({"object": {"const": "list"}, "data": {
+                "type": "array", "items": _ref("Batch")}, "has_more": {"type": "boolean"}}),
+        }
+
+    # Files
+
+    @_api("OpenAI files: upload a file (multipart/form-data: file and purpose)",
+          request="FileUpload", request_type="multipart/form-data",
+          answers={200: "FileObject"})
+    def upload(self, app, request):
+        fields = _multipart_form(request)
+        for name in ("file", "purpose"):
+            if name not in fields:
+                raise _ValidationError(name, "is required")
+        purpose = _Choice(*self.PURPOSES)(fields["purpose"][1].decode("utf-8", "replace"),
+                                          "purpose")
+        filename, data = fields["file"]
+        return _Answer(200, app.files.add(filename or "file", purpose, data, request.test_id))
+
+    @_api("OpenAI files: the uploaded files, newest first", answers={200: "FileList"},
+          query={"purpose": _Field(_Text(), None, "Only files of this purpose")})
+    def files(self, app, request):
+        return _Answer(200, {"object": "list", "has_more": False, "data": app.files.list(
+            request.args["purpose"], request.test_id)})
+
+    def file_of(self, app, file_id):
+        """(the file object, the content) of an uploaded file, or of a batch's
+        output or error file once the batch has ended."""
+        batch_id, _, kind = file_id[len("file-"):].rpartition("-")
+        if not file_id.startswith("file-batch_") or kind not in ("output", "errors"):
+            return app.files.get(file_id)
+        try:
+            job = app.store.snapshot(batch_id, lambda job: job)
+        except ApiError:
+            job = None
+        if job is None or self.file_ids(job)[kind] != file_id:
+            raise ApiError("NOT_FOUND", f"no file with id {file_id!r}", "id")
+        # An ended batch changes no more: its file is written outside the lock.
+        lines = [line for line in self.lines(job) if (kind == "output") == (
+            line["error"] is None and line["response"]["status_code"] < 400)]
+        content = b"".join(_json_bytes(line) + b"\n" for line in lines)
+        return {"id": file_id, "object": "file", "bytes": len(content),
+                "created_at": job.updated_at, "filename": f"batch_{kind}.jsonl",
+                "purpose": "batch_output", "status": "processed", "expires_at": None,
+                "status_details": None}, content
+
+    @_api("OpenAI files: a file", answers={200: "FileObject"})
+    def file(self, app, request):
+        return _Answer(200, self.file_of(app, request.params["id"])[0])
+
+    @_api("OpenAI files: a file's content (a batch's output: a JSON line per request)",
+          answers={200: "application/octet-stream"})
+    def content(self, app, request):
+        return _Answer(200, self.file_of(app, request.params["id"])[1],
+                       content_type="application/octet-stream")
+
+    @_api("OpenAI files: forget an uploaded file", answers={200: "FileDeleted"})
+    def delete_file(self, app, request):
+        app.files.delete(request.params["id"])
+        return _Answer(200, {"id": request.params["id"], "object": "file", "deleted": True})
+
+    # Batches
+
+    def requests_of(self, data, endpoint):
+        """([(custom_id, body)] of a file's lines, [the errors that fail the
+        batch as OpenAI lists them])."""
+        requests, errors, seen = [], [], set()
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except (ValueError, RecursionError):
+                item = None
+            if not isinstance(item, dict) or not isinstance(item.get("body"), dict):
+                errors.append({"code": "invalid_json_line", "line": number, "param": None,
+                               "message": "This line is not a JSON object with a body."})
+            elif item.get("url") != endpoint or item.get("method") != "POST":
+                errors.append({"code": "mismatched_endpoint", "line": number, "param": "url",
+                               "message": f"The request is not a POST to {endpoint}, the "
+                                          "batch's endpoint."})
+            elif not isinstance(item.get("custom_id"), str) or item["custom_id"] in seen:
+                errors.append({"code": "duplicate_custom_id", "line": number,
+                               "param": "custom_id", "message": "Each request needs a "
+                                                                "custom_id of its own."})
+            else:
+                seen.add(item["custom_id"])
+                requests.append((item["custom_id"], item["body"]))
+        if not requests and not errors:
+            errors.append({"code": "empty_file", "line": None, "param": None,
+                           "message": "The file has no requests."})
+        if len(requests) > self.MAX_REQUESTS:
+            errors.append({"code": "too_many_requests", "line": None, "param": None,
+                           "message": f"A batch has at most {self.MAX_REQUESTS} requests."})
+        return requests, errors
+
+    @_api("OpenAI batches: run the requests of an uploaded file as a batch",
+          request="BatchRequest", answers={200: "Batch"}, headers=_SIMULATE_HEADERS,
+          refuses={"input_file_id": "naming no uploaded file"})
+    def create(self, app, request):
+        values = _with_defaults(_given(_json_body(request), self.BATCH, None), self.BATCH,
+                                app.config)
+        _, data = app.files.get(values["input_file_id"], "input_file_id")
+        requests, errors = self.requests_of(data, values["endpoint"])
+        answers = () if errors else _batch_answers(app, request, values["endpoint"],
+                                                   [body for _, body in requests])
+        args = {key: values[key] for key in ("input_file_id", "endpoint", "completion_window",
+                                             "metadata")}
+        args.update(errors=errors, results=[(custom_id, answer) for (custom_id, _), answer
+                                            in zip(requests, answers)])
+        return _batch_job(app, request, self.op, self.prefix, args, values["simulate"],
+                          self.viewer(app, request))
+
+    def counts(self, job):
+        """How many of a batch's requests completed and failed (none before it ends)."""
+        results = job.spec.args["results"]
+        if job.state not in ("ok", "timeout"):
+            return {"completed": 0, "failed": 0}
+        completed = 0 if job.state == "timeout" else sum(
+            1 for _, answer in results if answer is not None and answer[0] < 400)
+        return {"completed": completed, "failed": len(results) - completed}
+
+    def file_ids(self, job):
+        """{"output", "errors"}: the ids of an ended batch's files, None for one without a line."""
+        counts = self.counts(job)
+        return {kind: f"file-{job.id}-{kind}" if counts[count] else None
+                for kind, count in (("output", "completed"), ("errors", "failed"))}
+
+    def lines(self, job):
+        """The lines of an ended batch's output and error files, in its requests' order."""
+        hex_id = job.id[len("batch_"):]
+        for index, (custom_id, answer) in enumerate(job.spec.args["results"]):
+            line = {"id": f"batch_req_{hex_id}{index:x}", "custom_id": custom_id,
+                    "response": None, "error": None}
+            if job.state == "timeout" or answer is None:
+                line["error"] = self.EXPIRED
+            else:
+                line["response"] = {"status_code": answer[0], "body": answer[1],
+                                    "request_id": f"req_{hex_id}{index:x}"}
+            yield line
+
+    def batch(self, clock, job):
+        """A batch as it is now (a view for _JobStore)."""
+        args, status = job.spec.args, self.STATUS[job.state]
+        if args["errors"] and job.state != "queued":
+            status = "failed"  # its file was checked, and refused
+        stamps = dict.fromkeys(("in_progress_at", *itertools.chain(*self.ENDED_STAMPS.values())))
+        if job.state != "queued" and not args["errors"]:
+            stamps["in_progress_at"] = (job.created_at_ms + round(clock.real_ms(
+                job.plan.running_at_ms or 0))) // 1000
+        for key in self.ENDED_STAMPS.get(status, ()):
+            stamps[key] = job.updated_at
+        files = self.file_ids(job)
+        return {
+            "id": job.id, "object": "batch", "endpoint": args["endpoint"],
+            "errors": {"object": "list", "data": args["errors"] or [
+                {"code": "server_error", "line": None, "param": None,
+                 "message": job.error["message"]}]} if status == "failed" else None,
+            "input_file_id": args["input_file_id"],
+            "completion_window": args["completion_window"], "status": status,
+            "output_file_id": files["output"], "error_file_id": files["errors"],
+            "created_at": job.created_at, "expires_at": job.created_at + _BATCH_WINDOW_MS // 1000,
+            **stamps, "metadata": args["metadata"],
+            "request_counts": {"total": len(args["results"]), **self.counts(job)},
+        }
+
+    def viewer(self, app, request):
+        return functools.partial(self.batch, app.clock)
+
+    routes = (
+        _route("POST", "/v1/files", upload),
+        _route("GET", "/v1/files", files),
+        _route("GET", "/v1/files/{id}", file),
+        _route("GET", "/v1/files/{id}/content", content),
+        _route("DELETE", "/v1/files/{id}", delete_file),
+        _route("POST", "/v1/batches", create),
+        *_Batches.routes_of("/v1/batches", "OpenAI batches", "Batch", "BatchList", LIST),
+    )
+
+
+_OPENAI_BATCHES = _OpenAIBatches()
+
+
+def _check_batch_requests(value, field):
+    if not isinstance(value, list) or not 1 <= len(value) <= _AnthropicBatches.MAX_REQUESTS:
+        raise _ValidationError(field, "must be a list of 1 to "
+                               f"{_AnthropicBatches.MAX_REQUESTS} requests")
+    seen = set()
+    for index, item in enumerate(value):
+        at = f"{field}[{index}]"
+        if not isinstance(item, dict):
+            raise _ValidationError(at, "must be an object with custom_id and params")
+        custom_id = _BATCH_CUSTOM_ID(item.get("custom_id"), at + ".custom_id")
+        if custom_id in seen:
+            raise _ValidationError(at + ".custom_id", "repeats another request's")
+        seen.add(custom_id)
+        _OBJECT(item.get("params"), at + ".params")
+    return value
+
+
+def _check_custom_id(value, field):
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise _ValidationError(field, "must be 1 to 64 letters, digits, _ or -")
+    return value
+
+
+_BATCH_CUSTOM_ID = _Check(_check_custom_id, {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"})
+
+
+class _AnthropicBatches(_Batches, _AnthropicMessages):
+    """Anthropic's message batches: the requests (each a custom_id and the
+    params of a message) run as a job (in_progress while queued or running,
+    then ended) and its results are read as JSON lines, one per request:
+    succeeded, errored, canceled or expired."""
+
+    name = None
+    title = "Anthropic message batches"
+    op, prefix, status_key, ended = "anthropic.batch", "msgbatch", "processing_status", ("ended",)
+    MAX_REQUESTS = 100_000
+    BATCH = {
+        "requests": _Field(_Check(_check_batch_requests, {
+            "type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["custom_id", "params"], "properties": {
+                    "custom_id": _BATCH_CUSTOM_ID.schema, "params": {"type": "object"}}}}),
+            _REQUIRED, "Each a custom_id and the params of a message (checked as it runs: a "
+                       "bad one is errored)."),
+        "simulate": _Field(_SIMULATE, None, "How the batch runs, as a job (an extension)."),
+    }
+    LIST = {"limit": _Field(_Int(1, 1000), 20, "Page size"),
+            "after_id": _Field(_Text(), None, "The last id of the previous page"),
+            "before_id": _Field(_Text(), None, "The first id of the next page")}
+    # What every request's result is, by the job's final state when it is not ok.
+    RESULTS = {"cancelled": "canceled", "timeout": "expired", "fail": "errored"}
+
+    def schemas(self):
+        stamp = {"type": ["string", "null"]}
+        return {
+            **super().schemas(),
+            "MessageBatchRequest": _object_schema(self.BATCH, example={"requests": [
+                {"custom_id": "first", "params": {"model": "claude-sonnet-4-5", "max_tokens": 64,
+                                                  "messages": [{"role": "user",
+                                                                "content": "Hello"}]}}]}),
+            "MessageBatch": _object({
+                "id": _A_STRING, "type": {"const": "message_batch"},
+                "processing_status": {"enum": ["in_progress", "canceling", "ended"]},
+                "request_counts": _object({key: _AN_INTEGER for key in (
+                    "processing", "succeeded", "errored", "canceled", "expired")}),
+                "created_at": _A_STRING, "expires_at": _A_STRING, "ended_at": stamp,
+                "archived_at": stamp, "cancel_initiated_at": stamp, "results_url": stamp}),
+            "MessageBatchList": _object({"data": {"type": "array", "items": _ref("MessageBatch")},
+                                         "has_more": {"type": "boolean"}}),
+            "MessageBatchDeleted": _object({"id": _A_STRING,
+                                            "type": {"const": "message_batch_deleted"}}),
+            "MessageBatchIndividualResponse": _object({"custom_id": _A_STRING, "result": _object(
+                {"type": {"enum": ["succeeded", "errored", "canceled", "expired"]}},
+                {"message": _ref("AnthropicMessage"), "error": _ref("AnthropicError")})}),
+        }
+
+    @staticmethod
+    def rfc3339(epoch_ms):
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_ms // 1000)) + (
+            f".{epoch_ms % 1000:03d}Z")
+
+    @_api("Anthropic message batches: run messages as a batch", request="MessageBatchRequest",
+          answers={200: "MessageBatch"}, headers=_SIMULATE_HEADERS,
+          refuses={"requests": "with a custom_id that repeats another's"})
+    def create(self, app, request):
+        values = _with_defaults(_given(_json_body(request), self.BATCH, None), self.BATCH,
+                                app.config)
+        requests = values["requests"]
+        answers = _batch_answers(app, request, "/v1/messages",
+                                 [item["params"] for item in requests])
+        args = {"results": [(item["custom_id"], answer)
+                            for item, answer in zip(requests, answers)]}
+        return _batch_job(app, request, self.op, self.prefix, args, values["simulate"],
+                          self.viewer(app, request))
+
+    def viewer(self, app, request):
+        # Its results_url is on the host the client named.
+        return functools.partial(self.batch, "http://" + request.headers.get("host", "127.0.0.1"))
+
+    def results_of(self, job):
+        """[(custom_id, result)] of an ended batch."""
+        results = []
+        for custom_id, answer in job.spec.args["results"]:
+            kind = self.RESULTS.get(job.state) or (
+                "expired" if answer is None else "succeeded" if answer[0] < 400 else "errored")
+            result = {"type": kind}
+            if kind == "succeeded":
+                result["message"] = answer[1]
+            elif kind == "errored":
+                result["error"] = answer[1] if job.state == "ok" else self.error_body(
+                    ApiError("SIM_FAIL", job.error["message"]), 500, None)
+            results.append((custom_id, result))
+        return results
+
+    def batch(self, base_url, job):
+        """A message batch as it is now (a view for _JobStore)."""
+        ended = job.state in _TERMINAL_STATES
+        counts = dict.fromkeys(("processing", "succeeded", "errored", "canceled", "expired"), 0)
+        if ended:
+            counts.update(collections.Counter(result["type"]
+                                              for _, result in self.results_of(job)))
+        else:
+            counts["processing"] = len(job.spec.args["results"])
+        ended_at = self.rfc3339(job.updated_at_ms) if ended else None
+        return {
+            "id": job.id, "type": "message_batch",
+            "processing_status": "ended" if ended else "in_progress", "request_counts": counts,
+            "ended_at": ended_at, "created_at": self.rfc3339(job.created_at_ms),
+            "expires_at": self.rfc3339(job.created_at_ms + _BATCH_WINDOW_MS),
+            "archived_at": None,
+            "cancel_initiated_at": ended_at if job.state == "cancelled" else None,
+            "results_url": f"{base_url}/v1/messages/batches/{job.id}/results" if ended else None,
+        }
+
+    @_api("Anthropic message batches: forget an ended batch",
+          answers={200: "MessageBatchDeleted"})
+    def delete(self, app, request):
+        batch_id = self.batch_id(request)
+        if app.store.snapshot(batch_id, lambda job: job.state in _ACTIVE_STATES):
+            raise ApiError("BAD_REQUEST", "a batch that is in progress cannot be deleted; "
+                           "cancel it first", "id")
+        app.store.delete(batch_id)
+        return _Answer(200, {"id": batch_id, "type": "message_batch_deleted"})
+
+    @_api("Anthropic message batches: the results of an ended batch, a JSON line each",
+          answers={200: _EventStream(_Framing("application/x-jsonl", None, b"", b""), (
+              (None, "MessageBatchIndividualResponse"),))})
+    def results(self, app, request):
+        results = app.store.snapshot(self.batch_id(request), lambda job: job.state in
+                                     _TERMINAL_STATES and self.results_of(job))
+        if results is False:
+            raise ApiError("NOT_FOUND", "the batch has not ended: its results_url is null "
+                           "until it has", "id")
+        return _Answer(200, b"".join(_json_bytes({"custom_id": custom_id, "result": result})
+                                     + b"\n" for custom_id, result in results),
+                       content_type="application/x-jsonl")
+
+    routes = (
+        _route("POST", "/v1/messages/batches", create),
+        *_Batches.routes_of("/v1/messages/batches", "Anthropic message batches",
+                            "MessageBatch", "MessageBatchList", LIST),
+        _route("DELETE", "/v1/messages/batches/{id}", delete),
+        _route("GET", "/v1/messages/batches/{id}/results", results),
+    )
+
+
+_ANTHROPIC_BATCHES = _AnthropicBatches()
+
+
 # --- Surfaces: registration -------------------------------------------------------
 
 # The surfaces served, in the order their routes are tried.  A new provider
 # is its unit above and one entry here.
 _SURFACES = [_CONTROL, _JOB_API, _OPENAI_CHAT, _OPENAI_RESPONSES, _OPENAI_EMBEDDINGS,
              _OPENAI_COMPLETIONS, _AZURE_CHAT, _AZURE_EMBEDDINGS, _AZURE_COMPLETIONS,
-             _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA]
+             _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA, _OPENAI_BATCHES, _ANTHROPIC_BATCHES]
 
 
 def _register(surface):
@@ -5266,23 +5833,24 @@ class _Router:
 
     def surface_of(self, path):
         """The surface that answers for a path: that of a route the path
-        matches, else the one surface whose routes share the longest leading
-        segments with it (/v1/chat/nope is OpenAI's, /v1beta/nope Gemini's,
-        /v1/nope shared by several), else the job API."""
+        matches, else that of the routes that share the longest leading
+        segments with it when their errors have one shape (/v1/chat/nope is
+        OpenAI's, /v1beta/nope Gemini's, /v1/nope shared by several), else
+        the job API."""
         routes = self._answering(path)[0]
         if routes:
             return routes[0].surface
         segments = path.split("/")[1:]
-        best, surfaces = 0, set()
+        best, surfaces = 0, {}
         for route in itertools.chain(*self._exact.values(),
                                      *(found for _, found in self._templates)):
             shared = len(list(itertools.takewhile(
                 lambda pair: pair[0] == pair[1], zip(segments, route.path.split("/")[1:]))))
             if shared > best:
-                best, surfaces = shared, set()
+                best, surfaces = shared, {}
             if shared == best:
-                surfaces.add(route.surface)
-        return surfaces.pop() if best and len(surfaces) == 1 else _JOB_API
+                surfaces.setdefault(route.surface.error_schema, route.surface)
+        return surfaces.popitem()[1] if best and len(surfaces) == 1 else _JOB_API
 
 
 # --- Job store --------------------------------------------------------------------
@@ -5618,6 +6186,14 @@ class _JobStore:
                     page.append(dict(job.to_json(), seq=job.seq, mode=job.plan.mode))
             return page, None
 
+    def views(self, op, view, test_id=None):
+        """view(job) of every job of an op (of one test's scope, given its
+        id), newest first."""
+        with self._lock:
+            self._apply_due()
+            return [view(job) for job in reversed(self._jobs.values())
+                    if job.op == op and test_id in (None, job.spec.test_id)]
+
     def delete(self, job_id):
         """Cancel the job if it is active, and forget it."""
         with self._lock:
@@ -5915,6 +6491,59 @@ class _JobStore:
         if job.changed is None:
             job.changed = threading.Condition(self._lock.lock)
         self.clock.wait(job.changed, until_ms)
+
+
+class _Files:
+    """Uploaded files (OpenAI's /v1/files) by id, each in the scope of the
+    test that uploaded it: at most MAX_FILES, kept until deleted or reset."""
+
+    MAX_FILES = 10_000
+    _File = collections.namedtuple("_File", "json content test_id")
+
+    def __init__(self, clock):
+        self._clock, self._lock, self._files = clock, threading.Lock(), {}
+
+    def add(self, filename, purpose, content, test_id):
+        """Keep a file; its file object."""
+        with self._lock:
+            if len(self._files) >= self.MAX_FILES:
+                raise ApiError("CAPACITY", f"{self.MAX_FILES} files are kept; delete some first")
+            file_id = "file-" + _random_hex(24)
+            self._files[file_id] = self._File({
+                "id": file_id, "object": "file", "bytes": len(content),
+                "created_at": self._clock.wall_ms() // 1000, "filename": filename,
+                "purpose": purpose, "status": "processed", "expires_at": None,
+                "status_details": None}, content, test_id)
+            return dict(self._files[file_id].json)
+
+    def get(self, file_id, field="id"):
+        """(the file object, the content) of a file."""
+        with self._lock:
+            found = self._files.get(file_id)
+        if found is None:
+            raise ApiError("NOT_FOUND", f"no file with id {file_id!r}", field)
+        return dict(found.json), found.content
+
+    def list(self, purpose=None, test_id=None):
+        """The file objects, newest first (of a purpose, of a test's scope)."""
+        with self._lock:
+            return [dict(found.json) for found in reversed(self._files.values())
+                    if purpose in (None, found.json["purpose"])
+                    and test_id in (None, found.test_id)]
+
+    def delete(self, file_id):
+        with self._lock:
+            if self._files.pop(file_id, None) is None:
+                raise ApiError("NOT_FOUND", f"no file with id {file_id!r}", "id")
+
+    def clear(self, test_id=None):
+        """Forget every file (of a test's scope); how many went."""
+        with self._lock:
+            gone = [file_id for file_id, found in self._files.items()
+                    if test_id in (None, found.test_id)]
+            for file_id in gone:
+                del self._files[file_id]
+            return len(gone)
 
 
 class _Quotas:
@@ -6865,6 +7494,7 @@ class _Application:
         self.store = _JobStore(self.config, clock)
         self.clock = self.store.clock
         self.quotas = _Quotas(self.clock)
+        self.files = _Files(self.clock)
         self.capacity = _Capacity(self.config, self.clock)
         self.journal = _Journal(self.config.journal_size)
         self.stopping = threading.Event()   # wakes handlers that wait to answer
@@ -6979,10 +7609,11 @@ class _Application:
 
     def reset(self, test_id=None):
         """Start clean: cancel and forget every job, forget every counter,
-        idempotency key, quota window, journal entry and rule added at run
+        idempotency key, quota window, journal entry, uploaded file and rule added at run
         time; given a test id, only that test's.  Returns how many of each
         went."""
         removed = self.store.reset(test_id)
+        removed["files"] = self.files.clear(test_id)
         self.quotas.clear(test_id)
         removed["journal_entries"] = self.journal.clear(test_id)
         removed["rules"] = self.clear_rules(test_id)
@@ -8192,7 +8823,7 @@ def _openapi_document(registry):
             operation["x-dummyllm-refuses"] = api["refuses"]
         if api["request"]:
             operation["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": _ref(api["request"])}}}
+                api["request_type"]: {"schema": _ref(api["request"])}}}
         paths.setdefault(route.path.replace("+}", "}"), {})[route.method.lower()] = operation
     return {"openapi": "3.2.0",
             "info": {"title": "dummyLLM", "version": __version__,
@@ -8319,17 +8950,26 @@ function operation(path, method, op) {
     }
     box.append(table);
   }
-  let body = null;
+  let body = null, form = null;
   if (op.requestBody) {
-    const schema = op.requestBody.content["application/json"].schema;
+    const [type, {schema}] = Object.entries(op.requestBody.content)[0];
     box.append(el("p", {}, "Request body:"), fieldsTable(schema));
     if (resolve(schema).properties.simulate) {
       box.append(el("details", {}, el("summary", {}, "simulate fields"),
                     fieldsTable(spec.components.schemas.Simulate)));
     }
-    body = el("textarea", {name: "body"});
-    body.value = JSON.stringify(resolve(schema).example || {}, null, 2);
-    box.append(el("p", {}, "Example request (edit and send):"), body);
+    if (type === "multipart/form-data") {  // a form: a file input for each binary field
+      form = {};
+      for (const [name, field] of Object.entries(resolve(schema).properties)) {
+        form[name] = el("input", field.format === "binary" ? {type: "file", name}
+                                                           : {name, placeholder: typeOf(field)});
+        box.append(el("p", {}, el("code", {}, name), " ", form[name]));
+      }
+    } else {
+      body = el("textarea", {name: "body"});
+      body.value = JSON.stringify(resolve(schema).example || {}, null, 2);
+      box.append(el("p", {}, "Example request (edit and send):"), body);
+    }
   }
   const answer = el("pre", {className: "answer"}, "");
   const send = el("button", {className: "send", type: "button"}, "Send");
@@ -8346,6 +8986,12 @@ function operation(path, method, op) {
     if (String(query)) url += "?" + query;
     const init = {method: method.toUpperCase(), headers};
     if (body) { init.body = body.value; headers["Content-Type"] = "application/json"; }
+    if (form) {
+      init.body = new FormData();
+      for (const [name, input] of Object.entries(form)) {
+        init.body.append(name, input.type === "file" ? input.files[0] || new Blob() : input.value);
+      }
+    }
     answer.textContent = "...";
     try {
       const response = await fetch(url, init);
