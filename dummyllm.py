@@ -5139,6 +5139,7 @@ _OLLAMA = _Ollama()
 # a request alone (see _batch_answers), and its results are read once it ends.
 
 _BATCH_WINDOW_MS = 86_400_000  # both vendors' completion window: 24 hours
+_BATCH_SIMULATE = _Field(_SIMULATE, None, "How the batch runs, as a job (an extension).")
 _MULTIPART_BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^\s;]+))', re.I)
 _FORM_FIELD = re.compile(rb'(?im)^content-disposition:[^\r\n]*?\bname="([^"]*)"'
                          rb'(?:[^\r\n]*?\bfilename="([^"]*)")?')
@@ -5298,7 +5299,10 @@ class _OpenAIBatches(_Batches, _OpenAI):
     ENDED_STAMPS = {"completed": ("finalizing_at", "completed_at"), "failed": ("failed_at",),
                     "expired": ("expired_at",), "cancelled": ("cancelling_at", "cancelled_at")}
     ended = tuple(ENDED_STAMPS)
-    ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
+    # The paths a batch's requests may go to: the model calls of these units.
+    ENDPOINTS = tuple(route.path for unit in (_OPENAI_CHAT, _OPENAI_EMBEDDINGS,
+                                              _OPENAI_COMPLETIONS, _OPENAI_RESPONSES)
+                      for route in unit.routes if route.handler is _model_call)
     PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
     MAX_REQUESTS = 50_000
     EXPIRED = {"code": "batch_expired",
@@ -5311,7 +5315,7 @@ class _OpenAIBatches(_Batches, _OpenAI):
         "completion_window": _Field(_Choice("24h"), _REQUIRED, "24h."),
         "metadata": _Field(_OBJECT, None, "Kept and shown."),
         "output_expires_after": _Field(_OBJECT, None, "Accepted."),
-        "simulate": _Field(_SIMULATE, None, "How the batch runs, as a job (an extension)."),
+        "simulate": _BATCH_SIMULATE,
     }
     LIST = {"limit": _Field(_Int(1, 100), 20, "Page size"),
             "after": _Field(_Text(), None, "The last id of the previous page")}
@@ -5562,6 +5566,8 @@ class _AnthropicBatches(_Batches, _AnthropicMessages):
 
     name = None
     title = "Anthropic message batches"
+    # Where a batch's requests go: the model call of the Messages unit.
+    MESSAGES, = (route.path for route in _AnthropicMessages.routes if route.handler is _model_call)
     op, prefix, status_key, ended = "anthropic.batch", "msgbatch", "processing_status", ("ended",)
     MAX_REQUESTS = 100_000
     BATCH = {
@@ -5571,7 +5577,7 @@ class _AnthropicBatches(_Batches, _AnthropicMessages):
                     "custom_id": _BATCH_CUSTOM_ID.schema, "params": {"type": "object"}}}}),
             _REQUIRED, "Each a custom_id and the params of a message (checked as it runs: a "
                        "bad one is errored)."),
-        "simulate": _Field(_SIMULATE, None, "How the batch runs, as a job (an extension)."),
+        "simulate": _BATCH_SIMULATE,
     }
     LIST = {"limit": _Field(_Int(1, 1000), 20, "Page size"),
             "after_id": _Field(_Text(), None, "The last id of the previous page"),
@@ -5615,7 +5621,7 @@ class _AnthropicBatches(_Batches, _AnthropicMessages):
         values = _with_defaults(_given(_json_body(request), self.BATCH, None), self.BATCH,
                                 app.config)
         requests = values["requests"]
-        answers = _batch_answers(app, request, "/v1/messages",
+        answers = _batch_answers(app, request, self.MESSAGES,
                                  [item["params"] for item in requests])
         args = {"results": [(item["custom_id"], answer)
                             for item, answer in zip(requests, answers)]}

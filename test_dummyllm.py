@@ -3456,7 +3456,8 @@ class OpenAIBatchCalls:
                 f'name="file"; filename="{filename}"\r\nContent-Type: application/octet-stream'
                 f'\r\n\r\n').encode() + content + f"\r\n--{self.BOUNDARY}--\r\n".encode()
         return self.call("POST", "/v1/files", body, {
-            "Content-Type": f"multipart/form-data; boundary={self.BOUNDARY}", **(headers or {})})[:2]
+            "Content-Type": f"multipart/form-data; boundary={self.BOUNDARY}",
+            **(headers or {})})[:2]
 
     @staticmethod
     def chat_line(custom_id, url="/v1/chat/completions", **simulate):
