@@ -8,7 +8,8 @@ failures, hangs, broken streams, tool calls), not language: a job API
 (/v1/jobs), the wire formats of OpenAI (chat completions, the Responses
 API, embeddings, legacy completions, and Azure OpenAI's paths for those;
 files and batches), Anthropic's Messages and message batches, Google's
-Gemini and Ollama (streaming included), scripted or forced tool calls, JSON
+Gemini and Ollama (streaming included), an MCP tool server (/mcp) whose
+tools fail, hang and answer late on cue, scripted or forced tool calls, JSON
 drawn from a request's schema for structured output, reply rules matched on
 the request, the faults that retry logic must survive (scripted attempts,
 transport faults, idempotency keys, quotas per key, a request journal), a
@@ -38,23 +39,26 @@ it (a name looked up only when a request runs may come later).
                                   ApiError and _Fault
     Validation and configuration  rules that check one value and describe it
                                   as JSON Schema; the simulate settings; reply
-                                  rules; the verdict's questions; the options
+                                  rules; MCP tools; the verdict's questions;
+                                  the options
     Simulation                    pure functions in simulated milliseconds:
                                   what a request does and when, its reply
                                   (text, tool calls, JSON drawn from a schema),
-                                  its stream's timeline (no clock, no I/O)
+                                  its stream's timeline (no clock, no I/O); a
+                                  value checked against a JSON Schema
     Surfaces                      the protocol of a provider's unit, then a
                                   unit each (the job API; the server's own
                                   endpoints; OpenAI chat, Responses,
                                   embeddings, completions; Azure OpenAI;
                                   Anthropic Messages; Gemini; Ollama; the
-                                  vendors' batches) and their registration
+                                  vendors' batches; an MCP tool server) and
+                                  their registration
     Job store                     the dict behind one lock, its Timer, the
-                                  injected clock; uploaded files; the quotas;
-                                  the slots and what vLLM's metrics count;
-                                  the journal
-    Verdict                       findings on a client's requests, from the
-                                  journal (pure)
+                                  injected clock; uploaded files; MCP
+                                  sessions; the quotas; the slots and what
+                                  vLLM's metrics count; the journal
+    Verdict                       findings on a client's requests and an
+                                  agent's tool calls, from the journal (pure)
     Server                        the log, webhooks, streams, the application
                                   (everything but the socket), connections;
                                   DummyLLMServer, start_server, and the
@@ -228,6 +232,10 @@ _ERRORS = {code: _ErrorKind(*row) for code, row in {
     "TOO_MANY_CONNECTIONS": (503, "every connection is busy; retry later"),
     "TIMEOUT": (504, "job passed its timeout_ms deadline"),
     "HTTP_VERSION_NOT_SUPPORTED": (505, "only HTTP/1.0 and HTTP/1.1 are served"),
+    "FORBIDDEN": (403, "the request's origin is not allowed"),
+    "NOT_ACCEPTABLE": (406, "the Accept header admits no answer this endpoint gives"),
+    "UNKNOWN_METHOD": (None, "method not found"),
+    "TOOL_ERROR": (None, "the tool answered with a JSON-RPC error"),
     "INJECTED_FAULT": (None, "simulated HTTP fault"),
     "CANCELLED": (None, "job was cancelled by the client"),
 }.items()}
@@ -245,16 +253,19 @@ class ApiError(Exception):
     Raised anywhere and written in one place, in the shape of the surface
     that answers.  `retry_after_ms` (simulated) becomes the retry headers;
     `status` overrides the table's where the code has none or several;
-    `quota` is the quota that refused the request (see _Quotas.admit).
+    `quota` is the quota that refused the request (see _Quotas.admit);
+    `detail` what only one surface's shape can say (a JSON-RPC error's own
+    code and data).
     """
 
     def __init__(self, code, message=None, field=None, status=None, retry_after_ms=None,
-                 headers=(), quota=None):
+                 headers=(), quota=None, detail=None):
         kind = _ERRORS[code]
         super().__init__(message or kind.message)
         self.code, self.status = code, status or kind.status
         self.message, self.field = message or kind.message, field
         self.retry_after_ms, self.headers, self.quota = retry_after_ms, tuple(headers), quota
+        self.detail = detail
 
 
 class _ValidationError(ApiError, ValueError):
@@ -300,6 +311,13 @@ _EMBEDDING_KINDS = {
 }
 
 
+# The versions of MCP (its streamable HTTP transport) served, oldest first; a
+# client that offers another is answered with the newest.  From the last on,
+# arguments a tool's input schema refuses are the tool's error result, not a
+# JSON-RPC error (SEP-1303), so that the model sees what to correct.
+_MCP_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
+_MCP_ARGUMENTS_AS_RESULT = "2025-11-25"
+
 # The stream failures that leave a partial answer a client may take for a whole one.
 _BROKEN_STREAM_FAILURES = ("cut_after", "truncate_after", "malformed_after")
 
@@ -331,6 +349,14 @@ _FINDINGS = {code: _FindingKind(*row) for code, row in {
                   "polled nor cancelled within settle_ms"),
     "TRUNCATED_STREAM_ACCEPTED": ("warning", "a stream broken by cut_after, truncate_after or "
                                   "malformed_after, and no retry"),
+    "TOOL_ARGUMENTS_REFUSED": ("warning", "an MCP tool called with arguments its input schema "
+                               "refuses"),
+    "TOOL_RETRIED_UNCHANGED": ("error", "a failed MCP tool call repeated with the same "
+                               "arguments more than twice in a row"),
+    "TOOL_ERROR_IGNORED": ("error", "an MCP tool's error result missing from the tool results "
+                           "of the next model call of its key"),
+    "TOOL_HANG_NOT_CANCELLED": ("warning", "an MCP tool call left without an answer, and not "
+                                "cancelled within settle_ms"),
 }.items()}
 
 
@@ -1194,24 +1220,193 @@ def _reply_rule(value, field, source, test_id=None):
     return _ReplyRule(values["match"], values["simulate"], source, value, test_id)
 
 
-def _check_rules(value, field):
-    """Reply rules: a list, or the path of a JSON file holding one."""
+def _list_or_file(value, field, what, read):
+    """An option that is a list of `what`, or the path of a JSON file holding
+    one: each item made by read(item, its field) unless it is made already
+    (a Config's own pass as they are: make_config(**config._asdict()))."""
     if isinstance(value, str):
         try:
             with open(value, "rb") as file:
-                value = _json_value(file.read(), "the rules file")
+                value = _json_value(file.read(), f"the {what} file")
         except OSError as error:
             raise _ValidationError(field, f"cannot be read: {error.strerror}") from None
         except ApiError as error:
             raise _ValidationError(field, error.message) from None
     if not isinstance(value, (list, tuple)):
-        raise _ValidationError(field, "must be a list of rules, or a JSON file holding one")
-    try:  # a Config's own rules pass as they are: make_config(**config._asdict())
-        return tuple(rule if isinstance(rule, _ReplyRule) else
-                     _reply_rule(rule, f"rules[{index}]", "file")
-                     for index, rule in enumerate(value))
+        raise _ValidationError(field, f"must be a list of {what}, or a JSON file holding one")
+    try:
+        return tuple(read(item, f"{what}[{index}]") for index, item in enumerate(value))
     except _ValidationError as error:
         raise _ValidationError(field, error.message) from None
+
+
+def _check_rules(value, field):
+    """Reply rules: a list, or the path of a JSON file holding one."""
+    return _list_or_file(value, field, "rules", lambda rule, item_field: (
+        rule if isinstance(rule, _ReplyRule) else _reply_rule(rule, item_field, "file")))
+
+
+# MCP tools (see _Mcp): what /mcp lists, and what each call of one answers.
+# An answer is fixed content, content by the call's arguments (cases), or
+# the step of a script its calls take in turn, per key; each may carry
+# simulate settings over the tool's own.
+
+def _check_content_blocks(value, field):
+    """A tool's content: a text, or MCP content blocks (each an object with a
+    type; a text block's text a string)."""
+    if isinstance(value, str):
+        return [{"type": "text", "text": value}]
+    if not isinstance(value, list) or not value:
+        raise _ValidationError(field, "must be a text or a non-empty array of content blocks")
+    for index, block in enumerate(value):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise _ValidationError(f"{field}[{index}]", "must be a content block: an object "
+                                   "with a type")
+        if (block["type"] == "text" or "text" in block) and not isinstance(
+                block.get("text"), str):
+            raise _ValidationError(f"{field}[{index}].text", "must be a string")
+    return value
+
+
+def _check_rpc_error(value, field):
+    _check_object(value, field)
+    code = value.get("code")
+    if isinstance(code, float) and code.is_integer():
+        code = int(code)
+    if not _is_int(code) or not -2 ** 31 <= code < 2 ** 31:
+        raise _ValidationError(field + ".code", "must be an integer (a JSON-RPC error code)")
+    if not isinstance(value.get("message"), str):
+        raise _ValidationError(field + ".message", "must be a string")
+    unknown = set(value) - {"code", "message", "data"}
+    if unknown:
+        raise _ValidationError(f"{field}.{min(unknown)}", "is not a field of a JSON-RPC error")
+    return dict(value, code=code)
+
+
+_MCP_ANSWER_FIELDS = {
+    "content": _Field(_Check(_check_content_blocks, {"oneOf": [{"type": "string"}, {
+        "type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["type"],
+            "properties": {"type": {"type": "string"}, "text": {"type": "string"}}}}]}),
+        None, "What the tool answers: a text, or MCP content blocks."),
+    "structured": _Field(_Check(_check_object, {"type": "object"}), None,
+                         "Its structuredContent (also sent as text when content gives none)."),
+    "rpc_error": _Field(_Check(_check_rpc_error, {
+        "type": "object", "required": ["code", "message"], "additionalProperties": False,
+        "properties": {"code": {"type": "integer", "minimum": -2 ** 31,
+                                "maximum": 2 ** 31 - 1},
+                       "message": {"type": "string"},
+                       "data": {}}}), None,
+        "Answer with this JSON-RPC error instead of a result."),
+    "simulate": _Field(_SIMULATE, None, "How the call behaves, over the tool's own settings."),
+}
+_MCP_CASE_FIELDS = {
+    "arguments": _Field(_Check(_check_object, {"type": "object"}), _REQUIRED,
+                        "The arguments a call must have (these names, these values)."),
+    **_MCP_ANSWER_FIELDS,
+}
+_MCP_TOOL_NAME_PATTERN = "^[A-Za-z0-9_.-]{1,128}$"  # as MCP advises (SEP-986)
+
+
+def _check_tool_name(value, field):
+    if not isinstance(value, str) or not re.match(_MCP_TOOL_NAME_PATTERN, value):
+        raise _ValidationError(field, "must be 1 to 128 letters, digits, _, - or .")
+    return value
+
+
+# A JSON Schema of objects, as MCP wants a tool's input and output schemas.
+_OBJECT_SCHEMA_SCHEMA = {"type": "object", "required": ["type"],
+                         "properties": {"type": {"const": "object"}}}
+
+
+def _check_input_schema(value, field):
+    _check_json_schema(value, field)
+    if not isinstance(value, dict) or value.get("type") != "object":
+        raise _ValidationError(field, 'must be a JSON Schema of "type": "object"')
+    return value
+
+
+def _items_of(fields):
+    """A rule for a non-empty list of objects, each checked by `fields`."""
+    def check(value, field):
+        if not isinstance(value, list) or not value:
+            raise _ValidationError(field, "must be a non-empty array")
+        return [_with_defaults(_given(item, fields, f"{field}[{index}]", strict=True), fields,
+                               None, f"{field}[{index}]") for index, item in enumerate(value)]
+    return _Check(check, {"type": "array", "minItems": 1,
+                          "items": _object_schema(fields, strict=True)})
+
+
+_MCP_TOOL_FIELDS = {
+    "name": _Field(_Check(_check_tool_name, {"type": "string", "pattern": _MCP_TOOL_NAME_PATTERN}),
+                   _REQUIRED, "Its name, which calls give."),
+    "title": _Field(_Nullable(_Text()), None, "A name for people."),
+    "description": _Field(_Text(), "", "What it does, for the model."),
+    "inputSchema": _Field(_Check(_check_input_schema, _OBJECT_SCHEMA_SCHEMA), {"type": "object"},
+                          "JSON Schema of its arguments; each call's are checked against it."),
+    "outputSchema": _Field(_Nullable(_Check(_check_input_schema, _OBJECT_SCHEMA_SCHEMA)), None,
+                           "JSON Schema of its structuredContent; where no content is given, "
+                           "a value drawn from it answers."),
+    "annotations": _Field(_Nullable(_Check(_check_object, {"type": "object"})), None,
+                          "Hints for clients (readOnlyHint, ...), listed as given."),
+    **_MCP_ANSWER_FIELDS,
+    "cases": _Field(_Nullable(_items_of(_MCP_CASE_FIELDS)), None,
+                    "Answers by argument: a call takes the first case whose arguments it has."),
+    "script": _Field(_Nullable(_items_of(_MCP_ANSWER_FIELDS)), None,
+                     "Answers of its successive calls with one key; the last repeats."),
+    "progress": _Field(_Int(0, 1000), 0, "Progress notifications sent during a call that asks "
+                       "for them (a progressToken), evenly spaced; its answer is then an event "
+                       "stream."),
+}
+# The keys of a tool that tools/list shows, as they are given.
+_MCP_LISTED = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
+
+
+class _McpTool(collections.namedtuple("_McpTool", "spec source given test_id")):
+    """A tool /mcp serves: its checked fields (spec), where it came from
+    ("file" or "runtime"), the JSON it was given as, and the test it was
+    added for (None: every test's)."""
+
+    @property
+    def name(self):
+        return self.spec["name"]
+
+    def listing(self):
+        """The tool as tools/list lists it."""
+        return {key: self.spec[key] for key in _MCP_LISTED if self.spec[key] is not None}
+
+    def answer(self, arguments, step):
+        """The answer a call with these arguments takes, the step-th of its
+        key (a dict of _MCP_ANSWER_FIELDS): its script's step-th step (the
+        last repeats), else its first case whose arguments the call has,
+        else the tool's own."""
+        script = self.spec["script"]
+        if script:
+            return script[min(step, len(script) - 1)]
+        return next((case for case in self.spec["cases"] or () if all(
+            name in arguments and arguments[name] == value
+            for name, value in case["arguments"].items())), self.spec)
+
+    def to_json(self):
+        return {"source": self.source, "test_id": self.test_id, **self.given}
+
+
+def _mcp_tool(value, field, source, test_id=None):
+    """An _McpTool from its JSON (a ValidationError names the bad field)."""
+    spec = _with_defaults(_given(value, _MCP_TOOL_FIELDS, field, strict=True),
+                          _MCP_TOOL_FIELDS, None, field)
+    return _McpTool(spec, source, value, test_id)
+
+
+def _check_mcp_tools(value, field):
+    """MCP tools: a list, or the path of a JSON file holding one; no name twice."""
+    tools = _list_or_file(value, field, "tools", lambda tool, item_field: (
+        tool if isinstance(tool, _McpTool) else _mcp_tool(tool, item_field, "file")))
+    names = [tool.name for tool in tools]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise _ValidationError(field, f"declares the tool {twice!r} twice")
+    return tools
 
 
 def _check_drawn_weights(settings, field):
@@ -1337,6 +1532,9 @@ _OPTIONS = (
             "tokens per minute each key may use: a request's prompt tokens plus its max_tokens"),
     _Option("rules", "--rules", "DUMMYLLM_RULES", (), _Check(_check_rules, {"type": "array"}),
             "a JSON file of reply rules: settings chosen by what a model call asks"),
+    _Option("mcp_tools", "--mcp-tools", "DUMMYLLM_MCP_TOOLS", (),
+            _Check(_check_mcp_tools, {"type": "array"}),
+            "a JSON file of the tools /mcp serves, and what each call of one answers"),
     _Option("slots", "--slots", "DUMMYLLM_SLOTS", None, _Nullable(_Int(1, 1_000_000)),
             "model calls that generate at once (none: no limit); a call holds a slot from its "
             "first token to its last, and a plain answer is sent at its last token"),
@@ -1814,6 +2012,136 @@ def _drawn(schema, draw, field):
         raise _ValidationError(field, "is not a JSON Schema dummyLLM can read") from None
 
 
+# How a value is told to be of each JSON Schema type (Gemini writes them in
+# upper case); an integer may be written 2.0.
+_JSON_TYPES = {
+    "null": lambda value: value is None,
+    "boolean": lambda value: isinstance(value, bool),
+    "integer": lambda value: _is_int(value) or (
+        isinstance(value, float) and value.is_integer()),
+    "number": _is_number,
+    "string": lambda value: isinstance(value, str),
+    "array": lambda value: isinstance(value, list),
+    "object": lambda value: isinstance(value, dict),
+}
+
+
+def _schema_violation(value, schema, path, root=None, depth=0):
+    """Where a JSON value first breaks a JSON Schema, and how: (path,
+    reason), or None.  It reads what tools' schemas say: type, enum, const,
+    required, properties, additionalProperties, items, the bounds of numbers,
+    strings and arrays, allOf, anyOf, oneOf, not, and $ref within the
+    schema.  Patterns and formats are not checked (a pattern given at run
+    time could hold the server), nor is a part of the schema it cannot read."""
+    root = schema if root is None else root
+    if schema is False:
+        return path, "is not allowed here"
+    if not isinstance(schema, dict) or depth > 32:
+        return None
+    if isinstance(schema.get("$ref"), str):
+        try:
+            target = _resolve_ref(root, schema["$ref"], path)
+        except _SchemaError:
+            return None
+        found = _schema_violation(value, target, path, root, depth + 1)
+        if found:
+            return found
+    types = schema.get("type")
+    names = [types] if isinstance(types, str) else types if isinstance(types, list) else ()
+    known = [name.lower() for name in names if isinstance(name, str)
+             and name.lower() in _JSON_TYPES]
+    if known and not any(_JSON_TYPES[name](value) for name in known):
+        return path, "must be of type " + " or ".join(known)
+    if isinstance(schema.get("enum"), list) and value not in schema["enum"]:
+        return path, "must be one of " + ", ".join(map(json.dumps, schema["enum"][:10]))
+    if "const" in schema and value != schema["const"]:
+        return path, f"must be {json.dumps(schema['const'])}"
+    found = (_number_violation(value, schema, path) or _string_violation(value, schema, path)
+             or (isinstance(value, list) and _array_violation(value, schema, path, root, depth))
+             or (isinstance(value, dict) and _object_violation(value, schema, path, root, depth)))
+    return found or _options_violation(value, schema, path, root, depth)
+
+
+def _bound(schema, key):
+    value = schema.get(key)
+    return value if _is_number(value) else None
+
+
+def _number_violation(value, schema, path):
+    if not _is_number(value):
+        return None
+    for key, broken, words in (("minimum", operator.lt, "at least"),
+                               ("maximum", operator.gt, "at most"),
+                               ("exclusiveMinimum", operator.le, "more than"),
+                               ("exclusiveMaximum", operator.ge, "less than")):
+        bound = _bound(schema, key)
+        if bound is not None and broken(value, bound):
+            return path, f"must be {words} {bound}"
+    return None
+
+
+def _string_violation(value, schema, path):
+    if not isinstance(value, str):
+        return None
+    least, most = _bound(schema, "minLength"), _bound(schema, "maxLength")
+    if least is not None and len(value) < least:
+        return path, f"must be at least {least} characters long"
+    if most is not None and len(value) > most:
+        return path, f"must be at most {most} characters long"
+    return None
+
+
+def _array_violation(value, schema, path, root, depth):
+    least, most = _bound(schema, "minItems"), _bound(schema, "maxItems")
+    if least is not None and len(value) < least:
+        return path, f"must have at least {least} items"
+    if most is not None and len(value) > most:
+        return path, f"must have at most {most} items"
+    items = schema.get("items")
+    if isinstance(items, (dict, bool)):
+        for index, item in enumerate(value):
+            found = _schema_violation(item, items, f"{path}[{index}]", root, depth + 1)
+            if found:
+                return found
+    return None
+
+
+def _object_violation(value, schema, path, root, depth):
+    for name in schema.get("required") or ():
+        if isinstance(name, str) and name not in value:
+            return f"{path}.{name}", "is required"
+    properties = schema.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    extra = schema.get("additionalProperties", True)
+    for name, item in value.items():
+        part = properties.get(name, extra)
+        if part is False:
+            return f"{path}.{name}", "is not a property the schema allows"
+        found = _schema_violation(item, part, f"{path}.{name}", root, depth + 1)
+        if found:
+            return found
+    return None
+
+
+def _options_violation(value, schema, path, root, depth):
+    """allOf, anyOf, oneOf and not."""
+    def holds(part):
+        return _schema_violation(value, part, path, root, depth + 1) is None
+    for part in schema.get("allOf") or ():
+        found = _schema_violation(value, part, path, root, depth + 1)
+        if found:
+            return found
+    options = schema.get("anyOf")
+    if isinstance(options, list) and options and not any(map(holds, options)):
+        return path, "matches none of the schemas anyOf allows"
+    options = schema.get("oneOf")
+    if isinstance(options, list) and options and sum(map(holds, options)) != 1:
+        return path, "must match exactly one of the schemas oneOf allows"
+    if "not" in schema and holds(schema["not"]):
+        return path, "matches the schema it must not"
+    return None
+
+
 def _unit_draw(seed, key, n, purpose):
     """A number in [0, 1) that depends only on its arguments.
 
@@ -2218,6 +2546,16 @@ def _duration_text(ms):
     return f"{ms}ms" if ms < 1000 else f"{ms / 1000:g}s"
 
 
+_TOOL_RESULT_CHARS = 1000
+# How an MCP tool call ended (see _Mcp.call_tool).
+_MCP_OUTCOMES = {
+    "ok": "a result",
+    "error": "an error result (isError): the tool failed or timed out",
+    "refused": "its arguments broke the tool's input schema",
+    "rpc_error": "a JSON-RPC error the tool declares",
+    "hang": "no answer",
+}
+
 # What a request learns on its way and tells the journal, the access log and
 # the verdict: each field, with its schema in a journal entry.
 _NOTE_FIELDS = {
@@ -2232,6 +2570,18 @@ _NOTE_FIELDS = {
     "stream_failure": ({"type": ["string", "null"]}, "The stream failure it was given"),
     "job_ended": ({"type": ["boolean", "null"]},
                   "Whether the job the answer showed had ended"),
+    "tool_results": ({"type": ["array", "null"], "items": {"type": "string"}},
+                     "Of a model call: the tool results it carries, the first "
+                     f"{_TOOL_RESULT_CHARS} characters of each"),
+    "mcp": ({"type": ["object", "null"], "properties": {
+        "session": {"type": ["string", "null"]}, "method": {"type": ["string", "null"]},
+        "id": {"type": ["string", "integer", "null"]}, "tool": {"type": ["string", "null"]},
+        "arguments": {"type": ["string", "null"], "description": "A digest of them"},
+        "outcome": {"enum": [None, *_MCP_OUTCOMES]},
+        "text": {"type": ["string", "null"], "description": "Of an error result"},
+        "cancels": {"type": ["string", "integer", "null"]}}},
+            "Of an MCP message: its session, method and id; the tool it called, how the "
+            "call ended and its error's text; the request it cancels"),
 }
 
 
@@ -2340,6 +2690,13 @@ def _api(*args, **kwargs):
         handler.api = _describe(*args, **kwargs)
         return handler
     return describe
+
+
+def _simulate_header(request):
+    """The simulate settings of the request's X-DummyLLM-Simulate header ({} without one)."""
+    header = request.headers.get(_SIMULATE_HEADER.lower())
+    return {} if header is None else _SIMULATE(
+        _json_value(header, _SIMULATE_HEADER, _SIMULATE_HEADER), _SIMULATE_HEADER)
 
 
 def _query_args(request, fields):
@@ -2460,9 +2817,10 @@ class _Surface:
         return types.get(error.code) or types.get(status) or types.get(
             "4xx" if status < 500 else "5xx")
 
-    def error(self, error, retry_ms, now_ms):
+    def error(self, error, retry_ms, now_ms, note=None):
         """(status, body, headers) of an error; retry_ms is the real delay
-        its retry headers advertise, or None; now_ms the wall clock."""
+        its retry headers advertise, or None; now_ms the wall clock; note
+        what the request learnt on its way, if it got that far."""
         status = self.validation_status if error.status == 422 else error.status
         return status, self.error_body(error, status, retry_ms), error.headers + (
             self.retry_headers(error, retry_ms, now_ms))
@@ -2530,11 +2888,10 @@ class _Surface:
         asks for structured output (the schema True: any JSON object).  The
         schemas are checked where a value is drawn from them, once, by the
         plan (see _result)."""
-        header = request.headers.get("x-dummyllm-simulate")
-        if header is not None:
-            header = _SIMULATE(_json_value(header, _SIMULATE_HEADER, _SIMULATE_HEADER),
-                               _SIMULATE_HEADER)
+        header = _simulate_header(request)
         trace_id = _TRACE_ID_HEADER(request.headers.get("x-trace-id"), "X-Trace-Id") or user
+        request.note.tool_results = [message["content"][:_TOOL_RESULT_CHARS]
+                                     for message in messages if message["role"] == "tool"] or None
         rule, ruled = None, ("", {})
         if config.rules:
             facts = _Facts(self.name, request.path, model, messages, request.headers, trace_id,
@@ -2543,7 +2900,7 @@ class _Surface:
                         None)
             if rule is not None:
                 ruled = f"rules[{rule}].simulate", config.rules[rule].simulate
-        sources = (("simulate", simulate or {}), (_SIMULATE_HEADER, header or {}), ruled)
+        sources = (("simulate", simulate or {}), (_SIMULATE_HEADER, header), ruled)
         settings = _simulate_settings({**ruled[1], **sources[1][1], **sources[0][1]}, config)
         if settings["stream"] is not None and not stream:
             settings["stream"] = _left_out(sources, "stream", 'applies only with "stream": true')
@@ -4446,7 +4803,7 @@ class _AnthropicMessages(_Surface):
     def credential(self, request):
         return request.headers.get("x-api-key") or super().credential(request)
 
-    def error(self, error, retry_ms, now_ms):
+    def error(self, error, retry_ms, now_ms, note=None):
         """Its shape, with the request id in the body and a header."""
         status, body, headers = super().error(error, retry_ms, now_ms)
         request_id = "req_" + _random_hex(24)
@@ -5201,10 +5558,7 @@ def _batch_job(app, request, op, prefix, args, simulate, view):
     """The answer that stores a batch as a job and shows view(job): it runs
     as its simulate and the X-DummyLLM-Simulate header say (queue_ms while it
     is checked, latency_ms while it runs, mode timeout: it expires)."""
-    header = request.headers.get(_SIMULATE_HEADER.lower())
-    header = {} if header is None else _SIMULATE(
-        _json_value(header, _SIMULATE_HEADER, _SIMULATE_HEADER), _SIMULATE_HEADER)
-    settings = _simulate_settings({**header, **(simulate or {})}, app.config)
+    settings = _simulate_settings({**_simulate_header(request), **(simulate or {})}, app.config)
     settings.update(ttft_ms=None, prefill_ms_per_token=0)  # a batch has no first token
     spec = _JobSpec(op=op, args=args, timeout_ms=_BATCH_WINDOW_MS, trace_id=_TRACE_ID_HEADER(
         request.headers.get("x-trace-id"), "X-Trace-Id"), test_id=request.test_id,
@@ -5702,13 +6056,449 @@ class _AnthropicBatches(_Batches, _AnthropicMessages):
 _ANTHROPIC_BATCHES = _AnthropicBatches()
 
 
+# --- Surfaces: MCP ----------------------------------------------------------------
+# A tool server on MCP's streamable HTTP transport: JSON-RPC 2.0 messages
+# POSTed to /mcp, each request answered with JSON or, when it sends progress
+# notifications or is to break, an event stream.  A session begins with
+# initialize (its id in Mcp-Session-Id) and ends with DELETE.  The tools are
+# those of --mcp-tools and POST /v1/mcp/tools; a call of one is planned as a
+# model call is, with the same simulate settings, in a sequence of its own
+# (the key mcp:{tool}:{X-Trace-Id}), and journaled under X-Trace-Id, where
+# the verdict reads how the agent used its tools.
+
+# Where a tools/call's params._meta carries simulate settings of its own.
+_MCP_SIMULATE_META = "dummyllm/simulate"
+
+
+def _admits(accept, media_type):
+    """Whether an Accept header (a list of types) admits a media type."""
+    kinds = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    return bool({media_type, media_type.split("/")[0] + "/*", "*/*"} & kinds)
+
+
+def _rpc_id(value):
+    """A JSON-RPC request's id: a string or an integer (MCP allows no null)."""
+    return isinstance(value, str) or _is_int(value)
+
+
+def _arguments_digest(arguments):
+    return _body_digest(json.dumps(arguments, sort_keys=True, ensure_ascii=False).encode())
+
+
+_MCP_VERSION_HEADER = _Field(_Choice(*_MCP_VERSIONS), None, "The version initialize agreed")
+_MCP_SESSION_HEADERS = {
+    "Mcp-Session-Id": _Field(_Text(), _REQUIRED, "The session initialize opened"),
+    "MCP-Protocol-Version": _MCP_VERSION_HEADER}
+
+
+class _Mcp(_Surface):
+    """MCP's streamable HTTP transport at /mcp (see the banner above)."""
+
+    title = "MCP: a tool server (streamable HTTP)"
+    error_schema = "JsonRpcError"
+    request_headers = ("Mcp-Session-Id", "MCP-Protocol-Version")
+    answer_headers = ("Mcp-Session-Id",)
+    quota_header = None
+    stream_error = ("INTERNAL", "the tool's answer failed")
+    # JSON-RPC's code of each error, and whether it is the method's answer
+    # (HTTP 200) rather than a refusal of the message (at the error's status).
+    rpc_errors = {"INVALID_JSON": (-32700, False), "BAD_REQUEST": (-32600, False),
+                  "UNKNOWN_METHOD": (-32601, True), "VALIDATION_ERROR": (-32602, True),
+                  "TOOL_ERROR": (-32603, True)}
+
+    def schemas(self):
+        rpc_id = {"type": ["string", "integer", "null"]}
+        return {
+            "JsonRpcMessage": {"type": "object", "required": ["jsonrpc"], "properties": {
+                "jsonrpc": {"const": "2.0"}, "id": {"type": ["string", "integer"]},
+                "method": {"type": "string"}, "params": {"type": "object"},
+                "result": {}, "error": {}}, "oneOf": [
+                    {"required": ["method"], "not": {"anyOf": [{"required": ["result"]},
+                                                              {"required": ["error"]}]}},
+                    {"required": ["id", "result"], "not": {"required": ["method"]}},
+                    {"required": ["id", "error"], "not": {"required": ["method"]}}]},
+            "JsonRpcResult": {"type": "object", "required": ["jsonrpc", "id", "result"],
+                              "properties": {"jsonrpc": {"const": "2.0"}, "id": rpc_id,
+                                             "result": {"type": "object"}}},
+            "JsonRpcNotification": {"type": "object", "required": ["jsonrpc", "method"],
+                                    "properties": {"jsonrpc": {"const": "2.0"},
+                                                   "method": {"type": "string"},
+                                                   "params": {"type": "object"}}},
+            "JsonRpcAnswer": {"anyOf": [_ref("JsonRpcResult"), _ref("JsonRpcError")]},
+            "JsonRpcError": {"type": "object", "required": ["jsonrpc", "id", "error"],
+                             "properties": {"jsonrpc": {"const": "2.0"}, "id": rpc_id, "error": {
+                                 "type": "object", "required": ["code", "message"],
+                                 "properties": {"code": {"type": "integer"},
+                                                "message": {"type": "string"}, "data": {}}}}},
+        }
+
+    def event_streams(self):
+        return [_EventStream(_NAMED_SSE, (("message", "JsonRpcNotification"),
+                                          ("message", "JsonRpcResult"),
+                                          ("message", "JsonRpcError")))]
+
+    def error(self, error, retry_ms, now_ms, note=None):
+        code, answers = self.rpc_errors.get(error.code, (
+            -32603 if (error.status or 500) >= 500 else -32600, False))
+        body = dict(error.detail) if error.detail else {
+            "code": code, "message": error.message,
+            "data": {"code": error.code, **({"field": error.field} if error.field else {})}}
+        mcp = note and note.mcp
+        return (200 if answers else error.status,
+                {"jsonrpc": "2.0", "id": mcp and mcp["id"], "error": body},
+                error.headers + self.retry_headers(error, retry_ms, now_ms))
+
+    # --- the transport
+
+    @_api("Send a JSON-RPC message: a request (initialize, ping, tools/list, tools/call, "
+          "resources/list, resources/templates/list, prompts/list) or a notification",
+          "JsonRpcMessage", {200: "JsonRpcAnswer", 202: None, 400: "JsonRpcError",
+                             403: "JsonRpcError", 404: "JsonRpcError", 406: "JsonRpcError",
+                             429: "JsonRpcError", 503: "JsonRpcError"},
+          headers={"Mcp-Session-Id": _Field(_Text(), None, "The session, on every message "
+                                            "after initialize"),
+                   "MCP-Protocol-Version": _MCP_VERSION_HEADER, **_SIMULATE_HEADERS},
+          streams=True, refuses={"Mcp-Session-Id": "missing on a message after initialize, or "
+                                                   "naming a session closed or never opened"})
+    def post(self, app, request):
+        note = self._note(request)
+        accept = request.headers.get("accept", "*/*")
+        if not (_admits(accept, "application/json") and _admits(accept, "text/event-stream")):
+            raise ApiError("NOT_ACCEPTABLE", "Accept must admit application/json and "
+                           "text/event-stream: either may answer", "Accept")
+        self._check_origin(app, request)
+        self._check_version(request)
+        if not request.body.strip():
+            raise ApiError("INVALID_JSON", "request body is empty; send a JSON-RPC message")
+        message = _json_value(request.body, "request body")
+        if isinstance(message, list):
+            raise ApiError("BAD_REQUEST", "a batch of JSON-RPC messages is not taken (MCP "
+                           "dropped batches in 2025-06-18): send one message per POST")
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+            raise ApiError("BAD_REQUEST", 'not a JSON-RPC 2.0 message: an object with '
+                           '"jsonrpc": "2.0"', "jsonrpc")
+        method, rpc_id = message.get("method"), message.get("id")
+        note.update(method=method if isinstance(method, str) else None,
+                    id=rpc_id if _rpc_id(rpc_id) else None)
+        if method is None and ("result" in message or "error" in message):
+            self._session(app, request)
+            return _Answer(202)  # an answer to a request of ours: there are none to answer
+        if not isinstance(method, str):
+            raise ApiError("BAD_REQUEST", "method must be a string", "method")
+        if "id" in message and not _rpc_id(rpc_id):
+            raise ApiError("BAD_REQUEST", "id must be a string or an integer", "id")
+        params = message.get("params", {})
+        if not isinstance(params, dict):
+            raise ApiError("BAD_REQUEST", "params must be an object", "params")
+        if "id" not in message:  # a notification
+            if method == "notifications/cancelled":
+                cancels = params.get("requestId")
+                note["cancels"] = cancels if _rpc_id(cancels) else None
+            self._session(app, request)
+            return _Answer(202)
+        handler = self.METHODS.get(method)
+        if handler is None:
+            raise ApiError("UNKNOWN_METHOD", f"Method not found: {method}", "method")
+        session = None if method == "initialize" else self._session(app, request)
+        result = handler(self, app, request, session, params)
+        if isinstance(result, _Answer):
+            return result
+        return _Answer(200, {"jsonrpc": "2.0", "id": rpc_id, "result": result})
+
+    @_api("End a session", answers={200: None, 400: "JsonRpcError", 403: "JsonRpcError",
+                                    404: "JsonRpcError"}, headers=_MCP_SESSION_HEADERS)
+    def close(self, app, request):
+        self._note(request)
+        self._check_origin(app, request)
+        self._check_version(request)
+        self._session(app, request)
+        app.mcp.close(request.headers["mcp-session-id"])
+        return _Answer(200)
+
+    @_api("Open a stream of the server's own messages: there are none, so a session's is "
+          "405, as MCP allows", answers={400: "JsonRpcError", 403: "JsonRpcError",
+                                         404: "JsonRpcError", 405: "JsonRpcError"},
+          headers=_MCP_SESSION_HEADERS)
+    def listen(self, app, request):
+        self._note(request)
+        self._check_origin(app, request)
+        self._check_version(request)
+        self._session(app, request)
+        raise ApiError("METHOD_NOT_ALLOWED", "this server sends no messages of its own: "
+                       "there is no stream to open", headers=[("Allow", "POST, DELETE")])
+
+    @staticmethod
+    def _note(request):
+        """Start the request's note of an MCP message (see _NOTE_FIELDS), and
+        take its key: the journal and the verdict know it as MCP's."""
+        request.note.mcp = {"session": request.headers.get("mcp-session-id"), "method": None,
+                            "id": None, "tool": None, "arguments": None, "outcome": None,
+                            "text": None, "cancels": None}
+        request.note.trace_id = _TRACE_ID_HEADER(request.headers.get("x-trace-id"), "X-Trace-Id")
+        return request.note.mcp
+
+    @staticmethod
+    def _check_origin(app, request):
+        """MCP asks servers to refuse a browser's request from a page of another
+        origin (DNS rebinding): one not on loopback, unless --cors allows it."""
+        origin = request.headers.get("origin")
+        if origin is None or app.config.cors in ("*", origin):
+            return
+        host = urllib.parse.urlsplit(origin).hostname
+        if host is None or not (host == "localhost" or _is_loopback(host)):
+            raise ApiError("FORBIDDEN", f"Origin {origin} is not allowed; --cors may allow it",
+                           "Origin")
+
+    @staticmethod
+    def _session(app, request):
+        """The session a message after initialize belongs to: 400 without
+        one, 404 for one closed or never opened."""
+        session_id = request.headers.get("mcp-session-id")
+        if session_id is None:
+            raise ApiError("BAD_REQUEST", "Mcp-Session-Id is required after initialize",
+                           "Mcp-Session-Id")
+        session = app.mcp.find(session_id, request.test_id)
+        if session is None:
+            raise ApiError("NOT_FOUND", f"no session {session_id}: it was closed or never "
+                           "opened; initialize a new one", "Mcp-Session-Id")
+        return session
+
+    @staticmethod
+    def _check_version(request):
+        version = request.headers.get("mcp-protocol-version")
+        if version is not None and version not in _MCP_VERSIONS:
+            raise ApiError("BAD_REQUEST", f"MCP-Protocol-Version {version} is not served; "
+                           "these are: " + ", ".join(_MCP_VERSIONS), "MCP-Protocol-Version")
+
+    # --- the methods
+
+    def initialize(self, app, request, session, params):
+        offered = params.get("protocolVersion")
+        if not isinstance(offered, str):
+            raise _ValidationError("params.protocolVersion", "must be a string")
+        version = offered if offered in _MCP_VERSIONS else _MCP_VERSIONS[-1]
+        session_id = app.mcp.open(request.test_id, version)
+        request.note.mcp["session"] = session_id
+        return _Answer(200, {"jsonrpc": "2.0", "id": request.note.mcp["id"], "result": {
+            "protocolVersion": version,
+            "capabilities": {"tools": {"listChanged": False}, "resources": {}, "prompts": {}},
+            "serverInfo": {"name": "dummyLLM", "version": __version__}}},
+            headers=[("Mcp-Session-Id", session_id)])
+
+    def ping(self, app, request, session, params):
+        return {}
+
+    def list_tools(self, app, request, session, params):
+        if params.get("cursor") is not None:
+            raise _ValidationError("params.cursor", "is not a cursor this server gave (it "
+                                   "lists every tool at once)")
+        return {"tools": [tool.listing() for tool in app.mcp_tools(request.test_id)]}
+
+    def list_nothing(self, app, request, session, params):
+        return {self.LISTS[request.note.mcp["method"]]: []}
+
+    LISTS = {"resources/list": "resources", "resources/templates/list": "resourceTemplates",
+             "prompts/list": "prompts"}
+
+    def call_tool(self, app, request, session, params):
+        """A tool's answer, as its plan says: a result (isError when the tool
+        fails or times out), a JSON-RPC error, no answer, a refusal or a
+        fault; an event stream when progress is asked for or the stream is
+        to break."""
+        note = request.note.mcp
+        name, arguments = params.get("name"), params.get("arguments")
+        if not isinstance(name, str):
+            raise _ValidationError("params.name", "must be a string: a tool's name")
+        tool = next((tool for tool in app.mcp_tools(request.test_id) if tool.name == name), None)
+        if tool is None:
+            raise ApiError("VALIDATION_ERROR", f"Unknown tool: {name}", "params.name")
+        arguments = {} if arguments is None else arguments
+        if not isinstance(arguments, dict):
+            raise _ValidationError("params.arguments", "must be an object")
+        meta = params.get("_meta") or {}
+        if not isinstance(meta, dict):
+            raise _ValidationError("params._meta", "must be an object")
+        key = request.note.trace_id
+        note.update(tool=name, arguments=_arguments_digest(arguments))
+        broken = _schema_violation(arguments, tool.spec["inputSchema"], "arguments")
+        if broken is not None:
+            note["outcome"] = "refused"
+            if _MCP_VERSIONS.index(session.version) < _MCP_VERSIONS.index(
+                    _MCP_ARGUMENTS_AS_RESULT):
+                raise _ValidationError("params." + broken[0], broken[1])
+            note["text"] = f"Invalid arguments for tool {name}: {broken[0]} {broken[1]}"
+            return {"content": [{"type": "text", "text": note["text"]}], "isError": True}
+        answer = tool.answer(arguments, app.mcp.step(request.test_id, key, name))
+        spec = self._spec(app, request, tool, answer, arguments, meta)
+        spec, plan, _ = app.store.plan_call(spec)
+        if plan.state in _REFUSED_STATES:
+            raise _refusal(spec, plan, self.overloaded_status)
+        if plan.ends_at_ms is None:
+            note["outcome"] = "hang"
+            return _Answer(status=None)
+        if plan.state != "ok":
+            reason = (f"timed out after {spec.timeout_ms} ms" if plan.state == "timeout"
+                      else f"failed: {plan.error['message']}")
+            note.update(outcome="error", text=f"Tool {name} {reason}")
+            payload = {"content": [{"type": "text", "text": note["text"]}], "isError": True}
+        elif answer["rpc_error"] is not None:
+            note["outcome"] = "rpc_error"
+            payload = ApiError("TOOL_ERROR", answer["rpc_error"]["message"],
+                               detail=answer["rpc_error"])
+        else:
+            note["outcome"] = "ok"
+            payload = self._result(spec, plan, answer, arguments)
+        message = payload if isinstance(payload, ApiError) else {
+            "jsonrpc": "2.0", "id": note["id"], "result": payload}
+        at_ms = request.received_ms + plan.ends_at_ms
+        progress = tool.spec["progress"] if "progressToken" in meta else 0
+        if spec.fault is None and (progress or spec.stream):
+            return self._stream(request, message, plan.ends_at_ms, progress,
+                                meta.get("progressToken"), spec.stream)
+        return _Answer(200, message, at=at_ms, fault=spec.fault, dribble_ms=spec.dribble_ms)
+
+    def _spec(self, app, request, tool, answer, arguments, meta):
+        """The _JobSpec of a tool call: the tool's simulate settings, under
+        those of its answer (a case or a script's step), the header's and
+        the call's own (_meta's "dummyllm/simulate")."""
+        own = (_SIMULATE(meta[_MCP_SIMULATE_META], "params._meta." + _MCP_SIMULATE_META)
+               if _MCP_SIMULATE_META in meta else {})
+        settings = _simulate_settings({**(tool.spec["simulate"] or {}), **(
+            answer["simulate"] or {} if answer is not tool.spec else {}),
+            **_simulate_header(request), **own},
+            app.config)
+        given = answer["content"] or answer["structured"] or answer["rpc_error"]
+        schema = tool.spec["outputSchema"]
+        return _JobSpec(
+            op="mcp.tool", args={"tool": tool.name, "arguments": arguments},
+            timeout_ms=app.config.timeout_ms,
+            trace_id=f"mcp:{tool.name}:{request.note.trace_id or ''}",
+            test_id=request.test_id, callback_url=None, rule=None, forced_tool=None,
+            output=None if given or schema is None else {
+                "schema": schema, "field": f"tools[{tool.name}].outputSchema"}, **settings)
+
+    @staticmethod
+    def _result(spec, plan, answer, arguments):
+        """The result of a call that succeeds: its arguments as JSON (mode
+        echo); else the answer's content and structured content as given;
+        else JSON drawn from the tool's output schema; else simulate.ok_text,
+        or a line naming the tool."""
+        content, structured = answer["content"], answer["structured"]
+        if plan.mode == "echo":
+            content, structured = [{"type": "text", "text": json.dumps(
+                arguments, ensure_ascii=False)}], None
+        if content is None and structured is None and spec.output is not None:
+            structured = json.loads(plan.result["text"])
+        if content is None:
+            text = (json.dumps(structured, ensure_ascii=False) if structured is not None else
+                    spec.ok_text or f"Simulated result of {spec.args['tool']}")
+            content = [{"type": "text", "text": text}]
+        result = {"content": content, "isError": False}
+        if structured is not None:
+            result["structuredContent"] = structured
+        return result
+
+    def _stream(self, request, message, end_ms, progress, token, failure):
+        """The answer as an event stream: `progress` notifications evenly
+        spaced before it, then it; broken as the stream failure says (its
+        count takes in the notifications and the answer)."""
+        event = functools.partial(_NAMED_SSE.event, None, "message")
+
+        def encoded(payload):
+            if isinstance(payload, ApiError):
+                payload = self.error(payload, None, 0, request.note)[1]
+            return event(_json_bytes(payload))
+        frames = [(round(end_ms * step / (progress + 1)), encoded({
+            "jsonrpc": "2.0", "method": "notifications/progress",
+            "params": {"progressToken": token, "progress": step, "total": progress}}))
+            for step in range(1, progress + 1)] + [(end_ms, encoded(message))]
+        kind, count = next(iter(failure.items())) if failure else (None, len(frames))
+        sent = frames[:count]
+        if kind == "error_after":
+            sent.append((frames[min(count, len(frames) - 1)][0], encoded(ApiError(
+                "INTERNAL", self.stream_error[1]))))
+        elif kind == "malformed_after" and count < len(frames):
+            sent.append((frames[count][0], _cut_in_half(frames[count][1])))
+        return _Answer(200, at=request.received_ms, stream=sent, failure=kind,
+                       stream_error=lambda: encoded(ApiError("INTERNAL")),
+                       content_type=_NAMED_SSE.content_type)
+
+    METHODS = {"initialize": initialize, "ping": ping, "tools/list": list_tools,
+               "tools/call": call_tool, **dict.fromkeys(LISTS, list_nothing)}
+
+    routes = (
+        _route("POST", "/mcp", post),
+        _route("GET", "/mcp", listen),
+        _route("DELETE", "/mcp", close),
+    )
+
+
+_MCP = _Mcp()
+
+
+class _McpTools(_Control):
+    """The tools /mcp serves, added and removed at run time, and the report
+    of which each key called."""
+
+    title = "MCP: tools and the report of their use"
+
+    def schemas(self):
+        return {
+            "McpTool": _object_schema(_MCP_TOOL_FIELDS, strict=True, example={
+                "name": "get_weather", "description": "The weather in a city",
+                "inputSchema": {"type": "object", "required": ["city"],
+                                "properties": {"city": {"type": "string"}}},
+                "cases": [{"arguments": {"city": "Paris"}, "content": "Sunny, 21 C"}],
+                "simulate": {"latency_ms": 50}}),
+            "McpTools": {"type": "object", "properties": {"tools": {
+                "type": "array", "items": {"type": "object"}}}},
+            "McpReport": _MCP_REPORT_SCHEMA,
+        }
+
+    @_api("The tools /mcp lists (given a test id, those its sessions see)",
+          answers={200: "McpTools"}, query=_Control.TEST_QUERY)
+    def tools(self, app, request):
+        return _Answer(200, {"tools": [tool.to_json()
+                                       for tool in app.mcp_tools(self.test_id(request))]})
+
+    @_api("Add a tool to /mcp (with a test id, for that test alone; a tool of the same name "
+          "is replaced there)", request="McpTool", answers={201: "McpTools"},
+          query=_Control.TEST_QUERY)
+    def add_tool(self, app, request):
+        return _Answer(201, {"tools": [app.add_mcp_tool(_json_body(request),
+                                                        self.test_id(request))]})
+
+    @_api("Remove the tools added at run time (those of --mcp-tools stay; with a test id, "
+          "those added for it)", answers={200: "Removed"}, query=_Control.TEST_QUERY)
+    def clear_tools(self, app, request):
+        return _Answer(200, {"removed": {"mcp_tools": app.clear_mcp_tools(
+            self.test_id(request))}})
+
+    @_api("Which tools each key called, how often, how many failed, and which it never "
+          "called", answers={200: "McpReport"}, query={
+              "trace_id": _Field(_Text(), None, "Only this key's calls"), **_Control.TEST_QUERY})
+    def report(self, app, request):
+        return _Answer(200, app.mcp_report(request.args["trace_id"], self.test_id(request)))
+
+    routes = (
+        _route("GET", "/v1/mcp/tools", tools, chaos=False),
+        _route("POST", "/v1/mcp/tools", add_tool, admin=True, chaos=False),
+        _route("DELETE", "/v1/mcp/tools", clear_tools, admin=True, chaos=False),
+        _route("GET", "/v1/mcp/report", report, chaos=False, journal=False),
+    )
+
+
+_MCP_TOOLS = _McpTools()
+
+
 # --- Surfaces: registration -------------------------------------------------------
 
 # The surfaces served, in the order their routes are tried.  A new provider
 # is its unit above and one entry here.
 _SURFACES = [_CONTROL, _JOB_API, _OPENAI_CHAT, _OPENAI_RESPONSES, _OPENAI_EMBEDDINGS,
              _OPENAI_COMPLETIONS, _AZURE_CHAT, _AZURE_EMBEDDINGS, _AZURE_COMPLETIONS,
-             _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA, _OPENAI_BATCHES, _ANTHROPIC_BATCHES]
+             _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA, _OPENAI_BATCHES, _ANTHROPIC_BATCHES, _MCP,
+             _MCP_TOOLS]
 
 
 def _register(surface):
@@ -6545,11 +7335,62 @@ class _Files:
     def clear(self, test_id=None):
         """Forget every file (of a test's scope); how many went."""
         with self._lock:
-            gone = [file_id for file_id, found in self._files.items()
-                    if test_id in (None, found.test_id)]
-            for file_id in gone:
-                del self._files[file_id]
-            return len(gone)
+            return _forget(self._files, test_id, lambda file_id, found: found.test_id)
+
+
+class _McpSessions:
+    """The MCP sessions open, each in the scope of the test that opened it
+    (the newest MAX_SESSIONS; an older one is forgotten, and its client told
+    404), and how many times each key called each tool (a tool's script
+    steps)."""
+
+    MAX_SESSIONS = 10_000
+    _Session = collections.namedtuple("_Session", "test_id version")
+
+    def __init__(self):
+        self._lock, self._sessions = threading.Lock(), collections.OrderedDict()
+        self._calls = collections.Counter()  # (test id, key, tool) -> calls
+
+    def open(self, test_id, version):
+        """A new session's id."""
+        session_id = _random_hex(32)
+        with self._lock:
+            self._sessions[session_id] = self._Session(test_id, version)
+            if len(self._sessions) > self.MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        return session_id
+
+    def find(self, session_id, test_id):
+        """The session of that id in that test's scope, or None."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+        return session if session is not None and session.test_id == test_id else None
+
+    def close(self, session_id):
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def step(self, test_id, key, tool):
+        """The number of earlier calls of the tool by the key."""
+        with self._lock:
+            calls = self._calls[test_id, key, tool]
+            self._calls[test_id, key, tool] += 1
+            return calls
+
+    def clear(self, test_id=None):
+        """Forget every session and count (of a test's scope); how many sessions went."""
+        with self._lock:
+            _forget(self._calls, test_id, lambda counted, calls: counted[0])
+            return _forget(self._sessions, test_id, lambda session_id, session: session.test_id)
+
+
+def _forget(items, test_id, test_of):
+    """Remove from a dict the items in a test's scope (every item, given no
+    test id), test_of(key, item) telling whose each is; how many went."""
+    gone = [key for key, item in items.items() if test_id in (None, test_of(key, item))]
+    for key in gone:
+        del items[key]
+    return len(gone)
 
 
 class _Quotas:
@@ -6901,8 +7742,11 @@ class _Judge:
         self.max_attempts, self.min_poll_ms = max_attempts, min_poll_ms
         self.ended_ms = ended_ms
 
-    def judge(self, requests):
-        """(attempts as the verdict lists them, findings, retry gaps for NO_JITTER)."""
+    def judge(self, entries):
+        """(attempts as the verdict lists them, findings, retry gaps for
+        NO_JITTER).  MCP messages are judged as an agent's tool calls alone
+        (see tools): their retries are the agent's, not its HTTP client's."""
+        requests = [entry for entry in entries if entry["mcp"] is None]
         attempts, chains, last, retries = [], [], {}, []  # retries: (failed request, retry)
         chain_of = {}  # seq -> the chain of attempts it ends
         for entry in requests:
@@ -6922,7 +7766,7 @@ class _Judge:
             chain_of[entry["seq"]] = chain
         findings = [self.early(retries), self.non_retryable(retries), self.no_backoff(chains),
                     self.storm(chains), *self.unfinished(requests, last.values()),
-                    self.duplicates(requests), *self.polls(requests)]
+                    self.duplicates(requests), *self.polls(requests), *self.tools(entries)]
         plain = [gap for before, _, gap in retries
                  if _retryable(before) and before["retry_after_ms"] is None]
         return attempts, [finding for finding in findings if finding], plain
@@ -7049,6 +7893,93 @@ class _Judge:
                                      f"then neither polled nor cancelled")
         return (self.finding("POLL_TOO_FAST", sorted(set(fast)), "; ".join(fast_messages)),
                 self.finding("NO_CANCEL", left, "; ".join(left_messages)))
+
+
+    def tools(self, entries):
+        """The findings on an agent's MCP tool calls, read among its model
+        calls: TOOL_ARGUMENTS_REFUSED, TOOL_RETRIED_UNCHANGED,
+        TOOL_ERROR_IGNORED and TOOL_HANG_NOT_CANCELLED."""
+        refused, ignored, hung, runs, latest = [], [], [], [], {}
+        unseen = []  # error results no model call has carried yet
+        # A call is cancelled by its id, or with its session.
+        cancelled = {(entry["mcp"]["session"], entry["mcp"]["cancels"]) for entry in entries
+                     if entry["mcp"] is not None and entry["mcp"]["cancels"] is not None}
+        closed = {entry["mcp"]["session"] for entry in entries
+                  if entry["mcp"] is not None and entry["method"] == "DELETE"}
+        for entry in entries:
+            mcp = entry["mcp"]
+            if mcp is None:
+                if entry["surface"] is not None and entry["method"] == "POST":  # a model call
+                    results = entry["tool_results"] or ()
+                    ignored += [(error, entry) for error in unseen
+                                if not any(error["mcp"]["text"][:100] in result
+                                           for result in results)]
+                    unseen = []
+                continue
+            if mcp["method"] != "tools/call" or mcp["tool"] is None:
+                continue
+            refused += [entry] if mcp["outcome"] == "refused" else []
+            unseen += [entry] if mcp["text"] is not None else []
+            call = mcp["tool"], mcp["arguments"]
+            run = latest.get(call)
+            if run is not None and _tool_failed(run[-1]):
+                run.append(entry)
+            else:
+                latest[call] = [entry]
+                runs.append(latest[call])
+            if (mcp["outcome"] == "hang" and (mcp["session"], mcp["id"]) not in cancelled
+                    and mcp["session"] not in closed and self.now_ms - entry["answered_ms"] >= self.settle_ms):
+                hung.append(entry)
+        runs = [run for run in runs if len(run) > 3]
+        return (
+            self.finding("TOOL_ARGUMENTS_REFUSED", [entry["seq"] for entry in refused], "; ".join(
+                f"request {entry['seq']} called {entry['mcp']['tool']} with arguments its "
+                "input schema refuses" for entry in refused)),
+            self.finding("TOOL_RETRIED_UNCHANGED", [entry["seq"] for run in runs
+                                                    for entry in run[3:]], "; ".join(
+                f"{run[0]['mcp']['tool']} was called {len(run)} times with the same arguments, "
+                f"each after the last failed (requests {run[0]['seq']} to {run[-1]['seq']})"
+                for run in runs)),
+            self.finding("TOOL_ERROR_IGNORED", [error["seq"] for error, _ in ignored], "; ".join(
+                f"the error result of {error['mcp']['tool']} (request {error['seq']}) is not "
+                f"among the tool results of the next model call (request {call['seq']})"
+                for error, call in ignored)),
+            self.finding("TOOL_HANG_NOT_CANCELLED", [entry["seq"] for entry in hung], "; ".join(
+                f"request {entry['seq']} called {entry['mcp']['tool']}, which never answered, "
+                "and no notifications/cancelled named it" for entry in hung)))
+
+
+def _tool_failed(entry):
+    """Whether an MCP tool call failed: an error result or a JSON-RPC error,
+    no answer, or the HTTP request failed."""
+    return entry["mcp"]["outcome"] in ("error", "refused", "rpc_error", "hang") or _failed(entry)
+
+
+def _tool_report(entries, declared):
+    """Per key, the tools it called through /mcp (calls, and how many
+    failed) and the declared tools it never called."""
+    keys = {}
+    for entry in entries:
+        mcp = entry["mcp"]
+        if mcp is not None and mcp["method"] == "tools/call" and mcp["tool"] is not None:
+            counts = keys.setdefault(entry["trace_id"], {}).setdefault(
+                mcp["tool"], {"calls": 0, "failed": 0})
+            counts["calls"] += 1
+            counts["failed"] += _tool_failed(entry)
+    return {"declared": declared, "keys": [
+        {"key": key, "tools": tools, "never_called": [name for name in declared
+                                                      if name not in tools]}
+        for key, tools in keys.items()]}
+
+
+_MCP_REPORT_SCHEMA = {"type": "object", "required": ["declared", "keys"], "properties": {
+    "declared": {"type": "array", "items": {"type": "string"}},
+    "keys": {"type": "array", "items": {"type": "object", "properties": {
+        "key": {"type": ["string", "null"]},
+        "tools": {"type": "object", "additionalProperties": {
+            "type": "object", "properties": {"calls": {"type": "integer"},
+                                             "failed": {"type": "integer"}}}},
+        "never_called": {"type": "array", "items": {"type": "string"}}}}}}}
 
 
 def _herd(plain_gaps):
@@ -7501,6 +8432,7 @@ class _Application:
         self.clock = self.store.clock
         self.quotas = _Quotas(self.clock)
         self.files = _Files(self.clock)
+        self.mcp = _McpSessions()
         self.capacity = _Capacity(self.config, self.clock)
         self.journal = _Journal(self.config.journal_size)
         self.stopping = threading.Event()   # wakes handlers that wait to answer
@@ -7623,6 +8555,8 @@ class _Application:
         self.quotas.clear(test_id)
         removed["journal_entries"] = self.journal.clear(test_id)
         removed["rules"] = self.clear_rules(test_id)
+        removed["mcp_tools"] = self.clear_mcp_tools(test_id)
+        removed["mcp_sessions"] = self.mcp.clear(test_id)
         if test_id is None:
             self._chaos_count = itertools.count()
         return removed
@@ -7663,19 +8597,58 @@ class _Application:
         others (given a test id, for that test's requests alone); returns it
         as rules() lists it.  A bad rule raises a ValueError naming the field."""
         rule = _reply_rule(rule, None, "runtime", test_id)
-        with self._rules_lock:  # the rules change with the config, replaced whole
-            self.config = self.config._replace(rules=self.config.rules + (rule,))
-            return rule.to_json(len(self.config.rules) - 1)
+        return rule.to_json(self._add("rules", rule))
 
     def clear_rules(self, test_id=None):
         """Remove the rules added at run time (given a test id, those added
         for it); returns how many went."""
+        return self._clear("rules", test_id)
+
+    def _add(self, option, item):
+        """Add an item at run time to a list the config holds (rules, MCP
+        tools); its index there.  The config is replaced whole."""
         with self._rules_lock:
-            kept = tuple(rule for rule in self.config.rules if rule.source == "file" or (
-                test_id is not None and rule.test_id != test_id))
-            removed = len(self.config.rules) - len(kept)
-            self.config = self.config._replace(rules=kept)
-        return removed
+            self.config = self.config._replace(**{option: getattr(self.config, option) + (item,)})
+            return len(getattr(self.config, option)) - 1
+
+    def _clear(self, option, test_id):
+        """Remove the items of a list the config holds that were added at
+        run time (given a test id, those added for it); how many went."""
+        with self._rules_lock:
+            items = getattr(self.config, option)
+            kept = tuple(item for item in items if item.source == "file" or (
+                test_id is not None and item.test_id != test_id))
+            self.config = self.config._replace(**{option: kept})
+        return len(items) - len(kept)
+
+    def mcp_tools(self, test_id=None):
+        """The tools /mcp lists to a test (every tool given no test id): those
+        of --mcp-tools, then those added at run time; one added later
+        replaces one of its name."""
+        tools = {}
+        for tool in self.config.mcp_tools:
+            if test_id is None or tool.test_id in (None, test_id):
+                tools[tool.name] = tool
+        return list(tools.values())
+
+    def add_mcp_tool(self, tool, test_id=None):
+        """Add a tool to /mcp (given a test id, for that test's sessions
+        alone); returns it as GET /v1/mcp/tools lists it.  A bad tool raises
+        a ValueError naming the field."""
+        tool = _mcp_tool(tool, None, "runtime", test_id)
+        self._add("mcp_tools", tool)
+        return tool.to_json()
+
+    def clear_mcp_tools(self, test_id=None):
+        """Remove the tools added at run time (given a test id, those added
+        for it); returns how many went."""
+        return self._clear("mcp_tools", test_id)
+
+    def mcp_report(self, trace_id=None, test_id=None):
+        """Which tools each key called through /mcp, how often, how many of
+        those calls failed, and which it never called (see _tool_report)."""
+        entries = self.journal.find(trace_id=trace_id, test_id=test_id)
+        return _tool_report(entries, [tool.name for tool in self.mcp_tools(test_id)])
 
     def log(self, line):
         """Write a line to stderr, from the log's own thread (started on first use)."""
@@ -8202,7 +9175,7 @@ class _Handler(BaseHTTPRequestHandler):
             request.note.code, request.note.field = error.code, error.field
             request.note.retry_after_ms = retry_ms
         status, body, headers = self.server.surface_of(request).error(
-            error, retry_ms, self.server.clock.wall_ms())
+            error, retry_ms, self.server.clock.wall_ms(), request and request.note)
         return status, headers, _json_bytes(body), "application/json"
 
     def _send_stream(self, answer):
@@ -8766,8 +9739,17 @@ class ServerScope:
         """Add a reply rule that holds for this test's requests alone."""
         return self.server.add_rule(rule, self.test_id)
 
+    def add_mcp_tool(self, tool):
+        """Add a tool to /mcp for this test's sessions alone."""
+        return self.server.add_mcp_tool(tool, self.test_id)
+
+    def mcp_report(self, trace_id=None):
+        """Which tools this test's keys called through /mcp (see GET /v1/mcp/report)."""
+        return self.server.mcp_report(trace_id, self.test_id)
+
     def reset(self):
-        """Forget this test's jobs, counters, keys, quotas, rules and journal."""
+        """Forget this test's jobs, counters, keys, quotas, rules, MCP tools and
+        sessions, and journal."""
         return self.server.reset(self.test_id)
 
     def report(self):
@@ -8806,7 +9788,7 @@ def _openapi_document(registry):
         parameters += [{"name": name, "in": "query", "required": spec.default is _REQUIRED,
                         "description": spec.about, "schema": spec.rule.schema}
                        for name, spec in api["query"].items()]
-        parameters += [{"name": name, "in": "header", "required": False,
+        parameters += [{"name": name, "in": "header", "required": spec.default is _REQUIRED,
                         "description": spec.about, **_header_schema(spec.rule.schema)}
                        for name, spec in api["headers"].items()]
         responses = {}

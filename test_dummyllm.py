@@ -21,6 +21,7 @@ import importlib.util
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -3690,6 +3691,312 @@ class AnthropicBatchesTest(AnthropicCalls, AppTestCase):
                          ([made[1]], True))
 
 
+# --- Surfaces: MCP ----------------------------------------------------------------
+
+mcp = optional_import("mcp")
+
+MCP_WEATHER = {"name": "get_weather", "description": "The weather in a city",
+           "inputSchema": {"type": "object", "required": ["city"],
+                           "properties": {"city": {"type": "string"}}},
+           "cases": [{"arguments": {"city": "Paris"}, "content": "Sunny, 21 C"}],
+           "content": "Cloudy"}
+MCP_TOOLS = [
+    MCP_WEATHER,
+    {"name": "deploy", "script": [{"simulate": {"mode": "fail", "fail_message": "disk full"}},
+                                  {"content": "deployed"}]},
+    {"name": "stats", "outputSchema": {"type": "object", "required": ["n"], "properties": {
+        "n": {"type": "integer", "minimum": 0, "maximum": 9}}}},
+    {"name": "build", "progress": 3, "simulate": {"latency_ms": 400}},
+    {"name": "search", "rpc_error": {"code": -32050, "message": "index offline",
+                                     "data": {"retry": True}}},
+]
+
+
+class McpCalls:
+    """A client of /mcp, as the SDKs send its messages."""
+
+    HEADERS = {"Accept": "application/json, text/event-stream"}
+
+    def rpc(self, method, params=None, session=None, headers=None, rpc_id=1):
+        """(status, JSON body or None, response) of one JSON-RPC message (a
+        notification when rpc_id is None)."""
+        message = {"jsonrpc": "2.0", "method": method, **({"params": params} if params else {})}
+        if rpc_id is not None:
+            message["id"] = rpc_id
+        return self.call("POST", "/mcp", message, headers={
+            **self.HEADERS, **({"Mcp-Session-Id": session} if session else {}), **(headers or {})})
+
+    def session(self, version="2025-11-25", headers=None):
+        status, body, response = self.rpc("initialize", {
+            "protocolVersion": version, "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"}}, headers=headers)
+        self.assertEqual(status, 200, body)
+        return response.getheader("Mcp-Session-Id")
+
+    def call_tool(self, name, arguments=None, session=None, headers=None, **params):
+        status, body, _ = self.rpc("tools/call", dict(params, name=name, arguments=arguments or {}),
+                                   session or self.session(), headers)
+        self.assertEqual(status, 200, body)
+        return body
+
+    def text(self, body):
+        self.assertEqual(len(body["result"]["content"]), 1, body)
+        return body["result"]["content"][0]["text"]
+
+    def assert_rpc_error(self, status, body, expected_status, code, data_code=None):
+        self.assertEqual((status, body["jsonrpc"], body["error"]["code"]),
+                         (expected_status, "2.0", code), body)
+        if data_code is not None:
+            self.assertEqual(body["error"]["data"]["code"], data_code)
+
+
+class McpTest(McpCalls, AppTestCase):
+    """The transport and the methods, as the MCP specification says them."""
+
+    options = {"mcp_tools": MCP_TOOLS, "latency_ms": 0}
+
+    def test_initialize_agrees_a_version_and_opens_a_session(self):
+        for offered, agreed in [("2025-06-18", "2025-06-18"), ("2025-03-26", "2025-03-26"),
+                                ("2099-01-01", "2025-11-25")]:
+            with self.subTest(offered=offered):
+                status, body, response = self.rpc("initialize", {
+                    "protocolVersion": offered, "capabilities": {},
+                    "clientInfo": {"name": "test", "version": "1"}}, rpc_id="init")
+                self.assertEqual((status, body["id"]), (200, "init"))
+                self.assertEqual(body["result"]["protocolVersion"], agreed)
+                self.assertEqual(body["result"]["serverInfo"]["name"], "dummyLLM")
+                self.assertIn("tools", body["result"]["capabilities"])
+                self.assertRegex(response.getheader("Mcp-Session-Id"), "^[0-9a-f]{32}$")
+
+    def test_a_message_after_initialize_needs_an_open_session(self):
+        status, body, _ = self.rpc("tools/list")
+        self.assert_rpc_error(status, body, 400, -32600)
+        self.assertEqual(body["error"]["data"]["field"], "Mcp-Session-Id")
+        self.assert_rpc_error(*self.rpc("tools/list", session="f" * 32)[:2], 404, -32600,
+                              "NOT_FOUND")
+        session = self.session()
+        self.assert_rpc_error(*self.rpc("ping", session=session, headers={
+            "MCP-Protocol-Version": "2024-01-01"})[:2], 400, -32600)
+        self.assertEqual(self.rpc("ping", session=session)[:2],
+                         (200, {"jsonrpc": "2.0", "id": 1, "result": {}}))
+        status, body, response = self.call("GET", "/mcp", headers={"Mcp-Session-Id": session})
+        self.assert_rpc_error(status, body, 405, -32600, "METHOD_NOT_ALLOWED")
+        self.assertEqual(response.getheader("Allow"), "POST, DELETE")
+        status, _, _ = self.call("DELETE", "/mcp", headers={"Mcp-Session-Id": session})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.rpc("ping", session=session)[0], 404)
+        self.assertEqual(self.call("GET", "/mcp", headers={"Mcp-Session-Id": session})[0], 404)
+
+    def test_notifications_are_accepted_without_an_answer(self):
+        session = self.session()
+        self.conn.request("POST", "/mcp", json.dumps({
+            "jsonrpc": "2.0", "method": "notifications/initialized"}),
+            {**self.HEADERS, "Mcp-Session-Id": session})
+        response = self.conn.getresponse()
+        self.assertEqual((response.status, response.read()), (202, b""))
+
+    def test_messages_that_are_not_json_rpc_are_refused(self):
+        session = self.session()
+        headers = {**self.HEADERS, "Mcp-Session-Id": session}
+        for body, status, code in [
+                ("{", 400, -32700), ("[]", 400, -32600),
+                ({"method": "ping", "id": 1}, 400, -32600),
+                ({"jsonrpc": "2.0", "method": "ping", "id": None}, 400, -32600),
+                ({"jsonrpc": "2.0", "method": 7, "id": 1}, 400, -32600),
+                ({"jsonrpc": "2.0", "method": "ping", "id": 1, "params": []}, 400, -32600),
+                ({"jsonrpc": "2.0", "method": "sampling/nope", "id": 1}, 200, -32601)]:
+            with self.subTest(body=body):
+                answer = self.call("POST", "/mcp", body, headers=headers)
+                self.assert_rpc_error(*answer[:2], status, code)
+        self.assert_rpc_error(*self.call("POST", "/mcp", {"jsonrpc": "2.0", "method": "ping",
+                                                         "id": 1}, headers={
+            "Accept": "application/json", "Mcp-Session-Id": session})[:2], 406, -32600,
+            "NOT_ACCEPTABLE")
+        self.assert_rpc_error(*self.rpc("ping", session=session, headers={
+            "Origin": "http://evil.example"})[:2], 403, -32600, "FORBIDDEN")
+        self.assertEqual(self.rpc("ping", session=session, headers={
+            "Origin": "http://localhost:3000"})[0], 200)
+
+    def test_tools_list_shows_what_a_client_needs_and_no_more(self):
+        status, body, _ = self.rpc("tools/list", session=self.session())
+        tools = {tool["name"]: tool for tool in body["result"]["tools"]}
+        self.assertEqual(list(tools), [tool["name"] for tool in MCP_TOOLS])
+        self.assertEqual(tools["get_weather"], {
+            "name": "get_weather", "description": "The weather in a city",
+            "inputSchema": MCP_WEATHER["inputSchema"]})
+        self.assertEqual(tools["deploy"]["inputSchema"], {"type": "object"})
+        self.assertIn("outputSchema", tools["stats"])
+        for method, key in [("resources/list", "resources"), ("prompts/list", "prompts"),
+                            ("resources/templates/list", "resourceTemplates")]:
+            self.assertEqual(self.rpc(method, session=self.session())[1]["result"], {key: []})
+
+    def test_a_call_takes_its_case_else_the_tools_content(self):
+        session = self.session()
+        paris = self.call_tool("get_weather", {"city": "Paris"}, session)
+        self.assertEqual(paris["result"], {"content": [{"type": "text", "text": "Sunny, 21 C"}],
+                                           "isError": False})
+        self.assertEqual(self.text(self.call_tool("get_weather", {"city": "Oslo"}, session)),
+                         "Cloudy")
+
+    def test_a_script_answers_each_keys_calls_in_turn(self):
+        session = self.session()
+        for key in ("a", "b"):
+            first = self.call_tool("deploy", session=session, headers={"X-Trace-Id": key})
+            self.assertEqual((first["result"]["isError"], self.text(first)),
+                             (True, "Tool deploy failed: disk full"))
+            then = [self.text(self.call_tool("deploy", session=session, headers={
+                "X-Trace-Id": key})) for _ in range(2)]
+            self.assertEqual(then, ["deployed", "deployed"])  # the last step repeats
+
+    def test_arguments_the_schema_refuses(self):
+        """Since 2025-11-25 (SEP-1303) an error result the model can read;
+        before, a JSON-RPC error naming the argument."""
+        refused = self.call_tool("get_weather", {"city": 7})
+        self.assertEqual((refused["result"]["isError"], self.text(refused)), (
+            True, "Invalid arguments for tool get_weather: arguments.city must be of type string"))
+        status, body, _ = self.rpc("tools/call", {"name": "get_weather", "arguments": {}},
+                                   self.session("2025-06-18"))
+        self.assert_rpc_error(status, body, 200, -32602, "VALIDATION_ERROR")
+        self.assertEqual(body["error"]["data"]["field"], "params.arguments.city")
+        self.assertEqual(body["error"]["message"], "params.arguments.city is required")
+        status, body, _ = self.rpc("tools/call", {"name": "nope"}, self.session())
+        self.assert_rpc_error(status, body, 200, -32602)
+        self.assertEqual(body["error"]["message"], "Unknown tool: nope")
+
+    def test_the_modes_are_the_tools_outcomes(self):
+        session = self.session()
+        fail = self.call_tool("deploy", session=session, headers={
+            "X-DummyLLM-Simulate": json.dumps({"script": None, "mode": "fail"})})
+        self.assertTrue(fail["result"]["isError"])
+        started = self.clock.now
+        timeout = self.call_tool("get_weather", {"city": "Rome"}, session, _meta={
+            "dummyllm/simulate": {"mode": "timeout"}})
+        self.assertEqual(self.text(timeout), "Tool get_weather timed out after 8000 ms")
+        self.assertEqual(self.clock.now - started, 8000)
+        status, body, response = self.rpc("tools/call", {
+            "name": "get_weather", "arguments": {"city": "Rome"},
+            "_meta": {"dummyllm/simulate": {"mode": "rate_limit", "retry_after_ms": 2000}}},
+            session)
+        self.assert_rpc_error(status, body, 429, -32600, "RATE_LIMITED")
+        self.assertEqual(response.getheader("retry-after-ms"), "2000")
+        status, body, _ = self.rpc("tools/call", {"name": "search"}, session)
+        self.assertEqual((status, body["error"]), (200, {
+            "code": -32050, "message": "index offline", "data": {"retry": True}}))
+        self.assertEqual(self.text(self.call_tool("get_weather", {"city": "Rome"}, session,
+                                                  _meta={"dummyllm/simulate": {"mode": "echo"}})),
+                         '{"city": "Rome"}')
+
+    def test_a_hung_call_gets_no_answer(self):
+        session = self.session()
+        self.conn.request("POST", "/mcp", json.dumps({
+            "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+            "params": {"name": "deploy", "_meta": {"dummyllm/simulate": {"mode": "hang"}}}}),
+            {**self.HEADERS, "Mcp-Session-Id": session})
+        with self.assertRaises(socket.timeout):
+            self.conn.getresponse()
+        [entry] = self.journal("?limit=1")
+        self.assertEqual((entry["status"], entry["mcp"]["outcome"]), (None, "hang"))
+
+    def test_structured_content_is_drawn_from_the_output_schema(self):
+        answers = []
+        for _ in range(2):  # seeded: the same on a fresh server
+            answers.append(self.call_tool("stats", headers={"X-DummyLLM-Simulate": json.dumps({
+                "seed": 4})})["result"])
+            self.call("POST", "/v1/reset")
+        self.assertEqual(answers[0], answers[1])
+        structured = answers[0]["structuredContent"]
+        self.assertIn(structured["n"], range(10))
+        self.assertEqual(json.loads(answers[0]["content"][0]["text"]), structured)
+
+    def open_events(self, name, session=None, **meta):
+        """(content type, [(clock ms after the request, event data)]) of a
+        tool call answered as an event stream."""
+        started = self.clock.now
+        self.conn.request("POST", "/mcp", json.dumps({
+            "jsonrpc": "2.0", "id": 5, "method": "tools/call",
+            "params": {"name": name, "_meta": {"progressToken": "p1", **meta}}}),
+            {**self.HEADERS, "Mcp-Session-Id": session or self.session()})
+        response = self.conn.getresponse()
+        self.assertEqual(response.status, 200)
+        data = b""
+        with contextlib.suppress(ValueError, http.client.IncompleteRead):  # a cut stream
+            for line in iter(response.readline, b""):
+                data += line
+        if not meta:
+            validate_documented(self.server, "POST", "/mcp", 200, "text/event-stream", data)
+        events = [block.split("data: ", 1)[1] for block in data.decode().split("\n\n")
+                  if "data: " in block]
+        return response.getheader("Content-Type"), events, self.clock.now - started
+
+    def test_progress_notifications_come_before_the_result(self):
+        content_type, events, elapsed = self.open_events("build")
+        self.assertEqual(content_type, "text/event-stream")
+        events = [json.loads(event) for event in events]
+        self.assertEqual([event.get("params", {}).get("progress") for event in events],
+                         [1, 2, 3, None])
+        self.assertEqual(events[0]["params"], {"progressToken": "p1", "progress": 1, "total": 3})
+        self.assertEqual((events[-1]["id"], self.text(events[-1])),
+                         (5, "Simulated result of build"))
+        self.assertEqual(elapsed, 400)
+
+    def test_a_stream_failure_breaks_the_tools_stream(self):
+        for failure, last in [({"cut_after": 1}, "progress"), ({"truncate_after": 3}, "progress"),
+                              ({"error_after": 2}, "error"), ({"malformed_after": 3}, "cut")]:
+            with self.subTest(failure=failure):
+                _, events, _ = self.open_events("build", **{
+                    "dummyllm/simulate": {"stream": failure}})
+                if last == "cut":
+                    self.assertRaises(ValueError, json.loads, events[-1])
+                    continue
+                self.assertEqual(len(events), next(iter(failure.values())) + (last == "error"))
+                self.assertIn(last, json.loads(events[-1]).get("method", "error"))
+
+    def test_tools_added_at_run_time_are_their_tests_alone(self):
+        status, body, _ = self.call("POST", "/v1/mcp/tools", {"name": "lookup", "content": "a"},
+                                    headers={"X-Test-Id": "a"})
+        self.assertEqual((status, body["tools"][0]["test_id"]), (201, "a"))
+        self.call("POST", "/v1/mcp/tools", dict(MCP_WEATHER, content="Snow", cases=None),
+                  headers={"X-Test-Id": "a"})
+        listed = lambda test: [tool["name"] for tool in self.rpc(
+            "tools/list", session=self.session(headers={"X-Test-Id": test}),
+            headers={"X-Test-Id": test})[1]["result"]["tools"]]
+        self.assertEqual(listed("a"), ["get_weather", "deploy", "stats", "build", "search",
+                                       "lookup"])
+        self.assertNotIn("lookup", listed("b"))
+        self.assertEqual(self.text(self.call_tool(
+            "get_weather", {"city": "Paris"}, self.session(headers={"X-Test-Id": "a"}),
+            headers={"X-Test-Id": "a"})), "Snow")
+        status, body, _ = self.call("POST", "/v1/mcp/tools", {"name": "x", "inputSchema": {
+            "type": "string"}})
+        self.assert_error(status, body, 422, "VALIDATION_ERROR", "inputSchema")
+        self.assertEqual(self.call("DELETE", "/v1/mcp/tools?test_id=a")[1],
+                         {"removed": {"mcp_tools": 2}})
+        self.assertEqual(len(self.call("GET", "/v1/mcp/tools")[1]["tools"]), len(MCP_TOOLS))
+
+    def test_a_session_belongs_to_its_test(self):
+        session = self.session(headers={"X-Test-Id": "a"})
+        self.assertEqual(self.rpc("ping", session=session, headers={"X-Test-Id": "b"})[0], 404)
+        self.assertEqual(self.call("POST", "/v1/reset?test_id=a")[1]["removed"]["mcp_sessions"], 1)
+        self.assertEqual(self.rpc("ping", session=session, headers={"X-Test-Id": "a"})[0], 404)
+
+
+class McpToolsOptionTest(unittest.TestCase):
+
+    def test_a_tools_file_is_checked_like_a_request(self):
+        for tools, named in [([{"name": "a b"}], "tools[0].name"),
+                             ([{"name": "a"}, {"name": "a"}], "'a' twice"),
+                             ([{"name": "a", "cases": [{"content": "x"}]}],
+                              "tools[0].cases[0].arguments is required"),
+                             ([{"name": "a", "rpc_error": {"code": "x", "message": "m"}}],
+                              "tools[0].rpc_error.code"),
+                             ([{"name": "a", "simulate": {"mode": "nope"}}],
+                              "tools[0].simulate.mode")]:
+            with self.subTest(named=named):
+                with self.assertRaises(ValueError) as raised:
+                    dummyllm.make_config(mcp_tools=tools)
+                self.assertIn(named, str(raised.exception))
+
+
 # --- Surfaces: each provider's SDK, unchanged -------------------------------------
 
 anthropic = optional_import("anthropic")
@@ -3857,6 +4164,7 @@ class GoogleGenAISDKTest(GeminiCalls, ServerTestCase):
 
 
 agents = optional_import("agents")
+agents_mcp = optional_import("agents.mcp")
 ollama = optional_import("ollama")
 
 
@@ -3996,6 +4304,78 @@ class OllamaSDKTest(ServerTestCase):
                 model="m", messages=self.ASK)
         self.assertIn("Timeout", type(caught.exception).__name__)
         self.assertLess(time.monotonic() - started, 2)
+
+
+@needs(mcp, "mcp", "DUMMYLLM_REQUIRE_MCP")
+class McpSDKTest(ServerTestCase):
+    """The official mcp SDK's client, unchanged, pointed at /mcp."""
+
+    options = {"mcp_tools": MCP_TOOLS, "latency_ms": 0}
+
+    def setUp(self):
+        super().setUp()
+        logger = logging.getLogger("mcp")  # it logs each broken answer's traceback
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.CRITICAL)
+
+    def run_client(self, use, **options):
+        async def run():
+            async with mcp.Client(self.server.url + "/mcp", **options) as client:
+                return await use(client)
+        return asyncio.run(run())
+
+    def test_list_and_call_tools(self):
+        progress = []
+
+        async def use(client):
+            async def on_progress(done, total, message):
+                progress.append((done, total))
+            listed = await client.list_tools()
+            weather = await client.call_tool("get_weather", {"city": "Paris"})
+            refused = await client.call_tool("get_weather", {"city": 7})
+            build = await client.call_tool("build", {}, progress_callback=on_progress)
+            stats = await client.call_tool("stats", {})
+            return [tool.name for tool in listed.tools], weather, refused, build, stats
+        names, weather, refused, build, stats = self.run_client(use)
+        self.assertEqual(names, [tool["name"] for tool in MCP_TOOLS])
+        self.assertEqual((weather.is_error, weather.content[0].text), (False, "Sunny, 21 C"))
+        self.assertTrue(refused.is_error)
+        self.assertEqual((build.content[0].text, progress),
+                         ("Simulated result of build", [(1, 3), (2, 3), (3, 3)]))
+        self.assertIsInstance(stats.structured_content["n"], int)
+
+    def test_each_fault_reaches_the_caller_as_an_error(self):
+        for simulate, says in [
+                ({"fault": {"status": 503}}, "simulated HTTP 503 fault"),
+                ({"mode": "rate_limit"}, "simulated rate limit"),
+                ({"fault": "malformed"}, "Failed to parse JSON response"),
+                ({"stream": {"cut_after": 1}}, "SSE stream ended without a response"),
+                ({"stream": {"error_after": 1}}, "the tool's answer failed"),
+                (None, "index offline")]:
+            with self.subTest(simulate=simulate):
+                async def use(client):
+                    name = "search" if simulate is None else "build"
+                    await client.call_tool(name, {}, progress_callback=None, meta={
+                        "progressToken": "p", "dummyllm/simulate": simulate or {}})
+                with self.assertRaises(Exception) as raised:
+                    self.run_client(use)
+                error = raised.exception
+                while isinstance(error, BaseExceptionGroup):
+                    error = error.exceptions[0]
+                self.assertIsInstance(error, mcp.MCPError)
+                self.assertIn(says, str(error))
+
+    def test_a_call_past_the_clients_timeout_is_cancelled(self):
+        async def use(client):
+            with self.assertRaises(mcp.MCPError) as raised:
+                await client.call_tool("deploy", {}, read_timeout_seconds=0.3, meta={
+                    "dummyllm/simulate": {"mode": "hang"}})
+            return str(raised.exception)
+        self.assertIn("timed out", self.run_client(use))
+        self.wait_until(lambda: any(entry["mcp"] and entry["mcp"]["cancels"] is not None
+                                    for entry in self.server.journal.find()))
+        findings = self.server.verdict(settle_ms=0)["findings"]
+        self.assertEqual([finding["code"] for finding in findings], [])
 
 
 # --- Surfaces: agent frameworks, unchanged ----------------------------------------
@@ -4271,6 +4651,43 @@ class InstructorTest(ServerTestCase):
         self.assertIsInstance(city, City)
         self.assertEqual(json.loads(self.journal()[0]["body"])["tool_choice"]["function"]["name"],
                          "City")
+
+
+@needs(agents, "openai-agents", "DUMMYLLM_REQUIRE_AGENTS")
+class McpAgentTest(ServerTestCase):
+    """An openai-agents agent with /mcp as its MCP server: its first tool
+    call fails, it calls again and answers."""
+
+    options = {"mcp_tools": [dict(MCP_WEATHER, cases=None, script=[
+        {"simulate": {"mode": "fail", "fail_message": "weather service down"}},
+        {"content": "Sunny, 21 C"}])], "latency_ms": 0}
+
+    def test_the_agent_recovers_from_a_failed_tool_call(self):
+        call = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+        script = {"script": [{"tool_calls": call}, {"tool_calls": call},
+                             {"ok_text": "Sunny in Paris"}]}
+
+        async def run():
+            async with openai.AsyncOpenAI(
+                    base_url=self.server.url + "/v1", api_key="x", max_retries=0,
+                    default_headers={"X-Trace-Id": "agent",
+                                     "X-DummyLLM-Simulate": json.dumps(script)}) as client:
+                async with agents_mcp.MCPServerStreamableHttp(
+                        params={"url": self.server.url + "/mcp",
+                                "headers": {"X-Trace-Id": "agent"}}, name="tools") as tools:
+                    agent = agents.Agent(name="weather", mcp_servers=[tools],
+                                         model=agents.OpenAIChatCompletionsModel(
+                                             model="gpt-4o", openai_client=client))
+                    return await agents.Runner.run(agent, "Weather in Paris?", run_config=(
+                        agents.RunConfig(tracing_disabled=True)))
+        self.assertEqual(asyncio.run(run()).final_output, "Sunny in Paris")
+        self.server.assert_client_ok("agent")
+        self.assertEqual(self.server.mcp_report("agent")["keys"], [{
+            "key": "agent", "tools": {"get_weather": {"calls": 2, "failed": 1}},
+            "never_called": []}])
+        model_calls = [entry for entry in self.server.journal.find(trace_id="agent")
+                       if entry["surface"] is not None]
+        self.assertIn("weather service down", model_calls[1]["tool_results"][0])
 
 
 # --- Surfaces: retries, the journal and the server's own endpoints ----------------
@@ -4754,12 +5171,17 @@ class TestScopeTest(OpenAIBatchCalls, ChatCalls, AppTestCase):
             self.call("POST", "/v1/jobs", {"op": "x", "simulate": {"mode": "hang"}},
                       headers={"X-Test-Id": test})
             self.upload(b"{}", headers={"X-Test-Id": test})
+            self.call("POST", "/v1/mcp/tools", {"name": "lookup"}, headers={"X-Test-Id": test})
+            self.call("POST", "/mcp", {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                                       "params": {"protocolVersion": "2025-11-25"}},
+                      headers={"X-Test-Id": test})
         status, body, _ = self.call("POST", "/v1/reset?test_id=a")
         self.assertEqual((status, body["removed"]), (200, {
             "jobs": 1, "active_jobs_cancelled": 1, "script_counters": 1, "sequences": 2,
-            "idempotency_keys": 0, "files": 1, "journal_entries": 4, "rules": 1}))
+            "idempotency_keys": 0, "files": 1, "journal_entries": 6, "rules": 1,
+            "mcp_tools": 1, "mcp_sessions": 1}))
         self.assertEqual(self.journal("?test_id=a"), [])
-        self.assertEqual(len(self.journal("?test_id=b")), 4)
+        self.assertEqual(len(self.journal("?test_id=b")), 6)
         self.assertEqual(len(self.call("GET", "/v1/files", headers={"X-Test-Id": "b"})[1][
             "data"]), 1)
         self.assertEqual(self.as_test("a", simulate=self.SCRIPT)[0], 429)  # from the start
@@ -4853,7 +5275,8 @@ class RouteFactsTest(unittest.TestCase):
                 self.assertTrue(route.api["summary"])
                 self.assertIsInstance(route.surface, dummyllm._Surface)
         quiet = {route.path for route in dummyllm._registry().routes if not route.journal}
-        self.assertEqual(quiet, {"/health", "/v1/requests", "/v1/verdict", "/journal"})
+        self.assertEqual(quiet, {"/health", "/v1/requests", "/v1/verdict", "/journal",
+                                 "/v1/mcp/report"})
 
     def test_unmatched_paths_answer_in_the_nearest_routes_format(self):
         router = dummyllm._registry().router
@@ -5533,6 +5956,106 @@ class QuotaRateTest(AppTestCase):
                 admitted.append(self.clock.now)
         self.assertEqual(len(admitted), 40)  # the first minute's, then the second's
         self.assertGreaterEqual(admitted[20] - admitted[0], 60_000)
+
+
+class McpVerdictTest(McpCalls, VerdictTestCase):
+    """The verdict's findings on an agent's tool use, each with an agent
+    written here that earns it and one that does not."""
+
+    options = {"mcp_tools": MCP_TOOLS, "latency_ms": 0, "seed": 1}
+
+    def codes(self, key="agent"):
+        return set(self.findings(key))
+
+    def test_arguments_the_schema_refuses(self):
+        self.call_tool("get_weather", {"town": "Paris"}, headers={"X-Trace-Id": "agent"})
+        finding = self.findings("agent")["TOOL_ARGUMENTS_REFUSED"]
+        self.assertEqual(finding["severity"], "warning")
+        self.call_tool("get_weather", {"city": "Paris"}, headers={"X-Trace-Id": "good"})
+        self.assertEqual(self.codes("good"), set())
+
+    def test_a_failed_call_repeated_unchanged(self):
+        session = self.session()
+        fail = json.dumps({"script": None, "mode": "fail"})
+        for attempt in range(4):
+            self.call_tool("deploy", {"env": "prod"}, session, headers={
+                "X-Trace-Id": "agent", "X-DummyLLM-Simulate": fail})
+            if attempt == 2:
+                self.assertEqual(self.codes(), set())  # twice repeated: not yet
+        finding = self.findings("agent")["TOOL_RETRIED_UNCHANGED"]
+        self.assertEqual((finding["severity"], len(finding["evidence"])), ("error", 1))
+        for env in ("prod", "staging", "dev", "test"):  # changed each time
+            self.call_tool("deploy", {"env": env}, session, headers={
+                "X-Trace-Id": "good", "X-DummyLLM-Simulate": fail})
+        self.assertEqual(self.codes("good"), set())
+
+    def agent_step(self, key, tool_result):
+        """A model call of an agent that sends back tool_result (None: none)."""
+        messages = [{"role": "user", "content": "Deploy"}]
+        if tool_result is not None:
+            messages += [{"role": "assistant", "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "deploy", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": tool_result}]
+        status, _, _ = self.send("POST", "/v1/chat/completions", {
+            "model": "m", "messages": messages}, {"X-Trace-Id": key})
+        self.assertEqual(status, 200)
+
+    def test_an_error_result_the_next_model_call_leaves_out(self):
+        for key, sends_back in [("agent", None), ("good", "Error: Tool deploy failed: disk full. "
+                                                          "Try again.")]:
+            failed = self.call_tool("deploy", headers={"X-Trace-Id": key})
+            self.assertTrue(failed["result"]["isError"])
+            self.agent_step(key, sends_back)
+        finding = self.findings("agent")["TOOL_ERROR_IGNORED"]
+        self.assertEqual(finding["severity"], "error")
+        self.assertIn("the error result of deploy", finding["message"])
+        self.assertEqual(self.codes("good"), set())
+
+    def hang(self, key, session, rpc_id):
+        self.conn.request("POST", "/mcp", json.dumps({
+            "jsonrpc": "2.0", "id": rpc_id, "method": "tools/call",
+            "params": {"name": "deploy", "_meta": {"dummyllm/simulate": {"mode": "hang"}}}}),
+            {**self.HEADERS, "Mcp-Session-Id": session, "X-Trace-Id": key})
+        self.assertRaises(socket.timeout, self.conn.getresponse)
+
+    def test_a_hung_call_never_cancelled(self):
+        for key in ("agent", "good", "closes"):
+            self.hang(key, self.session(), 3)
+        self.rpc("notifications/cancelled", {"requestId": 3, "reason": "timed out"},
+                 self.journal("?trace_id=good")[0]["mcp"]["session"], {"X-Trace-Id": "good"},
+                 rpc_id=None)
+        self.call("DELETE", "/mcp", headers={"Mcp-Session-Id": self.journal(
+            "?trace_id=closes")[0]["mcp"]["session"], "X-Trace-Id": "closes"})
+        self.assertEqual(self.codes(), set())  # not yet: settle_ms has not passed
+        self.clock.advance(2000)
+        self.assertEqual(self.findings("agent")["TOOL_HANG_NOT_CANCELLED"]["severity"], "warning")
+        self.assertEqual(self.codes("good") | self.codes("closes"), set())
+
+    def test_mcp_messages_are_not_judged_as_http_retries(self):
+        session = self.session(headers={"X-Trace-Id": "agent"})
+        for _ in range(3):  # an SDK retries the stream it may open
+            self.call("GET", "/mcp", headers={"Mcp-Session-Id": session, "X-Trace-Id": "agent"})
+        self.clock.advance(5000)
+        verdict = self.server.verdict("agent")
+        self.assertEqual((verdict["findings"], verdict["attempts"]), ([], []))
+
+    def test_the_report_says_which_tools_each_key_called(self):
+        session = self.session()
+        for key, calls in [("a", ["deploy", "deploy", "stats"]), ("b", ["get_weather"])]:
+            for name in calls:
+                self.call_tool(name, {"city": "Oslo"} if name == "get_weather" else {},
+                               session, headers={"X-Trace-Id": key})
+        status, report, _ = self.call("GET", "/v1/mcp/report")
+        self.assertEqual(status, 200)
+        self.assertEqual(report["declared"], [tool["name"] for tool in MCP_TOOLS])
+        self.assertEqual(report["keys"][0], {
+            "key": "a", "tools": {"deploy": {"calls": 2, "failed": 1},
+                                  "stats": {"calls": 1, "failed": 0}},
+            "never_called": ["get_weather", "build", "search"]})
+        self.assertEqual(self.call("GET", "/v1/mcp/report?trace_id=b")[1]["keys"], [{
+            "key": "b", "tools": {"get_weather": {"calls": 1, "failed": 0}},
+            "never_called": ["deploy", "stats", "build", "search"]}])
 
 
 # --- Server -----------------------------------------------------------------------
@@ -7161,7 +7684,8 @@ class CommandLineTest(unittest.TestCase):
     def test_every_option_by_flag_and_by_variable(self):
         options = {option.name: option for option in dummyllm._OPTIONS}
         rules = self.rules_file([{"match": {"model": "x"}, "simulate": {"mode": "fail"}}])
-        good = dict(self.GOOD, rules=rules)
+        tools = self.rules_file([{"name": "get_weather", "content": "Sunny"}])
+        good = dict(self.GOOD, rules=rules, mcp_tools=tools)
         self.assertEqual(set(good) | {"host", "port"}, set(options))
         flags = []
         for name, value in good.items():
