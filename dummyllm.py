@@ -11,7 +11,8 @@ files and batches), Anthropic's Messages and message batches, Google's
 Gemini and Ollama (streaming included), an MCP tool server (/mcp) whose
 tools fail, hang and answer late on cue, scripted or forced tool calls, JSON
 drawn from a request's schema for structured output, reply rules matched on
-the request, the faults that retry logic must survive (scripted attempts,
+the request (and recorded from a real provider, to replay its answers
+offline), the faults that retry logic must survive (scripted attempts,
 transport faults, idempotency keys, quotas per key, a request journal), a
 verdict on the client's retries, back-off, polling and idempotency, and a
 load target (latency distributions, exact output lengths, slots and a
@@ -59,10 +60,11 @@ it (a name looked up only when a request runs may come later).
                                   vLLM's metrics count; the journal
     Verdict                       findings on a client's requests and an
                                   agent's tool calls, from the journal (pure)
-    Server                        the log, webhooks, streams, the application
-                                  (everything but the socket), connections;
-                                  DummyLLMServer, start_server, and the
-                                  ServerScope of one test on a shared server
+    Server                        the log, webhooks, recording, streams, the
+                                  application (everything but the socket),
+                                  connections; DummyLLMServer, start_server,
+                                  and the ServerScope of one test on a
+                                  shared server
     API document and pages        /openapi.json from the registered surfaces,
                                   the /docs page, the dashboard, the timeline
     Command line                  main()
@@ -70,30 +72,31 @@ it (a name looked up only when a request runs may come later).
                                   a ServerScope per test (pytest imported
                                   only when pytest loads it)
 
-The life of a request.  A thread of the ThreadingHTTPServer runs a
-_Handler for its connection: handle() waits for a request (and parks the
-connection without a thread when none comes), handle_one_request() reads
-its head with the file's own parser, and _dispatch() reads its body into a
-_Request and asks the application: _Application.answer() takes its test
-id (_test_id: whose scripts, sequences, rules, quotas and journal it is
-in), routes it (_Router.match), checks its key, meets --chaos and calls
-the route's handler with the route's surface.  A model call's handler is
-_model_call: the surface's parse() makes the common _Call (simulate
-settings from the body, the header or a reply rule), _admit() counts it
-against its key's quota, and the surface's respond() takes the call's
-place in the seeded sequences and scripts (_JobStore.plan_call, the only
-work under the store's lock), draws its plan once, outside it (_plan),
-then refuses, fails, hangs or answers: its reply (_reply) books a slot
-(_Capacity.book, under a lock of its own: when its first token goes out),
-then a JSON answer is written by the surface's answer(), a stream as a
-_Render of _stream_timeline.  The handler's _deliver() waits until the
-answer is due and writes it in one send (_send_bytes), spoils it with a
-fault, or gives a stream to the _StreamWriter, which renders each frame as
-it falls due and sends it; _answered() tells _Application.record(), which
-counts it, logs it and adds it to the _Journal the verdict reads.  What the
-request learns on its way (its job, key, rule, error code...) is written in
-its _Note.  An ApiError raised anywhere is written once, by _render_error,
-in the shape of the surface that answers.
+The life of a request.  A thread of the ThreadingHTTPServer runs a _Handler
+for its connection: handle() waits for a request (and parks the connection
+without a thread when none comes), handle_one_request() reads its head with
+the file's own parser, and _dispatch() reads its body into a _Request and
+asks the application: _Application.answer() takes its test id (_test_id:
+whose scripts, sequences, rules, quotas and journal it is in), routes it
+(_Router.match), checks its key, meets --chaos and calls the route's
+handler with the route's surface.  A model call's handler is _model_call:
+the surface's parse() makes the common _Call (simulate settings from the
+body, the header or a reply rule), _admit() counts it against its key's
+quota; with --record the _Recorder forwards it, and a recorded answer is
+replayed by _replay; else the surface's respond() takes the call's place in
+the seeded sequences and scripts (_JobStore.plan_call, the only work under
+the store's lock), draws its plan once, outside it (_plan), then refuses,
+fails, hangs or answers: its reply (_reply) books a slot (_Capacity.book,
+under a lock of its own: when its first token goes out), then a JSON answer
+is written by the surface's answer(), a stream as a _Render of
+_stream_timeline.  The handler's _deliver() waits until the answer is due
+and writes it in one send (_send_bytes), spoils it with a fault, or gives a
+stream to the _StreamWriter, which renders each frame as it falls due and
+sends it; _answered() tells _Application.record(), which counts it, logs it
+and adds it to the _Journal the verdict reads.  What the request learns on
+its way (its job, key, rule, error code...) is written in its _Note.  An
+ApiError raised anywhere is written once, by _render_error, in the shape of
+the surface that answers.
 
 Job transitions are driven by one threading.Timer, armed for the earliest
 transition due and re-armed when it fires or when an earlier one arrives
@@ -225,6 +228,7 @@ _ERRORS = {code: _ErrorKind(*row) for code, row in {
     "CONTEXT_LENGTH_EXCEEDED": (400, "the prompt is longer than the context window"),
     "HEADERS_TOO_LARGE": (431, "request header fields are too large"),
     "INTERNAL": (500, "internal error"),
+    "BAD_GATEWAY": (502, "the upstream could not be reached"),
     "SIM_FAIL": (500, "simulated error"),
     "NOT_IMPLEMENTED": (501, "not implemented"),
     "OVERLOADED": (503, "simulated overload: the server is too busy"),
@@ -683,6 +687,45 @@ class _Names(_Rule):
                                            field) for name in names if name.strip())
 
 
+class _Upstream(collections.namedtuple("_Upstream", "surface scheme host port path url")):
+    """Where --record forwards: the model calls of the surfaces named
+    `surface` (or whose name begins `surface.`; None: every one) go to
+    scheme://host:port, the request's path after `path`."""
+
+    def serves(self, name):
+        return self.surface is None or name == self.surface or name.startswith(
+            self.surface + ".")
+
+
+class _Upstreams(_Names):
+    """Upstream base URLs: URL, or name=URL (see _Upstream)."""
+
+    def __init__(self):
+        super().__init__("openai=https://api.openai.com,anthropic=https://api.anthropic.com")
+
+    def __call__(self, value, field):
+        if isinstance(value, (list, tuple)) and all(isinstance(item, _Upstream)
+                                                    for item in value):
+            return tuple(value)
+        upstreams = []
+        for text in super().__call__(value, field):
+            name, equals, url = text.partition("=")
+            if not equals or "://" in name:
+                name, url = None, text
+            parts = urllib.parse.urlsplit(url)
+            try:
+                port = parts.port
+            except ValueError:
+                port = -1
+            if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+                    or parts.fragment or port == -1):
+                raise _ValidationError(field, f"must be base URLs (http or https, no query), "
+                                       f"e.g. {self.example}; got {text!r}")
+            upstreams.append(_Upstream(name, parts.scheme, parts.hostname, port or (
+                443 if parts.scheme == "https" else 80), parts.path.rstrip("/"), url))
+        return tuple(upstreams)
+
+
 class _Field(collections.namedtuple("_Field", "rule default about")):
     """A field of a JSON object: its rule, its default (a value, a function
     of the server's Config, or _REQUIRED) and what it means."""
@@ -803,6 +846,71 @@ class _Amount(_Rule):
     def from_text(self, text):
         return self.number.from_text(text)
 
+# A recorded answer (see _Recorder): its status and headers; a whole body
+# and the ms it came after the request, or a stream's frames, each with the
+# ms it came; "end": "cut" when the stream broke, "truncated" when the
+# recording stopped at --record-max-bytes.
+_RECORDING_SCHEMA = {"type": "object", "required": ["status"], "additionalProperties": False,
+                     "properties": {
+    "status": {"type": "integer", "minimum": 200, "maximum": 599},
+    "headers": {"type": "array", "items": {
+        "type": "array", "minItems": 2, "maxItems": 2,
+        "prefixItems": [{"type": "string", "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},
+                        {"type": "string", "pattern": "^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*$"}]}},
+    "ms": {"type": "number", "minimum": 0, "maximum": _MAX_LATENCY_MS},
+    "body": {"type": "string"},
+    "frames": {"type": "array", "items": {
+        "type": "array", "minItems": 2, "maxItems": 2,
+        "prefixItems": [{"type": "number", "minimum": 0, "maximum": _MAX_LATENCY_MS},
+                        {"type": "string"}]}},
+    "end": {"enum": ["cut"]}, "truncated": {"type": "boolean"}},
+                     "oneOf": [{"required": ["body"]}, {"required": ["frames"]}]}
+# The headers an answer's framing owns: a replay writes its own.
+_FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "keep-alive",
+                              "date", "server", "content-encoding"))
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")
+
+
+def _check_recordings(value, field):
+    """Recorded answers, as _RECORDING_SCHEMA has them."""
+    if not isinstance(value, list) or not value:
+        raise _ValidationError(field, "must be a non-empty array of recorded answers")
+    return [_check_recording(item, f"{field}[{index}]") for index, item in enumerate(value)]
+
+
+def _check_recording(value, field):
+    _check_object(value, field)
+    unknown = set(value) - set(_RECORDING_SCHEMA["properties"])
+    if unknown:
+        raise _ValidationError(f"{field}.{min(unknown)}", "is not a part of a recorded answer")
+    _Int(200, 599)(value.get("status"), field + ".status")
+    if not isinstance(value.get("headers", []), list):
+        raise _ValidationError(field + ".headers", "must be an array of [name, value]")
+    for index, pair in enumerate(value.get("headers", ())):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(part, str) for part in pair) and _HEADER_NAME.match(pair[0])
+                and _HEADER_VALUE.match(pair[1])):
+            raise _ValidationError(f"{field}.headers[{index}]",
+                                   "must be [name, value], a header field's")
+    if ("body" in value) == ("frames" in value):
+        raise _ValidationError(field, "must have a body or frames, not both")
+    if "body" in value:
+        _Text()(value["body"], field + ".body")
+        _Number(0, _MAX_LATENCY_MS)(value.get("ms", 0), field + ".ms")
+    else:
+        frames = value["frames"]
+        if not isinstance(frames, list) or not all(
+                isinstance(frame, list) and len(frame) == 2 and _is_number(frame[0])
+                and 0 <= frame[0] <= _MAX_LATENCY_MS and isinstance(frame[1], str)
+                for frame in frames):
+            raise _ValidationError(field + ".frames", "must be an array of [ms, text]")
+    if value.get("end", "cut") != "cut":
+        raise _ValidationError(field + ".end", 'must be "cut"')
+    _Bool()(value.get("truncated", False), field + ".truncated")
+    return value
+
+
 # Every key allowed inside "simulate".  A new setting is one entry here.
 _SIMULATE_FIELDS = {
     "mode": _Field(_MODE_RULE, _from_config("mode"), "How the request behaves (default --mode)."),
@@ -857,6 +965,12 @@ _SIMULATE_FIELDS = {
                         "Embeddings: " + "; ".join(f"{kind}: {about}" for kind, about in
                                                    _EMBEDDING_KINDS.items())
                         + " (default --embeddings)."),
+    "replay": _Field(_Check(_check_recordings, {"type": "array", "minItems": 1,
+                                                "items": _RECORDING_SCHEMA}), None,
+                     "Model calls: answer with these recorded answers (see --record), the n-th "
+                     "call of a key that takes them the n-th (the last repeats)."),
+    "replay_timing": _Field(_Choice("recorded", "instant"), "recorded",
+                            "A replayed answer comes at its recorded times, or at once."),
     "poll_faults": _Field(_Check(_check_poll_faults, {"type": "array", "items": {"oneOf": [
         {"type": "null"}, _FAULT_SCHEMA, {
             "type": "object", "required": ["unknown_state"], "additionalProperties": False,
@@ -914,8 +1028,22 @@ def _simulate_settings(given, config, field="simulate"):
 # of its own (see _Surface.call).  What a rule can look at: the call's
 # surface and path, model, conversation (text messages, see _Surface.call),
 # headers (names in lower case), key and test id.
-_Facts = collections.namedtuple("_Facts", "surface path model messages headers trace_id test_id",
-                                defaults=(None,))
+# What reply rules match on; digest() is the request's digest, made at first use.
+_Facts = collections.namedtuple("_Facts", "surface path model messages headers trace_id test_id "
+                                          "digest", defaults=(None, None))
+
+
+def _request_digest(path, body):
+    """What a recording matches a call by: a digest of its path and its JSON
+    body (without simulate; its keys in order), so the same call from the
+    same client has the same digest."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        value = body.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        value.pop("simulate", None)
+    return _body_digest(json.dumps([path, value], sort_keys=True, ensure_ascii=False).encode())
 
 
 class _MatchKey(collections.namedtuple("_MatchKey", "rule holds about")):
@@ -1179,6 +1307,11 @@ _MATCH_KEYS = {
         "Headers the request carries with these values (names in any case)."),
     "trace_id": _MatchKey(_Text(_MAX_TRACE_ID_CHARS), lambda want, facts: facts.trace_id == want,
                           "The request's key: X-Trace-Id, else its user."),
+    "test_id": _MatchKey(_TEST_ID_TEXT, lambda want, facts: facts.test_id == want,
+                         "The test whose scope the request is in."),
+    "request": _MatchKey(_Text(64), lambda want, facts: facts.digest() == want,
+                         "A digest of the request: its path and its JSON body, without "
+                         "simulate (what a recording matches; see --record)."),
 }
 _MATCH_FIELDS = {name: _Field(key.rule, None, key.about) for name, key in _MATCH_KEYS.items()}
 _REPLY_RULE_FIELDS = {
@@ -1186,6 +1319,8 @@ _REPLY_RULE_FIELDS = {
                            _object_schema(_MATCH_FIELDS, strict=True)), {},
                     "All of these must hold (none: every model call)."),
     "simulate": _Field(_SIMULATE, _REQUIRED, "The settings a matching call takes."),
+    "about": _Field(_Nullable(_Text()), None, "What the rule is for, for people (a recording "
+                    "says where and when it was made, and what was asked)."),
 }
 
 
@@ -1535,6 +1670,24 @@ _OPTIONS = (
     _Option("mcp_tools", "--mcp-tools", "DUMMYLLM_MCP_TOOLS", (),
             _Check(_check_mcp_tools, {"type": "array"}),
             "a JSON file of the tools /mcp serves, and what each call of one answers"),
+    _Option("record", "--record", "DUMMYLLM_RECORD", (), _Upstreams(),
+            "forward model calls to this upstream (a base URL; name=URL for the surfaces of "
+            "that name, e.g. openai=https://api.openai.com), answer with what it answers and "
+            "write that as reply rules to --record-to; with --rules, only the calls no rule "
+            "matches"),
+    _Option("record_to", "--record-to", "DUMMYLLM_RECORD_TO", "recordings.json",
+            _Text(non_empty=True), "the JSON file --record writes its reply rules to (its "
+                                   "rules are kept, and the new ones added)"),
+    _Option("record_max_bytes", "--record-max-bytes", "DUMMYLLM_RECORD_MAX_BYTES", 8 << 20,
+            _Int(1024, 1 << 30), "the largest answer --record keeps whole; a longer one is "
+                                 "kept cut, and marked so"),
+    _Option("redact", "--redact", "DUMMYLLM_REDACT", None, _Nullable(_Check(
+        lambda value, field: value if isinstance(value, re.Pattern) else _check_regex(
+            value, field), {"type": "string", "format": "regex"})),
+            "a regular expression whose matches --record writes as [redacted]"),
+    _Option("strict_rules", "--strict-rules", "DUMMYLLM_STRICT_RULES", False, _Bool(),
+            "a model call that no reply rule matches is a 404 naming the nearest rule and "
+            "what it missed, not a simulated answer"),
     _Option("slots", "--slots", "DUMMYLLM_SLOTS", None, _Nullable(_Int(1, 1_000_000)),
             "model calls that generate at once (none: no limit); a call holds a slot from its "
             "first token to its last, and a plain answer is sent at its last token"),
@@ -2570,6 +2723,8 @@ _NOTE_FIELDS = {
     "stream_failure": ({"type": ["string", "null"]}, "The stream failure it was given"),
     "job_ended": ({"type": ["boolean", "null"]},
                   "Whether the job the answer showed had ended"),
+    "recording": ({"enum": [None, "replayed", "recorded"]}, "Whether a recording answered it "
+                  "(simulate.replay), or --record forwarded it and recorded the answer"),
     "tool_results": ({"type": ["array", "null"], "items": {"type": "string"}},
                      "Of a model call: the tool results it carries, the first "
                      f"{_TOOL_RESULT_CHARS} characters of each"),
@@ -2895,7 +3050,8 @@ class _Surface:
         rule, ruled = None, ("", {})
         if config.rules:
             facts = _Facts(self.name, request.path, model, messages, request.headers, trace_id,
-                           request.test_id)
+                           request.test_id, functools.lru_cache(maxsize=None)(
+                               lambda: _request_digest(request.path, request.body)))
             rule = next((index for index, rule in enumerate(config.rules) if rule.holds(facts)),
                         None)
             if rule is not None:
@@ -2931,10 +3087,11 @@ class _Surface:
                         output=asked_output, **settings)
         return _Call(spec, model, stream, max_tokens, tuple(stop), min_tokens, options)
 
-    def respond(self, app, request, call):
-        """The common path of a model call, once parsed and admitted: take
-        its place in the store's sequences, then refuse, fail, hang, answer
-        or stream as its plan says."""
+    def planned(self, app, request, call):
+        """Take a model call's place in the store's sequences and draw its
+        plan: (the call with this attempt's settings, its plan, and the
+        answer of a plan that does not succeed, else None: a hang, or a
+        failure at its time; a refusal is raised)."""
         spec, plan, _ = app.store.plan_call(call.spec)
         call = call._replace(spec=spec)
         request.note.rule = spec.rule
@@ -2942,11 +3099,23 @@ class _Surface:
         if plan.state in _REFUSED_STATES:
             raise _refusal(spec, plan, self.overloaded_status)
         if plan.ends_at_ms is None:
-            return _Answer(status=None)  # hang
-        at_ms = request.received_ms + plan.ends_at_ms
+            return call, plan, _Answer(status=None)  # hang
         if plan.state != "ok":
-            return _Answer(payload=ApiError(plan.error["code"], plan.error["message"]), at=at_ms,
-                           fault=spec.fault, dribble_ms=spec.dribble_ms)
+            return call, plan, _Answer(
+                payload=ApiError(plan.error["code"], plan.error["message"]),
+                at=request.received_ms + plan.ends_at_ms, fault=spec.fault,
+                dribble_ms=spec.dribble_ms)
+        return call, plan, None
+
+    def respond(self, app, request, call):
+        """The common path of a model call, once parsed and admitted: take
+        its place in the store's sequences, then refuse, fail, hang, answer
+        or stream as its plan says."""
+        call, plan, failed = self.planned(app, request, call)
+        if failed is not None:
+            return failed
+        spec = call.spec
+        at_ms = request.received_ms + plan.ends_at_ms
         reply = _reply(spec, plan, call.max_tokens, call.stop, call.min_tokens)
         at_ms, reply = app.capacity.book(call.model, request.received_ms, at_ms, reply,
                                          self.overloaded_status,
@@ -2992,10 +3161,85 @@ def _admit(app, request, spec, max_tokens=None):
 
 def _model_call(surface, app, request):
     """Answer a model call in its route's surface: parse it, count it
-    against its key's quota, then let the surface respond."""
+    against its key's quota, then forward it to --record's upstream, replay
+    the recording its reply rule gives, or let the surface respond."""
     call = surface.parse(request, app.config)
     _admit(app, request, call.spec, call.max_tokens)
+    if app.recorder is not None and app.recorder.forwards(surface, call):
+        return app.recorder.forward(app, surface, request, call)
+    if call.spec.rule is None and app.config.strict_rules:
+        raise _unmatched(surface, request, call, app.config.rules)
+    if call.spec.replay is not None:
+        return _replay(surface, app, request, call)
     return surface.respond(app, request, call)
+
+
+def _unmatched(surface, request, call, rules):
+    """The 404 of --strict-rules: no reply rule matches the call; it names
+    the rule that came nearest (the most of its match keys hold) and what
+    of it missed."""
+    facts = _Facts(surface.name, request.path, call.model, _messages(call.spec), request.headers,
+                   call.spec.trace_id, request.test_id, functools.lru_cache(maxsize=None)(
+                       lambda: _request_digest(request.path, request.body)))
+    missed = [(index, [name for name, value in rule.match.items()
+                       if not _MATCH_KEYS[name].holds(value, facts)])
+              for index, rule in enumerate(rules) if rule.test_id in (None, request.test_id)]
+    message = "no reply rule matches this call (--strict-rules)"
+    if missed:
+        index, keys = min(missed, key=lambda found: len(found[1]))
+        about = rules[index].given.get("about")
+        message += (f"; the nearest, rules[{index}]" + (f" ({about})" if about else "")
+                    + ", misses on " + ", ".join(keys))
+    return ApiError("NOT_FOUND", message)
+
+
+def _replay(surface, app, request, call):
+    """A model call a recording answers (simulate.replay).  Its plan still
+    says whether it is refused, fails or hangs; when it succeeds, the next
+    recorded answer of its key goes out as it came: its status, headers and
+    body at its time, or its stream's frames at theirs (at once, with
+    replay_timing "instant"), spoiled by the call's fault or stream failure."""
+    call, _, failed = surface.planned(app, request, call)
+    if failed is not None:
+        return failed
+    spec = call.spec
+    recorded = spec.replay[min(app.store.replay_step(spec), len(spec.replay) - 1)]
+    request.note.recording = "replayed"
+    timed = spec.replay_timing == "recorded"
+    headers = [(name, value) for name, value in recorded.get("headers", ())
+               if name.lower() not in _FRAMING_HEADERS and name.lower() != "content-type"]
+    content_type = next((value for name, value in recorded.get("headers", ())
+                         if name.lower() == "content-type"), "application/json")
+    if "body" in recorded:
+        return _Answer(recorded["status"], recorded["body"].encode(), headers,
+                       at=request.received_ms + (recorded.get("ms", 0) if timed else 0),
+                       fault=spec.fault, dribble_ms=spec.dribble_ms, content_type=content_type)
+    frames = [(ms if timed else 0, text.encode()) for ms, text in recorded["frames"]]
+    if spec.fault is not None:
+        return _Answer(recorded["status"], b"".join(data for _, data in frames), headers,
+                       at=request.received_ms + (frames[-1][0] if frames else 0),
+                       fault=spec.fault, content_type=content_type)
+    render = _Render(surface, call, None, app.clock.wall_ms() // 1000)
+    failure = spec.stream or ({"cut_after": len(frames)} if recorded.get("end") else None)
+    frames, kind = _broken(frames, failure, render.error_event)
+    return _Answer(recorded["status"], headers=headers, at=request.received_ms, stream=frames,
+                   stream_error=render.error_event, failure=kind, content_type=content_type)
+
+
+def _broken(frames, failure, error_event):
+    """A stream's (ms, bytes) frames as a stream failure leaves them, and
+    the failure's kind (None for none): cut after N frames; then, for
+    error_after, error_event() a frame later; for malformed_after, the next
+    frame cut in half."""
+    if not failure:
+        return frames, None
+    (kind, count), = failure.items()
+    sent = frames[:count]
+    if kind == "error_after":
+        sent.append((frames[min(count, len(frames) - 1)][0] if frames else 0, error_event()))
+    elif kind == "malformed_after" and count < len(frames):
+        sent.append((frames[count][0], _cut_in_half(frames[count][1])))
+    return sent, kind
 
 
 # What every model call refuses that its schema allows (see _Surface.call).
@@ -3374,7 +3618,8 @@ class _JobApi(_Surface):
             for snapshot in snapshots:
                 yield (b": heartbeat\n\n" if snapshot is None
                        else _named_event(None, "state", _json_bytes(snapshot)))
-        return _Answer(200, live=events(app.store.watch(request.params["id"], app.heartbeat_s)))
+        return _Answer(200, live=events(app.store.watch(request.params["id"], app.heartbeat_s)),
+                       content_type="text/event-stream")
 
     @_api("Cancel a job (idempotent, best effort)", answers={200: "Cancelled"})
     def cancel(self, app, request):
@@ -6412,16 +6657,11 @@ class _Mcp(_Surface):
             "jsonrpc": "2.0", "method": "notifications/progress",
             "params": {"progressToken": token, "progress": step, "total": progress}}))
             for step in range(1, progress + 1)] + [(end_ms, encoded(message))]
-        kind, count = next(iter(failure.items())) if failure else (None, len(frames))
-        sent = frames[:count]
-        if kind == "error_after":
-            sent.append((frames[min(count, len(frames) - 1)][0], encoded(ApiError(
-                "INTERNAL", self.stream_error[1]))))
-        elif kind == "malformed_after" and count < len(frames):
-            sent.append((frames[count][0], _cut_in_half(frames[count][1])))
-        return _Answer(200, at=request.received_ms, stream=sent, failure=kind,
-                       stream_error=lambda: encoded(ApiError("INTERNAL")),
-                       content_type=_NAMED_SSE.content_type)
+        def error_event():
+            return encoded(ApiError("INTERNAL", self.stream_error[1]))
+        frames, kind = _broken(frames, failure, error_event)
+        return _Answer(200, at=request.received_ms, stream=frames, failure=kind,
+                       stream_error=error_event, content_type=_NAMED_SSE.content_type)
 
     METHODS = {"initialize": initialize, "ping": ping, "tools/list": list_tools,
                "tools/call": call_tool, **dict.fromkeys(LISTS, list_nothing)}
@@ -6909,6 +7149,13 @@ class _JobStore:
             step, seed, n = self._take(spec)
         spec = _attempt_settings(spec, step)
         return spec, _plan(spec, n, seed, self.config.weights, self.config.slow_factor), n
+
+    def replay_step(self, spec):
+        """The number of earlier replays of the call's reply rule for its key
+        (counted with the scripts: a replay is a script of recorded answers)."""
+        with self._lock:
+            return self._count(self._scripts, (spec.test_id,
+                                               f"replay:{spec.rule}:{spec.trace_id or ''}"))
 
     def poll(self, job_id, wait_ms=0, view=_Job.to_json):
         """(view(job), the fault simulate.poll_faults gives this poll of it).
@@ -8209,6 +8456,166 @@ class _Webhooks:
             connection.close()
 
 
+# --- Server: recording ------------------------------------------------------------
+
+# Hop-by-hop headers (RFC 9110), and those a forwarded request gets anew.
+_NOT_FORWARDED = frozenset(("connection", "keep-alive", "proxy-authenticate",
+                            "proxy-authorization", "te", "trailer", "transfer-encoding",
+                            "upgrade", "host", "content-length", "accept-encoding"))
+
+
+class _UpstreamCut(Exception):
+    """The upstream broke its stream: the client's is broken the same way."""
+
+
+class _Recorder:
+    """--record: model calls forwarded to an upstream, answered as its
+    answer arrives, and each written to --record-to as a reply rule that
+    replays it (see _replay), the file rewritten whole after each (a crash
+    loses at most the call in flight).  Nothing the client sent is written:
+    the rule matches the call by its digest and its key, and holds the
+    upstream's answer (its status, its headers but cookies, its body or its
+    stream's frames with the ms each came after the request).  With --rules,
+    only the calls no rule matches are forwarded, and each recording is
+    replayed from then on."""
+
+    # No idle timeout shorter than the clients' own (the OpenAI SDK's: 600 s).
+    TIMEOUT_S = 600
+
+    def __init__(self, config, add_rule):
+        self.config, self.add_rule = config, add_rule
+        self.on_miss = bool(config.rules)
+        self._lock = threading.Lock()
+        self._rules = []
+        if os.path.exists(config.record_to):
+            rules = _check_rules(config.record_to, "record_to")
+            self._rules = [rule.given for rule in rules]
+
+    def upstream(self, surface):
+        return next((upstream for upstream in self.config.record
+                     if upstream.serves(surface.name)), None)
+
+    def forwards(self, surface, call):
+        return self.upstream(surface) is not None and not (
+            self.on_miss and call.spec.rule is not None)
+
+    def forward(self, app, surface, request, call):
+        """The upstream's answer to the call, relayed as it arrives (see
+        _relay); 502 in the surface's shape when it cannot be reached."""
+        import ssl  # at first use: importing it takes 5.5 ms here
+        upstream = self.upstream(surface)
+        connection = (http.client.HTTPSConnection(
+            upstream.host, upstream.port, timeout=self.TIMEOUT_S,
+            context=ssl.create_default_context()) if upstream.scheme == "https"
+            else http.client.HTTPConnection(upstream.host, upstream.port,
+                                            timeout=self.TIMEOUT_S))
+        headers = {name: value for name, value in request.headers.items()
+                   if name not in _NOT_FORWARDED}
+        headers["accept-encoding"] = "identity"
+        target = upstream.path + request.path + ("?" + request.query if request.query else "")
+        started = time.monotonic()
+        try:
+            connection.request(request.method, target, request.body, headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise ApiError("BAD_GATEWAY", f"the upstream {upstream.url} could not be reached: "
+                           f"{error}") from None
+        request.note.recording = "recorded"
+        kept = [(name, value) for name, value in response.getheaders()
+                if name.lower() not in _FRAMING_HEADERS and name.lower() != "set-cookie"]
+        content_type = response.getheader("content-type", "application/json")
+        return _Answer(response.status, headers=[
+            (name, value) for name, value in kept if name.lower() != "content-type"],
+            content_type=content_type, live=self._relay(
+                surface, request, call, upstream, connection, response, kept, started))
+
+    def _relay(self, surface, request, call, upstream, connection, response, headers, started):
+        """The answer's bytes as they arrive, then its recording written.  A
+        stream is recorded as frames (SSE events, JSON lines, else as read),
+        each with the ms it came; a broken one is kept with "end": "cut", and
+        raises _UpstreamCut for the client's to break too."""
+        separator = {"text/event-stream": b"\n\n", "application/x-ndjson": b"\n"}.get(
+            response.getheader("content-type", "").split(";")[0].strip().lower())
+        frames, pending, kept_bytes, end, truncated = [], b"", 0, None, False
+        try:
+            while True:
+                try:
+                    data = response.read1(65536)
+                except (OSError, http.client.HTTPException):
+                    end = "cut"
+                    break
+                if not data:
+                    break
+                yield data
+                at_ms = round((time.monotonic() - started) * 1000, 1)
+                pending += data
+                parts = pending.split(separator) if separator else [pending, b""]
+                pending = parts.pop()
+                for part in parts:
+                    whole = part + (separator or b"")
+                    truncated = truncated or (
+                        kept_bytes + len(whole) > self.config.record_max_bytes)
+                    if not truncated:
+                        kept_bytes += len(whole)
+                        frames.append([at_ms, whole])
+        finally:  # the client may have left (GeneratorExit): nothing whole to record
+            connection.close()
+        if pending and not truncated:
+            frames.append([round((time.monotonic() - started) * 1000, 1), pending])
+        self._write(surface, request, call, upstream, self._recording(
+            response.status, headers, frames, call.stream, end, truncated))
+        if end == "cut":
+            raise _UpstreamCut()
+
+    def _recording(self, status, headers, frames, stream, end, truncated):
+        """A recorded answer (see _RECORDING_SCHEMA), its text redacted."""
+        def text(data):
+            decoded = data.decode("utf-8", "replace")
+            return self.config.redact.sub("[redacted]", decoded) if self.config.redact else decoded
+        recording = {"status": status, "headers": [[name, text(value.encode())]
+                                                   for name, value in headers]}
+        if stream:
+            recording["frames"] = [[at_ms, text(data)] for at_ms, data in frames]
+        else:
+            recording.update(body=text(b"".join(data for _, data in frames)),
+                             ms=frames[-1][0] if frames else 0)
+        if end:
+            recording["end"] = end
+        if truncated:
+            recording["truncated"] = True
+        return recording
+
+    def _write(self, surface, request, call, upstream, recording):
+        """Add the recording to its rule (a new rule for a call not recorded
+        before), and write the file anew: to a temporary file, then renamed
+        over it."""
+        match = {"surface": surface.name, "model": call.model,
+                 "request": _request_digest(request.path, request.body)}
+        if call.spec.trace_id:
+            match["trace_id"] = call.spec.trace_id
+        if request.test_id is not None:
+            match["test_id"] = request.test_id
+        asked = _last_text(_messages(call.spec))[:200]
+        about = f"recorded from {upstream.url} on {_http_date()}" + (
+            f": {asked!r}" if asked else "")
+        with self._lock:
+            rule = next((rule for rule in self._rules if rule["match"] == match
+                         and "replay" in rule["simulate"]), None)
+            if rule is None:
+                rule = {"match": match, "simulate": {"replay": []}, "about": (
+                    self.config.redact.sub("[redacted]", about) if self.config.redact
+                    else about)}
+                self._rules.append(rule)
+            rule["simulate"]["replay"].append(recording)
+            temporary = f"{self.config.record_to}.{os.getpid()}.tmp"
+            with open(temporary, "w", encoding="utf-8") as file:
+                json.dump(self._rules, file, indent=1, ensure_ascii=False)
+            os.replace(temporary, self.config.record_to)
+        if self.on_miss:
+            self.add_rule(rule)
+
+
 # --- Server: streams --------------------------------------------------------------
 
 class _Stream:
@@ -8444,6 +8851,7 @@ class _Application:
         self._faults_counted = collections.Counter()    # fault kind -> times injected
         self._stream_errors = 0                         # streams a render failure ended
         self._chaos_count = itertools.count()
+        self.recorder = _Recorder(self.config, self._add_recorded) if self.config.record else None
         self.webhooks = _Webhooks(self.store, self.stopping, self.log)
         self.store.on_finish = self.webhooks.send
 
@@ -8603,6 +9011,10 @@ class _Application:
         """Remove the rules added at run time (given a test id, those added
         for it); returns how many went."""
         return self._clear("rules", test_id)
+
+    def _add_recorded(self, rule):
+        """A rule --record wrote, replayed from now on (kept as --rules' are)."""
+        self._add("rules", _reply_rule(rule, None, "file"))
 
     def _add(self, option, item):
         """Add an item at run time to a list the config holds (rules, MCP
@@ -9239,14 +9651,19 @@ class _Handler(BaseHTTPRequestHandler):
             sock.settimeout(timeout)
 
     def _send_live(self, answer):
-        """An event stream whose events come as they happen (job events)."""
+        """A body whose bytes are sent as they come (job events, an
+        upstream's answer); one whose upstream broke is broken too."""
         self._answered(answer.status)
-        self.wfile.write(self._head(answer.status, answer.headers, "text/event-stream", None))
-        for data in answer.live:
-            if self.server.stopping.is_set():
-                self.close_connection = True
-                return
-            self.wfile.write(self._chunk(data))
+        self.wfile.write(self._head(answer.status, answer.headers, answer.content_type, None))
+        try:
+            for data in answer.live:
+                if self.server.stopping.is_set():
+                    self.close_connection = True
+                    return
+                self.wfile.write(self._chunk(data))
+        except _UpstreamCut:
+            self.close_connection = True
+            return
         if self.request_version != "HTTP/1.0":
             self.wfile.write(self._chunk(b""))
 
@@ -10387,6 +10804,9 @@ def main(argv=None, environ=None):
                         "reaches the port can reset it and delete jobs and the journal")
     try:
         server = DummyLLMServer(config)
+    except _ValidationError as error:  # --record-to holds what is not a list of rules
+        print(f"dummyllm.py: error: {error.message}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(f"dummyllm.py: error: cannot listen on {config.host}:{config.port}: "
               f"{error.strerror or error}", file=sys.stderr)

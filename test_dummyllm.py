@@ -22,6 +22,7 @@ import io
 import itertools
 import json
 import logging
+import operator
 import os
 import re
 import shutil
@@ -38,6 +39,7 @@ import time
 import types
 import typing
 import unittest
+import unittest.mock
 import uuid
 import warnings
 
@@ -6336,6 +6338,317 @@ class RuntimeOptionsTest(AppTestCase):
         self.assertIsInstance(entry["ms"], float)
 
 
+# --- Server: recording ------------------------------------------------------------
+
+# What the upstream of these tests answers: text, tool calls and JSON that
+# only it gives, with a time to the first token and gaps of its own.
+UPSTREAM_RULES = [
+    {"match": {"text_contains": "weather"}, "simulate": {
+        "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}],
+        "latency_ms": 60, "token_ms": 20}},
+    {"match": {"text_contains": "twice"}, "simulate": {
+        "script": [{"ok_text": "the first answer"}, {"ok_text": "the second answer"}]}},
+    {"match": {"text_contains": "limit"}, "simulate": {"mode": "rate_limit",
+                                                       "retry_after_ms": 1500}},
+    {"match": {"text_contains": "broken"}, "simulate": {"stream": {"cut_after": 3}}},
+    {"match": {}, "simulate": {"ok_text": "An answer only the upstream gives, 7f3a9c",
+                               "latency_ms": 80, "token_ms": 15}},
+]
+SECRET = "sk-recorded-secret-4242"
+
+
+class Recordings:
+    """Record what a client's calls get from an upstream dummyLLM, then
+    replay the recording with no upstream."""
+
+    def record(self, use, path=None, **options):
+        """(what use(url) gave through a recorder in front of an upstream,
+        the path of the recording)."""
+        path = path or self.recording_path()
+        upstream = self.start({"rules": UPSTREAM_RULES})
+        recorder = self.start({"record": upstream.url, "record_to": path, **options})
+        recorded = use(recorder.url)
+        upstream.stop()
+        recorder.stop()
+        return recorded, path
+
+    def replay(self, use, path, **options):
+        return use(self.start({"rules": path, **options}).url)
+
+    @staticmethod
+    def rules_in(path):
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+
+    def record_and_replay(self, use):
+        recorded, path = self.record(use)
+        return recorded, self.replay(use, path)
+
+    def recording_path(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        return os.path.join(directory, "recordings.json")
+
+
+class RecordReplayTest(Recordings, ServerTestCase):
+    """--record and replay, on the wire."""
+
+    ASK = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello"}]}
+
+    def chat(self, url, body=None, headers=None):
+        """(status, lower-case headers, body bytes) of a chat call."""
+        host, _, port = url.partition("//")[2].partition(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", json.dumps(body or self.ASK), {
+            "Authorization": "Bearer " + SECRET, "Content-Type": "application/json",
+            **(headers or {})})
+        response = conn.getresponse()
+        try:
+            data = response.read()
+        except http.client.IncompleteRead as cut:
+            data = cut.partial + b"<cut>"
+        return response.status, {name.lower(): value for name, value in
+                                 response.getheaders()}, data
+
+    def test_an_answer_replays_byte_for_byte_and_no_key_is_written(self):
+        def use(url):
+            return [self.chat(url)[2], self.chat(url, dict(self.ASK, stream=True))[2]]
+        recorded, path = self.record(use)
+        self.assertIn(b"7f3a9c", recorded[0])
+        self.assertEqual(self.replay(use, path), recorded)
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+        self.assertNotIn(SECRET, text)
+        plain, streamed = json.loads(text)  # "stream": true is another request
+        self.assertEqual(set(plain["match"]), {"surface", "model", "request"})
+        self.assertNotEqual(plain["match"]["request"], streamed["match"]["request"])
+        self.assertEqual([len(rule["simulate"]["replay"]) for rule in (plain, streamed)], [1, 1])
+        self.assertEqual(dummyllm.make_config(rules=path).rules[0].match["model"], "gpt-4o")
+
+    def test_a_stream_replays_at_its_recorded_times(self):
+        """The recording keeps the upstream's timing, and a replay sends
+        each frame at its recorded time: to the millisecond on the fake
+        clock, within 10% on the wire."""
+        ask = dict(self.ASK, stream=True)
+        recorded, path = self.record(lambda url: self.chat(url, ask)[2])
+        [rule] = self.rules_in(path)
+        times = [ms for ms, _ in rule["simulate"]["replay"][0]["frames"]]
+        text_frames = [ms for ms, text in rule["simulate"]["replay"][0]["frames"]
+                       if '"content":"' in text and '"content":""' not in text]
+        self.assertAlmostEqual(text_frames[0], 80, delta=8)  # the upstream's latency_ms
+        self.assertAlmostEqual(text_frames[-1] - text_frames[0],  # and its token_ms
+                               15 * (len(text_frames) - 1), delta=0.1 * 15 * len(text_frames))
+        host, port = self.start({"rules": path}).server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        self.addCleanup(conn.close)
+        started = time.monotonic()
+        conn.request("POST", "/v1/chat/completions", json.dumps(ask))
+        response = conn.getresponse()
+        arrived = [(time.monotonic() - started) * 1000 for line in iter(response.readline, b"")
+                   if line.startswith(b"data: ")]
+        for replayed, recorded_ms in zip(arrived, times):
+            self.assertAlmostEqual(replayed, recorded_ms, delta=0.1 * recorded_ms + 2)
+        app = dummyllm._Application(clock=FakeClock(), rules=path, quiet=True)
+        self.addCleanup(app.close)
+        conn = SocketlessConnection(app)
+        started = app.clock.now
+        sent = []
+        original = SocketlessHandler._send_timed
+
+        def timed(handler, head, chunks):
+            return original(handler, head, ((at_ms, sent.append(at_ms - started) or data)
+                                            for at_ms, data in chunks))
+        with unittest.mock.patch.object(SocketlessHandler, "_send_timed", timed):
+            conn.request("POST", "/v1/chat/completions", json.dumps(ask))
+            self.assertEqual(conn.getresponse().read(), recorded)
+        self.assertEqual([round(ms, 1) for ms in sent], times)
+
+    def test_the_same_call_twice_replays_both_answers_in_order(self):
+        ask = {"model": "m", "messages": [{"role": "user", "content": "say it twice"}]}
+
+        def use(url):
+            return [json.loads(self.chat(url, ask, {"X-Trace-Id": "k"})[2])["choices"][0][
+                "message"]["content"] for _ in range(3)]
+        recorded, path = self.record(use)
+        self.assertEqual(recorded, ["the first answer", "the second answer",
+                                    "the second answer"])
+        self.assertEqual(self.replay(use, path), recorded)
+        [rule] = self.rules_in(path)
+        self.assertEqual((rule["match"]["trace_id"], len(rule["simulate"]["replay"])), ("k", 3))
+
+    def test_upstream_failures_replay_as_they_were(self):
+        def use(url):
+            limited = self.chat(url, {"model": "m", "messages": [
+                {"role": "user", "content": "over the limit"}]})
+            cut = self.chat(url, {"model": "m", "stream": True, "messages": [
+                {"role": "user", "content": "a broken stream"}]})
+            return limited[0], limited[1]["retry-after-ms"], limited[2], cut[2]
+        recorded, path = self.record(use)
+        self.assertEqual(recorded[:2], (429, "1500"))
+        self.assertTrue(recorded[3].endswith(b"<cut>"))
+        self.assertEqual(self.replay(use, path), recorded)
+
+    def test_simulate_still_applies_on_a_replay(self):
+        _, path = self.record(lambda url: [self.chat(url), self.chat(
+            url, dict(self.ASK, stream=True))])
+        url = self.start({"rules": path}).url
+        fault = {"X-DummyLLM-Simulate": json.dumps({"fault": {"status": 503}})}
+        self.assertEqual(self.chat(url, headers=fault)[0], 503)
+        script = {"X-DummyLLM-Simulate": json.dumps({"script": ["rate_limit", "ok"]}),
+                  "X-Trace-Id": "s"}
+        self.assertEqual([self.chat(url, headers=script)[0] for _ in range(2)], [429, 200])
+        cut = {"X-DummyLLM-Simulate": json.dumps({"stream": {"cut_after": 2}})}
+        data = self.chat(url, dict(self.ASK, stream=True), cut)[2]
+        self.assertEqual((data.count(b"data: "), data.endswith(b"<cut>")), (2, True))
+        started = time.monotonic()
+        instant = {"X-DummyLLM-Simulate": json.dumps({"replay_timing": "instant"})}
+        self.assertEqual(self.chat(url, dict(self.ASK, stream=True), instant)[0], 200)
+        self.assertLess(time.monotonic() - started, 0.08)  # recorded: 80 ms to the first token
+
+    def test_record_on_miss_forwards_only_what_no_rule_matches(self):
+        _, path = self.record(lambda url: self.chat(url))
+        upstream = self.start({"rules": UPSTREAM_RULES})
+        recorder = self.start({"record": upstream.url, "rules": path, "record_to": path})
+        self.assertIn(b"7f3a9c", self.chat(recorder.url)[2])  # from the recording
+        self.assertEqual(upstream.journal.find(), [])
+        other = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Another"}]}
+        self.assertIn(b"7f3a9c", self.chat(recorder.url, other)[2])  # from the upstream
+        self.assertEqual(len(upstream.journal.find()), 1)
+        self.chat(recorder.url, other)  # now a recording of its own
+        self.assertEqual(len(upstream.journal.find()), 1)
+        self.assertEqual(len(self.rules_in(path)), 2)
+
+    def test_strict_rules_name_the_nearest_rule(self):
+        _, path = self.record(lambda url: self.chat(url))
+        url = self.start({"rules": path, "strict_rules": True}).url
+        status, _, body = self.chat(url, {"model": "gpt-4o", "messages": [
+            {"role": "user", "content": "Goodbye"}]})
+        self.assertEqual(status, 404)
+        self.assertRegex(json.loads(body)["error"]["message"], r"the nearest, rules\[0\] \("
+                         r"recorded from http://127\.0\.0\.1:\d+ on .*: 'Hello'\), misses on "
+                         r"request$")
+
+    def test_an_upstream_out_of_reach_is_a_502_and_nothing_is_recorded(self):
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        path = self.recording_path()
+        url = self.start({"record": f"openai=http://127.0.0.1:{port}", "record_to": path}).url
+        status, _, body = self.chat(url)
+        self.assertEqual(status, 502)
+        self.assertIn(f"the upstream http://127.0.0.1:{port} could not be reached",
+                      json.loads(body)["error"]["message"])  # in OpenAI's shape
+        self.assertFalse(os.path.exists(path))
+
+    def test_redact_and_the_size_bound(self):
+        recorded, path = self.record(lambda url: [self.chat(url)[2], self.chat(
+            url, dict(self.ASK, stream=True))[2]], redact="7f3a9c", record_max_bytes=1024)
+        self.assertIn(b"7f3a9c", recorded[0])
+        self.assertIn(b"data: [DONE]", recorded[1])  # the client got all of it
+        plain, streamed = self.rules_in(path)
+        self.assertIn("[redacted]", plain["simulate"]["replay"][0]["body"])
+        self.assertNotIn("7f3a9c", json.dumps(plain))
+        [recording] = streamed["simulate"]["replay"]
+        self.assertTrue(recording["truncated"])
+        self.assertLessEqual(sum(len(text) for _, text in recording["frames"]), 1024)
+
+    def test_record_options(self):
+        config = dummyllm.make_config(record="openai=https://api.openai.com,http://h:8080/gw")
+        self.assertEqual([(upstream.surface, upstream.host, upstream.port, upstream.path)
+                          for upstream in config.record],
+                         [("openai", "api.openai.com", 443, ""), (None, "h", 8080, "/gw")])
+        self.assertTrue(config.record[0].serves("openai.chat"))
+        self.assertFalse(config.record[0].serves("anthropic.messages"))
+        for bad in ("ftp://x", "http://x?a=b", "not a url"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                dummyllm.make_config(record=bad)
+        path = self.recording_path()
+        with open(path, "w") as file:
+            file.write('{"not": "rules"}')
+        with self.assertRaises(ValueError):
+            dummyllm.DummyLLMServer(port=0, record="http://127.0.0.1:9", record_to=path)
+
+
+@needs(openai, "openai", "DUMMYLLM_REQUIRE_OPENAI")
+class RecordReplaySDKTest(Recordings, ServerTestCase):
+    """A recording made through each SDK replays for that SDK: every answer
+    the same, as the SDK parses it."""
+
+    def require(self, module, package, variable):
+        if module is None:
+            if os.environ.get(variable):
+                self.fail(f"{variable} is set, but {package} is missing")
+            self.skipTest(f"the {package} package is not installed")
+
+    def test_openai(self):
+        def use(url):
+            client = openai.OpenAI(base_url=url + "/v1", api_key=SECRET, max_retries=0)
+            ask = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello"}]}
+            return [client.chat.completions.create(**ask).model_dump(),
+                    [chunk.model_dump() for chunk in client.chat.completions.create(
+                        **ask, stream=True)],
+                    client.chat.completions.create(model="gpt-4o", messages=[
+                        {"role": "user", "content": "weather?"}], tools=OPENAI_TOOLS
+                    ).model_dump(),
+                    client.responses.create(model="gpt-4o", input="Hello").model_dump(),
+                    client.embeddings.create(model="text-embedding-3-small",
+                                             input="Hello").model_dump()]
+        recorded, replayed = self.record_and_replay(use)
+        self.assertEqual(recorded[0]["choices"][0]["message"]["content"],
+                         "An answer only the upstream gives, 7f3a9c")
+        self.assertEqual(recorded[2]["choices"][0]["message"]["tool_calls"][0]["function"][
+            "name"], "get_weather")
+        self.assertEqual(replayed, recorded)
+
+    def test_anthropic(self):
+        self.require(anthropic, "anthropic", "DUMMYLLM_REQUIRE_ANTHROPIC")
+
+        def use(url):
+            client = anthropic.Anthropic(base_url=url, api_key=SECRET, max_retries=0)
+            ask = {"model": "claude-sonnet-4-5", "max_tokens": 200, "messages": [
+                {"role": "user", "content": "weather in Paris?"}], "tools": [
+                {"name": "get_weather", "input_schema": WEATHER}]}
+            with client.messages.stream(**ask) as stream:
+                events = [event.model_dump() for event in stream]
+            return [client.messages.create(**ask).model_dump(), events]
+        recorded, replayed = self.record_and_replay(use)
+        self.assertEqual(recorded[0]["content"][0]["name"], "get_weather")
+        self.assertEqual(replayed, recorded)
+
+    def test_google_genai(self):
+        self.require(genai, "google-genai", "DUMMYLLM_REQUIRE_GOOGLE")
+
+        def use(url):
+            client = genai.Client(api_key=SECRET, http_options=genai.types.HttpOptions(
+                base_url=url))
+            self.addCleanup(client.close)
+            def dumped(response):  # without the headers, whose Date is the replay's
+                return response.model_dump(exclude={"sdk_http_response"})
+            return [dumped(client.models.generate_content(model="gemini-2.5-flash",
+                                                          contents="Hello")),
+                    [dumped(chunk) for chunk in client.models.generate_content_stream(
+                        model="gemini-2.5-flash", contents="Hello")]]
+        recorded, replayed = self.record_and_replay(use)
+        self.assertEqual(recorded[0]["candidates"][0]["content"]["parts"][0]["text"],
+                         "An answer only the upstream gives, 7f3a9c")
+        self.assertEqual(replayed, recorded)
+
+    def test_ollama(self):
+        self.require(ollama, "ollama", "DUMMYLLM_REQUIRE_OLLAMA")
+
+        def use(url):
+            client = ollama.Client(host=url)
+            self.addCleanup(client.close)
+            ask = {"model": "llama3.2", "messages": [{"role": "user", "content": "Hello"}]}
+            return [client.chat(**ask).model_dump(),
+                    [part.model_dump() for part in client.chat(**ask, stream=True)]]
+        recorded, replayed = self.record_and_replay(use)
+        self.assertEqual(recorded[0]["message"]["content"],
+                         "An answer only the upstream gives, 7f3a9c")
+        self.assertEqual(replayed, recorded)
+
+
 class WebhookTest(AppTestCase):
     """Callbacks go to a real receiver, on the real clock at --time-scale
     0.1: attempts get 500 ms, back-offs are 50 and 100 ms."""
@@ -7048,7 +7361,8 @@ from schemathesis.specs.openapi import checks as openapi
 URL = os.environ["DUMMYLLM_URL"]
 SIMULATED = set(os.environ["DUMMYLLM_SIMULATED_CODES"].split(","))
 # What leaves no answer to check (a broken or silent connection, a hang, the
-# modes that draw one) becomes what answers; no wait is longer than an hour.
+# modes that draw one, a recording of a broken stream) becomes what answers;
+# no wait is longer than an hour.
 SILENT = {"reset": "dribble", "disconnect": "dribble", "empty": "malformed",
           "hang": "timeout", "flaky": "fail", "random": "ok"}
 STREAM = {"cut_after": "error_after", "stall_after": "truncate_after"}
@@ -7078,6 +7392,8 @@ def tame(value):
     for key, item in value.items():
         if key in STREAM and len(value) == 1:
             key = STREAM[key]
+        if key == "end" and item == "cut":  # a recording of a broken stream
+            continue
         if key == "hang" and "timeout" not in value:
             key = "timeout"
         if key.endswith("_ms") and isinstance(item, (int, float)) and HOUR_MS < item <= 86400000:
@@ -7120,7 +7436,8 @@ def entry(case):
 def asked_for(case):
     found = entry(case)
     return found is not None and (found["code"] in SIMULATED or found["fault"] is not None
-                                  or found["stream_failure"] is not None)
+                                  or found["stream_failure"] is not None
+                                  or found["recording"] is not None)
 
 
 def declared_refusal(case):
@@ -7673,7 +7990,8 @@ class CommandLineTest(unittest.TestCase):
             "chaos": "0", "chaos_faults": "reset,status:503,status:429,dribble",
             "journal_size": "10", "max_connections": "100", "rpm": "60", "tpm": "10000",
             "slots": "4", "queue": "8", "load_factor": "2", "served_models": "a,b",
-            "replica": "1/2", "embeddings": "similar",
+            "replica": "1/2", "embeddings": "similar", "record": "openai=http://127.0.0.1:9",
+            "record_max_bytes": "4096", "redact": "sk-[a-z]+", "strict_rules": True,
             "quiet": True}
 
     def test_a_list_flag_may_be_repeated(self):
@@ -7685,7 +8003,9 @@ class CommandLineTest(unittest.TestCase):
         options = {option.name: option for option in dummyllm._OPTIONS}
         rules = self.rules_file([{"match": {"model": "x"}, "simulate": {"mode": "fail"}}])
         tools = self.rules_file([{"name": "get_weather", "content": "Sunny"}])
-        good = dict(self.GOOD, rules=rules, mcp_tools=tools)
+        recordings = os.path.join(tempfile.mkdtemp(), "recordings.json")
+        self.addCleanup(shutil.rmtree, os.path.dirname(recordings))
+        good = dict(self.GOOD, rules=rules, mcp_tools=tools, record_to=recordings)
         self.assertEqual(set(good) | {"host", "port"}, set(options))
         flags = []
         for name, value in good.items():
