@@ -4,12 +4,15 @@
 Point a task runner, agent system or CI pipeline at it instead of a real
 model to test its timeouts, retries, cancellation, polling, streaming and
 agent loops.  It simulates execution behaviour (state transitions, latency,
-failures, hangs, broken streams, tool calls), not language: a job API
-(/v1/jobs), the wire formats of OpenAI (chat completions, the Responses
-API, embeddings, legacy completions, and Azure OpenAI's paths for those;
-files and batches), Anthropic's Messages and message batches, Google's
-Gemini and Ollama (streaming included), an MCP tool server (/mcp) whose
-tools fail, hang and answer late on cue, scripted or forced tool calls, JSON
+failures, hangs, broken streams, tool calls), not language.
+
+It speaks a job API (/v1/jobs), the wire formats of OpenAI (chat
+completions, the Responses API, embeddings, legacy completions, and Azure
+OpenAI's paths for those; files and batches), Anthropic's Messages and
+message batches, Google's Gemini and Ollama, Amazon Bedrock (Converse, and
+InvokeModel with Anthropic's bodies) and Google Vertex AI (Gemini,
+Anthropic) (streaming included), an MCP tool server (/mcp) whose tools
+fail, hang and answer late on cue, scripted or forced tool calls, JSON
 drawn from a request's schema for structured output, reply rules matched on
 the request (and recorded from a real provider, to replay its answers
 offline), the faults that retry logic must survive (scripted attempts,
@@ -51,9 +54,10 @@ it (a name looked up only when a request runs may come later).
                                   unit each (the job API; the server's own
                                   endpoints; OpenAI chat, Responses,
                                   embeddings, completions; Azure OpenAI;
-                                  Anthropic Messages; Gemini; Ollama; the
-                                  vendors' batches; an MCP tool server) and
-                                  their registration
+                                  Anthropic Messages; Gemini; Ollama; Amazon
+                                  Bedrock; Google Vertex AI; the vendors'
+                                  batches; an MCP tool server) and their
+                                  registration
     Job store                     the dict behind one lock, its Timer, the
                                   injected clock; uploaded files; MCP
                                   sessions; the quotas; the slots and what
@@ -139,6 +143,7 @@ import time
 import traceback
 import types
 import urllib.parse
+import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -884,7 +889,7 @@ def _check_recording(value, field):
     unknown = set(value) - set(_RECORDING_SCHEMA["properties"])
     if unknown:
         raise _ValidationError(f"{field}.{min(unknown)}", "is not a part of a recorded answer")
-    _Int(200, 599)(value.get("status"), field + ".status")
+    value = dict(value, status=_Int(200, 599)(value.get("status"), field + ".status"))
     if not isinstance(value.get("headers", []), list):
         raise _ValidationError(field + ".headers", "must be an array of [name, value]")
     for index, pair in enumerate(value.get("headers", ())):
@@ -3423,13 +3428,16 @@ def _text_messages(messages):
     return texts
 
 
-def _check_tools(value, field):
-    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
-        raise _ValidationError(field, "must be an array of tool objects")
-    return value
+def _objects(what):
+    """A rule for an array of objects (tools, system blocks...)."""
+    def check(value, field):
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise _ValidationError(field, f"must be an array of {what} objects")
+        return value
+    return _Check(check, {"type": "array", "items": {"type": "object"}})
 
 
-_TOOLS = _Check(_check_tools, {"type": "array", "items": {"type": "object"}})
+_TOOLS = _objects("tool")
 
 
 def _tool_table(tools, field, inner=None, schema_keys=("parameters",)):
@@ -5086,11 +5094,16 @@ class _AnthropicMessages(_Surface):
     def parse(self, request, config):
         values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
                                 config)
+        return self.called(request, config, values, values["model"], values["stream"])
+
+    def called(self, request, config, values, model, stream):
+        """The _Call of a request's checked values (its model and whether it
+        streams given apart: Bedrock has them in its path)."""
         choice = values["tool_choice"]
         forced = {"any": ("any", "tool_choice"), "tool": (choice.get("name"), "tool_choice.name")
                   }.get(choice.get("type"))
-        return self.call(request, config, model=values["model"], messages=self.messages(values),
-                         stream=values["stream"], max_tokens=values["max_tokens"],
+        return self.call(request, config, model=model, messages=self.messages(values),
+                         stream=stream, max_tokens=values["max_tokens"],
                          stop=values["stop_sequences"], user=values["metadata"].get("user_id"),
                          timeout_ms=values["timeout_ms"], simulate=values["simulate"],
                          tools=_tool_table(values["tools"], "tools",
@@ -5731,6 +5744,423 @@ class _Ollama(_Surface):
 
 
 _OLLAMA = _Ollama()
+
+
+# --- Surfaces: Amazon Bedrock -----------------------------------------------------
+# Bedrock Runtime as boto3's bedrock-runtime client calls it: the Converse API
+# (one format for every model) and InvokeModel with Anthropic's own bodies,
+# each streamed in AWS's binary event stream.  A message of that stream is a
+# prelude (its total length and its headers' length, 4 bytes each) and the
+# prelude's CRC32, the headers (:event-type or :exception-type, :content-type,
+# :message-type), a JSON payload, and the CRC32 of all that.  Requests come
+# signed with SigV4, which is not checked: --api-key does not apply.
+
+def _eventstream_message(headers, payload):
+    """One message of AWS's event stream: headers ((name, text value), ...)
+    and a payload."""
+    head = b"".join(struct.pack(">B", len(name)) + name.encode() + struct.pack(
+        ">BH", 7, len(value.encode())) + value.encode() for name, value in headers)
+    prelude = struct.pack(">II", 16 + len(head) + len(payload), len(head))
+    message = prelude + struct.pack(">I", zlib.crc32(prelude)) + head + payload
+    return message + struct.pack(">I", zlib.crc32(message))
+
+
+def _eventstream_event(render, name, data):
+    """A stream event as an event stream message: an exception's when its
+    name is one (modelStreamErrorException...), else an event's."""
+    kind = "exception" if name.endswith("Exception") else "event"
+    return _eventstream_message(((f":{kind}-type", name), (":content-type", "application/json"),
+                                 (":message-type", kind)), data)
+
+
+def _eventstream_chunk(render, name, data):
+    """InvokeModel's stream: each event of the model's own stream as a
+    chunk, its JSON in base64 (exceptions as they are)."""
+    if name.endswith("Exception"):
+        return _eventstream_event(render, name, data)
+    return _eventstream_event(render, "chunk", _json_bytes(
+        {"bytes": base64.b64encode(data).decode()}))
+
+
+_EVENTSTREAM = _Framing("application/vnd.amazon.eventstream", _eventstream_event, b"", b"")
+_EVENTSTREAM_CHUNKS = _EVENTSTREAM._replace(event=_eventstream_chunk)
+
+
+class _BedrockErrors:
+    """Bedrock's errors, which botocore raises by the x-amzn-ErrorType
+    header: {"message"} in the body, the exception's name in the header, its
+    status Bedrock's own."""
+
+    error_schema = "BedrockError"
+    keyed = False
+    validation_status = 400
+    overloaded_status = 503
+    quota_header = None
+    error_types = {
+        "VALIDATION_ERROR": "ValidationException", "INVALID_JSON": "ValidationException",
+        "CONTEXT_LENGTH_EXCEEDED": "ValidationException", "NOT_FOUND": "ResourceNotFoundException",
+        "TIMEOUT": "ModelTimeoutException", "QUOTA_EXHAUSTED": "ServiceQuotaExceededException",
+        401: "AccessDeniedException", 403: "AccessDeniedException", 429: "ThrottlingException",
+        503: "ServiceUnavailableException", 529: "ServiceUnavailableException",
+        "4xx": "ValidationException", "5xx": "InternalServerException",
+    }
+    # The status of each exception, where Bedrock's differs from the error's.
+    STATUS = {"ModelTimeoutException": 408, "ServiceQuotaExceededException": 400}
+    stream_error = ("SIM_FAIL", "simulated stream error")
+    answer_headers = ("x-amzn-RequestId", "x-amzn-ErrorType")
+    sdk_environ = {"AWS_ENDPOINT_URL_BEDROCK_RUNTIME": "", "AWS_ACCESS_KEY_ID": None,
+                   "AWS_SECRET_ACCESS_KEY": None, "AWS_DEFAULT_REGION": None}
+
+    def schemas(self):
+        return {"BedrockError": {"type": "object", "required": ["message"],
+                                 "properties": {"message": {"type": "string"}}}}
+
+    def error(self, error, retry_ms, now_ms, note=None):
+        status, body, headers = _Surface.error(self, error, retry_ms, now_ms)
+        kind = self.error_type(error, status)
+        return self.STATUS.get(kind, status), body, headers + (
+            ("x-amzn-ErrorType", kind), ("x-amzn-RequestId", _uuid(random.random)))
+
+    def error_body(self, error, status, retry_ms):
+        return {"message": error.message}
+
+    def error_event(self, render, piece):
+        """modelStreamErrorException: the model's error, with its status."""
+        error = render.simulated_error()
+        return {"message": error.message, "originalStatusCode": error.status,
+                "originalMessage": error.message}
+
+    @staticmethod
+    def model(request):
+        return urllib.parse.unquote(request.params["modelId"])
+
+
+def _check_converse_messages(value, field):
+    if not isinstance(value, list) or not value:
+        raise _ValidationError(field, "must be a non-empty array of messages")
+    for index, message in enumerate(value):
+        where = f"{field}[{index}]"
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise _ValidationError(where + ".role", 'must be "user" or "assistant"')
+        content = message.get("content")
+        if not isinstance(content, list) or not all(isinstance(block, dict) and len(block) == 1
+                                                    for block in content):
+            raise _ValidationError(where + ".content", "must be an array of content blocks, "
+                                   "each an object with one member (text, toolUse...)")
+    return value
+
+
+_CONVERSE_MESSAGES_SCHEMA = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["user", "assistant"]}, "content": {"type": "array", "items": {
+            "type": "object", "minProperties": 1, "maxProperties": 1}}}}}
+_INFERENCE_CONFIG = {
+    "maxTokens": _Field(_Int(1, 10_000_000), None, "Cut the reply to this many tokens."),
+    "temperature": _Field(_Number(0, 1), None, "Accepted."),
+    "topP": _Field(_Number(0, 1), None, "Accepted."),
+    "stopSequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
+                            "The reply ends before the first of these it meets."),
+}
+
+
+class _BedrockConverse(_BedrockErrors, _Surface):
+    """Bedrock's Converse API: a message, or its event stream (see the banner
+    above).  Mode overloaded answers 503 ServiceUnavailableException, timeout
+    408 ModelTimeoutException; error_after sends a modelStreamErrorException."""
+
+    name = "bedrock.converse"
+    title = "Amazon Bedrock: Converse"
+    finish = {"end": "end_turn", "max_tokens": "max_tokens", "stop_sequence": "stop_sequence",
+              "tool_calls": "tool_use"}
+    framing = _EVENTSTREAM
+    REQUEST = {
+        "messages": _Field(_Check(_check_converse_messages, _CONVERSE_MESSAGES_SCHEMA),
+                           _REQUIRED, "The conversation; the last user message feeds the reply."),
+        "system": _Field(_objects("system block"), (), "System prompts: [{\"text\": ...}]."),
+        "inferenceConfig": _Field(_Check(lambda value, field: _with_defaults(
+            _given(value, _INFERENCE_CONFIG, field), _INFERENCE_CONFIG, None, field),
+            _object_schema(_INFERENCE_CONFIG)), None, "maxTokens, stopSequences..."),
+        "toolConfig": _Field(_OBJECT, None, "tools ([{\"toolSpec\": {name, inputSchema: "
+                             "{json}}}]) and toolChoice (auto, any, or a named tool: the "
+                             "reply uses it, with input drawn from its schema)."),
+        **{name: _Field(_Check(lambda value, field: value, {}), None, "Accepted.") for name in (
+            "additionalModelRequestFields", "additionalModelResponseFieldPaths",
+            "guardrailConfig", "promptVariables", "requestMetadata", "performanceConfig",
+            "serviceTier", "outputConfig")},
+        **_EXTENSIONS,
+    }
+
+    def schemas(self):
+        event = {"type": "object"}
+        return {**super().schemas(),
+                "BedrockConverseRequest": _object_schema(self.REQUEST, example={
+                    "messages": [{"role": "user", "content": [{"text": "Hello"}]}],
+                    "inferenceConfig": {"maxTokens": 256}}),
+                "BedrockConverseResponse": {"type": "object", "required": [
+                    "output", "stopReason", "usage", "metrics"], "properties": {
+                    "output": {"type": "object"}, "stopReason": {"type": "string"},
+                    "usage": {"type": "object"}, "metrics": {"type": "object"}}},
+                **dict.fromkeys(("BedrockMessageStart", "BedrockBlockStart", "BedrockBlockDelta",
+                                 "BedrockBlockStop", "BedrockMessageStop", "BedrockMetadata",
+                                 "BedrockStreamError"), event)}
+
+    @staticmethod
+    def messages(values):
+        """The conversation as text messages (see _Surface.call), the system
+        prompts first; a toolResult block is a tool's result."""
+        messages, names = [], {}
+        if values["system"]:
+            messages.append({"role": "system", "content": " ".join(
+                block["text"] for block in values["system"] if isinstance(block.get("text"),
+                                                                          str))})
+        for message in values["messages"]:
+            texts = [block["text"] for block in message["content"]
+                     if isinstance(block.get("text"), str)]
+            for block in message["content"]:
+                if isinstance(block.get("toolUse"), dict):
+                    names[block["toolUse"].get("toolUseId")] = block["toolUse"].get("name")
+                elif isinstance(block.get("toolResult"), dict):
+                    result = block["toolResult"]
+                    parts = result.get("content") if isinstance(result.get("content"), list) else []
+                    messages.append({"role": "tool", "tool": names.get(result.get("toolUseId")),
+                                     "content": " ".join(
+                                         part["text"] if isinstance(part.get("text"), str)
+                                         else json.dumps(part.get("json")) for part in parts
+                                         if isinstance(part, dict))})
+            if texts or not any("toolResult" in block for block in message["content"]):
+                messages.append({"role": message["role"], "content": " ".join(texts)})
+        return messages
+
+    def parse(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
+                                config)
+        inference = values["inferenceConfig"] or _defaults(_INFERENCE_CONFIG, None)[0]
+        tools, forced = self.tools(values["toolConfig"] or {})
+        return self.call(request, config, model=self.model(request),
+                         messages=self.messages(values),
+                         stream=request.route.path.endswith("-stream"),
+                         max_tokens=inference["maxTokens"], stop=inference["stopSequences"],
+                         user=None, timeout_ms=values["timeout_ms"], simulate=values["simulate"],
+                         tools=tools, forced=forced)
+
+    @staticmethod
+    def tools(config):
+        """(the tool table, the forced tool: see _Surface.call) of a toolConfig."""
+        tools, choice = config.get("tools") or [], config.get("toolChoice") or {}
+        if not isinstance(tools, list):
+            raise _ValidationError("toolConfig.tools", "must be an array of tools")
+        if not isinstance(choice, dict) or not isinstance(choice.get("tool", {}), dict):
+            raise _ValidationError("toolConfig.toolChoice", "must be auto, any or a tool")
+        specs = []  # each toolSpec's inputSchema.json as its schema
+        for tool in tools:
+            spec = tool.get("toolSpec") if isinstance(tool, dict) else None
+            if isinstance(spec, dict):
+                schema = spec.get("inputSchema")
+                specs.append({"toolSpec": dict(spec, inputSchema=schema.get("json") if
+                                               isinstance(schema, dict) else None)})
+        forced = (("any", "toolConfig.toolChoice.any") if "any" in choice else
+                  (choice["tool"].get("name"), "toolConfig.toolChoice.tool.name")
+                  if "tool" in choice else None)
+        return _tool_table(specs, "toolConfig.tools", inner="toolSpec",
+                           schema_keys=("inputSchema",)), forced
+
+    @staticmethod
+    def usage(reply, output_tokens=None):
+        output_tokens = reply.completion_tokens if output_tokens is None else output_tokens
+        return {"inputTokens": reply.prompt_tokens, "outputTokens": output_tokens,
+                "totalTokens": reply.prompt_tokens + output_tokens}
+
+    @staticmethod
+    def tool_use(call):
+        return {"toolUseId": call["id"], "name": call["name"]}
+
+    def answer(self, call, reply, created):
+        content = ([{"text": reply.text}] if reply.tool_calls is None else
+                   [{"toolUse": dict(self.tool_use(tool_call),
+                                     input=_arguments_object(tool_call))}
+                    for tool_call in reply.tool_calls])
+        return {"output": {"message": {"role": "assistant", "content": content}},
+                "stopReason": self.finish[reply.end], "usage": self.usage(reply),
+                "metrics": {"latencyMs": round(reply.elapsed_ms)}}
+
+    # Its stream: text deltas in block 0, or a block per tool call (started
+    # with its id and name, then its input as pieces of JSON text).
+
+    def message_start(self, render, piece):
+        return {"role": "assistant"}
+
+    def text_delta(self, render, text):
+        return {"contentBlockIndex": 0, "delta": {"text": text}}
+
+    def tool_start(self, render, index):
+        return {"contentBlockIndex": index,
+                "start": {"toolUse": self.tool_use(render.reply.tool_calls[index])}}
+
+    def input_delta(self, render, piece):
+        index, text = piece
+        return {"contentBlockIndex": index, "delta": {"toolUse": {"input": text}}}
+
+    def block_stop(self, render, index):
+        return {"contentBlockIndex": index}
+
+    def text_block_stop(self, render, piece):
+        return self.block_stop(render, 0) if render.reply.tool_calls is None else None
+
+    def message_stop(self, render, piece):
+        return {"stopReason": self.finish[render.reply.end]}
+
+    def metadata(self, render, piece):
+        return {"usage": self.usage(render.reply),
+                "metrics": {"latencyMs": round(render.reply.elapsed_ms)}}
+
+    stream_events = {
+        "open": (("messageStart", message_start, "BedrockMessageStart"),),
+        "piece": (("contentBlockDelta", text_delta, "BedrockBlockDelta"),),
+        "call": (("contentBlockStart", tool_start, "BedrockBlockStart"),),
+        "arguments": (("contentBlockDelta", input_delta, "BedrockBlockDelta"),),
+        "call_done": (("contentBlockStop", block_stop, "BedrockBlockStop"),),
+        "close": (("contentBlockStop", text_block_stop, "BedrockBlockStop"),
+                  ("messageStop", message_stop, "BedrockMessageStop"),
+                  ("metadata", metadata, "BedrockMetadata")),
+        "error": (("modelStreamErrorException", _BedrockErrors.error_event,
+                   "BedrockStreamError"),),
+    }
+
+    routes = (
+        _route("POST", "/model/{modelId}/converse", _model_call, api=_model_api(
+            "Bedrock Converse: a message", "BedrockConverseRequest",
+            {200: "BedrockConverseResponse", 400: None, 408: None, 429: None, 500: None,
+             503: None}, streams=False, refuses={
+                "toolConfig": _FORCES_AN_UNOFFERED_TOOL + ", or " + _UNDRAWABLE_SCHEMA})),
+        _route("POST", "/model/{modelId}/converse-stream", _model_call, api=_model_api(
+            "Bedrock ConverseStream: a message as an event stream", "BedrockConverseRequest",
+            {200: None, 400: None, 408: None, 429: None, 500: None, 503: None}, refuses={
+                "toolConfig": _FORCES_AN_UNOFFERED_TOOL + ", or " + _UNDRAWABLE_SCHEMA})),
+    )
+
+
+_BEDROCK_CONVERSE = _BedrockConverse()
+
+
+class _BedrockInvoke(_BedrockErrors, _AnthropicMessages):
+    """Bedrock's InvokeModel with an Anthropic model's own body (as the
+    anthropic SDK's AnthropicBedrock sends it: anthropic_version, no model
+    and no stream, which the path says), answered with Anthropic's message;
+    its stream is Anthropic's events, each a chunk of the event stream."""
+
+    name = "bedrock.invoke"
+    title = "Amazon Bedrock: InvokeModel (Anthropic)"
+    framing = _EVENTSTREAM_CHUNKS
+    REQUEST = {
+        "anthropic_version": _Field(_Text(non_empty=True), _REQUIRED,
+                                    "Bedrock's version of the API: bedrock-2023-05-31."),
+        **{name: field for name, field in _AnthropicMessages.REQUEST.items()
+           if name not in ("model", "stream")},
+    }
+    stream_events = dict(_AnthropicMessages.stream_events, error=(
+        ("modelStreamErrorException", _BedrockErrors.error_event, "BedrockStreamError"),))
+
+    def schemas(self):
+        return {**_BedrockErrors.schemas(self),
+                "BedrockInvokeRequest": _object_schema(self.REQUEST, example={
+                    "anthropic_version": "bedrock-2023-05-31", "max_tokens": 256,
+                    "messages": [{"role": "user", "content": "Hello"}]}),
+                "BedrockStreamError": {"type": "object"}}
+
+    def parse(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
+                                config)
+        return self.called(request, config, values, self.model(request),
+                           request.route.path.endswith("-stream"))
+
+    routes = (
+        _route("POST", "/model/{modelId}/invoke", _model_call, api=_model_api(
+            "Bedrock InvokeModel: an Anthropic message", "BedrockInvokeRequest",
+            {200: "AnthropicMessage", 400: None, 408: None, 429: None, 500: None, 503: None},
+            streams=False, refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL,
+                                    "tools": _UNDRAWABLE_SCHEMA})),
+        _route("POST", "/model/{modelId}/invoke-with-response-stream", _model_call,
+               api=_model_api(
+                   "Bedrock InvokeModelWithResponseStream: an Anthropic message's events, "
+                   "each a chunk of the event stream", "BedrockInvokeRequest",
+                   {200: None, 400: None, 408: None, 429: None, 500: None, 503: None},
+                   refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL,
+                            "tools": _UNDRAWABLE_SCHEMA})),
+    )
+
+
+_BEDROCK_INVOKE = _BedrockInvoke()
+
+
+# --- Surfaces: Google Vertex AI ---------------------------------------------------
+# Gemini and Anthropic's models as Vertex AI serves them, under a project and
+# a location: google-genai with vertexai=True (its base URL pointed here) and
+# the anthropic SDK's AnthropicVertex (its base URL this server's /v1).  The
+# OAuth token they send is not checked: --api-key does not apply.
+
+def _vertex_models(version, publisher):
+    """The path of a publisher's models on Vertex AI (a model's name and its
+    method follow)."""
+    return f"{version}/projects/{{project}}/locations/{{location}}/publishers/{publisher}/models/"
+
+
+class _VertexGemini(_Gemini):
+    """Gemini's generateContent, its stream and countTokens, as Vertex AI
+    serves them (under /v1 and /v1beta1, google-genai's default there)."""
+
+    name = "vertex.gemini"
+    title = "Google Vertex AI: Gemini"
+    keyed = False
+    sdk_environ = {}
+    routes = tuple(
+        _route("POST", _vertex_models(version, "google") + "{model}:" + call, handler, api=api)
+        for version, (call, handler, api) in itertools.product(("/v1", "/v1beta1"),
+                                                               _Gemini.CALLS))
+
+
+_VERTEX_GEMINI = _VertexGemini()
+
+
+class _VertexAnthropic(_AnthropicMessages):
+    """Anthropic's Messages as Vertex AI serves them: rawPredict and
+    streamRawPredict take Anthropic's body with anthropic_version
+    (vertex-2023-10-16) and no model, which the path has; "stream" in the
+    body streams, as the SDK sends it to streamRawPredict."""
+
+    name = "vertex.anthropic"
+    title = "Google Vertex AI: Anthropic"
+    keyed = False
+    sdk_environ = {}
+    REQUEST = {
+        "anthropic_version": _Field(_Text(non_empty=True), _REQUIRED,
+                                    "Vertex's version of the API: vertex-2023-10-16."),
+        **{name: field for name, field in _AnthropicMessages.REQUEST.items() if name != "model"},
+    }
+
+    def schemas(self):
+        return {"VertexAnthropicRequest": _object_schema(self.REQUEST, example={
+            "anthropic_version": "vertex-2023-10-16", "max_tokens": 256,
+            "messages": [{"role": "user", "content": "Hello"}]})}
+
+    def parse(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
+                                config)
+        return self.called(request, config, values, request.params["model"], values["stream"])
+
+    routes = (
+        _route("POST", _vertex_models("/v1", "anthropic") + "count-tokens:rawPredict",
+               _AnthropicMessages.count_tokens),
+        *(_route("POST", _vertex_models("/v1", "anthropic") + "{model}:" + call, _model_call,
+                 api=_model_api(
+                     f"Vertex AI, Anthropic: a message ({call})", "VertexAnthropicRequest",
+                     {200: "AnthropicMessage", 429: None, 500: None, 504: None, 529: None},
+                     refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL,
+                              "tools": _UNDRAWABLE_SCHEMA}))
+          for call in ("rawPredict", "streamRawPredict")),
+    )
+
+
+_VERTEX_ANTHROPIC = _VertexAnthropic()
 
 
 # --- Surfaces: batches ------------------------------------------------------------
@@ -6737,7 +7167,8 @@ _MCP_TOOLS = _McpTools()
 # is its unit above and one entry here.
 _SURFACES = [_CONTROL, _JOB_API, _OPENAI_CHAT, _OPENAI_RESPONSES, _OPENAI_EMBEDDINGS,
              _OPENAI_COMPLETIONS, _AZURE_CHAT, _AZURE_EMBEDDINGS, _AZURE_COMPLETIONS,
-             _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA, _OPENAI_BATCHES, _ANTHROPIC_BATCHES, _MCP,
+             _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA, _BEDROCK_CONVERSE, _BEDROCK_INVOKE,
+             _VERTEX_GEMINI, _VERTEX_ANTHROPIC, _OPENAI_BATCHES, _ANTHROPIC_BATCHES, _MCP,
              _MCP_TOOLS]
 
 
@@ -8547,8 +8978,8 @@ class _Recorder:
                     break
                 if not data:
                     break
-                yield data
                 at_ms = round((time.monotonic() - started) * 1000, 1)
+                yield data
                 pending += data
                 parts = pending.split(separator) if separator else [pending, b""]
                 pending = parts.pop()
@@ -8560,6 +8991,7 @@ class _Recorder:
                         kept_bytes += len(whole)
                         frames.append([at_ms, whole])
         finally:  # the client may have left (GeneratorExit): nothing whole to record
+            response.close()  # its file holds the socket open until it is closed too
             connection.close()
         if pending and not truncated:
             frames.append([round((time.monotonic() - started) * 1000, 1), pending])

@@ -10,6 +10,7 @@ subprocesses only where the process is.
 
 import ast
 import asyncio
+import base64
 import collections
 import contextlib
 import datetime
@@ -42,6 +43,7 @@ import unittest
 import unittest.mock
 import uuid
 import warnings
+import zlib
 
 import dummyllm
 
@@ -1369,6 +1371,13 @@ class StreamContentTypeTest(AppTestCase):
                 ("POST", "/api/chat", self.CHAT, "application/x-ndjson"),
                 ("POST", "/api/generate", {"model": "m", "prompt": "Hi", **self.FAST},
                  "application/x-ndjson"),
+                ("POST", "/model/m/converse-stream", {"messages": [
+                    {"role": "user", "content": [{"text": "Hi"}]}], **self.FAST},
+                 "application/vnd.amazon.eventstream"),
+                ("POST", "/model/m/invoke-with-response-stream", {
+                    "anthropic_version": "bedrock-2023-05-31", "max_tokens": 10,
+                    "messages": [{"role": "user", "content": "Hi"}], **self.FAST},
+                 "application/vnd.amazon.eventstream"),
                 ("GET", f"/v1/jobs/{self.create(simulate={'latency_ms': 0})}/events", None,
                  "text/event-stream")]:
             with self.subTest(path=path, body=body):
@@ -3445,6 +3454,242 @@ class OllamaAgentTest(OllamaCalls, AppTestCase):
         self.assertTrue(all(line["done"] is False for line in lines))
 
 
+# --- Surfaces: Amazon Bedrock -----------------------------------------------------
+
+def eventstream_messages(data):
+    """The messages of an AWS event stream, as (headers, payload): each
+    frame's lengths and both its CRC32s checked, as the format says."""
+    messages = []
+    while data:
+        total, headers_length = struct.unpack(">II", data[:8])
+        assert struct.unpack(">I", data[8:12])[0] == zlib.crc32(data[:8]), "prelude CRC"
+        assert struct.unpack(">I", data[total - 4:total])[0] == zlib.crc32(data[:total - 4])
+        head, at, headers = data[12:12 + headers_length], 0, {}
+        while at < len(head):
+            name_length = head[at]
+            name = head[at + 1:at + 1 + name_length].decode()
+            kind, value_length = struct.unpack(">BH", head[at + 1 + name_length:
+                                                           at + 4 + name_length])
+            assert kind == 7, "a string header"
+            start = at + 4 + name_length
+            headers[name] = head[start:start + value_length].decode()
+            at = start + value_length
+        messages.append((headers, json.loads(data[12 + headers_length:total - 4])))
+        data = data[total:]
+    return messages
+
+
+class BedrockCalls:
+    MESSAGES = [{"role": "user", "content": [{"text": "Hello"}]}]
+    TOOLS = {"tools": [{"toolSpec": {"name": "get_weather", "inputSchema": {"json": WEATHER}}}],
+             "toolChoice": {"any": {}}}
+    MODEL = "anthropic.claude-3-haiku-20240307-v1%3A0"  # as botocore sends it
+
+    def converse(self, stream=False, headers=None, **body):
+        """(status, headers, body: JSON, or the event stream's messages)."""
+        path = f"/model/{self.MODEL}/converse" + ("-stream" if stream else "")
+        self.conn.request("POST", path, json.dumps({"messages": self.MESSAGES, **body}),
+                          headers or {})
+        response = self.conn.getresponse()
+        data = response.read()
+        if response.getheader("Content-Type") == "application/vnd.amazon.eventstream":
+            return response.status, response, eventstream_messages(data)
+        return response.status, response, json.loads(data)
+
+
+class BedrockTest(BedrockCalls, AppTestCase):
+    """Converse and InvokeModel on the wire, the event stream decoded here."""
+
+    options = {"latency_ms": 0}
+
+    def test_converse_answers_a_message(self):
+        status, _, body = self.converse(inferenceConfig={"maxTokens": 2})
+        self.assertEqual((status, body["output"]["message"]["content"], body["stopReason"]),
+                         (200, [{"text": "Simulate"}], "max_tokens"))  # 2 tokens
+        self.assertEqual(body["usage"], {"inputTokens": 2, "outputTokens": 2, "totalTokens": 4})
+        self.assertEqual(self.journal()[-1]["surface"], "bedrock.converse")
+        [tool] = self.converse(toolConfig=self.TOOLS)[2]["output"]["message"]["content"]
+        self.assertEqual((set(tool["toolUse"]), tool["toolUse"]["name"]),
+                         ({"toolUseId", "name", "input"}, "get_weather"))
+
+    def test_converse_stream_frames(self):
+        status, response, messages = self.converse(stream=True)
+        self.assertEqual(status, 200)
+        self.assertEqual({headers[":message-type"] for headers, _ in messages}, {"event"})
+        events = [(headers[":event-type"], payload) for headers, payload in messages]
+        self.assertEqual([name for name, _ in events[:2]], ["messageStart", "contentBlockDelta"])
+        self.assertEqual("".join(payload["delta"]["text"] for name, payload in events
+                                 if name == "contentBlockDelta"), "Simulated reply to: Hello")
+        self.assertEqual([name for name, _ in events[-3:]],
+                         ["contentBlockStop", "messageStop", "metadata"])
+        self.assertEqual(events[-2][1], {"stopReason": "end_turn"})
+        tools = [name for name, _ in [(headers[":event-type"], payload) for headers, payload
+                                      in self.converse(stream=True, toolConfig=self.TOOLS)[2]]]
+        self.assertEqual(tools[:3], ["messageStart", "contentBlockStart", "contentBlockDelta"])
+
+    def test_a_stream_error_is_an_exception_frame(self):
+        messages = self.converse(stream=True, simulate={"stream": {"error_after": 2}})[2]
+        headers, payload = messages[-1]
+        self.assertEqual((headers[":message-type"], headers[":exception-type"]),
+                         ("exception", "modelStreamErrorException"))
+        self.assertEqual(payload["originalStatusCode"], 500)
+        self.assertEqual(len(messages), 4)  # messageStart, two deltas, the exception
+
+    def test_errors_are_bedrocks_exceptions(self):
+        for simulate, status, kind in [
+                ({"mode": "rate_limit"}, 429, "ThrottlingException"),
+                ({"mode": "overloaded"}, 503, "ServiceUnavailableException"),
+                ({"mode": "timeout", "latency_ms": 0}, 408, "ModelTimeoutException"),
+                ({"mode": "fail"}, 500, "InternalServerException"),
+                ({"mode": "quota_exhausted"}, 400, "ServiceQuotaExceededException")]:
+            with self.subTest(kind=kind):
+                answer, response, body = self.converse(simulate=simulate, timeout_ms=10)
+                self.assertEqual((answer, response.getheader("x-amzn-ErrorType")), (status, kind))
+                self.assertEqual(set(body), {"message"})
+        status, response, body = self.converse(inferenceConfig={"maxTokens": 0})
+        self.assertEqual((status, response.getheader("x-amzn-ErrorType")),
+                         (400, "ValidationException"))
+        self.assertIn("inferenceConfig.maxTokens", body["message"])
+        self.assertEqual(self.converse(toolConfig={"tools": 7})[0], 400)
+
+    def test_the_model_is_the_paths_and_rules_know_the_surface(self):
+        self.server.add_rule({"match": {"surface": "bedrock.converse",
+                                        "model": "anthropic.claude-3-haiku-*"},
+                              "simulate": {"ok_text": "from the rule"}})
+        self.assertEqual(self.converse()[2]["output"]["message"]["content"][0]["text"],
+                         "from the rule")
+
+    def test_invoke_model_with_an_anthropic_body(self):
+        body = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 50,
+                "messages": [{"role": "user", "content": "Hello"}]}
+        status, message, _ = self.call("POST", f"/model/{self.MODEL}/invoke", body)
+        self.assertEqual((status, message["type"], message["model"]),
+                         (200, "message", "anthropic.claude-3-haiku-20240307-v1:0"))
+        self.conn.request("POST", f"/model/{self.MODEL}/invoke-with-response-stream",
+                          json.dumps(body))
+        messages = eventstream_messages(self.conn.getresponse().read())
+        self.assertEqual({headers[":event-type"] for headers, _ in messages}, {"chunk"})
+        events = [json.loads(base64.b64decode(payload["bytes"])) for _, payload in messages]
+        self.assertEqual([event["type"] for event in events[:2]],
+                         ["message_start", "content_block_start"])
+        self.assertEqual(events[-1], {"type": "message_stop"})
+        status, answer, response = self.call("POST", f"/model/{self.MODEL}/invoke",
+                                             dict(body, anthropic_version=None))
+        self.assertEqual((status, response.getheader("x-amzn-ErrorType")),
+                         (400, "ValidationException"))
+
+
+boto3 = optional_import("boto3")
+botocore_exceptions = optional_import("botocore.exceptions")
+
+
+@needs(boto3, "boto3", "DUMMYLLM_REQUIRE_BOTO3")
+class BedrockSDKTest(BedrockCalls, ServerTestCase):
+    """boto3's bedrock-runtime client and the anthropic SDK's
+    AnthropicBedrock, unchanged, with only their endpoint pointed here."""
+
+    MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
+
+    def client(self, simulate=None, **config):
+        client = boto3.client("bedrock-runtime", region_name="us-east-1",
+                              endpoint_url=self.server.url, aws_access_key_id="x",
+                              aws_secret_access_key="x",
+                              config=boto3.session.Config(**config) if config else None)
+        if simulate is not None:  # boto3 sends no field it does not know: a header does
+            def add(request, **_):
+                request.headers["X-DummyLLM-Simulate"] = json.dumps(simulate)
+            client.meta.events.register("before-send.bedrock-runtime.*", add)
+        self.addCleanup(client.close)
+        return client
+
+    def test_converse_and_its_stream(self):
+        client = self.client()
+        answer = client.converse(modelId=self.MODEL, messages=self.MESSAGES)
+        self.assertEqual(answer["output"]["message"]["content"][0]["text"],
+                         "Simulated reply to: Hello")
+        events = list(client.converse_stream(modelId=self.MODEL, messages=self.MESSAGES,
+                                             toolConfig=self.TOOLS)["stream"])
+        self.assertEqual(json.loads("".join(event["contentBlockDelta"]["delta"]["toolUse"][
+            "input"] for event in events if "contentBlockDelta" in event)).keys(),
+            {"city", "unit"})
+        self.assertEqual(events[-2], {"messageStop": {"stopReason": "tool_use"}})
+
+    def test_throttling_is_retried_by_botocore(self):
+        client = self.client({"mode": "rate_limit"}, retries={"total_max_attempts": 3,
+                                                              "mode": "standard"})
+        with self.assertRaises(client.exceptions.ThrottlingException):
+            client.converse(modelId=self.MODEL, messages=self.MESSAGES)
+        self.assertEqual([entry["status"] for entry in self.journal()], [429, 429, 429])
+        stream = self.client({"stream": {"error_after": 1}}).converse_stream(
+            modelId=self.MODEL, messages=self.MESSAGES)["stream"]
+        self.addCleanup(stream.close)  # its connection, left mid-stream
+        with self.assertRaises(botocore_exceptions.EventStreamError) as raised:
+            list(stream)
+        self.assertEqual(raised.exception.response["Error"]["Code"],
+                         "modelStreamErrorException")
+
+    def test_invoke_model_and_anthropic_bedrock(self):
+        client = self.client()
+        body = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 50,
+                           "messages": [{"role": "user", "content": "Hello"}]})
+        answer = json.loads(client.invoke_model(modelId=self.MODEL, body=body)["body"].read())
+        self.assertEqual(answer["content"][0]["text"], "Simulated reply to: Hello")
+        chunks = [json.loads(event["chunk"]["bytes"]) for event in
+                  client.invoke_model_with_response_stream(modelId=self.MODEL, body=body)["body"]]
+        self.assertEqual(chunks[-1], {"type": "message_stop"})
+        if anthropic is None:
+            return
+        bedrock = anthropic.AnthropicBedrock(base_url=self.server.url, aws_access_key="x",
+                                             aws_secret_key="x", aws_region="us-east-1")
+        self.addCleanup(bedrock.close)
+        message = bedrock.messages.create(model=self.MODEL, max_tokens=50, messages=[
+            {"role": "user", "content": "Hello"}])
+        self.assertEqual(message.content[0].text, "Simulated reply to: Hello")
+        with bedrock.messages.stream(model=self.MODEL, max_tokens=50, messages=[
+                {"role": "user", "content": "Hello"}]) as stream:
+            self.assertEqual(stream.get_final_text(), "Simulated reply to: Hello")
+
+
+# --- Surfaces: Google Vertex AI ---------------------------------------------------
+
+class VertexTest(AppTestCase):
+    """Gemini and Anthropic's models under a Vertex AI project and location."""
+
+    options = {"latency_ms": 0}
+    GEMINI = "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash"
+    CLAUDE = "/v1/projects/p/locations/us-east5/publishers/anthropic/models/"
+    ASK = {"anthropic_version": "vertex-2023-10-16", "max_tokens": 20,
+           "messages": [{"role": "user", "content": "Hello"}]}
+
+    def test_gemini_under_a_project(self):
+        contents = {"contents": [{"role": "user", "parts": [{"text": "Hello"}]}]}
+        for version in ("/v1", "/v1beta1"):
+            status, body, _ = self.call("POST", self.GEMINI.replace("/v1", version, 1)
+                                        + ":generateContent", contents)
+            self.assertEqual((status, body["candidates"][0]["content"]["parts"][0]["text"]),
+                             (200, "Simulated reply to: Hello"))
+        self.assertEqual(self.journal()[-1]["surface"], "vertex.gemini")
+        status, body, _ = self.call("POST", self.GEMINI + ":generateContent", {"contents": []})
+        self.assertEqual((status, body["error"]["status"]), (400, "INVALID_ARGUMENT"))
+
+    def test_anthropic_raw_predict(self):
+        status, message, _ = self.call("POST", self.CLAUDE + "claude-sonnet-4-5@20250929"
+                                       ":rawPredict", self.ASK)
+        self.assertEqual((status, message["model"], message["content"][0]["text"]),
+                         (200, "claude-sonnet-4-5@20250929", "Simulated reply to: Hello"))
+        self.conn.request("POST", self.CLAUDE + "claude-sonnet-4-5:streamRawPredict",
+                          json.dumps(dict(self.ASK, stream=True)))
+        response = self.conn.getresponse()
+        self.assertEqual(response.getheader("Content-Type"), "text/event-stream")
+        self.assertIn(b"event: message_stop", response.read())
+        status, body, _ = self.call("POST", self.CLAUDE + "count-tokens:rawPredict", {
+            "model": "claude-sonnet-4-5", "messages": self.ASK["messages"]})
+        self.assertEqual((status, body), (200, {"input_tokens": 2}))
+        status, body, _ = self.call("POST", self.CLAUDE + "claude:rawPredict",
+                                    dict(self.ASK, anthropic_version=None))
+        self.assertEqual((status, body["error"]["type"]), (400, "invalid_request_error"))
+
+
 # --- Surfaces: batches ------------------------------------------------------------
 
 class OpenAIBatchCalls:
@@ -4378,6 +4623,42 @@ class McpSDKTest(ServerTestCase):
                                     for entry in self.server.journal.find()))
         findings = self.server.verdict(settle_ms=0)["findings"]
         self.assertEqual([finding["code"] for finding in findings], [])
+
+
+@needs(genai, "google-genai", "DUMMYLLM_REQUIRE_GOOGLE")
+class VertexSDKTest(ServerTestCase):
+    """google-genai with vertexai=True and the anthropic SDK's
+    AnthropicVertex, unchanged, with only their base URL pointed here."""
+
+    def test_google_genai_on_vertex(self):
+        from google.oauth2.credentials import Credentials  # google-genai's own dependency
+        client = genai.Client(vertexai=True, project="p", location="us-central1",
+                              credentials=Credentials(token="x"),
+                              http_options=genai.types.HttpOptions(base_url=self.server.url))
+        self.addCleanup(client.close)
+        self.assertEqual(client.models.generate_content(model="gemini-2.5-flash",
+                                                        contents="Hello").text,
+                         "Simulated reply to: Hello")
+        self.assertEqual("".join(chunk.text for chunk in client.models.generate_content_stream(
+            model="gemini-2.5-flash", contents="Hello")), "Simulated reply to: Hello")
+        self.assertEqual(client.models.count_tokens(model="gemini-2.5-flash",
+                                                    contents="Hello").total_tokens, 2)
+
+    def test_anthropic_vertex(self):
+        if anthropic is None:
+            self.skipTest("the anthropic package is not installed")
+        client = anthropic.AnthropicVertex(region="us-east5", project_id="p", access_token="x",
+                                           base_url=self.server.url + "/v1", max_retries=0)
+        self.addCleanup(client.close)
+        ask = {"model": "claude-sonnet-4-5@20250929", "max_tokens": 50,
+               "messages": [{"role": "user", "content": "Hello"}]}
+        self.assertEqual(client.messages.create(**ask).content[0].text,
+                         "Simulated reply to: Hello")
+        with client.messages.stream(**ask) as stream:
+            self.assertEqual(stream.get_final_text(), "Simulated reply to: Hello")
+        with self.assertRaises(anthropic.InternalServerError):
+            client.messages.create(**ask, extra_headers={
+                "X-DummyLLM-Simulate": json.dumps({"mode": "fail"})})
 
 
 # --- Surfaces: agent frameworks, unchanged ----------------------------------------
@@ -6351,6 +6632,8 @@ UPSTREAM_RULES = [
     {"match": {"text_contains": "limit"}, "simulate": {"mode": "rate_limit",
                                                        "retry_after_ms": 1500}},
     {"match": {"text_contains": "broken"}, "simulate": {"stream": {"cut_after": 3}}},
+    {"match": {"text_contains": "timed"}, "simulate": {"ok_text": "An answer in time",
+                                                       "latency_ms": 400, "token_ms": 50}},
     {"match": {}, "simulate": {"ok_text": "An answer only the upstream gives, 7f3a9c",
                                "latency_ms": 80, "token_ms": 15}},
 ]
@@ -6430,15 +6713,18 @@ class RecordReplayTest(Recordings, ServerTestCase):
         """The recording keeps the upstream's timing, and a replay sends
         each frame at its recorded time: to the millisecond on the fake
         clock, within 10% on the wire."""
-        ask = dict(self.ASK, stream=True)
+        ask = {"model": "m", "stream": True, "messages": [
+            {"role": "user", "content": "timed"}]}
         recorded, path = self.record(lambda url: self.chat(url, ask)[2])
         [rule] = self.rules_in(path)
         times = [ms for ms, _ in rule["simulate"]["replay"][0]["frames"]]
         text_frames = [ms for ms, text in rule["simulate"]["replay"][0]["frames"]
                        if '"content":"' in text and '"content":""' not in text]
-        self.assertAlmostEqual(text_frames[0], 80, delta=8)  # the upstream's latency_ms
-        self.assertAlmostEqual(text_frames[-1] - text_frames[0],  # and its token_ms
-                               15 * (len(text_frames) - 1), delta=0.1 * 15 * len(text_frames))
+        # The upstream's latency_ms and token_ms, and what the wire and a busy
+        # machine add (the recorder cannot see a frame before it is sent).
+        self.assertTrue(400 <= text_frames[0] <= 400 * 1.5, text_frames)
+        self.assertTrue(50 * (len(text_frames) - 2) <= text_frames[-1] - text_frames[0]
+                        <= 50 * (len(text_frames) - 1) * 1.5, text_frames)
         host, port = self.start({"rules": path}).server_address[:2]
         conn = http.client.HTTPConnection(host, port, timeout=10)
         self.addCleanup(conn.close)
@@ -6448,7 +6734,8 @@ class RecordReplayTest(Recordings, ServerTestCase):
         arrived = [(time.monotonic() - started) * 1000 for line in iter(response.readline, b"")
                    if line.startswith(b"data: ")]
         for replayed, recorded_ms in zip(arrived, times):
-            self.assertAlmostEqual(replayed, recorded_ms, delta=0.1 * recorded_ms + 2)
+            self.assertTrue(recorded_ms - 2 <= replayed <= recorded_ms * 1.1 + 5,
+                            (replayed, recorded_ms))
         app = dummyllm._Application(clock=FakeClock(), rules=path, quiet=True)
         self.addCleanup(app.close)
         conn = SocketlessConnection(app)
@@ -6584,6 +6871,7 @@ class RecordReplaySDKTest(Recordings, ServerTestCase):
     def test_openai(self):
         def use(url):
             client = openai.OpenAI(base_url=url + "/v1", api_key=SECRET, max_retries=0)
+            self.addCleanup(client.close)
             ask = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello"}]}
             return [client.chat.completions.create(**ask).model_dump(),
                     [chunk.model_dump() for chunk in client.chat.completions.create(
@@ -6606,6 +6894,7 @@ class RecordReplaySDKTest(Recordings, ServerTestCase):
 
         def use(url):
             client = anthropic.Anthropic(base_url=url, api_key=SECRET, max_retries=0)
+            self.addCleanup(client.close)
             ask = {"model": "claude-sonnet-4-5", "max_tokens": 200, "messages": [
                 {"role": "user", "content": "weather in Paris?"}], "tools": [
                 {"name": "get_weather", "input_schema": WEATHER}]}
