@@ -853,8 +853,8 @@ class _Amount(_Rule):
 
 # A recorded answer (see _Recorder): its status and headers; a whole body
 # and the ms it came after the request, or a stream's frames, each with the
-# ms it came; "end": "cut" when the stream broke, "truncated" when the
-# recording stopped at --record-max-bytes.
+# ms it came (in base64 when they are not text); "end": "cut" when the stream
+# broke, "truncated" when the recording stopped at --record-max-bytes.
 _RECORDING_SCHEMA = {"type": "object", "required": ["status"], "additionalProperties": False,
                      "properties": {
     "status": {"type": "integer", "minimum": 200, "maximum": 599},
@@ -868,7 +868,9 @@ _RECORDING_SCHEMA = {"type": "object", "required": ["status"], "additionalProper
         "type": "array", "minItems": 2, "maxItems": 2,
         "prefixItems": [{"type": "number", "minimum": 0, "maximum": _MAX_LATENCY_MS},
                         {"type": "string"}]}},
-    "end": {"enum": ["cut"]}, "truncated": {"type": "boolean"}},
+    "end": {"enum": ["cut"]}, "truncated": {"type": "boolean"},
+    "base64": {"type": "boolean", "description": "Its body or frames are bytes in base64 "
+               "(an answer that is not text: Bedrock's event stream)"}},
                      "oneOf": [{"required": ["body"]}, {"required": ["frames"]}]}
 # The headers an answer's framing owns: a replay writes its own.
 _FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "keep-alive",
@@ -913,6 +915,13 @@ def _check_recording(value, field):
     if value.get("end", "cut") != "cut":
         raise _ValidationError(field + ".end", 'must be "cut"')
     _Bool()(value.get("truncated", False), field + ".truncated")
+    if _Bool()(value.get("base64", False), field + ".base64"):
+        texts = [value["body"]] if "body" in value else [text for _, text in value["frames"]]
+        try:
+            for text in texts:
+                base64.b64decode(text, validate=True)
+        except ValueError:
+            raise _ValidationError(field, "has base64: true, and text that is not base64")
     return value
 
 
@@ -3216,10 +3225,11 @@ def _replay(surface, app, request, call):
     content_type = next((value for name, value in recorded.get("headers", ())
                          if name.lower() == "content-type"), "application/json")
     if "body" in recorded:
-        return _Answer(recorded["status"], recorded["body"].encode(), headers,
+        return _Answer(recorded["status"], _recorded_bytes(recorded, recorded["body"]), headers,
                        at=request.received_ms + (recorded.get("ms", 0) if timed else 0),
                        fault=spec.fault, dribble_ms=spec.dribble_ms, content_type=content_type)
-    frames = [(ms if timed else 0, text.encode()) for ms, text in recorded["frames"]]
+    frames = [(ms if timed else 0, _recorded_bytes(recorded, text))
+              for ms, text in recorded["frames"]]
     if spec.fault is not None:
         return _Answer(recorded["status"], b"".join(data for _, data in frames), headers,
                        at=request.received_ms + (frames[-1][0] if frames else 0),
@@ -3229,6 +3239,11 @@ def _replay(surface, app, request, call):
     frames, kind = _broken(frames, failure, render.error_event)
     return _Answer(recorded["status"], headers=headers, at=request.received_ms, stream=frames,
                    stream_error=render.error_event, failure=kind, content_type=content_type)
+
+
+def _recorded_bytes(recorded, text):
+    """The bytes a recording's body or frame stands for."""
+    return base64.b64decode(text) if recorded.get("base64") else text.encode()
 
 
 def _broken(frames, failure, error_event):
@@ -3956,13 +3971,17 @@ def _openai_output(response_format, field):
     if not isinstance(response_format, dict):
         raise _ValidationError(field, "must be an object")
     kind = response_format.get("type")
+    if "json_schema" in response_format:
+        response_format, field = response_format["json_schema"], field + ".json_schema"
+        if not isinstance(response_format, dict):
+            raise _ValidationError(field, "must be an object")
+    if "schema" in response_format:  # checked whatever the type
+        _JSON_SCHEMA(response_format["schema"], field + ".schema")
     if kind == "json_object":
         return True, field
     if kind == "json_schema":
-        if "json_schema" in response_format:
-            response_format, field = response_format["json_schema"], field + ".json_schema"
-        schema = response_format.get("schema", True) if isinstance(response_format, dict) else 0
-        return _JSON_SCHEMA(schema, field + ".schema"), field + ".schema"
+        return _JSON_SCHEMA(response_format.get("schema", True), field + ".schema"), (
+            field + ".schema")
     if kind != "text":
         raise _ValidationError(field + ".type", "must be one of text, json_object, json_schema")
     return None
@@ -9001,12 +9020,22 @@ class _Recorder:
             raise _UpstreamCut()
 
     def _recording(self, status, headers, frames, stream, end, truncated):
-        """A recorded answer (see _RECORDING_SCHEMA), its text redacted."""
+        """A recorded answer (see _RECORDING_SCHEMA), its text redacted; one
+        that is not text (Bedrock's binary event stream) in base64."""
+        content_type = next((value for name, value in headers
+                             if name.lower() == "content-type"), "")
+        binary = not (content_type.startswith("text/") or "json" in content_type)
+
+        def redacted(text):
+            return self.config.redact.sub("[redacted]", text) if self.config.redact else text
+
         def text(data):
-            decoded = data.decode("utf-8", "replace")
-            return self.config.redact.sub("[redacted]", decoded) if self.config.redact else decoded
-        recording = {"status": status, "headers": [[name, text(value.encode())]
+            return (base64.b64encode(data).decode() if binary
+                    else redacted(data.decode("utf-8", "replace")))
+        recording = {"status": status, "headers": [[name, redacted(value)]
                                                    for name, value in headers]}
+        if binary:
+            recording["base64"] = True
         if stream:
             recording["frames"] = [[at_ms, text(data)] for at_ms, data in frames]
         else:
