@@ -851,6 +851,8 @@ class _Amount(_Rule):
     def from_text(self, text):
         return self.number.from_text(text)
 
+_BASE64 = {"type": "string",
+           "pattern": "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"}
 # A recorded answer (see _Recorder): its status and headers; a whole body
 # and the ms it came after the request, or a stream's frames, each with the
 # ms it came (in base64 when they are not text); "end": "cut" when the stream
@@ -861,7 +863,7 @@ _RECORDING_SCHEMA = {"type": "object", "required": ["status"], "additionalProper
     "headers": {"type": "array", "items": {
         "type": "array", "minItems": 2, "maxItems": 2,
         "prefixItems": [{"type": "string", "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},
-                        {"type": "string", "pattern": "^[^\\x00-\\x08\\x0a-\\x1f\\x7f]*$"}]}},
+                        {"type": "string", "pattern": "^[\\t\\x20-\\x7e\\x80-\\xff]*$"}]}},
     "ms": {"type": "number", "minimum": 0, "maximum": _MAX_LATENCY_MS},
     "body": {"type": "string"},
     "frames": {"type": "array", "items": {
@@ -871,12 +873,15 @@ _RECORDING_SCHEMA = {"type": "object", "required": ["status"], "additionalProper
     "end": {"enum": ["cut"]}, "truncated": {"type": "boolean"},
     "base64": {"type": "boolean", "description": "Its body or frames are bytes in base64 "
                "(an answer that is not text: Bedrock's event stream)"}},
-                     "oneOf": [{"required": ["body"]}, {"required": ["frames"]}]}
+                     "oneOf": [{"required": ["body"]}, {"required": ["frames"]}],
+                     "if": {"required": ["base64"], "properties": {"base64": {"const": True}}},
+                     "then": {"properties": {"body": _BASE64, "frames": {"items": {
+                         "prefixItems": [{}, _BASE64]}}}}}
 # The headers an answer's framing owns: a replay writes its own.
 _FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "keep-alive",
                               "date", "server", "content-encoding"))
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*\Z")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")  # what a head's Latin-1 can hold
 
 
 def _check_recordings(value, field):
@@ -3949,6 +3954,12 @@ def _check_one(value, field):
     return value
 
 
+def _check_tool_choice(value, field):
+    if value not in ("none", "auto", "required") and not isinstance(value, dict):
+        raise _ValidationError(field, 'must be "none", "auto", "required" or a tool')
+    return value
+
+
 def _openai_forced(choice, field):
     """(tool name or "any", field) of an OpenAI tool_choice that forces a
     call ("required", or a function named as chat or Responses names it)."""
@@ -4088,7 +4099,7 @@ class _OpenAIChat(_OpenAI):
         "n": _ONE_CHOICE,
         "stop": _OPENAI_STOP,
         "tools": _Field(_TOOLS, (), "Functions the reply may call."),
-        "tool_choice": _Field(_Check(lambda value, field: value, {"oneOf": [
+        "tool_choice": _Field(_Check(_check_tool_choice, {"oneOf": [
             {"enum": ["none", "auto", "required"]}, {"type": "object"}]}), "auto",
             "required or a named function: the reply calls it, with arguments drawn from its "
             "parameters."),
@@ -9564,7 +9575,6 @@ def _http_date():
 _UNBUFFERED = "X-Accel-Buffering: no"
 
 _REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/([0-9])\.([0-9])\Z")
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _TOKEN_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+( *, *[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Header fields, each "name: value" and its line end; the value has no control characters.

@@ -5201,7 +5201,12 @@ class LongPollWireTest(ServerTestCase):
         job_id = self.create(simulate={"mode": "hang"})
         socks = [self.raw(http_bytes("GET", f"/v1/jobs/{job_id}?wait_ms=60000"))
                  for _ in range(200)]
-        time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # their arrival done (slower on a busy machine)
+            cpu = time.process_time()
+            time.sleep(0.1)
+            if time.process_time() - cpu < 0.01:
+                break
         gc.collect()  # other tests' garbage is not the waiters' cost
         cpu = time.process_time()
         time.sleep(0.3)
