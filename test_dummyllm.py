@@ -6643,6 +6643,7 @@ UPSTREAM_RULES = [
     {"match": {}, "simulate": {"ok_text": "An answer only the upstream gives, 7f3a9c",
                                "latency_ms": 80, "token_ms": 15}},
 ]
+UPSTREAM = {"rules": UPSTREAM_RULES, "latency_ms": 0}  # no time but the rules' own
 SECRET = "sk-recorded-secret-4242"
 
 
@@ -6654,7 +6655,7 @@ class Recordings:
         """(what use(url) gave through a recorder in front of an upstream,
         the path of the recording)."""
         path = path or self.recording_path()
-        upstream = self.start({"rules": UPSTREAM_RULES})
+        upstream = self.start(UPSTREAM)
         recorder = self.start({"record": upstream.url, "record_to": path, **options})
         recorded = use(recorder.url)
         upstream.stop()
@@ -6804,7 +6805,7 @@ class RecordReplayTest(Recordings, ServerTestCase):
 
     def test_record_on_miss_forwards_only_what_no_rule_matches(self):
         _, path = self.record(lambda url: self.chat(url))
-        upstream = self.start({"rules": UPSTREAM_RULES})
+        upstream = self.start(UPSTREAM)
         recorder = self.start({"record": upstream.url, "rules": path, "record_to": path})
         self.assertIn(b"7f3a9c", self.chat(recorder.url)[2])  # from the recording
         self.assertEqual(upstream.journal.find(), [])
@@ -7219,11 +7220,15 @@ class FileLimitTest(Calls, unittest.TestCase):
         def limit():
             resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
         # The script's main(), its connections parking 50 ms after their last
-        # answer (0.5 s in real life).
-        run = ("import sys, dummyllm; dummyllm.DummyLLMServer.linger_s = 0.05; "
+        # answer (0.5 s in real life); SIGUSR2 prints its threads' stacks.
+        self.stacks = tempfile.TemporaryFile("w+")
+        self.addCleanup(self.stacks.close)
+        run = ("import faulthandler, signal, sys, dummyllm; "
+               "faulthandler.register(signal.SIGUSR2, sys.stderr); "
+               "dummyllm.DummyLLMServer.linger_s = 0.05; "
                "sys.exit(dummyllm.main(sys.argv[1:]))")
         proc = subprocess.Popen([sys.executable, "-c", run, "--port", "0", *args], cwd=HERE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                stdout=subprocess.PIPE, stderr=self.stacks, text=True,
                                 preexec_fn=limit)
         self.addCleanup(proc.stdout.close)
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
@@ -7260,7 +7265,13 @@ class FileLimitTest(Calls, unittest.TestCase):
         self.assertEqual(conn.getresponse().status, 200)  # recovered
         conn.close()
         proc.terminate()
-        self.assertEqual(proc.wait(5), 0)
+        try:
+            self.assertEqual(proc.wait(5), 0)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR2)
+            time.sleep(0.5)
+            self.stacks.seek(0)
+            self.fail("no exit 5 s after SIGTERM; its threads:\n" + self.stacks.read())
 
     def test_the_default_cap_keeps_below_the_limit(self):
         self.crowd_then_health()
