@@ -12,8 +12,11 @@ OpenAI's paths for those; files and batches), Anthropic's Messages and
 message batches, Google's Gemini and Ollama, Amazon Bedrock (Converse, and
 InvokeModel with Anthropic's bodies) and Google Vertex AI (Gemini,
 Anthropic) (streaming included), an MCP tool server (/mcp) whose tools
-fail, hang and answer late on cue, scripted or forced tool calls, JSON
-drawn from a request's schema for structured output, reply rules matched on
+fail, hang and answer late on cue, scripted or forced tool calls, a
+reasoning model's thinking (signed blocks, reasoning tokens) and the
+conversations the real APIs refuse (a tool result without its call, a
+thinking block dropped from a tool loop), JSON drawn from a request's
+schema for structured output, reply rules matched on
 the request (and recorded from a real provider, to replay its answers
 offline), the faults that retry logic must survive (scripted attempts,
 transport faults, idempotency keys, quotas per key, a request journal), a
@@ -231,6 +234,14 @@ _ERRORS = {code: _ErrorKind(*row) for code, row in {
     "RATE_LIMITED": (429, "simulated rate limit: too many requests"),
     "QUOTA_EXHAUSTED": (429, "simulated quota exhausted: check your plan and billing details"),
     "CONTEXT_LENGTH_EXCEEDED": (400, "the prompt is longer than the context window"),
+    # What the real APIs refuse of a conversation (see --lenient); the
+    # verdict's findings of the same names.
+    "ORPHAN_TOOL_RESULT": (400, "a tool result that answers no tool call before it"),
+    "UNANSWERED_TOOL_CALL": (400, "a tool call that the next message does not answer"),
+    "DROPPED_THINKING": (400, "a tool loop continued with thinking on, without the thinking "
+                              "block of the call it answers"),
+    "EDITED_THINKING": (400, "a thinking block whose signature is not its own"),
+    "UNKNOWN_PREVIOUS_RESPONSE": (400, "a previous response this server does not hold"),
     "HEADERS_TOO_LARGE": (431, "request header fields are too large"),
     "INTERNAL": (500, "internal error"),
     "BAD_GATEWAY": (502, "the upstream could not be reached"),
@@ -248,6 +259,8 @@ _ERRORS = {code: _ErrorKind(*row) for code, row in {
     "INJECTED_FAULT": (None, "simulated HTTP fault"),
     "CANCELLED": (None, "job was cancelled by the client"),
 }.items()}
+_CONVERSATION_ERRORS = ("ORPHAN_TOOL_RESULT", "UNANSWERED_TOOL_CALL", "DROPPED_THINKING",
+                        "EDITED_THINKING", "UNKNOWN_PREVIOUS_RESPONSE")
 # The reason phrase of each HTTP status (a surface may add its own).
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 _JOB_ERROR_CODES = tuple(dict.fromkeys(
@@ -358,6 +371,8 @@ _FINDINGS = {code: _FindingKind(*row) for code, row in {
                   "polled nor cancelled within settle_ms"),
     "TRUNCATED_STREAM_ACCEPTED": ("warning", "a stream broken by cut_after, truncate_after or "
                                   "malformed_after, and no retry"),
+    **{code: ("error", f"a model call refused for {_ERRORS[code].message}, as the real API "
+                       "refuses it") for code in _CONVERSATION_ERRORS},
     "TOOL_ARGUMENTS_REFUSED": ("warning", "an MCP tool called with arguments its input schema "
                                "refuses"),
     "TOOL_RETRIED_UNCHANGED": ("error", "a failed MCP tool call repeated with the same "
@@ -851,6 +866,16 @@ class _Amount(_Rule):
     def from_text(self, text):
         return self.number.from_text(text)
 
+
+_REASONING_LENGTH = _Amount(_MAX_OUTPUT_TOKENS)
+
+
+def _check_reasoning(value, field):
+    """The model's thinking: its text, or its length in tokens (a number or
+    a distribution; 0: none)."""
+    return value if isinstance(value, str) else _REASONING_LENGTH(value, field)
+
+
 _BASE64 = {"type": "string",
            "pattern": "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"}
 # A recorded answer (see _Recorder): its status and headers; a whole body
@@ -955,6 +980,11 @@ _SIMULATE_FIELDS = {
     "output_tokens": _Field(_Amount(_MAX_OUTPUT_TOKENS), None, "Chat: the reply's text is "
                             "exactly this many tokens (cut by the request's maximum), or a "
                             "distribution to draw it from."),
+    "reasoning": _Field(_Check(_check_reasoning, {"oneOf": [
+        {"type": "string"}, *_REASONING_LENGTH.schema["oneOf"]]}), None,
+        "Chat: the model thinks first, this text or this many tokens (a number or a "
+        "distribution; 0: not at all), shown as each API shows reasoning and counted in its "
+        "usage; without it, a request that asks for reasoning gets a short thought."),
     "stream": _Field(_Check(_check_stream_failure, {
         "type": "object", "minProperties": 1, "maxProperties": 1,
         "properties": {kind: _Int(0, 1_000_000).schema for kind in _STREAM_FAILURES},
@@ -1707,6 +1737,10 @@ _OPTIONS = (
     _Option("strict_rules", "--strict-rules", "DUMMYLLM_STRICT_RULES", False, _Bool(),
             "a model call that no reply rule matches is a 404 naming the nearest rule and "
             "what it missed, not a simulated answer"),
+    _Option("lenient", "--lenient", "DUMMYLLM_LENIENT", False, _Bool(),
+            "take conversations the real APIs refuse (a tool result that answers no call, a "
+            "call left unanswered, a thinking block dropped or edited, an unknown previous "
+            "response) instead of answering their 400"),
     _Option("slots", "--slots", "DUMMYLLM_SLOTS", None, _Nullable(_Int(1, 1_000_000)),
             "model calls that generate at once (none: no limit); a call holds a slot from its "
             "first token to its last, and a plain answer is sent at its last token"),
@@ -1787,11 +1821,13 @@ _Plan = collections.namedtuple("_Plan", [
 
 # A successful reply: its text or its tool calls, why it ended ("end";
 # "tool_calls"; "max_tokens", cut to them; "stop_sequence", cut before
-# `stop_sequence`), its usage, and the simulated ms from the request to its
-# first token.
+# `stop_sequence`), its usage (the completion's tokens include the
+# reasoning's), the simulated ms from the request to its first token, and
+# the model's reasoning before it (text, or None).
 # `gap(i)` is the ms between the (i-1)-th and the i-th piece of its stream.
 _Reply = collections.namedtuple("_Reply", "text tool_calls end stop_sequence prompt_tokens "
-                                          "completion_tokens elapsed_ms gap")
+                                          "completion_tokens elapsed_ms gap reasoning",
+                                defaults=(None,))
 
 
 def _tokens(text):
@@ -1813,6 +1849,16 @@ def _content_text(content):
     return ""
 
 
+def _reasoning_tokens(reply):
+    return _tokens(reply.reasoning or "")
+
+
+def _last_user_text(messages):
+    """The text of the last user message, or None."""
+    return next((_content_text(message.get("content")) for message in reversed(messages)
+                 if isinstance(message, dict) and message.get("role") == "user"), None)
+
+
 def _prompt_tokens(spec):
     return sum(_tokens(message["content"]) for message in _messages(spec)
                if isinstance(message, dict) and isinstance(message.get("content"), str))
@@ -1824,10 +1870,9 @@ def _result_text(spec, kind):
                           ensure_ascii=False)
     if spec.ok_text is not None:
         return spec.ok_text
-    if spec.op == "llm.chat":
-        for message in reversed(_messages(spec)):
-            if isinstance(message, dict) and message.get("role") == "user":
-                return "Simulated reply to: " + _content_text(message.get("content"))[:200]
+    asked = _last_user_text(_messages(spec)) if spec.op == "llm.chat" else None
+    if asked is not None:
+        return "Simulated reply to: " + asked[:200]
     return f"ok :: op={spec.op}"
 
 
@@ -2463,9 +2508,12 @@ def _reply(spec, plan, max_tokens, stop_sequences=(), min_tokens=None):
     calls = plan.result.get("tool_calls")
     usage = plan.result["usage"]
     gap = _Gaps(spec.token_ms, plan.draws)
+    thought = _thought(spec, plan)
+    thinking_tokens = _tokens(thought or "")
     if calls is not None:
         return _Reply("", calls, "tool_calls", None, usage["prompt_tokens"],
-                      usage["completion_tokens"], plan.ends_at_ms, gap)
+                      usage["completion_tokens"] + thinking_tokens, plan.ends_at_ms, gap,
+                      thought)
     length = _amount(spec.output_tokens, plan.draws, "output tokens", _MAX_OUTPUT_TOKENS)
     if length is None and min_tokens is not None and _tokens(text) <= min_tokens:
         length = min_tokens
@@ -2479,12 +2527,29 @@ def _reply(spec, plan, max_tokens, stop_sequences=(), min_tokens=None):
         text, end, sized = text[:at], "stop_sequence", False
     if max_tokens is not None and _tokens(text) >= max_tokens + (not sized):
         text, end, met = text[:max_tokens * 4], "max_tokens", None
-    return _Reply(text, None, end, met, usage["prompt_tokens"], _tokens(text), plan.ends_at_ms,
-                  gap)
+    return _Reply(text, None, end, met, usage["prompt_tokens"], _tokens(text) + thinking_tokens,
+                  plan.ends_at_ms, gap, thought)
+
+
+def _thought(spec, plan):
+    """The reasoning before a reply: simulate.reasoning's text, or a text of
+    its length (drawn, when a distribution); None for none."""
+    if isinstance(spec.reasoning, str) or spec.reasoning is None:
+        return spec.reasoning or None
+    length = round(_amount(spec.reasoning, plan.draws, "reasoning tokens", _MAX_OUTPUT_TOKENS))
+    return _sized("Simulated reasoning", length) if length else None
+
+
+def _signature(seed, text):
+    """A thinking block's signature: an HMAC of its text under a key made
+    from the seed, so the server can tell its own block from an edited or a
+    forged one, and a fresh server with the same seed signs the same."""
+    key = f"dummyllm thinking {seed}".encode()
+    return base64.b64encode(hmac.new(key, text.encode("utf-8"), hashlib.sha256).digest()).decode()
 
 
 def _sized(text, tokens):
-    """A text of exactly `tokens` tokens: this one, repeated or cut."""
+    """A text of exactly `tokens` tokens: this one (or a default), repeated or cut."""
     unit = (text or "Simulated reply") + " "
     return (unit * (4 * tokens // len(unit) + 1))[:4 * tokens]
 
@@ -2521,8 +2586,9 @@ class _Gaps:
 
 def _piece_count(reply):
     """How many pieces its stream has (see _stream_pieces)."""
+    thinking = -(-len(reply.reasoning) // 4) + 1 if reply.reasoning else 0
     if reply.tool_calls is None:
-        return -(-len(reply.text) // 4)
+        return thinking + -(-len(reply.text) // 4)
     return sum(1 for _ in _stream_pieces(reply))
 
 
@@ -2575,8 +2641,9 @@ def _embedding(model, text, dimensions, kind="hash"):
 def _stream_timeline(reply, failure):
     """A streamed reply as (ms after the first token, event, data), lazily.
 
-    Events: "open" at 0; a "piece" of text, four characters (one token),
-    each reply.gap(i) after the one before; for each tool call, "call" (its
+    Events: "open" at 0; the reasoning first, if any, as "thought" pieces
+    of four characters, then "thought_done"; a "piece" of text, four
+    characters (one token), each reply.gap(i) after the one before; for each tool call, "call" (its
     index), then its arguments as "arguments" pieces (index, text: two at
     least), then "call_done"; "close" with the last piece.  A failure
     ({"cut_after": N}, ...: see _STREAM_FAILURES) stops after N pieces:
@@ -2602,7 +2669,12 @@ def _stream_timeline(reply, failure):
 
 
 def _stream_pieces(reply):
-    """The content of a reply as stream events: text pieces, or tool calls."""
+    """The content of a reply as stream events: its reasoning, then text
+    pieces or tool calls."""
+    if reply.reasoning:
+        for start in range(0, len(reply.reasoning), 4):
+            yield "thought", reply.reasoning[start:start + 4]
+        yield "thought_done", None
     if reply.tool_calls is None:
         for start in range(0, len(reply.text), 4):
             yield "piece", reply.text[start:start + 4]
@@ -3047,7 +3119,7 @@ class _Surface:
 
     def call(self, request, config, *, model, messages, stream, max_tokens, user, timeout_ms,
              simulate, stop=(), min_tokens=None, args=None, callback_url=None, tools=None,
-             forced=None, output=None, **options):
+             forced=None, output=None, reasoning=False, **options):
         """The _Call of a model request.
 
         Its simulate settings, field by field: the body's, else those of the
@@ -3061,7 +3133,9 @@ class _Surface:
         request forces a tool call; `output` is (JSON Schema, field) when it
         asks for structured output (the schema True: any JSON object).  The
         schemas are checked where a value is drawn from them, once, by the
-        plan (see _result)."""
+        plan (see _result).  `reasoning`: the request asks the model to
+        reason, in its API's way (without simulate.reasoning, a short thought
+        on the last user message)."""
         header = _simulate_header(request)
         trace_id = _TRACE_ID_HEADER(request.headers.get("x-trace-id"), "X-Trace-Id") or user
         request.note.tool_results = [message["content"][:_TOOL_RESULT_CHARS]
@@ -3077,6 +3151,9 @@ class _Surface:
                 ruled = f"rules[{rule}].simulate", config.rules[rule].simulate
         sources = (("simulate", simulate or {}), (_SIMULATE_HEADER, header), ruled)
         settings = _simulate_settings({**ruled[1], **sources[1][1], **sources[0][1]}, config)
+        if reasoning and settings["reasoning"] is None:
+            settings["reasoning"] = "Simulated reasoning about: " + (
+                _last_user_text(messages) or "")[:200]
         if settings["stream"] is not None and not stream:
             settings["stream"] = _left_out(sources, "stream", 'applies only with "stream": true')
         if tools is None and settings["tool_calls"] is not None:
@@ -3275,6 +3352,9 @@ _MODEL_CALL_REFUSES = {
     "simulate.fault": "dribble, on a stream (token_ms paces a stream)",
 }
 _FORCES_AN_UNOFFERED_TOOL = "forcing a call of a tool the request does not offer"
+_REFUSED_CONVERSATION = ("a conversation the real API refuses (see --lenient): a tool result "
+                         "that answers no call before it, a call the next message leaves "
+                         "unanswered, a thinking block dropped from a tool loop or edited")
 _UNDRAWABLE_SCHEMA = ("a schema that is not a JSON Schema (an object or a boolean), or one no "
                       "value can be drawn from when one must be (false, bounds that cross, a "
                       "pattern beyond the known formats)")
@@ -3346,7 +3426,7 @@ class _Render:
         """The bytes of one event of the timeline."""
         framing, surface = self.framing, self.surface
         out = [framing.start] if kind == "open" and framing.start else []
-        for position, (name, build, _) in enumerate(surface.stream_events[kind]):
+        for position, (name, build, _) in enumerate(surface.stream_events.get(kind, ())):
             if kind == "piece" and isinstance(piece, str):
                 data = self._text_piece(position, name, build, piece)
             else:
@@ -3396,6 +3476,12 @@ class _Render:
         fail_message."""
         code, message = self.surface.stream_error
         return ApiError(code, self.call.spec.fail_message or message)
+
+
+def _after_reasoning(render):
+    """The index of a stream's first block (or output item) after its
+    reasoning's, which comes first."""
+    return 1 if render.reply.reasoning else 0
 
 
 # What the requests of several surfaces share.
@@ -4023,6 +4109,7 @@ class _OpenAI(_Surface):
         "RATE_LIMITED": ("requests", "rate_limit_exceeded"),
         "QUOTA_EXHAUSTED": ("insufficient_quota", "insufficient_quota"),
         "CONTEXT_LENGTH_EXCEEDED": ("invalid_request_error", "context_length_exceeded"),
+        "UNKNOWN_PREVIOUS_RESPONSE": ("invalid_request_error", "previous_response_not_found"),
         "OVERLOADED": ("service_unavailable_error", "server_is_overloaded"),
         "TIMEOUT": ("server_error", "timeout"),
         "INJECTED_FAULT": ("server_error", None),
@@ -4061,8 +4148,11 @@ class _OpenAI(_Surface):
 
     @staticmethod
     def usage(reply):
-        return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+        usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                 "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+        if reply.reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": _reasoning_tokens(reply)}
+        return usage
 
     def done(self, render, piece):
         return b"[DONE]"
@@ -4078,6 +4168,7 @@ _OPENAI_STOP = _Field(_Check(lambda value, field: _check_strings(
     [value] if isinstance(value, str) else value, field, 4), _string_or_strings(4)), (),
     "The reply ends before the first of these it meets.")
 _MODEL_ERRORS = {429: None, 500: None, 503: None, 504: None}  # the model calls' failures
+_REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 
 class _OpenAIChat(_OpenAI):
@@ -4106,6 +4197,10 @@ class _OpenAIChat(_OpenAI):
         "response_format": _Field(_Check(_check_object, _response_format_schema("json_schema")),
                                   {"type": "text"}, "json_schema or json_object: the reply is "
                                   "JSON valid against it."),
+        "reasoning_effort": _Field(_Choice(*_REASONING_EFFORTS), None,
+                                   "A reasoning model's effort: other than none, the model "
+                                   "reasons first (simulate.reasoning sets how long), counted "
+                                   "in usage as reasoning_tokens."),
         "user": _USER,
         **_EXTENSIONS,
     }
@@ -4142,6 +4237,8 @@ class _OpenAIChat(_OpenAI):
         body = _json_body(request)
         values = _with_defaults(_given(body, self.REQUEST, None), self.REQUEST, config)
         max_tokens = values["max_completion_tokens"] or values["max_tokens"]
+        if not config.lenient:
+            self.check_conversation(values["messages"])
         return self.call(request, config, model=self.model_of(request, values),
                          messages=_text_messages(values["messages"]),
                          stream=values["stream"], user=values["user"],
@@ -4151,7 +4248,41 @@ class _OpenAIChat(_OpenAI):
                          tools=_tool_table(values["tools"], "tools", "function"),
                          forced=_openai_forced(values["tool_choice"], "tool_choice"),
                          output=_openai_output(values["response_format"], "response_format"),
+                         reasoning=values["reasoning_effort"] not in (None, "none"),
                          include_usage=values["stream_options"].get("include_usage", False))
+
+    @staticmethod
+    def check_conversation(messages):
+        """Refuse what OpenAI refuses of a conversation (see --lenient): a
+        tool message that answers no call of the assistant message before
+        its run of tool messages, and a call that run leaves unanswered."""
+        asker, asked, unanswered = None, (), set()  # the last assistant message's calls
+
+        def left_unanswered():
+            return ApiError("UNANSWERED_TOOL_CALL", "An assistant message with 'tool_calls' must "
+                            "be followed by tool messages responding to each 'tool_call_id'. The "
+                            "following tool_call_ids did not have response messages: "
+                            + ", ".join(sorted(map(str, unanswered))), f"messages.[{asker}].role")
+        for index, message in enumerate(messages):
+            if message["role"] == "tool":
+                if asker is None:
+                    raise ApiError("ORPHAN_TOOL_RESULT", "Invalid parameter: messages with role "
+                                   "'tool' must be a response to a preceeding message with "
+                                   "'tool_calls'.", f"messages.[{index}].role")
+                if message.get("tool_call_id") not in asked:
+                    raise ApiError("ORPHAN_TOOL_RESULT", "Invalid parameter: 'tool_call_id' of "
+                                   f"'{message.get('tool_call_id')}' not found in 'tool_calls' of "
+                                   "previous message.", f"messages.[{index}].tool_call_id")
+                unanswered.discard(message["tool_call_id"])
+                continue
+            if unanswered:
+                raise left_unanswered()
+            calls = message.get("tool_calls") if message["role"] == "assistant" else None
+            asked = [call.get("id") for call in calls if isinstance(call, dict)
+                     ] if isinstance(calls, list) else []
+            asker, unanswered = index if asked else None, set(asked)
+        if unanswered and asker < len(messages) - 1:  # its run of answers stopped short
+            raise left_unanswered()
 
     @staticmethod
     def tool_call(call, **fields):
@@ -4237,7 +4368,7 @@ class _OpenAIChat(_OpenAI):
             "OpenAI-compatible chat completion, streamed or not", "ChatRequest",
             {200: "ChatCompletion", **_MODEL_ERRORS},
             refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL, "tools": _UNDRAWABLE_SCHEMA,
-                     "response_format": _UNDRAWABLE_SCHEMA})),
+                     "response_format": _UNDRAWABLE_SCHEMA, "messages": _REFUSED_CONVERSATION})),
         _route("GET", "/v1/models", list_models),
         _route("GET", "/v1/models/{id+}", get_model),
     )
@@ -4279,6 +4410,16 @@ def _check_responses_input(value, field):
     return value
 
 
+_RESPONSES_REASONING = {
+    "effort": _Field(_Choice(*_REASONING_EFFORTS), None,
+                     "Other than none, the model reasons first: a reasoning item before the "
+                     "reply (simulate.reasoning sets how long)."),
+    "summary": _Field(_Choice("auto", "concise", "detailed"), None,
+                      "The reasoning item's summary holds its text (streamed as "
+                      "reasoning_summary_text deltas)."),
+}
+
+
 def _numbered_event(render, name, data):
     """A Responses event: named, its type and sequence number first."""
     head = b'event: %s\ndata: {"type":"%s","sequence_number":%d' % (
@@ -4316,7 +4457,13 @@ class _OpenAIResponses(_OpenAI):
                        "JSON valid against it."),
         "store": _Field(_Bool(), True, "Keep the response, to retrieve it later."),
         "background": _Field(_Bool(), False, "Answer at once, queued; poll, cancel or stream it."),
-        "previous_response_id": _Field(_Text(), None, "Accepted."),
+        "reasoning": _Field(_Check(lambda value, field: _given(value, _RESPONSES_REASONING, field),
+                                   _object_schema(_RESPONSES_REASONING)), None,
+                            "A reasoning model's settings."),
+        "include": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
+                          "Accepted (reasoning items always carry their encrypted_content)."),
+        "previous_response_id": _Field(_Text(), None, "A stored response this one continues: "
+                                       "its function calls must be answered in input."),
         "metadata": _Field(_OBJECT, None, "Accepted."),
         "user": _USER,
         "temperature": _Field(_Number(0, 2), None, "Accepted."),
@@ -4327,8 +4474,8 @@ class _OpenAIResponses(_OpenAI):
     }
     # Request fields a response object repeats back.
     ECHOED = ("background", "instructions", "max_output_tokens", "metadata",
-              "previous_response_id", "store", "temperature", "text", "tool_choice", "tools",
-              "top_p", "user")
+              "previous_response_id", "reasoning", "store", "temperature", "text", "tool_choice",
+              "tools", "top_p", "user")
     QUERY = {"stream": _Field(_Choice("true", "false"), "false", "Stream its events again"),
              "starting_after": _Field(_Int(-1, 10_000_000), -1,
                                       "Only the events after this sequence number")}
@@ -4360,12 +4507,16 @@ class _OpenAIResponses(_OpenAI):
         def event(**fields):
             return _object({"type": _A_STRING, "sequence_number": _AN_INTEGER, **fields})
         item, part = {"item_id": _A_STRING, "output_index": _AN_INTEGER}, {"content_index": _AN_INTEGER}
+        summary = dict(item, summary_index=_AN_INTEGER)
         return {
             "ResponseLifecycleEvent": event(response=_ref("Response")),
             "ResponseItemEvent": event(output_index=_AN_INTEGER, item=_AN_OBJECT),
             "ResponsePartEvent": event(**item, **part, part=_AN_OBJECT),
             "ResponseTextDeltaEvent": event(**item, **part, delta=_A_STRING),
             "ResponseTextDoneEvent": event(**item, **part, text=_A_STRING),
+            "ResponseSummaryPartEvent": event(**summary, part=_AN_OBJECT),
+            "ResponseSummaryDeltaEvent": event(**summary, delta=_A_STRING),
+            "ResponseSummaryDoneEvent": event(**summary, text=_A_STRING),
             "ResponseArgumentsDeltaEvent": event(**item, delta=_A_STRING),
             "ResponseArgumentsDoneEvent": event(**item, arguments=_A_STRING),
             "ResponseErrorEvent": event(code=_A_STRING, message=_A_STRING,
@@ -4384,6 +4535,7 @@ class _OpenAIResponses(_OpenAI):
         if values["instructions"] is not None:
             messages.insert(0, {"role": "system", "content": values["instructions"]})
         text_format = (values["text"] or {}).get("format", {"type": "text"})
+        reasoning = values["reasoning"] or {}
         return self.call(request, config, model=values["model"], messages=messages,
                          stream=values["stream"], max_tokens=values["max_output_tokens"],
                          user=values["user"], timeout_ms=values["timeout_ms"],
@@ -4391,8 +4543,44 @@ class _OpenAIResponses(_OpenAI):
                          tools=_tool_table(values["tools"], "tools"),
                          forced=_openai_forced(values["tool_choice"], "tool_choice"),
                          output=_openai_output(text_format, "text.format"),
+                         reasoning=reasoning.get("effort") not in (None, "none"),
+                         tool_loop=self.tool_loop(values["input"]),
                          args={"max_output_tokens": values["max_output_tokens"],
                                "echo": {key: values[key] for key in self.ECHOED}})
+
+    @staticmethod
+    def tool_loop(given):
+        """(the call ids of the input's function calls, (index, call id) of
+        its function_call_outputs), for check_conversation."""
+        items = given if isinstance(given, list) else ()
+        return ([item.get("call_id") for item in items if item.get("type") == "function_call"],
+                [(index, item.get("call_id")) for index, item in enumerate(items)
+                 if item.get("type") == "function_call_output"])
+
+    def check_conversation(self, app, call):
+        """Refuse what OpenAI refuses of a conversation (see --lenient): a
+        previous_response_id it does not hold, a function_call_output that
+        answers no function call of the input or of the previous response,
+        and a function call that none answers."""
+        previous = call.spec.args["echo"]["previous_response_id"]
+        calls, outputs = call.options["tool_loop"]
+        if previous is not None:
+            try:
+                earlier = app.store.snapshot(previous, self.view)
+            except ApiError:
+                raise ApiError("UNKNOWN_PREVIOUS_RESPONSE", f"Previous response with id "
+                               f"'{previous}' not found.", "previous_response_id") from None
+            calls = calls + [item["call_id"] for item in earlier["output"]
+                             if item["type"] == "function_call"]
+        answered = {call_id for _, call_id in outputs}
+        orphan = next((call_id for _, call_id in outputs if call_id not in calls), None)
+        if orphan is not None:
+            raise ApiError("ORPHAN_TOOL_RESULT", "No tool call found for function call output "
+                           f"with call_id {orphan}.", "input")
+        unanswered = next((call_id for call_id in calls if call_id not in answered), None)
+        if unanswered is not None:
+            raise ApiError("UNANSWERED_TOOL_CALL",
+                           f"No tool output found for function call {unanswered}.", "input")
 
     @staticmethod
     def messages(given):
@@ -4415,6 +4603,8 @@ class _OpenAIResponses(_OpenAI):
         """A response: stored (a job, which background answers at once,
         queued) or not; streamed, with its lifecycle's events, or not."""
         echo = call.spec.args["echo"]
+        if not app.config.lenient:
+            self.check_conversation(app, call)
         if echo["store"]:
             spec, response, _, plan = app.store.create(
                 call.spec, prefix="resp", view=self.view,
@@ -4454,22 +4644,35 @@ class _OpenAIResponses(_OpenAI):
                 "status": status, "call_id": call["id"], "name": call["name"],
                 "arguments": "" if status == "in_progress" else _arguments_text(call)}
 
-    def output(self, response_id, status, reply):
-        """The output items of a reply: its message, or its function calls."""
+    def output(self, response_id, status, reply, args):
+        """The output items of a reply: its reasoning, then its message or
+        its function calls."""
+        thought = [self.reasoning_item(response_id, status, reply, args)] if reply.reasoning else []
         if reply.tool_calls is None:
-            return [self.message_item(response_id, status, reply.text)]
-        return [self.function_call_item(response_id, index, call, status)
-                for index, call in enumerate(reply.tool_calls)]
+            return thought + [self.message_item(response_id, status, reply.text)]
+        return thought + [self.function_call_item(response_id, index, call, status)
+                          for index, call in enumerate(reply.tool_calls)]
+
+    @staticmethod
+    def reasoning_item(response_id, status, reply, args, summary=None):
+        """Its reasoning: the text in its summary (this far, when streamed)
+        when asked, and always in its encrypted_content (base64 of the text)."""
+        asked = (args["echo"]["reasoning"] or {}).get("summary") is not None
+        text = reply.reasoning if summary is None else summary
+        return {"id": "rs_" + response_id[5:], "type": "reasoning",
+                "summary": [{"type": "summary_text", "text": text}] if asked else [],
+                "encrypted_content": base64.b64encode(reply.reasoning.encode()).decode(),
+                "status": status}
 
     def response(self, response_id, created_at, args, status, reply=None, error=None):
         """A response object."""
         echo = args["echo"]
         output, usage = [], None
         if reply is not None:
-            output = self.output(response_id, status, reply)
+            output = self.output(response_id, status, reply, args)
             usage = {"input_tokens": reply.prompt_tokens, "input_tokens_details": {
                 "cached_tokens": 0}, "output_tokens": reply.completion_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": _reasoning_tokens(reply)},
                 "total_tokens": reply.prompt_tokens + reply.completion_tokens}
         return {
             "id": response_id, "object": "response", "created_at": created_at,
@@ -4479,7 +4682,9 @@ class _OpenAIResponses(_OpenAI):
             "instructions": echo["instructions"], "max_output_tokens": echo["max_output_tokens"],
             "metadata": echo["metadata"] or {}, "model": args["model"], "output": output,
             "parallel_tool_calls": True, "previous_response_id": echo["previous_response_id"],
-            "prompt_cache_diagnostics": None, "reasoning": None, "service_tier": "default",
+            "prompt_cache_diagnostics": None, "service_tier": "default",
+            "reasoning": echo["reasoning"] and {"effort": None, "summary": None,
+                                                **echo["reasoning"]},
             "store": echo["store"], "temperature": echo["temperature"],
             "text": echo["text"] or {"format": {"type": "text"}},
             "tool_choice": echo["tool_choice"] or "auto", "tools": echo["tools"] or [],
@@ -4565,13 +4770,57 @@ class _OpenAIResponses(_OpenAI):
         return {"response": self.response(render.id, render.created, render.call.spec.args,
                                           status)}
 
+    # Its content: a reasoning item first if the model reasons (its summary
+    # streamed when asked), then its message or function calls, each one
+    # output index further on.
+
     def where(self, render):
-        return {"item_id": "msg_" + render.id[5:], "output_index": 0, "content_index": 0}
+        return {"item_id": "msg_" + render.id[5:], "output_index": _after_reasoning(render),
+                "content_index": 0}
+
+    def thought_where(self, render):
+        return {"item_id": "rs_" + render.id[5:], "output_index": 0, "summary_index": 0}
+
+    def summarized(self, render):
+        return (render.call.spec.args["echo"]["reasoning"] or {}).get("summary") is not None
+
+    def first_added(self, render, piece):
+        if render.reply.reasoning:
+            return {"output_index": 0, "item": self.reasoning_item(
+                render.id, "in_progress", render.reply, render.call.spec.args, "")}
+        return self.message_added(render, piece)
+
+    def summary_part_added(self, render, piece):
+        if render.reply.reasoning and self.summarized(render):
+            return dict(self.thought_where(render), part={"type": "summary_text", "text": ""})
+        return None
+
+    def summary_delta(self, render, text):
+        return dict(self.thought_where(render), delta=text) if self.summarized(render) else None
+
+    def summary_done(self, render, piece):
+        if self.summarized(render):
+            return dict(self.thought_where(render), text=render.reply.reasoning)
+        return None
+
+    def summary_part_done(self, render, piece):
+        if self.summarized(render):
+            return dict(self.thought_where(render),
+                        part={"type": "summary_text", "text": render.reply.reasoning})
+        return None
+
+    def reasoning_done(self, render, piece):
+        return {"output_index": 0, "item": self.reasoning_item(
+            render.id, "completed", render.reply, render.call.spec.args)}
 
     def message_added(self, render, piece):
         if render.reply.tool_calls is None:
-            return {"output_index": 0, "item": self.message_item(render.id, "in_progress", None)}
+            return {"output_index": _after_reasoning(render),
+                    "item": self.message_item(render.id, "in_progress", None)}
         return None
+
+    def first_part_added(self, render, piece):
+        return None if render.reply.reasoning else self.part_added(render, piece)
 
     def part_added(self, render, piece):
         if render.reply.tool_calls is None:
@@ -4583,8 +4832,9 @@ class _OpenAIResponses(_OpenAI):
         return dict(self.where(render), delta=text, logprobs=[])
 
     def call_added(self, render, index):
-        return {"output_index": index, "item": self.function_call_item(
-            render.id, index, render.reply.tool_calls[index], "in_progress")}
+        return {"output_index": _after_reasoning(render) + index,
+                "item": self.function_call_item(render.id, index, render.reply.tool_calls[index],
+                                                "in_progress")}
 
     def call_item(self, render, index):
         return self.function_call_item(render.id, index, render.reply.tool_calls[index],
@@ -4592,15 +4842,17 @@ class _OpenAIResponses(_OpenAI):
 
     def arguments_delta(self, render, piece):
         index, text = piece
-        return {"item_id": self.call_item(render, index)["id"], "output_index": index,
-                "delta": text}
+        return {"item_id": self.call_item(render, index)["id"],
+                "output_index": _after_reasoning(render) + index, "delta": text}
 
     def arguments_done(self, render, index):
         item = self.call_item(render, index)
-        return {"item_id": item["id"], "output_index": index, "arguments": item["arguments"]}
+        return {"item_id": item["id"], "output_index": _after_reasoning(render) + index,
+                "arguments": item["arguments"]}
 
     def call_done(self, render, index):
-        return {"output_index": index, "item": self.call_item(render, index)}
+        return {"output_index": _after_reasoning(render) + index,
+                "item": self.call_item(render, index)}
 
     def text_done(self, render, piece):
         if render.reply.tool_calls is None:
@@ -4615,8 +4867,8 @@ class _OpenAIResponses(_OpenAI):
 
     def message_done(self, render, piece):
         if render.reply.tool_calls is None:
-            return {"output_index": 0, "item": self.message_item(render.id, render.status,
-                                                                 render.reply.text)}
+            return {"output_index": _after_reasoning(render),
+                    "item": self.message_item(render.id, render.status, render.reply.text)}
         return None
 
     def final(self, render, piece):
@@ -4634,8 +4886,19 @@ class _OpenAIResponses(_OpenAI):
         "created": (("response.created", lifecycle, "ResponseLifecycleEvent"),),
         "queued": (("response.queued", lifecycle, "ResponseLifecycleEvent"),),
         "in_progress": (("response.in_progress", lifecycle, "ResponseLifecycleEvent"),),
-        "open": (("response.output_item.added", message_added, "ResponseItemEvent"),
-                 ("response.content_part.added", part_added, "ResponsePartEvent")),
+        "open": (("response.output_item.added", first_added, "ResponseItemEvent"),
+                 ("response.reasoning_summary_part.added", summary_part_added,
+                  "ResponseSummaryPartEvent"),
+                 ("response.content_part.added", first_part_added, "ResponsePartEvent")),
+        "thought": (("response.reasoning_summary_text.delta", summary_delta,
+                     "ResponseSummaryDeltaEvent"),),
+        "thought_done": (("response.reasoning_summary_text.done", summary_done,
+                          "ResponseSummaryDoneEvent"),
+                         ("response.reasoning_summary_part.done", summary_part_done,
+                          "ResponseSummaryPartEvent"),
+                         ("response.output_item.done", reasoning_done, "ResponseItemEvent"),
+                         ("response.output_item.added", message_added, "ResponseItemEvent"),
+                         ("response.content_part.added", part_added, "ResponsePartEvent")),
         "piece": (("response.output_text.delta", text_delta, "ResponseTextDeltaEvent"),),
         "call": (("response.output_item.added", call_added, "ResponseItemEvent"),),
         "arguments": (("response.function_call_arguments.delta", arguments_delta,
@@ -4689,7 +4952,8 @@ class _OpenAIResponses(_OpenAI):
             "ResponseRequest", {200: "Response", **_MODEL_ERRORS},
             refuses={**_CALLBACK_REFUSED, "store": "false, with background true",
                      "tool_choice": _FORCES_AN_UNOFFERED_TOOL, "tools": _UNDRAWABLE_SCHEMA,
-                     "text.format": _UNDRAWABLE_SCHEMA})),
+                     "text.format": _UNDRAWABLE_SCHEMA, "input": _REFUSED_CONVERSATION,
+                     "previous_response_id": "one this server does not hold"})),
         _route("GET", "/v1/responses/{id}", retrieve),
         _route("POST", "/v1/responses/{id}/cancel", cancel),
         _route("DELETE", "/v1/responses/{id}", delete),
@@ -4992,6 +5256,14 @@ def _check_anthropic_messages(value, field):
 
 _ANTHROPIC_METADATA = {"user_id": _Field(_Text(_MAX_TRACE_ID_CHARS), None,
                                          "The key of seeded sequences when X-Trace-Id is absent.")}
+_ANTHROPIC_THINKING = {
+    "type": _Field(_Choice("enabled", "adaptive", "disabled"), _REQUIRED,
+                   "enabled (with budget_tokens) or adaptive: the reply begins with a "
+                   "signed thinking block."),
+    "budget_tokens": _Field(_Int(1024, 10_000_000), None,
+                            "The most tokens thinking may take: less than max_tokens."),
+}
+_EXTENDED_THINKING_DOCS = "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
 
 
 class _AnthropicMessages(_Surface):
@@ -5045,9 +5317,19 @@ class _AnthropicMessages(_Surface):
                               "uses it, with input drawn from its input_schema."),
         "metadata": _Field(_Check(lambda value, field: _given(value, _ANTHROPIC_METADATA, field),
                                   _object_schema(_ANTHROPIC_METADATA)), {}, None),
+        "thinking": _Field(_Check(lambda value, field: _with_defaults(
+            _given(value, _ANTHROPIC_THINKING, field), _ANTHROPIC_THINKING, None, field),
+            _object_schema(_ANTHROPIC_THINKING)), {"type": "disabled"},
+            "Extended thinking: the reply's thinking block (simulate.reasoning sets it), "
+            "which a tool loop must send back unchanged."),
         **_EXTENSIONS,
     }
     COUNT_REQUEST = _pick(REQUEST, "model", "messages", "system", "tools")
+    # What it refuses that its request's schema allows (see _model_api).
+    REFUSES = {"tool_choice": _FORCES_AN_UNOFFERED_TOOL, "tools": _UNDRAWABLE_SCHEMA,
+               "messages": _REFUSED_CONVERSATION,
+               "max_tokens": "not more than thinking.budget_tokens",
+               "thinking": "enabled without budget_tokens"}
 
     def schemas(self):
         return {
@@ -5132,13 +5414,75 @@ class _AnthropicMessages(_Surface):
         choice = values["tool_choice"]
         forced = {"any": ("any", "tool_choice"), "tool": (choice.get("name"), "tool_choice.name")
                   }.get(choice.get("type"))
-        return self.call(request, config, model=model, messages=self.messages(values),
+        thinking = values["thinking"]
+        if thinking["type"] == "enabled":
+            if thinking["budget_tokens"] is None:
+                raise _ValidationError("thinking.budget_tokens", "is required when thinking "
+                                       "is enabled")
+            if thinking["budget_tokens"] >= values["max_tokens"]:
+                raise _ValidationError("max_tokens", "must be greater than "
+                                       "thinking.budget_tokens")
+        call = self.call(request, config, model=model, messages=self.messages(values),
                          stream=stream, max_tokens=values["max_tokens"],
                          stop=values["stop_sequences"], user=values["metadata"].get("user_id"),
                          timeout_ms=values["timeout_ms"], simulate=values["simulate"],
                          tools=_tool_table(values["tools"], "tools",
                                            schema_keys=("input_schema",)),
-                         forced=forced)
+                         forced=forced, reasoning=thinking["type"] != "disabled")
+        if not config.lenient:
+            self.check_conversation(values["messages"], thinking["type"] != "disabled",
+                                    call.spec.seed)
+        return call
+
+    @staticmethod
+    def check_conversation(messages, thinking, seed):
+        """Refuse what Anthropic refuses of a conversation (see --lenient): a
+        tool_result that answers no tool_use of the message before, a
+        tool_use the next message leaves unanswered; with thinking on, a
+        thinking block not signed by this server (seed), and a tool loop
+        whose last call lost its thinking block."""
+        contents = [message["content"] if isinstance(message["content"], list) else []
+                    for message in messages]
+        for index, content in enumerate(contents):
+            asked = {block.get("id") for block in (contents[index - 1] if index else ())
+                     if block["type"] == "tool_use"}
+            for position, block in enumerate(content):
+                at = f"messages.{index}.content.{position}"
+                if block["type"] == "tool_result" and block.get("tool_use_id") not in asked:
+                    raise ApiError("ORPHAN_TOOL_RESULT", f"{at}: unexpected `tool_use_id` found "
+                                   f"in `tool_result` blocks: {block.get('tool_use_id')}. Each "
+                                   "`tool_result` block must have a corresponding `tool_use` "
+                                   "block in the previous message.", at)
+                if thinking and block["type"] == "thinking" and not (
+                        isinstance(block.get("thinking"), str)
+                        and block.get("signature") == _signature(seed, block["thinking"])):
+                    raise ApiError("EDITED_THINKING",
+                                   f"{at}: Invalid `signature` in `thinking` block", at)
+            if index + 1 < len(contents):
+                answered = {block.get("tool_use_id") for block in contents[index + 1]
+                            if block["type"] == "tool_result"}
+                unanswered = [block.get("id") for block in content
+                              if block["type"] == "tool_use" and block.get("id") not in answered]
+                if unanswered:
+                    raise ApiError("UNANSWERED_TOOL_CALL", f"messages.{index}: `tool_use` ids "
+                                   "were found without `tool_result` blocks immediately after: "
+                                   + ", ".join(map(str, unanswered)) + ". Each `tool_use` block "
+                                   "must have a corresponding `tool_result` block in the next "
+                                   "message.", f"messages.{index}")
+        last = len(contents) - 1
+        if thinking and last > 0 and any(block["type"] == "tool_result"
+                                         for block in contents[last]):
+            first = contents[last - 1][0]["type"] if contents[last - 1] else "text"
+            if first not in ("thinking", "redacted_thinking"):
+                at = f"messages.{last - 1}.content.0"
+                raise ApiError("DROPPED_THINKING", f"{at}.type: Expected `thinking` or "
+                               f"`redacted_thinking`, but found `{first}`. When `thinking` is "
+                               "enabled, a final `assistant` message must start with a thinking "
+                               "block (preceeding the lastmost set of `tool_use` and "
+                               "`tool_result` blocks). We recommend you include thinking blocks "
+                               "from previous turns. To avoid this requirement, disable "
+                               "`thinking`. Please consult our documentation at "
+                               + _EXTENDED_THINKING_DOCS, at)
 
     def message(self, call, reply, content, stop_reason, output_tokens):
         return {"id": "msg_" + _random_hex(24), "type": "message", "role": "assistant",
@@ -5150,47 +5494,79 @@ class _AnthropicMessages(_Surface):
     def tool_use(call, **fields):
         return {"type": "tool_use", "id": call["id"], "name": call["name"], **fields}
 
+    @staticmethod
+    def thinking_block(call, reply, thinking=None, signature=None):
+        return {"type": "thinking", "thinking": reply.reasoning if thinking is None else thinking,
+                "signature": _signature(call.spec.seed, reply.reasoning)
+                if signature is None else signature}
+
     def answer(self, call, reply, created):
         content = ([{"type": "text", "text": reply.text}] if reply.tool_calls is None else
                    [self.tool_use(tool_call, input=_arguments_object(tool_call))
                     for tool_call in reply.tool_calls])
+        if reply.reasoning:
+            content.insert(0, self.thinking_block(call, reply))
         return self.message(call, reply, content, self.finish[reply.end],
                             reply.completion_tokens)
 
-    # Its stream: a text block, or a tool_use block per call (opened with
-    # empty input, then its input as input_json_delta pieces).
+    # Its stream: a thinking block if the model reasons (its text as
+    # thinking_delta pieces, then its signature), then a text block, or a
+    # tool_use block per call (opened with empty input, then its input as
+    # input_json_delta pieces).
 
     def message_start(self, render, piece):
         return {"type": "message_start",
                 "message": self.message(render.call, render.reply, [], None, 0)}
 
+    def first_block_start(self, render, piece):
+        if render.reply.reasoning:
+            return {"type": "content_block_start", "index": 0, "content_block":
+                    self.thinking_block(render.call, render.reply, "", "")}
+        return self.text_block_start(render, piece)
+
     def text_block_start(self, render, piece):
         if render.reply.tool_calls is None:
-            return {"type": "content_block_start", "index": 0,
+            return {"type": "content_block_start", "index": _after_reasoning(render),
                     "content_block": {"type": "text", "text": ""}}
         return None
 
     def ping(self, render, piece):
         return {"type": "ping"}
 
-    def text_delta(self, render, text):
+    def thinking_delta(self, render, text):
         return {"type": "content_block_delta", "index": 0,
+                "delta": {"type": "thinking_delta", "thinking": text}}
+
+    def signature_delta(self, render, piece):
+        return {"type": "content_block_delta", "index": 0, "delta": {
+            "type": "signature_delta",
+            "signature": _signature(render.call.spec.seed, render.reply.reasoning)}}
+
+    def thinking_stop(self, render, piece):
+        return self.block_stop(render, 0)
+
+    def text_delta(self, render, text):
+        return {"type": "content_block_delta", "index": _after_reasoning(render),
                 "delta": {"type": "text_delta", "text": text}}
 
     def tool_use_start(self, render, index):
-        return {"type": "content_block_start", "index": index,
+        return {"type": "content_block_start", "index": _after_reasoning(render) + index,
                 "content_block": self.tool_use(render.reply.tool_calls[index], input={})}
 
     def input_delta(self, render, piece):
         index, text = piece
-        return {"type": "content_block_delta", "index": index,
+        return {"type": "content_block_delta", "index": _after_reasoning(render) + index,
                 "delta": {"type": "input_json_delta", "partial_json": text}}
 
     def block_stop(self, render, index):
         return {"type": "content_block_stop", "index": index}
 
+    def tool_use_stop(self, render, index):
+        return self.block_stop(render, _after_reasoning(render) + index)
+
     def text_block_stop(self, render, piece):
-        return self.block_stop(render, 0) if render.reply.tool_calls is None else None
+        return (self.block_stop(render, _after_reasoning(render))
+                if render.reply.tool_calls is None else None)
 
     def message_delta(self, render, piece):
         reply = render.reply
@@ -5203,12 +5579,16 @@ class _AnthropicMessages(_Surface):
 
     stream_events = {
         "open": (("message_start", message_start, "AnthropicMessageStart"),
-                 ("content_block_start", text_block_start, "AnthropicBlockStart"),
+                 ("content_block_start", first_block_start, "AnthropicBlockStart"),
                  ("ping", ping, "AnthropicPing")),
+        "thought": (("content_block_delta", thinking_delta, "AnthropicBlockDelta"),),
+        "thought_done": (("content_block_delta", signature_delta, "AnthropicBlockDelta"),
+                         ("content_block_stop", thinking_stop, "AnthropicBlockStop"),
+                         ("content_block_start", text_block_start, "AnthropicBlockStart")),
         "piece": (("content_block_delta", text_delta, "AnthropicBlockDelta"),),
         "call": (("content_block_start", tool_use_start, "AnthropicBlockStart"),),
         "arguments": (("content_block_delta", input_delta, "AnthropicBlockDelta"),),
-        "call_done": (("content_block_stop", block_stop, "AnthropicBlockStop"),),
+        "call_done": (("content_block_stop", tool_use_stop, "AnthropicBlockStop"),),
         "close": (("content_block_stop", text_block_stop, "AnthropicBlockStop"),
                   ("message_delta", message_delta, "AnthropicMessageDelta"),
                   ("message_stop", message_stop, "AnthropicMessageStop")),
@@ -5227,7 +5607,7 @@ class _AnthropicMessages(_Surface):
         _route("POST", "/v1/messages", _model_call, api=_model_api(
             "Anthropic Messages: a message, streamed or not", "AnthropicRequest",
             {200: "AnthropicMessage", 429: None, 500: None, 504: None, 529: None},
-            refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL, "tools": _UNDRAWABLE_SCHEMA})),
+            refuses=REFUSES)),
         _route("POST", "/v1/messages/count_tokens", count_tokens),
     )
 
@@ -5262,7 +5642,27 @@ def _check_content(value, field):
     return value
 
 
+_THINKING_CONFIG = {
+    "includeThoughts": _Field(_Bool(), False, "The reply's parts begin with its thoughts "
+                              "(parts with thought: true)."),
+    "thinkingBudget": _Field(_Int(-1, 10_000_000), None, "More than 0: the model thinks first "
+                             "(simulate.reasoning sets how long), counted as thoughtsTokenCount."),
+    "thinkingLevel": _Field(_Text(), None, "The model thinks first, as thinkingBudget."),
+}
+# google-genai writes these three in snake case (and the API reads both).
+_THINKING_CONFIG.update({re.sub("([A-Z])", lambda upper: "_" + upper.group(1).lower(), name): field
+                         for name, field in _THINKING_CONFIG.items()})
+
+
+def _check_thinking_config(value, field):
+    """The thinking config, its keys in camel case."""
+    return {re.sub("_([a-z])", lambda lower: lower.group(1).upper(), key): item
+            for key, item in _given(value, _THINKING_CONFIG, field).items()}
+
+
 _GENERATION_CONFIG = {
+    "thinkingConfig": _Field(_Check(_check_thinking_config, _object_schema(_THINKING_CONFIG)),
+                             {}, None),
     "maxOutputTokens": _Field(_Int(1, 10_000_000), None,
                               "Cut the reply to this many tokens (finishReason MAX_TOKENS)."),
     "stopSequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
@@ -5427,6 +5827,9 @@ class _Gemini(_Surface):
                                 config)
         generation = values["generationConfig"]
         tools, forced = self.tools(values)
+        if not config.lenient:
+            self.check_conversation(values["contents"])
+        thinking = generation.get("thinkingConfig", {})
         return self.call(request, config, model=request.params["model"],
                          messages=self.messages(values),
                          stream=request.path.endswith(":streamGenerateContent"),
@@ -5434,7 +5837,33 @@ class _Gemini(_Surface):
                          stop=generation.get("stopSequences", ()), user=None,
                          timeout_ms=values["timeout_ms"], simulate=values["simulate"],
                          tools=tools, forced=forced, output=self.output(generation),
+                         reasoning=bool(thinking.get("includeThoughts")
+                                        or (thinking.get("thinkingBudget") or 0) > 0
+                                        or thinking.get("thinkingLevel")),
+                         thoughts=thinking.get("includeThoughts", False),
                          sse=request.args.get("alt") == "sse")
+
+    @staticmethod
+    def check_conversation(contents):
+        """Refuse what Gemini refuses of a conversation (see --lenient): a
+        turn of function responses that does not follow a turn of function
+        calls, or answers a different number of them."""
+        def calls(content):
+            return sum(isinstance(part.get("functionCall"), dict) for part in content["parts"])
+        for index, content in enumerate(contents):
+            answers = sum(isinstance(part.get("functionResponse"), dict)
+                          for part in content["parts"])
+            if not answers:
+                continue
+            asked = calls(contents[index - 1]) if index else 0
+            if not asked:
+                raise ApiError("ORPHAN_TOOL_RESULT", "Please ensure that function response "
+                               "turn comes immediately after a function call turn.",
+                               f"contents[{index}]")
+            if answers != asked:
+                raise ApiError("UNANSWERED_TOOL_CALL", "Please ensure that the number of "
+                               "function response parts is equal to the number of function "
+                               "call parts of the function call turn.", f"contents[{index}]")
 
     @staticmethod
     def response(call, response_id, parts, finish=None, reply=None):
@@ -5442,10 +5871,13 @@ class _Gemini(_Surface):
         body = {"candidates": [candidate]}
         if finish is not None:
             candidate["finishReason"] = finish
+            thoughts = _reasoning_tokens(reply)
             body["usageMetadata"] = {
                 "promptTokenCount": reply.prompt_tokens,
-                "candidatesTokenCount": reply.completion_tokens,
+                "candidatesTokenCount": reply.completion_tokens - thoughts,
                 "totalTokenCount": reply.prompt_tokens + reply.completion_tokens}
+            if thoughts:
+                body["usageMetadata"]["thoughtsTokenCount"] = thoughts
         body.update(modelVersion=call.model, responseId=response_id)
         return body
 
@@ -5454,29 +5886,50 @@ class _Gemini(_Surface):
         return {"functionCall": {"id": call["id"], "name": call["name"],
                                  "args": _arguments_object(call)}}
 
+    @staticmethod
+    def signed(call, reply, part, first=True):
+        """A part; after thoughts, the first one carries their signature."""
+        if reply.reasoning and first:
+            part["thoughtSignature"] = _signature(call.spec.seed, reply.reasoning)
+        return part
+
     def answer(self, call, reply, created):
         parts = ([{"text": reply.text}] if reply.tool_calls is None else
                  [self.function_call(tool_call) for tool_call in reply.tool_calls])
+        parts[0] = self.signed(call, reply, parts[0])
+        if reply.reasoning and call.options["thoughts"]:
+            parts.insert(0, {"text": reply.reasoning, "thought": True})
         return self.response(call, _random_hex(24), parts, self.finish[reply.end], reply)
 
-    # Its stream: a response per piece of text, a function call whole.
+    # Its stream: a response per piece of thought (when asked) and of text,
+    # a function call whole; the thoughts' signature on the first call, or
+    # on the last part, empty, of a text.
 
     def begin_stream(self, render):
         render.id = _random_hex(24)
+
+    def thought_part(self, render, text):
+        if render.call.options["thoughts"]:
+            return self.response(render.call, render.id, [{"text": text, "thought": True}])
+        return None
 
     def text_part(self, render, text):
         return self.response(render.call, render.id, [{"text": text}])
 
     def call_part(self, render, index):
-        return self.response(render.call, render.id,
-                             [self.function_call(render.reply.tool_calls[index])])
+        return self.response(render.call, render.id, [self.signed(
+            render.call, render.reply, self.function_call(render.reply.tool_calls[index]),
+            index == 0)])
 
     def last_part(self, render, piece):
-        return self.response(render.call, render.id, [{"text": ""}],
-                             self.finish[render.reply.end], render.reply)
+        reply = render.reply
+        return self.response(render.call, render.id, [self.signed(
+            render.call, reply, {"text": ""}, reply.tool_calls is None)],
+            self.finish[reply.end], reply)
 
     stream_events = {
         "open": (), "arguments": (), "call_done": (),
+        "thought": ((None, thought_part, "GeminiChunk"),),
         "piece": ((None, text_part, "GeminiChunk"),),
         "call": ((None, call_part, "GeminiChunk"),),
         "close": ((None, last_part, "GeminiResponse"),),
@@ -5508,6 +5961,7 @@ class _Gemini(_Surface):
         return _Answer(200, self.model(request.params["model"]))
 
     REFUSES = {"toolConfig": _FORCES_AN_UNOFFERED_TOOL, "tools": _UNDRAWABLE_SCHEMA,
+               "contents": _REFUSED_CONVERSATION,
                "generationConfig.responseJsonSchema": _UNDRAWABLE_SCHEMA,
                "generationConfig.responseSchema": _UNDRAWABLE_SCHEMA}
     CALLS = (("generateContent", _model_call, _model_api(
@@ -5966,12 +6420,15 @@ class _BedrockConverse(_BedrockErrors, _Surface):
                                 config)
         inference = values["inferenceConfig"] or _defaults(_INFERENCE_CONFIG, None)[0]
         tools, forced = self.tools(values["toolConfig"] or {})
+        extra = values["additionalModelRequestFields"]
+        thinking = extra.get("thinking") if isinstance(extra, dict) else None
         return self.call(request, config, model=self.model(request),
                          messages=self.messages(values),
                          stream=request.route.path.endswith("-stream"),
                          max_tokens=inference["maxTokens"], stop=inference["stopSequences"],
                          user=None, timeout_ms=values["timeout_ms"], simulate=values["simulate"],
-                         tools=tools, forced=forced)
+                         tools=tools, forced=forced, reasoning=isinstance(thinking, dict) and (
+                             thinking.get("type") in ("enabled", "adaptive")))
 
     @staticmethod
     def tools(config):
@@ -6009,32 +6466,53 @@ class _BedrockConverse(_BedrockErrors, _Surface):
                    [{"toolUse": dict(self.tool_use(tool_call),
                                      input=_arguments_object(tool_call))}
                     for tool_call in reply.tool_calls])
+        if reply.reasoning:
+            content.insert(0, {"reasoningContent": {"reasoningText": {
+                "text": reply.reasoning, "signature": _signature(call.spec.seed,
+                                                                 reply.reasoning)}}})
         return {"output": {"message": {"role": "assistant", "content": content}},
                 "stopReason": self.finish[reply.end], "usage": self.usage(reply),
                 "metrics": {"latencyMs": round(reply.elapsed_ms)}}
 
-    # Its stream: text deltas in block 0, or a block per tool call (started
-    # with its id and name, then its input as pieces of JSON text).
+    # Its stream: the reasoning's deltas in block 0 if the model reasons
+    # (its text, then its signature), then text deltas in the next block, or
+    # a block per tool call (started with its id and name, then its input as
+    # pieces of JSON text).
 
     def message_start(self, render, piece):
         return {"role": "assistant"}
 
+    def reasoning_delta(self, render, text):
+        return {"contentBlockIndex": 0, "delta": {"reasoningContent": {"text": text}}}
+
+    def signature_delta(self, render, piece):
+        return {"contentBlockIndex": 0, "delta": {"reasoningContent": {
+            "signature": _signature(render.call.spec.seed, render.reply.reasoning)}}}
+
     def text_delta(self, render, text):
-        return {"contentBlockIndex": 0, "delta": {"text": text}}
+        return {"contentBlockIndex": _after_reasoning(render), "delta": {"text": text}}
 
     def tool_start(self, render, index):
-        return {"contentBlockIndex": index,
+        return {"contentBlockIndex": _after_reasoning(render) + index,
                 "start": {"toolUse": self.tool_use(render.reply.tool_calls[index])}}
 
     def input_delta(self, render, piece):
         index, text = piece
-        return {"contentBlockIndex": index, "delta": {"toolUse": {"input": text}}}
+        return {"contentBlockIndex": _after_reasoning(render) + index,
+                "delta": {"toolUse": {"input": text}}}
 
     def block_stop(self, render, index):
         return {"contentBlockIndex": index}
 
+    def reasoning_stop(self, render, piece):
+        return self.block_stop(render, 0)
+
+    def tool_stop(self, render, index):
+        return self.block_stop(render, _after_reasoning(render) + index)
+
     def text_block_stop(self, render, piece):
-        return self.block_stop(render, 0) if render.reply.tool_calls is None else None
+        return (self.block_stop(render, _after_reasoning(render))
+                if render.reply.tool_calls is None else None)
 
     def message_stop(self, render, piece):
         return {"stopReason": self.finish[render.reply.end]}
@@ -6045,10 +6523,13 @@ class _BedrockConverse(_BedrockErrors, _Surface):
 
     stream_events = {
         "open": (("messageStart", message_start, "BedrockMessageStart"),),
+        "thought": (("contentBlockDelta", reasoning_delta, "BedrockBlockDelta"),),
+        "thought_done": (("contentBlockDelta", signature_delta, "BedrockBlockDelta"),
+                         ("contentBlockStop", reasoning_stop, "BedrockBlockStop")),
         "piece": (("contentBlockDelta", text_delta, "BedrockBlockDelta"),),
         "call": (("contentBlockStart", tool_start, "BedrockBlockStart"),),
         "arguments": (("contentBlockDelta", input_delta, "BedrockBlockDelta"),),
-        "call_done": (("contentBlockStop", block_stop, "BedrockBlockStop"),),
+        "call_done": (("contentBlockStop", tool_stop, "BedrockBlockStop"),),
         "close": (("contentBlockStop", text_block_stop, "BedrockBlockStop"),
                   ("messageStop", message_stop, "BedrockMessageStop"),
                   ("metadata", metadata, "BedrockMetadata")),
@@ -6107,15 +6588,13 @@ class _BedrockInvoke(_BedrockErrors, _AnthropicMessages):
         _route("POST", "/model/{modelId}/invoke", _model_call, api=_model_api(
             "Bedrock InvokeModel: an Anthropic message", "BedrockInvokeRequest",
             {200: "AnthropicMessage", 400: None, 408: None, 429: None, 500: None, 503: None},
-            streams=False, refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL,
-                                    "tools": _UNDRAWABLE_SCHEMA})),
+            streams=False, refuses=_AnthropicMessages.REFUSES)),
         _route("POST", "/model/{modelId}/invoke-with-response-stream", _model_call,
                api=_model_api(
                    "Bedrock InvokeModelWithResponseStream: an Anthropic message's events, "
                    "each a chunk of the event stream", "BedrockInvokeRequest",
                    {200: None, 400: None, 408: None, 429: None, 500: None, 503: None},
-                   refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL,
-                            "tools": _UNDRAWABLE_SCHEMA})),
+                   refuses=_AnthropicMessages.REFUSES)),
     )
 
 
@@ -6184,8 +6663,7 @@ class _VertexAnthropic(_AnthropicMessages):
                  api=_model_api(
                      f"Vertex AI, Anthropic: a message ({call})", "VertexAnthropicRequest",
                      {200: "AnthropicMessage", 429: None, 500: None, 504: None, 529: None},
-                     refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL,
-                              "tools": _UNDRAWABLE_SCHEMA}))
+                     refuses=_AnthropicMessages.REFUSES))
           for call in ("rawPredict", "streamRawPredict")),
     )
 
@@ -8474,7 +8952,8 @@ class _Judge:
             chain_of[entry["seq"]] = chain
         findings = [self.early(retries), self.non_retryable(retries), self.no_backoff(chains),
                     self.storm(chains), *self.unfinished(requests, last.values()),
-                    self.duplicates(requests), *self.polls(requests), *self.tools(entries)]
+                    self.duplicates(requests), *self.polls(requests), *self.tools(entries),
+                    *self.conversations(requests)]
         plain = [gap for before, _, gap in retries
                  if _retryable(before) and before["retry_after_ms"] is None]
         return attempts, [finding for finding in findings if finding], plain
@@ -8602,6 +9081,16 @@ class _Judge:
         return (self.finding("POLL_TOO_FAST", sorted(set(fast)), "; ".join(fast_messages)),
                 self.finding("NO_CANCEL", left, "; ".join(left_messages)))
 
+
+    def conversations(self, requests):
+        """A finding for each kind of conversation the server refused as the
+        real API does (see _CONVERSATION_ERRORS): the client built it wrong."""
+        for code in _CONVERSATION_ERRORS:
+            refused = [entry for entry in requests if entry["code"] == code]
+            yield self.finding(code, [entry["seq"] for entry in refused], "; ".join(
+                f"request {entry['seq']} was refused with {entry['status']}: "
+                f"{_ERRORS[code].message}" + (f" ({entry['field']})" if entry["field"] else "")
+                for entry in refused))
 
     def tools(self, entries):
         """The findings on an agent's MCP tool calls, read among its model

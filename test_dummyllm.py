@@ -775,6 +775,25 @@ class SimulationTest(unittest.TestCase):
         self.assertEqual(plan(args=prompt, latency_ms=50, prefill_ms_per_token=0.5).latency_ms,
                          100)
 
+    def test_reasoning_streams_first_and_counts_in_the_usage(self):
+        """simulate.reasoning: a text, or a length (0: none); its pieces come
+        first, a token gap apart, so a reasoning model's answer is late."""
+        for reasoning, expected in (("Think it over", "Think it over"),
+                                    (3, "Simulated re"), (0, None)):
+            with self.subTest(reasoning=reasoning):
+                drawn = plan(0, 3, reasoning=reasoning, token_ms=10)
+                reply = dummyllm._reply(spec(reasoning=reasoning, token_ms=10), drawn, None)
+                self.assertEqual(reply.reasoning, expected)
+                thinking = dummyllm._tokens(expected or "")
+                self.assertEqual(reply.completion_tokens, dummyllm._tokens(reply.text) + thinking)
+                timeline = list(dummyllm._stream_timeline(reply, None))
+                thoughts = [piece for _, event, piece in timeline if event == "thought"]
+                self.assertEqual("".join(thoughts), expected or "")
+                first = next(ms for ms, event, _ in timeline if event == "piece")
+                self.assertEqual(first, 10 * (thinking + 1) if thinking else 0)
+                self.assertEqual(dummyllm._piece_count(reply),
+                                 sum(event not in ("open", "close") for _, event, _ in timeline))
+
     def test_a_tool_call_streams_its_name_then_its_arguments_in_pieces(self):
         call = {"id": "call_1", "name": "f", "arguments": {"city": "Paris"}}
         timeline = list(dummyllm._stream_timeline(
@@ -3738,6 +3757,145 @@ class OpenAIBatchCalls:
         return [json.loads(line) for line in data.splitlines()]
 
 
+class ReasoningTest(BedrockCalls, AppTestCase):
+    """A reasoning model's thinking, as each API shows it and counts it."""
+
+    options = {"latency_ms": 0, "seed": 7}
+    THINKING = {"type": "enabled", "budget_tokens": 1024}
+
+    def anthropic(self, **body):
+        return self.call("POST", "/v1/messages", {
+            "model": "claude-test", "max_tokens": 2048, "thinking": self.THINKING,
+            "messages": [{"role": "user", "content": "Hello"}], **body})
+
+    def test_anthropic_thinking_is_a_signed_block_first_and_streamed_as_deltas(self):
+        status, message, _ = self.anthropic(simulate={"token_ms": 0})
+        self.assertEqual(status, 200, message)
+        thinking, text = message["content"]
+        self.assertEqual((thinking["type"], thinking["thinking"], text["type"]),
+                         ("thinking", "Simulated reasoning about: Hello", "text"))
+        self.assertEqual(message["usage"]["output_tokens"], 8 + 7)  # thinking and text
+        self.conn.request("POST", "/v1/messages", json.dumps({
+            "model": "claude-test", "max_tokens": 2048, "thinking": self.THINKING,
+            "stream": True, "messages": [{"role": "user", "content": "Hello"}],
+            "simulate": {"token_ms": 0}}))
+        events = sse_events(self.conn.getresponse())
+        self.assertEqual([(name, data.get("index")) for name, data in events[:3]], [
+            ("message_start", None), ("content_block_start", 0), ("ping", None)])
+        deltas = [data["delta"] for name, data in events if name == "content_block_delta"]
+        self.assertEqual("".join(delta.get("thinking", "") for delta in deltas),
+                         thinking["thinking"])
+        self.assertEqual([delta["signature"] for delta in deltas
+                          if delta["type"] == "signature_delta"], [thinking["signature"]])
+        self.assertEqual({data["index"] for name, data in events
+                          if name == "content_block_delta"
+                          and data["delta"]["type"] == "text_delta"}, {1})
+        # A fresh server with the same seed signs the same; another seed does not.
+        again = self.start({"latency_ms": 0, "seed": 7})
+        self.assertEqual(self.call("POST", "/v1/messages", {
+            "model": "claude-test", "max_tokens": 2048, "thinking": self.THINKING,
+            "messages": [{"role": "user", "content": "Hello"}]},
+            conn=self.connect(again))[1]["content"][0]["signature"], thinking["signature"])
+        self.assertNotEqual(self.anthropic(simulate={"seed": 8})[1]["content"][0]["signature"],
+                            thinking["signature"])
+
+    def test_simulate_reasoning_sets_its_text_or_length_or_turns_it_off(self):
+        self.assertEqual(self.anthropic(simulate={"reasoning": "Hmm."})[1]["content"][0][
+            "thinking"], "Hmm.")
+        self.assertEqual(len(self.anthropic(simulate={"reasoning": 50})[1]["content"][0][
+            "thinking"]), 200)
+        self.assertEqual([block["type"] for block in self.anthropic(simulate={
+            "reasoning": 0})[1]["content"]], ["text"])
+        self.assertEqual([block["type"] for block in self.anthropic(thinking=None, simulate={
+            "reasoning": "Hmm."})[1]["content"]], ["thinking", "text"])
+
+    def test_anthropic_refuses_a_budget_it_cannot_keep(self):
+        status, body, _ = self.anthropic(max_tokens=1024)
+        self.assertEqual((status, body["error"]["message"]),
+                         (400, "max_tokens must be greater than thinking.budget_tokens"))
+        status, body, _ = self.anthropic(thinking={"type": "enabled"})
+        self.assertEqual((status, body["error"]["message"]), (
+            400, "thinking.budget_tokens is required when thinking is enabled"))
+        status, body, _ = self.anthropic(thinking={"type": "enabled", "budget_tokens": 100})
+        self.assertEqual(status, 400)
+        self.assertIn("thinking.budget_tokens", body["error"]["message"])
+
+    def test_openai_chat_counts_reasoning_tokens(self):
+        ask = {"model": "o4-mini", "messages": [{"role": "user", "content": "Hello"}]}
+        usage = self.call("POST", "/v1/chat/completions", dict(ask, reasoning_effort="low"))[1][
+            "usage"]
+        self.assertEqual(usage, {"prompt_tokens": 2, "completion_tokens": 7 + 8,
+                                 "total_tokens": 17,
+                                 "completion_tokens_details": {"reasoning_tokens": 8}})
+        usage = self.call("POST", "/v1/chat/completions", dict(ask, reasoning_effort="none"))[1][
+            "usage"]
+        self.assertNotIn("completion_tokens_details", usage)
+        self.assertEqual(self.call("POST", "/v1/chat/completions", dict(
+            ask, reasoning_effort="huge"))[0], 400)
+
+    def test_responses_a_reasoning_item_first_and_its_summary_streamed(self):
+        ask = {"model": "o4-mini", "input": "Hello",
+               "reasoning": {"effort": "low", "summary": "auto"}}
+        response = self.call("POST", "/v1/responses", ask)[1]
+        thought, message = response["output"]
+        self.assertEqual((thought["type"], thought["summary"], message["type"]), (
+            "reasoning", [{"type": "summary_text", "text": "Simulated reasoning about: Hello"}],
+            "message"))
+        self.assertEqual(base64.b64decode(thought["encrypted_content"]).decode(),
+                         "Simulated reasoning about: Hello")
+        self.assertEqual(response["usage"]["output_tokens_details"], {"reasoning_tokens": 8})
+        self.assertEqual(response["reasoning"], {"effort": "low", "summary": "auto"})
+        self.conn.request("POST", "/v1/responses", json.dumps(
+            dict(ask, stream=True, simulate={"token_ms": 0})))
+        events = sse_events(self.conn.getresponse())
+        names = [name for name, _ in events]
+        self.assertEqual(names[2:4], ["response.output_item.added",
+                                      "response.reasoning_summary_part.added"])
+        self.assertEqual("".join(data["delta"] for name, data in events
+                                 if name == "response.reasoning_summary_text.delta"),
+                         "Simulated reasoning about: Hello")
+        self.assertEqual({data["output_index"] for name, data in events
+                          if name == "response.output_text.delta"}, {1})
+        self.assertEqual([dict(item, id=None) for item in events[-1][1]["response"]["output"]],
+                         [dict(item, id=None) for item in response["output"]])
+        plain = self.call("POST", "/v1/responses", dict(ask, reasoning={"effort": "low"}))[1]
+        self.assertEqual(plain["output"][0]["summary"], [])
+
+    def test_bedrock_reasoning_content_and_its_deltas(self):
+        thinking = {"additionalModelRequestFields": {"thinking": self.THINKING}}
+        reasoning, text = self.converse(**thinking)[2]["output"]["message"]["content"]
+        self.assertEqual(reasoning["reasoningContent"]["reasoningText"]["text"],
+                         "Simulated reasoning about: Hello")
+        self.assertEqual(text, {"text": "Simulated reply to: Hello"})
+        events = [(headers[":event-type"], payload) for headers, payload in self.converse(
+            stream=True, simulate={"token_ms": 0}, **thinking)[2]]
+        deltas = [payload for name, payload in events if name == "contentBlockDelta"]
+        self.assertEqual("".join(delta["delta"]["reasoningContent"].get("text", "")
+                                 for delta in deltas if delta["contentBlockIndex"] == 0),
+                         "Simulated reasoning about: Hello")
+        self.assertEqual(deltas[dummyllm._tokens("Simulated reasoning about: Hello")]["delta"],
+                         {"reasoningContent": {"signature": reasoning["reasoningContent"][
+                             "reasoningText"]["signature"]}})
+        self.assertEqual({delta["contentBlockIndex"] for delta in deltas if "text" in delta[
+            "delta"]}, {1})
+
+    def test_gemini_thought_parts_and_their_count(self):
+        ask = {"contents": [{"role": "user", "parts": [{"text": "Hello"}]}], "generationConfig": {
+            "thinkingConfig": {"include_thoughts": True, "thinking_budget": 512}}}
+        answer = self.call("POST", "/v1beta/models/gemini-test:generateContent", ask)[1]
+        thought, text = answer["candidates"][0]["content"]["parts"]
+        self.assertEqual((thought["thought"], thought["text"]),
+                         (True, "Simulated reasoning about: Hello"))
+        self.assertIn("thoughtSignature", text)
+        self.assertEqual(answer["usageMetadata"], {
+            "promptTokenCount": 2, "candidatesTokenCount": 7, "thoughtsTokenCount": 8,
+            "totalTokenCount": 17})
+        hidden = dict(ask, generationConfig={"thinkingConfig": {"thinkingBudget": 512}})
+        answer = self.call("POST", "/v1beta/models/gemini-test:generateContent", hidden)[1]
+        self.assertEqual(len(answer["candidates"][0]["content"]["parts"]), 1)
+        self.assertEqual(answer["usageMetadata"]["thoughtsTokenCount"], 8)
+
+
 class OpenAIBatchesTest(OpenAIBatchCalls, AppTestCase):
     """A batch is a job on the store's clock: validating while queued,
     in_progress while running, then its output and error files."""
@@ -4260,6 +4418,35 @@ class AnthropicSDKTest(AnthropicCalls, ServerTestCase):
         self.addCleanup(client.close)
         return client
 
+    def test_a_tool_loop_with_thinking_sends_its_blocks_back(self):
+        """The SDK's stream gathers the thinking block and its signature; a
+        loop that sends the turn back whole goes on, one that drops the
+        thinking block gets Anthropic's 400 and a finding."""
+        client = self.client()
+        ask = dict(model="claude-sonnet-4-5", max_tokens=2048,
+                   thinking={"type": "enabled", "budget_tokens": 1024},
+                   tools=[{"name": "get_weather", "input_schema": WEATHER}])
+        question = {"role": "user", "content": "Weather in Paris?"}
+        with client.messages.stream(messages=[question], tool_choice={"type": "any"},
+                                    extra_headers={"X-Trace-Id": "careful"}, **ask) as stream:
+            turn = stream.get_final_message()
+        self.assertEqual([block.type for block in turn.content], ["thinking", "tool_use"])
+        result = {"role": "user", "content": [{"type": "tool_result",
+                                               "tool_use_id": turn.content[1].id,
+                                               "content": "sunny"}]}
+        final = client.messages.create(messages=[
+            question, {"role": "assistant", "content": turn.content}, result],
+            extra_headers={"X-Trace-Id": "careful"}, **ask)
+        self.assertEqual(final.content[-1].text, "Simulated reply to: Weather in Paris?")
+        with self.assertRaises(anthropic.BadRequestError) as refused:
+            client.messages.create(messages=[
+                question, {"role": "assistant", "content": turn.content[1:]}, result],
+                extra_headers={"X-Trace-Id": "careless"}, **ask)
+        self.assertIn("Expected `thinking` or `redacted_thinking`", refused.exception.message)
+        self.assertTrue(self.server.verdict("careful")["ok"])
+        self.assertEqual([finding["code"] for finding in
+                          self.server.verdict("careless")["findings"]], ["DROPPED_THINKING"])
+
     def test_a_message_batch_and_its_results(self):
         client = self.client()
         batch = client.messages.batches.create(requests=[
@@ -4484,19 +4671,23 @@ class OpenAIAgentsTest(ServerTestCase):
             return "sunny"
         script = {"script": [{"tool_calls": PARIS[:1]}, {"ok_text": "Sunny in Paris"}]}
 
-        async def run(model):
+        async def run(model, key, simulate):
             async with openai.AsyncOpenAI(
                     base_url=self.server.url + "/v1", api_key="x", max_retries=0,
-                    default_headers={"X-Trace-Id": model.__name__,
-                                     "X-DummyLLM-Simulate": json.dumps(script)}) as client:
+                    default_headers={"X-Trace-Id": key,
+                                     "X-DummyLLM-Simulate": json.dumps(simulate)}) as client:
                 agent = agents.Agent(name="weather", tools=[get_weather],
                                      model=model(model="gpt-4o", openai_client=client))
                 return await agents.Runner.run(agent, "Weather in Paris?", run_config=(
                     agents.RunConfig(tracing_disabled=True)))
         for model in (agents.OpenAIResponsesModel, agents.OpenAIChatCompletionsModel):
-            with self.subTest(model=model.__name__):
-                self.assertEqual(asyncio.run(run(model)).final_output, "Sunny in Paris")
-        self.assertEqual(calls, ["Paris", "Paris"])
+            for simulate in (script, dict(script, reasoning=5)):  # a reasoning model's too
+                key = f"{model.__name__}-{'reasoning' in simulate}"
+                with self.subTest(key=key):
+                    self.assertEqual(asyncio.run(run(model, key, simulate)).final_output,
+                                     "Sunny in Paris")
+                    self.assertTrue(self.server.verdict(key)["ok"])
+        self.assertEqual(calls, ["Paris"] * 4)
 
 
 @needs(ollama, "ollama", "DUMMYLLM_REQUIRE_OLLAMA")
@@ -4871,10 +5062,13 @@ class PydanticAITest(ServerTestCase):
         def get_weather(city: str, unit: str) -> str:
             calls.append((city, unit))
             return "sunny"
-        output = self.run_agent("Weather in Paris?", tools=[get_weather], headers={
-            "X-Trace-Id": "pydantic-ai-1", "X-DummyLLM-Simulate": json.dumps(script)})
-        self.assertEqual(output, "Sunny in Paris")
-        self.assertEqual(calls, [("Paris", "c")])
+        for key, simulate in (("pydantic-ai-1", script), ("reasoning", dict(script, reasoning=5))):
+            with self.subTest(key=key):
+                output = self.run_agent("Weather in Paris?", tools=[get_weather], headers={
+                    "X-Trace-Id": key, "X-DummyLLM-Simulate": json.dumps(simulate)})
+                self.assertEqual(output, "Sunny in Paris")
+                self.assertTrue(self.server.verdict(key)["ok"])
+        self.assertEqual(calls, [("Paris", "c")] * 2)
 
     def test_output_type_works_with_no_simulate_at_all(self):
         self.assertIsInstance(self.run_agent("A city?", output_type=City), City)
@@ -6345,6 +6539,159 @@ class McpVerdictTest(McpCalls, VerdictTestCase):
         self.assertEqual(self.call("GET", "/v1/mcp/report?trace_id=b")[1]["keys"], [{
             "key": "b", "tools": {"get_weather": {"calls": 1, "failed": 0}},
             "never_called": ["deploy", "stats", "build", "search"]}])
+
+
+class StrictConversationTest(VerdictTestCase):
+    """Conversations the real APIs refuse are refused here, in each
+    vendor's words, and named in the verdict; --lenient takes them."""
+
+    CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+    def refused(self, path, body, key="agent"):
+        status, _, data = self.send("POST", path, body, {"X-Trace-Id": key})
+        self.assertEqual(status, 400, data)
+        return json.loads(data)
+
+    def test_openai_chat(self):
+        user = {"role": "user", "content": "Hi"}
+        asked = {"role": "assistant", "tool_calls": [self.CALL, dict(self.CALL, id="call_2")]}
+        cases = [
+            ([user, {"role": "tool", "tool_call_id": "call_1", "content": "x"}],
+             "ORPHAN_TOOL_RESULT", "messages.[1].role", "Invalid parameter: messages with role "
+             "'tool' must be a response to a preceeding message with 'tool_calls'."),
+            ([user, asked, {"role": "tool", "tool_call_id": "call_9", "content": "x"}],
+             "ORPHAN_TOOL_RESULT", "messages.[2].tool_call_id", "Invalid parameter: "
+             "'tool_call_id' of 'call_9' not found in 'tool_calls' of previous message."),
+            ([user, asked, {"role": "tool", "tool_call_id": "call_1", "content": "x"}, user],
+             "UNANSWERED_TOOL_CALL", "messages.[1].role", "An assistant message with "
+             "'tool_calls' must be followed by tool messages responding to each "
+             "'tool_call_id'. The following tool_call_ids did not have response messages: "
+             "call_2"),
+        ]
+        for messages, code, param, message in cases:
+            with self.subTest(code=code, param=param):
+                body = self.refused("/v1/chat/completions", {"model": "m", "messages": messages})
+                self.assertEqual(body["error"], {"message": message, "type":
+                                                 "invalid_request_error", "param": param,
+                                                 "code": None})
+        answered = [user, asked, {"role": "tool", "tool_call_id": "call_2", "content": "x"},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "y"}]
+        self.assertEqual(self.send("POST", "/v1/chat/completions", {
+            "model": "m", "messages": answered})[0], 200)
+        self.assertEqual(sorted(self.findings("agent")), ["ORPHAN_TOOL_RESULT",
+                                                          "UNANSWERED_TOOL_CALL"])
+        self.assertEqual(self.findings("agent")["ORPHAN_TOOL_RESULT"]["evidence"], [0, 1])
+
+    def test_anthropic(self):
+        ask = {"role": "user", "content": "Hi"}
+        use = {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                                 "name": "f", "input": {}}]}
+        result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                               "content": "x"}]}
+        cases = [
+            ([ask, {"role": "assistant", "content": "ok"}, result], "messages.2.content.0: "
+             "unexpected `tool_use_id` found in `tool_result` blocks: toolu_1. Each "
+             "`tool_result` block must have a corresponding `tool_use` block in the previous "
+             "message."),
+            ([ask, use, ask], "messages.1: `tool_use` ids were found without `tool_result` "
+             "blocks immediately after: toolu_1. Each `tool_use` block must have a "
+             "corresponding `tool_result` block in the next message."),
+        ]
+        for messages, message in cases:
+            with self.subTest(message=message[:20]):
+                body = self.refused("/v1/messages", {"model": "m", "max_tokens": 10,
+                                                     "messages": messages})
+                self.assertEqual(body["error"], {"type": "invalid_request_error",
+                                                 "message": message})
+        self.assertEqual(self.send("POST", "/v1/messages", {
+            "model": "m", "max_tokens": 10, "messages": [ask, use, result]})[0], 200)
+
+    def test_a_thinking_block_dropped_or_edited(self):
+        thinking = {"type": "enabled", "budget_tokens": 1024}
+        ask = {"model": "m", "max_tokens": 2048, "thinking": thinking,
+               "tools": [{"name": "f", "input_schema": {"type": "object"}}]}
+        question = {"role": "user", "content": "Hi"}
+        first = json.loads(self.send("POST", "/v1/messages", dict(
+            ask, messages=[question], tool_choice={"type": "any"}))[2])
+        thought, use = first["content"]
+
+        def answer(content):
+            return dict(ask, messages=[question, {"role": "assistant", "content": content}, {
+                "role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"],
+                                             "content": "x"}]}])
+        dropped = self.refused("/v1/messages", answer([use]), key="dropped")
+        self.assertTrue(dropped["error"]["message"].startswith(
+            "messages.1.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+            "`tool_use`. When `thinking` is enabled, a final `assistant` message must start "
+            "with a thinking block"), dropped)
+        edited = self.refused("/v1/messages", answer([dict(thought, thinking="Other."), use]),
+                              key="edited")
+        self.assertEqual(edited["error"]["message"],
+                         "messages.1.content.0: Invalid `signature` in `thinking` block")
+        self.assertEqual(self.send("POST", "/v1/messages", answer([thought, use]))[0], 200)
+        self.assertEqual(list(self.findings("dropped")), ["DROPPED_THINKING"])
+        self.assertEqual(list(self.findings("edited")), ["EDITED_THINKING"])
+        self.assertFalse(self.server.verdict("edited")["ok"])
+        without = dict(answer([use]), thinking=None)  # the rule holds only with thinking on
+        self.assertEqual(self.send("POST", "/v1/messages", without)[0], 200)
+
+    def test_responses(self):
+        tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+        first = json.loads(self.send("POST", "/v1/responses", {
+            "model": "m", "input": "Hi", "tools": tools, "tool_choice": "required"})[2])
+        call_id = first["output"][0]["call_id"]
+        output = {"type": "function_call_output", "call_id": call_id, "output": "x"}
+        cases = [
+            ({"previous_response_id": "resp_000000000000", "input": "Hi"},
+             "UNKNOWN_PREVIOUS_RESPONSE", "previous_response_id", "previous_response_not_found",
+             "Previous response with id 'resp_000000000000' not found."),
+            ({"input": [output]}, "ORPHAN_TOOL_RESULT", "input", None,
+             f"No tool call found for function call output with call_id {call_id}."),
+            ({"previous_response_id": first["id"], "input": "Next"}, "UNANSWERED_TOOL_CALL",
+             "input", None, f"No tool output found for function call {call_id}."),
+        ]
+        for body, finding, param, code, message in cases:
+            with self.subTest(finding=finding):
+                error = self.refused("/v1/responses", dict(body, model="m"), key=finding)
+                self.assertEqual(error["error"], {"message": message, "type":
+                                                  "invalid_request_error", "param": param,
+                                                  "code": code})
+                self.assertEqual(list(self.findings(finding)), [finding])
+        self.assertEqual(self.send("POST", "/v1/responses", {
+            "model": "m", "previous_response_id": first["id"], "input": [output]})[0], 200)
+
+    def test_gemini(self):
+        call = {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}}]}
+        response = {"role": "user", "parts": [{"functionResponse": {"name": "f",
+                                                                    "response": {}}}]}
+        question = {"role": "user", "parts": [{"text": "Hi"}]}
+        for contents, message in (
+                ([question, response], "Please ensure that function response turn comes "
+                                       "immediately after a function call turn."),
+                ([question, call, {"role": "user", "parts": response["parts"] * 2}],
+                 "Please ensure that the number of function response parts is equal to the "
+                 "number of function call parts of the function call turn.")):
+            with self.subTest(message=message[:30]):
+                body = self.refused("/v1beta/models/g:generateContent", {"contents": contents})
+                self.assertEqual(body["error"], {"code": 400, "message": message,
+                                                 "status": "INVALID_ARGUMENT"})
+        self.assertEqual(self.send("POST", "/v1beta/models/g:generateContent", {
+            "contents": [question, call, response]})[0], 200)
+
+    def test_lenient_takes_them(self):
+        lenient = self.connect(self.start({"latency_ms": 0, "lenient": True}))
+        for path, body in (
+                ("/v1/chat/completions", {"model": "m", "messages": [
+                    {"role": "tool", "tool_call_id": "c", "content": "x"}]}),
+                ("/v1/messages", {"model": "m", "max_tokens": 10, "messages": [
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                  "content": "x"}]}]}),
+                ("/v1/responses", {"model": "m", "previous_response_id": "resp_0",
+                                   "input": "Hi"}),
+                ("/v1beta/models/g:generateContent", {"contents": [{"role": "user", "parts": [
+                    {"functionResponse": {"name": "f", "response": {}}}]}]})):
+            with self.subTest(path=path):
+                self.assertEqual(self.call("POST", path, body, conn=lenient)[0], 200)
 
 
 # --- Server -----------------------------------------------------------------------
@@ -8320,7 +8667,7 @@ class CommandLineTest(unittest.TestCase):
             "slots": "4", "queue": "8", "load_factor": "2", "served_models": "a,b",
             "replica": "1/2", "embeddings": "similar", "record": "openai=http://127.0.0.1:9",
             "record_max_bytes": "4096", "redact": "sk-[a-z]+", "strict_rules": True,
-            "quiet": True}
+            "lenient": True, "quiet": True}
 
     def test_a_list_flag_may_be_repeated(self):
         config = dummyllm._config_from_command_line(
