@@ -5158,16 +5158,18 @@ _OPENAI_COMPLETIONS = _OpenAICompletions()
 
 
 # --- Surfaces: Azure OpenAI -------------------------------------------------------
-# Chat completions, embeddings and legacy completions as Azure serves them:
-# each OpenAI surface with Azure's paths, key, errors and content filter.
+# Chat completions, embeddings, legacy completions and the Responses API as
+# Azure serves them: each OpenAI surface with Azure's paths, key, errors and
+# content filter.
 
 class _Azure:
     """Azure OpenAI, mixed into an OpenAI surface: a deployment's paths
     (/openai/deployments/{deployment}/...?api-version=, the deployment
-    naming the model) and the v1 paths (/openai/v1/..., the body naming
-    it), the api-key header, Azure's errors for what its gateway refuses
-    (the status as the code), and the content filter's verdict in every
-    plain answer (nothing filtered)."""
+    naming the model; the Responses API's are /openai/responses...?api-version=,
+    its body naming the deployment) and the v1 paths (/openai/v1/..., the
+    body naming it), the api-key header, Azure's errors for what its gateway
+    refuses (the status as the code), and the content filter's verdict in
+    every plain answer of chat and completions (nothing filtered)."""
 
     QUERY = {"api-version": _Field(_Text(non_empty=True), _REQUIRED,
                                    "The API version, e.g. 2024-10-21 (any is accepted).")}
@@ -5177,27 +5179,44 @@ class _Azure:
                 for kind in ("hate", "self_harm", "sexual", "violence")}
 
     @classmethod
-    def unit(cls, base, name, title):
+    def unit(cls, base, name, title, deployments=True):
         """The Azure surface of an OpenAI surface: its model calls' routes
-        under Azure's paths; its request with the model left to the
-        deployment."""
+        under Azure's paths, a deployment's (its request with the model left
+        to the deployment), or with deployments False all its routes under
+        /openai (the body naming the deployment, as for Responses)."""
         routes, request = [], None
         for route in base.routes:
-            if route.method != "POST" or not route.path.startswith("/v1/"):
+            if not route.path.startswith("/v1/") or deployments and route.method != "POST":
                 continue
-            request = route.api["request"]
+            request = route.api["request"] or request
+            versioned = "/openai/deployments/{deployment}" if deployments else "/openai"
             for path, query, refuses in (
-                    ("/openai/deployments/{deployment}" + route.path[3:], cls.QUERY, {}),
+                    (versioned + route.path[3:], cls.QUERY, {}),
                     ("/openai/v1" + route.path[3:], {}, {"model": "left out (only a "
-                                                         "deployment's path names it)"})):
-                routes.append(route._replace(path=path, api=dict(
-                    route.api, summary="Azure: " + route.api["summary"], query=query,
-                    request="Azure" + request, refuses={**route.api["refuses"], **refuses})))
+                                                         "deployment's path names it)"}
+                     if deployments else {})):
+                handler = route.handler
+                if query and handler is not _model_call:  # parse() checks a model call's
+                    handler = cls.versioned(handler)
+                routes.append(route._replace(path=path, handler=handler, api=dict(
+                    route.api, summary="Azure: " + route.api["summary"],
+                    query={**(route.api["query"] or {}), **query},
+                    request=route.api["request"] and "Azure" + route.api["request"],
+                    refuses={**(route.api["refuses"] or {}), **refuses})))
         fields = {**base.REQUEST, "model": _Field(_Text(non_empty=True), None,
-                                                  "The model; a deployment's path names it.")}
+                                                  "The model; a deployment's path names it.")
+                  } if deployments else base.REQUEST
         return type("_Azure" + type(base).__name__[len("_OpenAI"):], (cls, type(base)), {
             "name": name, "title": title, "routes": tuple(routes), "REQUEST": fields,
             "request_schema": "Azure" + request, "sdk_environ": {}})()
+
+    @staticmethod
+    def versioned(handler):
+        """A handler that first checks the api-version, as parse() does."""
+        def answer(surface, app, request):
+            surface.check_version(request)
+            return handler(surface, app, request)
+        return functools.update_wrapper(answer, handler)
 
     def schemas(self):
         return {self.request_schema: _object_schema(self.REQUEST), "AzureError": _object({
@@ -5207,11 +5226,15 @@ class _Azure:
     def credential(self, request):
         return request.headers.get("api-key") or super().credential(request)
 
-    def parse(self, request, config):
+    @staticmethod
+    def check_version(request):
         # Azure answers a deployment's path without its api-version as a
         # path it does not know, before it reads the body.
         if request.args.get("api-version") is _REQUIRED:
             raise ApiError("NOT_FOUND", "Resource not found")
+
+    def parse(self, request, config):
+        self.check_version(request)
         return super().parse(request, config)
 
     def model_of(self, request, values):
@@ -5239,6 +5262,8 @@ _AZURE_CHAT = _Azure.unit(_OPENAI_CHAT, "azure.chat", "Azure OpenAI chat complet
 _AZURE_EMBEDDINGS = _Azure.unit(_OPENAI_EMBEDDINGS, "azure.embeddings", "Azure OpenAI embeddings")
 _AZURE_COMPLETIONS = _Azure.unit(_OPENAI_COMPLETIONS, "azure.completions",
                                  "Azure OpenAI legacy completions")
+_AZURE_RESPONSES = _Azure.unit(_OPENAI_RESPONSES, "azure.responses", "Azure OpenAI Responses",
+                               deployments=False)
 
 
 # --- Surfaces: Anthropic Messages -------------------------------------------------
@@ -7675,6 +7700,7 @@ _MCP_TOOLS = _McpTools()
 # is its unit above and one entry here.
 _SURFACES = [_CONTROL, _JOB_API, _OPENAI_CHAT, _OPENAI_RESPONSES, _OPENAI_EMBEDDINGS,
              _OPENAI_COMPLETIONS, _AZURE_CHAT, _AZURE_EMBEDDINGS, _AZURE_COMPLETIONS,
+             _AZURE_RESPONSES,
              _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA, _BEDROCK_CONVERSE, _BEDROCK_INVOKE,
              _VERTEX_GEMINI, _VERTEX_ANTHROPIC, _OPENAI_BATCHES, _ANTHROPIC_BATCHES, _MCP,
              _MCP_TOOLS]

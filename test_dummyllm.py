@@ -2892,6 +2892,17 @@ class AzureTest(AppTestCase):
         status, body, _ = self.call("POST", "/openai/v1/chat/completions", self.CHAT)
         self.assertEqual((status, body["error"]["param"]), (400, "model"))
 
+    def test_the_responses_api_under_openai_and_v1(self):
+        status, response, _ = self.call("POST", "/openai/responses?api-version=2025-04-01-preview",
+                                        {"model": "my-deployment", "input": "Hello"})
+        self.assertEqual((status, response["model"], response["output"][0]["content"][0]["text"]),
+                         (200, "my-deployment", "Simulated reply to: Hello"))
+        self.assertEqual(self.call("GET", f"/openai/v1/responses/{response['id']}")[1]["id"],
+                         response["id"])
+        self.assertEqual(self.call("GET", f"/openai/responses/{response['id']}")[:2], (
+            404, {"error": {"code": "404", "message": "Resource not found"}}))
+        self.assertEqual(self.call("POST", "/openai/v1/responses", {"input": "Hi"})[0], 400)
+
     def test_the_api_key_header(self):
         app = self.start({"api_key": "sk-azure", "latency_ms": 0})
         conn = self.connect(app)
@@ -2927,6 +2938,21 @@ class AzureSDKTest(ServerTestCase):
                              .data[0].embedding), 8)
         self.assertEqual(client.completions.create(model="inst", prompt="Hi").choices[0].text,
                          "Simulated reply to: Hi")
+
+    def test_the_responses_api(self):
+        client = self.client(max_retries=0)
+        response = client.responses.create(model="my-deployment", input="Hello")
+        self.assertEqual((response.model, response.output_text),
+                         ("my-deployment", "Simulated reply to: Hello"))
+        self.assertEqual(client.responses.retrieve(response.id).status, "completed")
+        with client.responses.stream(model="my-deployment", input="Hello",
+                                     extra_body={"simulate": {"token_ms": 0}}) as stream:
+            self.assertEqual(stream.get_final_response().output_text, "Simulated reply to: Hello")
+        client.responses.delete(response.id)
+        self.assertEqual([entry["path"] for entry in self.journal()], [
+            "/openai/responses", f"/openai/responses/{response.id}", "/openai/responses",
+            f"/openai/responses/{response.id}"])
+        self.assertEqual(self.journal()[0]["surface"], "azure.responses")
 
     def test_the_sdk_retries_a_429_and_raises_it(self):
         client = self.client(max_retries=1)
