@@ -8,16 +8,16 @@ failures, hangs, broken streams, tool calls), not language.
 
 It speaks a job API (/v1/jobs), the wire formats of OpenAI (chat
 completions, the Responses API, embeddings, legacy completions, and Azure
-OpenAI's paths for those; files and batches), Anthropic's Messages and
-message batches, Google's Gemini and Ollama, Amazon Bedrock (Converse, and
-InvokeModel with Anthropic's bodies) and Google Vertex AI (Gemini,
-Anthropic) (streaming included), an MCP tool server (/mcp) whose tools
-fail, hang and answer late on cue, scripted or forced tool calls, a
-reasoning model's thinking (signed blocks, reasoning tokens) and the
-conversations the real APIs refuse (a tool result without its call, a
-thinking block dropped from a tool loop), JSON drawn from a request's
-schema for structured output, reply rules matched on
-the request (and recorded from a real provider, to replay its answers
+OpenAI's and OpenRouter's paths for those; files and batches), Anthropic's
+Messages and message batches, Google's Gemini, Ollama, Cohere, Amazon
+Bedrock (Converse, and InvokeModel with Anthropic's bodies) and Google
+Vertex AI (Gemini, Anthropic) (streaming included), an MCP tool server
+(/mcp) whose tools fail, hang and answer late on cue, scripted or forced
+tool calls, a reasoning model's thinking (signed blocks, reasoning tokens)
+and the conversations the real APIs refuse (a tool result without its
+call, a thinking block dropped from a tool loop), JSON drawn from a
+request's schema for structured output, reply rules matched on the
+request (and recorded from a real provider, to replay its answers
 offline), the faults that retry logic must survive (scripted attempts,
 transport faults, idempotency keys, quotas per key, a request journal), a
 verdict on the client's retries, back-off, polling and idempotency, and a
@@ -57,10 +57,10 @@ it (a name looked up only when a request runs may come later).
                                   unit each (the job API; the server's own
                                   endpoints; OpenAI chat, Responses,
                                   embeddings, completions; Azure OpenAI;
-                                  Anthropic Messages; Gemini; Ollama; Amazon
-                                  Bedrock; Google Vertex AI; the vendors'
-                                  batches; an MCP tool server) and their
-                                  registration
+                                  OpenRouter; Anthropic Messages; Gemini;
+                                  Ollama; Cohere; Amazon Bedrock; Google
+                                  Vertex AI; the vendors' batches; an MCP
+                                  tool server) and their registration
     Job store                     the dict behind one lock, its Timer, the
                                   injected clock; uploaded files; MCP
                                   sessions; the quotas; the slots and what
@@ -4248,8 +4248,18 @@ class _OpenAIChat(_OpenAI):
                          tools=_tool_table(values["tools"], "tools", "function"),
                          forced=_openai_forced(values["tool_choice"], "tool_choice"),
                          output=_openai_output(values["response_format"], "response_format"),
-                         reasoning=values["reasoning_effort"] not in (None, "none"),
+                         reasoning=self.asks_reasoning(values),
+                         show_reasoning=self.shows_reasoning(values),
                          include_usage=values["stream_options"].get("include_usage", False))
+
+    @staticmethod
+    def asks_reasoning(values):
+        return values["reasoning_effort"] not in (None, "none")
+
+    @staticmethod
+    def shows_reasoning(values):
+        """Whether the answer holds the reasoning's text (OpenAI's never does)."""
+        return False
 
     @staticmethod
     def check_conversation(messages):
@@ -5266,6 +5276,76 @@ _AZURE_RESPONSES = _Azure.unit(_OPENAI_RESPONSES, "azure.responses", "Azure Open
                                deployments=False)
 
 
+# --- Surfaces: OpenRouter ---------------------------------------------------------
+# OpenAI's chat completions under OpenRouter's /api/v1, with its errors and
+# the reasoning it shows.  (Groq's SDK posts to /openai/v1/chat/completions,
+# which are Azure's v1 paths: the same chat, in Azure's gateway errors.)
+
+_OPENROUTER_REASONING = {
+    "effort": _Field(_Choice(*_REASONING_EFFORTS), None, "Other than none, the model reasons "
+                     "first (simulate.reasoning sets how long)."),
+    "max_tokens": _Field(_Int(0, 10_000_000), None, "More than 0: as effort."),
+    "enabled": _Field(_Bool(), None, "true: as effort."),
+    "exclude": _Field(_Bool(), False, "The reasoning is left out of the answer."),
+}
+
+
+class _OpenRouter(_OpenAIChat):
+    """OpenRouter's chat completions and models: OpenAI's, under /api/v1;
+    errors {"error": {"code": status, "message"}}; a reasoning model's
+    thinking in message.reasoning (streamed as delta.reasoning) when the
+    request asks for it with `reasoning` or `include_reasoning`."""
+
+    name = "openrouter"
+    title = "OpenRouter chat completions"
+    sdk_environ = {}
+    error_schema = "OpenRouterError"
+    REQUEST = {**_OpenAIChat.REQUEST,
+               "reasoning": _Field(_Check(lambda value, field: _given(
+                   value, _OPENROUTER_REASONING, field), _object_schema(_OPENROUTER_REASONING)),
+                   None, "A reasoning model's settings."),
+               "include_reasoning": _Field(_Bool(), None, "true: the model reasons first.")}
+
+    def schemas(self):
+        return {"OpenRouterError": _object({"error": _object(
+            {"code": _AN_INTEGER, "message": _A_STRING}, {"metadata": _AN_OBJECT})}),
+            "OpenRouterRequest": _object_schema(self.REQUEST)}
+
+    def error_body(self, error, status, retry_ms):
+        return {"error": {"code": status, "message": error.message}}
+
+    @staticmethod
+    def asks_reasoning(values):
+        reasoning = values["reasoning"] or {}
+        return bool(values["include_reasoning"] or reasoning.get("enabled")
+                    or reasoning.get("effort") not in (None, "none")
+                    or (reasoning.get("max_tokens") or 0) > 0)
+
+    def shows_reasoning(self, values):
+        return self.asks_reasoning(values) and not (values["reasoning"] or {}).get("exclude")
+
+    def answer(self, call, reply, created):
+        body = super().answer(call, reply, created)
+        if reply.reasoning and call.options["show_reasoning"]:
+            body["choices"][0]["message"]["reasoning"] = reply.reasoning
+        return body
+
+    def reasoning_chunk(self, render, text):
+        if render.call.options["show_reasoning"]:
+            return self.chunk(render, {"reasoning": text})
+        return None
+
+    stream_events = {**_OpenAIChat.stream_events,
+                     "thought": ((None, reasoning_chunk, "ChatCompletionChunk"),)}
+    routes = tuple(route._replace(path="/api" + route.path, api=route.api and dict(
+        route.api, summary="OpenRouter: " + route.api["summary"],
+        request=route.api["request"] and "OpenRouterRequest"))
+        for route in _OpenAIChat.routes if route.path != "/v1/models/{id+}")
+
+
+_OPENROUTER = _OpenRouter()
+
+
 # --- Surfaces: Anthropic Messages -------------------------------------------------
 
 def _check_anthropic_messages(value, field):
@@ -6255,6 +6335,205 @@ class _Ollama(_Surface):
 _OLLAMA = _Ollama()
 
 
+# --- Surfaces: Cohere -------------------------------------------------------------
+# Cohere's v2 chat, as cohere.ClientV2 speaks it: OpenAI-like messages and
+# tools, its own answer, finish reasons and stream events.
+
+_COHERE_THINKING = {
+    "type": _Field(_Choice("enabled", "disabled"), _REQUIRED,
+                   "enabled: the reply begins with a thinking content item."),
+    "token_budget": _Field(_Int(1, 10_000_000), None, "Accepted."),
+}
+_COHERE_FORMAT = {
+    "type": _Field(_Choice("text", "json_object"), "text",
+                   "json_object: the reply is JSON, valid against json_schema when given."),
+    "json_schema": _Field(_JSON_SCHEMA, None, "The reply's JSON Schema."),
+}
+
+
+class _Cohere(_Surface):
+    """Cohere's v2 chat: a message, or its events (message-start,
+    content-start/-delta/-end, tool-call-start/-delta/-end, message-end).
+    Errors are {"id", "message"}; error_after ends the stream with
+    message-end whose finish_reason is ERROR, as Cohere does."""
+
+    name = "cohere"
+    title = "Cohere chat"
+    keyed = True
+    error_schema = "CohereError"
+    validation_status = 400
+    finish = {"end": "COMPLETE", "max_tokens": "MAX_TOKENS", "stop_sequence": "STOP_SEQUENCE",
+              "tool_calls": "TOOL_CALL"}
+    framing = _NAMED_SSE
+    sdk_environ = {"CO_API_URL": "", "CO_API_KEY": None}
+    quota_header = None  # Cohere tells the wait alone
+    REQUEST = {
+        "model": _MODEL,
+        "messages": _Field(_Check(_check_messages, dict(_MESSAGES_SCHEMA, minItems=1)),
+                           _REQUIRED, "The conversation; the last user message feeds the reply."),
+        "stream": _Field(_Bool(), False, "Answer as server-sent events."),
+        "max_tokens": _Field(_Int(1, 10_000_000), None,
+                             "Cut the reply to this many tokens (finish_reason MAX_TOKENS)."),
+        "stop_sequences": _Field(_Check(_check_strings, _STRINGS_SCHEMA), (),
+                                 "The reply ends before the first of these it meets."),
+        "tools": _Field(_TOOLS, (), "Functions the reply may call."),
+        "tool_choice": _Field(_Choice("REQUIRED", "NONE"), None,
+                              "REQUIRED: the reply calls a tool (the first), with arguments "
+                              "drawn from its parameters."),
+        "response_format": _Field(_Check(lambda value, field: _with_defaults(
+            _given(value, _COHERE_FORMAT, field), _COHERE_FORMAT, None, field),
+            _object_schema(_COHERE_FORMAT)), None, "json_object: the reply is JSON."),
+        "thinking": _Field(_Check(lambda value, field: _with_defaults(
+            _given(value, _COHERE_THINKING, field), _COHERE_THINKING, None, field),
+            _object_schema(_COHERE_THINKING)), None,
+                           "enabled: the model reasons first (simulate.reasoning sets how long)."),
+        **_EXTENSIONS,
+    }
+
+    def schemas(self):
+        return {
+            "CohereError": _object({"message": _A_STRING}, {"id": _A_STRING}),
+            "CohereRequest": _object_schema(self.REQUEST, example={
+                "model": "command-a-03-2025", "messages": [{"role": "user", "content": "Hello"}],
+                "simulate": {"latency_ms": 300}}),
+            "CohereResponse": _object({"id": _A_STRING, "finish_reason": _A_STRING,
+                                       "message": _AN_OBJECT, "usage": _AN_OBJECT}),
+            "CohereEvent": _object({"type": _A_STRING}, {"id": _A_STRING, "index": _AN_INTEGER,
+                                                         "delta": _AN_OBJECT}),
+        }
+
+    def error_body(self, error, status, retry_ms):
+        return {"id": _uuid(random.random), "message": error.message}
+
+    def parse(self, request, config):
+        values = _with_defaults(_given(_json_body(request), self.REQUEST, None), self.REQUEST,
+                                config)
+        output = values["response_format"] or {"type": "text"}
+        return self.call(request, config, model=values["model"],
+                         messages=_text_messages(values["messages"]), stream=values["stream"],
+                         max_tokens=values["max_tokens"], stop=values["stop_sequences"],
+                         user=None, timeout_ms=values["timeout_ms"], simulate=values["simulate"],
+                         tools=_tool_table(values["tools"], "tools", "function"),
+                         forced=("any", "tool_choice") if values["tool_choice"] == "REQUIRED"
+                         else None,
+                         output=((True if output["json_schema"] is None else
+                                  output["json_schema"], "response_format")
+                                 if output["type"] == "json_object" else None),
+                         reasoning=(values["thinking"] or {}).get("type") == "enabled")
+
+    @staticmethod
+    def tool_call(call, arguments=None):
+        return {"id": call["id"], "type": "function", "function": {
+            "name": call["name"],
+            "arguments": _arguments_text(call) if arguments is None else arguments}}
+
+    @staticmethod
+    def usage(reply):
+        tokens = {"input_tokens": reply.prompt_tokens, "output_tokens": reply.completion_tokens}
+        return {"billed_units": tokens, "tokens": tokens}
+
+    def answer(self, call, reply, created):
+        message = {"role": "assistant"}
+        if reply.tool_calls is None:
+            message["content"] = [{"type": "text", "text": reply.text}]
+        else:
+            message["tool_calls"] = [self.tool_call(tool_call) for tool_call in reply.tool_calls]
+        if reply.reasoning:
+            message.setdefault("content", []).insert(0, {"type": "thinking",
+                                                         "thinking": reply.reasoning})
+        return {"id": _uuid(random.random),
+                "finish_reason": self.finish[reply.end], "message": message,
+                "usage": self.usage(reply)}
+
+    # Its stream: the thinking item first if the model reasons, then the
+    # text item, or a tool call each (started with its id and name, then its
+    # arguments in pieces).
+
+    def begin_stream(self, render):
+        render.id = _uuid(random.random)
+
+    def message_start(self, render, piece):
+        return {"type": "message-start", "id": render.id, "delta": {"message": {
+            "role": "assistant", "content": [], "tool_plan": "", "tool_calls": [],
+            "citations": []}}}
+
+    def content_start(self, render, kind, index):
+        return {"type": "content-start", "index": index,
+                "delta": {"message": {"content": {"type": kind, kind: ""}}}}
+
+    def first_start(self, render, piece):
+        if render.reply.reasoning:
+            return self.content_start(render, "thinking", 0)
+        return self.text_start(render, piece)
+
+    def text_start(self, render, piece):
+        if render.reply.tool_calls is None:
+            return self.content_start(render, "text", _after_reasoning(render))
+        return None
+
+    def thinking_delta(self, render, text):
+        return {"type": "content-delta", "index": 0,
+                "delta": {"message": {"content": {"thinking": text}}}}
+
+    def thinking_end(self, render, piece):
+        return {"type": "content-end", "index": 0}
+
+    def text_delta(self, render, text):
+        return {"type": "content-delta", "index": _after_reasoning(render),
+                "delta": {"message": {"content": {"text": text}}}}
+
+    def text_end(self, render, piece):
+        if render.reply.tool_calls is None:
+            return {"type": "content-end", "index": _after_reasoning(render)}
+        return None
+
+    def call_start(self, render, index):
+        return {"type": "tool-call-start", "index": index, "delta": {"message": {
+            "tool_calls": self.tool_call(render.reply.tool_calls[index], "")}}}
+
+    def arguments_delta(self, render, piece):
+        index, text = piece
+        return {"type": "tool-call-delta", "index": index,
+                "delta": {"message": {"tool_calls": {"function": {"arguments": text}}}}}
+
+    def call_end(self, render, index):
+        return {"type": "tool-call-end", "index": index}
+
+    def message_end(self, render, piece):
+        return {"type": "message-end", "delta": {"finish_reason": self.finish[render.reply.end],
+                                                  "usage": self.usage(render.reply)}}
+
+    def error_event(self, render, piece):
+        return {"type": "message-end", "delta": {"finish_reason": "ERROR",
+                                                  "error": render.simulated_error().message}}
+
+    stream_events = {
+        "open": (("message-start", message_start, "CohereEvent"),
+                 ("content-start", first_start, "CohereEvent")),
+        "thought": (("content-delta", thinking_delta, "CohereEvent"),),
+        "thought_done": (("content-end", thinking_end, "CohereEvent"),
+                         ("content-start", text_start, "CohereEvent")),
+        "piece": (("content-delta", text_delta, "CohereEvent"),),
+        "call": (("tool-call-start", call_start, "CohereEvent"),),
+        "arguments": (("tool-call-delta", arguments_delta, "CohereEvent"),),
+        "call_done": (("tool-call-end", call_end, "CohereEvent"),),
+        "close": (("content-end", text_end, "CohereEvent"),
+                  ("message-end", message_end, "CohereEvent")),
+        "error": (("message-end", error_event, "CohereEvent"),),
+    }
+
+    routes = (
+        _route("POST", "/v2/chat", _model_call, api=_model_api(
+            "Cohere v2 chat: a message, streamed or not", "CohereRequest",
+            {200: "CohereResponse", **_MODEL_ERRORS},
+            refuses={"tool_choice": _FORCES_AN_UNOFFERED_TOOL, "tools": _UNDRAWABLE_SCHEMA,
+                     "response_format": _UNDRAWABLE_SCHEMA})),
+    )
+
+
+_COHERE = _Cohere()
+
+
 # --- Surfaces: Amazon Bedrock -----------------------------------------------------
 # Bedrock Runtime as boto3's bedrock-runtime client calls it: the Converse API
 # (one format for every model) and InvokeModel with Anthropic's own bodies,
@@ -6447,6 +6726,8 @@ class _BedrockConverse(_BedrockErrors, _Surface):
         tools, forced = self.tools(values["toolConfig"] or {})
         extra = values["additionalModelRequestFields"]
         thinking = extra.get("thinking") if isinstance(extra, dict) else None
+        if not config.lenient:
+            self.check_conversation(values["messages"])
         return self.call(request, config, model=self.model(request),
                          messages=self.messages(values),
                          stream=request.route.path.endswith("-stream"),
@@ -6454,6 +6735,33 @@ class _BedrockConverse(_BedrockErrors, _Surface):
                          user=None, timeout_ms=values["timeout_ms"], simulate=values["simulate"],
                          tools=tools, forced=forced, reasoning=isinstance(thinking, dict) and (
                              thinking.get("type") in ("enabled", "adaptive")))
+
+    @staticmethod
+    def check_conversation(messages):
+        """Refuse what Bedrock refuses of a conversation (see --lenient): one
+        that does not start with a user message, more toolResult blocks than
+        the turn before had toolUse blocks, and a toolUse the next message
+        does not answer."""
+        if messages[0]["role"] != "user":
+            raise ApiError("VALIDATION_ERROR", "A conversation must start with a user message. "
+                           "Try again with a conversation that starts with a user message.",
+                           "messages")
+        asked = []
+        for index, message in enumerate(messages):
+            blocks = message["content"]
+            answered = [block["toolResult"].get("toolUseId") for block in blocks
+                        if isinstance(block.get("toolResult"), dict)]
+            if len(answered) > len(asked):
+                raise ApiError("ORPHAN_TOOL_RESULT", f"The number of toolResult blocks at "
+                               f"messages.{index}.content exceeds the number of toolUse blocks "
+                               "of previous turn.", f"messages[{index}].content")
+            unanswered = [tool_use_id for tool_use_id in asked if tool_use_id not in answered]
+            if unanswered:
+                raise ApiError("UNANSWERED_TOOL_CALL", f"Expected toolResult blocks at "
+                               f"messages.{index}.content for the following Ids: "
+                               + ", ".join(map(str, unanswered)), f"messages[{index}].content")
+            asked = [block["toolUse"].get("toolUseId") for block in blocks
+                     if isinstance(block.get("toolUse"), dict)]
 
     @staticmethod
     def tools(config):
@@ -6562,16 +6870,18 @@ class _BedrockConverse(_BedrockErrors, _Surface):
                    "BedrockStreamError"),),
     }
 
+    REFUSES = {"toolConfig": _FORCES_AN_UNOFFERED_TOOL + ", or " + _UNDRAWABLE_SCHEMA,
+               "messages": _REFUSED_CONVERSATION + ", or one that does not start with a user "
+                           "message"}
     routes = (
         _route("POST", "/model/{modelId}/converse", _model_call, api=_model_api(
             "Bedrock Converse: a message", "BedrockConverseRequest",
             {200: "BedrockConverseResponse", 400: None, 408: None, 429: None, 500: None,
-             503: None}, streams=False, refuses={
-                "toolConfig": _FORCES_AN_UNOFFERED_TOOL + ", or " + _UNDRAWABLE_SCHEMA})),
+             503: None}, streams=False, refuses=REFUSES)),
         _route("POST", "/model/{modelId}/converse-stream", _model_call, api=_model_api(
             "Bedrock ConverseStream: a message as an event stream", "BedrockConverseRequest",
-            {200: None, 400: None, 408: None, 429: None, 500: None, 503: None}, refuses={
-                "toolConfig": _FORCES_AN_UNOFFERED_TOOL + ", or " + _UNDRAWABLE_SCHEMA})),
+            {200: None, 400: None, 408: None, 429: None, 500: None, 503: None},
+            refuses=REFUSES)),
     )
 
 
@@ -7700,8 +8010,8 @@ _MCP_TOOLS = _McpTools()
 # is its unit above and one entry here.
 _SURFACES = [_CONTROL, _JOB_API, _OPENAI_CHAT, _OPENAI_RESPONSES, _OPENAI_EMBEDDINGS,
              _OPENAI_COMPLETIONS, _AZURE_CHAT, _AZURE_EMBEDDINGS, _AZURE_COMPLETIONS,
-             _AZURE_RESPONSES,
-             _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA, _BEDROCK_CONVERSE, _BEDROCK_INVOKE,
+             _AZURE_RESPONSES, _OPENROUTER,
+             _ANTHROPIC_MESSAGES, _GEMINI, _OLLAMA, _COHERE, _BEDROCK_CONVERSE, _BEDROCK_INVOKE,
              _VERTEX_GEMINI, _VERTEX_ANTHROPIC, _OPENAI_BATCHES, _ANTHROPIC_BATCHES, _MCP,
              _MCP_TOOLS]
 

@@ -3501,6 +3501,112 @@ class OllamaAgentTest(OllamaCalls, AppTestCase):
 
 # --- Surfaces: Amazon Bedrock -----------------------------------------------------
 
+class OpenRouterTest(ChatCalls, AppTestCase):
+    """OpenAI's chat under /api/v1, in OpenRouter's errors, with its reasoning."""
+
+    options = {"latency_ms": 0}
+    ASK = {"model": "deepseek/deepseek-r1", "messages": [{"role": "user", "content": "Hello"}]}
+
+    def test_its_reasoning_shown_or_left_out(self):
+        message = self.call("POST", "/api/v1/chat/completions", dict(
+            self.ASK, reasoning={"effort": "high"}))[1]["choices"][0]["message"]
+        self.assertEqual((message["content"], message["reasoning"]),
+                         ("Simulated reply to: Hello", "Simulated reasoning about: Hello"))
+        body = self.call("POST", "/api/v1/chat/completions", dict(
+            self.ASK, reasoning={"effort": "high", "exclude": True}))[1]
+        self.assertNotIn("reasoning", body["choices"][0]["message"])
+        self.assertEqual(body["usage"]["completion_tokens_details"], {"reasoning_tokens": 8})
+        self.conn.request("POST", "/api/v1/chat/completions", json.dumps(dict(
+            self.ASK, stream=True, include_reasoning=True, simulate={"token_ms": 0})))
+        deltas = [event["choices"][0]["delta"] for event in self.events(
+            self.conn.getresponse()) if event != "[DONE]"]
+        self.assertEqual("".join(delta.get("reasoning", "") for delta in deltas),
+                         "Simulated reasoning about: Hello")
+        self.assertNotIn("reasoning", self.call("POST", "/api/v1/chat/completions", self.ASK)[1][
+            "choices"][0]["message"])
+
+    def test_its_errors_and_models(self):
+        status, body, _ = self.call("POST", "/api/v1/chat/completions", dict(
+            self.ASK, simulate={"mode": "rate_limit"}))
+        self.assertEqual((status, body), (429, {"error": {
+            "code": 429, "message": "simulated rate limit: too many requests"}}))
+        status, body, _ = self.call("POST", "/api/v1/chat/completions", {"model": "m"})
+        self.assertEqual((status, body["error"]["code"]), (400, 400))
+        self.assertEqual(self.call("GET", "/api/v1/models")[1]["data"][0]["id"], "dummyllm")
+        self.assertEqual(self.journal()[0]["surface"], "openrouter")
+
+
+class CohereTest(AppTestCase):
+    """Cohere's v2 chat: its answer, events, finish reasons and errors."""
+
+    options = {"latency_ms": 0}
+    ASK = {"model": "command-a-03-2025", "messages": [{"role": "user", "content": "Hello"}]}
+    TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+
+    def test_a_message_and_its_usage(self):
+        status, body, _ = self.call("POST", "/v2/chat", dict(self.ASK, max_tokens=2))
+        self.assertEqual((status, body["finish_reason"], body["message"]), (
+            200, "MAX_TOKENS", {"role": "assistant",
+                                "content": [{"type": "text", "text": "Simulate"}]}))
+        self.assertRegex(body["id"], r"\A[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-")
+        self.assertEqual(body["usage"]["tokens"], {"input_tokens": 2, "output_tokens": 2})
+        self.assertEqual(self.journal()[-1]["surface"], "cohere")
+
+    def test_its_events(self):
+        self.conn.request("POST", "/v2/chat", json.dumps(dict(
+            self.ASK, stream=True, thinking={"type": "enabled"}, simulate={"token_ms": 0})))
+        events = sse_events(self.conn.getresponse())
+        self.assertTrue(all(name == data["type"] for name, data in events))
+        self.assertEqual([(name, data.get("index")) for name, data in events[:2]],
+                         [("message-start", None), ("content-start", 0)])
+        by_index = collections.defaultdict(str)
+        for name, data in events:
+            if name == "content-delta":
+                content = data["delta"]["message"]["content"]
+                by_index[data["index"]] += content.get("thinking", content.get("text", ""))
+        self.assertEqual(dict(by_index), {0: "Simulated reasoning about: Hello",
+                                          1: "Simulated reply to: Hello"})
+        self.assertEqual(events[-1][1]["delta"]["finish_reason"], "COMPLETE")
+        self.conn.request("POST", "/v2/chat", json.dumps(dict(
+            self.ASK, stream=True, tools=self.TOOLS, tool_choice="REQUIRED",
+            simulate={"token_ms": 0})))
+        events = sse_events(self.conn.getresponse())
+        self.assertEqual([name for name, _ in events[:2]], ["message-start", "tool-call-start"])
+        start = events[1][1]["delta"]["message"]["tool_calls"]
+        self.assertEqual((start["function"]["name"], start["function"]["arguments"]),
+                         ("get_weather", ""))
+        arguments = "".join(data["delta"]["message"]["tool_calls"]["function"]["arguments"]
+                            for name, data in events if name == "tool-call-delta")
+        self.assertEqual(set(json.loads(arguments)), {"city", "unit"})
+        self.assertEqual(events[-1][1]["delta"]["finish_reason"], "TOOL_CALL")
+
+    def test_a_tool_loop(self):
+        status, body, _ = self.call("POST", "/v2/chat", dict(self.ASK, tools=self.TOOLS,
+                                                              simulate={"tool_calls": PARIS}))
+        [call] = body["message"]["tool_calls"]
+        self.assertEqual((body["finish_reason"], json.loads(call["function"]["arguments"])),
+                         ("TOOL_CALL", PARIS[0]["arguments"]))
+        self.call("POST", "/v1/rules", {"match": {"tool_result_for": "get_weather"},
+                                        "simulate": {"ok_text": "Sunny"}})
+        answered = self.call("POST", "/v2/chat", dict(self.ASK, tools=self.TOOLS, messages=[
+            *self.ASK["messages"], {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]))[1]
+        self.assertEqual(answered["message"]["content"][0]["text"], "Sunny")
+
+    def test_its_errors(self):
+        status, body, _ = self.call("POST", "/v2/chat", {"messages": []})
+        self.assertEqual((status, set(body)), (400, {"id", "message"}))
+        self.assertEqual(body["message"], "messages must be a non-empty array of messages")
+        status, body, response = self.call("POST", "/v2/chat", dict(
+            self.ASK, simulate={"mode": "rate_limit", "retry_after_ms": 2000}))
+        self.assertEqual((status, response.getheader("retry-after")), (429, "2"))
+        self.conn.request("POST", "/v2/chat", json.dumps(dict(
+            self.ASK, stream=True, simulate={"token_ms": 0, "stream": {"error_after": 1}})))
+        last = sse_events(self.conn.getresponse())[-1][1]
+        self.assertEqual(last, {"type": "message-end", "delta": {
+            "finish_reason": "ERROR", "error": "simulated stream error"}})
+
+
 def eventstream_messages(data):
     """The messages of an AWS event stream, as (headers, payload): each
     frame's lengths and both its CRC32s checked, as the format says."""
@@ -4626,6 +4732,8 @@ class GoogleGenAISDKTest(GeminiCalls, ServerTestCase):
 agents = optional_import("agents")
 agents_mcp = optional_import("agents.mcp")
 ollama = optional_import("ollama")
+cohere = optional_import("cohere")
+groq = optional_import("groq")
 
 
 @needs(openai, "openai", "DUMMYLLM_REQUIRE_OPENAI")
@@ -4714,6 +4822,80 @@ class OpenAIAgentsTest(ServerTestCase):
                                      "Sunny in Paris")
                     self.assertTrue(self.server.verdict(key)["ok"])
         self.assertEqual(calls, ["Paris"] * 4)
+
+
+@needs(groq, "groq", "DUMMYLLM_REQUIRE_GROQ")
+class GroqSDKTest(ServerTestCase):
+    """groq.Groq, unchanged but for its base URL: it posts to
+    /openai/v1/chat/completions, Azure's v1 path, the same chat."""
+
+    options = {"latency_ms": 0}
+
+    def test_chat_its_stream_and_a_rate_limit(self):
+        client = groq.Groq(base_url=self.server.url, api_key="x", max_retries=0)
+        self.addCleanup(client.close)
+        ask = dict(model="llama-3.3-70b-versatile", messages=[{"role": "user", "content": "Hello"}])
+        self.assertEqual(client.chat.completions.create(**ask).choices[0].message.content,
+                         "Simulated reply to: Hello")
+        stream = client.chat.completions.create(stream=True, **ask)
+        self.assertEqual("".join(chunk.choices[0].delta.content or "" for chunk in stream
+                                 if chunk.choices), "Simulated reply to: Hello")
+        with self.assertRaises(groq.RateLimitError):
+            client.chat.completions.create(extra_body={"simulate": {"mode": "rate_limit"}},
+                                           **ask)
+
+
+@needs(cohere, "cohere", "DUMMYLLM_REQUIRE_COHERE")
+class CohereSDKTest(ServerTestCase):
+    """cohere.ClientV2, unchanged but for its base URL."""
+
+    options = {"latency_ms": 0}
+    ASK = [{"role": "user", "content": "Hello"}]
+
+    def setUp(self):
+        super().setUp()
+        caught = warnings.catch_warnings()
+        caught.__enter__()
+        self.addCleanup(caught.__exit__, None, None, None)
+        # cohere 7 reads its models' fields the way pydantic 2 deprecates.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="cohere")
+
+    def client(self):
+        client = cohere.ClientV2(api_key="x", base_url=self.server.url)
+        self.addCleanup(client._client_wrapper.httpx_client.httpx_client.close)
+        return client
+
+    def test_chat_its_stream_and_a_tool_loop(self):
+        client = self.client()
+        answer = client.chat(model="command-a-03-2025", messages=self.ASK)
+        self.assertEqual((answer.message.content[0].text, answer.finish_reason),
+                         ("Simulated reply to: Hello", "COMPLETE"))
+        events = list(client.chat_stream(model="command-a-03-2025", messages=self.ASK,
+                                         thinking={"type": "enabled"}))
+        self.assertEqual([event.type for event in events[:2]], ["message-start", "content-start"])
+        self.assertEqual("".join(event.delta.message.content.text or "" for event in events
+                                 if event.type == "content-delta"), "Simulated reply to: Hello")
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+        called = client.chat(model="c", messages=self.ASK, tools=tools, tool_choice="REQUIRED")
+        [call] = called.message.tool_calls
+        self.assertEqual((called.finish_reason, call.function.name), ("TOOL_CALL", "get_weather"))
+        final = client.chat(model="c", tools=tools, messages=[
+            *self.ASK, {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
+        self.assertEqual(final.message.content[0].text, "Simulated reply to: Hello")
+
+    def test_its_errors_are_the_sdks(self):
+        client = self.client()
+        with self.assertRaises(cohere.TooManyRequestsError):
+            client.chat(model="c", messages=self.ASK, request_options={
+                "max_retries": 0, "additional_body_parameters": {"simulate": {
+                    "mode": "rate_limit"}}})
+        with self.assertRaises(cohere.BadRequestError):
+            client.chat(model="c", messages=[], request_options={"max_retries": 0})
+        [*_, end] = client.chat_stream(model="c", messages=self.ASK, request_options={
+            "additional_body_parameters": {"simulate": {"stream": {"error_after": 2}}}})
+        self.assertEqual((end.delta.finish_reason, end.delta.error),
+                         ("ERROR", "simulated stream error"))
 
 
 @needs(ollama, "ollama", "DUMMYLLM_REQUIRE_OLLAMA")
@@ -6703,6 +6885,33 @@ class StrictConversationTest(VerdictTestCase):
                                                  "status": "INVALID_ARGUMENT"})
         self.assertEqual(self.send("POST", "/v1beta/models/g:generateContent", {
             "contents": [question, call, response]})[0], 200)
+
+    def test_bedrock_converse(self):
+        path = "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse"
+        question = {"role": "user", "content": [{"text": "Hi"}]}
+        uses = {"role": "assistant", "content": [
+            {"toolUse": {"toolUseId": f"tooluse_{n}", "name": "f", "input": {}}} for n in (1, 2)]}
+
+        def results(*ids):
+            return {"role": "user", "content": [{"toolResult": {
+                "toolUseId": tool_use_id, "content": [{"text": "x"}]}} for tool_use_id in ids]}
+        for messages, code, message in (
+                ([uses, question], "VALIDATION_ERROR", "A conversation must start with a user "
+                 "message. Try again with a conversation that starts with a user message."),
+                ([question, {"role": "assistant", "content": [{"text": "ok"}]},
+                  results("tooluse_1")], "ORPHAN_TOOL_RESULT", "The number of toolResult "
+                 "blocks at messages.2.content exceeds the number of toolUse blocks of previous "
+                 "turn."),
+                ([question, uses, results("tooluse_2")], "UNANSWERED_TOOL_CALL", "Expected "
+                 "toolResult blocks at messages.2.content for the following Ids: tooluse_1")):
+            with self.subTest(code=code):
+                status, headers, data = self.send("POST", path, {"messages": messages},
+                                                  {"X-Trace-Id": code})
+                self.assertEqual((status, headers["x-amzn-errortype"], json.loads(data)),
+                                 (400, "ValidationException", {"message": message}))
+        self.assertEqual(list(self.findings("UNANSWERED_TOOL_CALL")), ["UNANSWERED_TOOL_CALL"])
+        self.assertEqual(self.send("POST", path, {"messages": [
+            question, uses, results("tooluse_2", "tooluse_1")]})[0], 200)
 
     def test_lenient_takes_them(self):
         lenient = self.connect(self.start({"latency_ms": 0, "lenient": True}))
