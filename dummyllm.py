@@ -4560,12 +4560,11 @@ class _OpenAIResponses(_OpenAI):
 
     @staticmethod
     def tool_loop(given):
-        """(the call ids of the input's function calls, (index, call id) of
-        its function_call_outputs), for check_conversation."""
+        """(the call ids of the input's function calls, those its
+        function_call_outputs answer), for check_conversation."""
         items = given if isinstance(given, list) else ()
-        return ([item.get("call_id") for item in items if item.get("type") == "function_call"],
-                [(index, item.get("call_id")) for index, item in enumerate(items)
-                 if item.get("type") == "function_call_output"])
+        return tuple([item.get("call_id") for item in items if item.get("type") == kind]
+                     for kind in ("function_call", "function_call_output"))
 
     def check_conversation(self, app, call):
         """Refuse what OpenAI refuses of a conversation (see --lenient): a
@@ -4582,12 +4581,11 @@ class _OpenAIResponses(_OpenAI):
                                f"'{previous}' not found.", "previous_response_id") from None
             calls = calls + [item["call_id"] for item in earlier["output"]
                              if item["type"] == "function_call"]
-        answered = {call_id for _, call_id in outputs}
-        orphan = next((call_id for _, call_id in outputs if call_id not in calls), None)
+        orphan = next((call_id for call_id in outputs if call_id not in calls), None)
         if orphan is not None:
             raise ApiError("ORPHAN_TOOL_RESULT", "No tool call found for function call output "
                            f"with call_id {orphan}.", "input")
-        unanswered = next((call_id for call_id in calls if call_id not in answered), None)
+        unanswered = next((call_id for call_id in calls if call_id not in outputs), None)
         if unanswered is not None:
             raise ApiError("UNANSWERED_TOOL_CALL",
                            f"No tool output found for function call {unanswered}.", "input")
