@@ -2508,8 +2508,8 @@ def _reply(spec, plan, max_tokens, stop_sequences=(), min_tokens=None):
     calls = plan.result.get("tool_calls")
     usage = plan.result["usage"]
     gap = _Gaps(spec.token_ms, plan.draws)
-    thought = _thought(spec, plan)
-    thinking_tokens = _tokens(thought or "")
+    thought = None if spec.reasoning is None else _thought(spec, plan)
+    thinking_tokens = _tokens(thought) if thought else 0
     if calls is not None:
         return _Reply("", calls, "tool_calls", None, usage["prompt_tokens"],
                       usage["completion_tokens"] + thinking_tokens, plan.ends_at_ms, gap,
@@ -2534,7 +2534,7 @@ def _reply(spec, plan, max_tokens, stop_sequences=(), min_tokens=None):
 def _thought(spec, plan):
     """The reasoning before a reply: simulate.reasoning's text, or a text of
     its length (drawn, when a distribution); None for none."""
-    if isinstance(spec.reasoning, str) or spec.reasoning is None:
+    if isinstance(spec.reasoning, str):
         return spec.reasoning or None
     length = round(_amount(spec.reasoning, plan.draws, "reasoning tokens", _MAX_OUTPUT_TOKENS))
     return _sized("Simulated reasoning", length) if length else None
@@ -4266,13 +4266,9 @@ class _OpenAIChat(_OpenAI):
         """Refuse what OpenAI refuses of a conversation (see --lenient): a
         tool message that answers no call of the assistant message before
         its run of tool messages, and a call that run leaves unanswered."""
+        if all(message["role"] in ("user", "system") for message in messages):
+            return  # no tool loop: most calls
         asker, asked, unanswered = None, (), set()  # the last assistant message's calls
-
-        def left_unanswered():
-            return ApiError("UNANSWERED_TOOL_CALL", "An assistant message with 'tool_calls' must "
-                            "be followed by tool messages responding to each 'tool_call_id'. The "
-                            "following tool_call_ids did not have response messages: "
-                            + ", ".join(sorted(map(str, unanswered))), f"messages.[{asker}].role")
         for index, message in enumerate(messages):
             if message["role"] == "tool":
                 if asker is None:
@@ -4286,13 +4282,20 @@ class _OpenAIChat(_OpenAI):
                 unanswered.discard(message["tool_call_id"])
                 continue
             if unanswered:
-                raise left_unanswered()
+                raise _OpenAIChat.left_unanswered(asker, unanswered)
             calls = message.get("tool_calls") if message["role"] == "assistant" else None
             asked = [call.get("id") for call in calls if isinstance(call, dict)
                      ] if isinstance(calls, list) else []
             asker, unanswered = index if asked else None, set(asked)
         if unanswered and asker < len(messages) - 1:  # its run of answers stopped short
-            raise left_unanswered()
+            raise _OpenAIChat.left_unanswered(asker, unanswered)
+
+    @staticmethod
+    def left_unanswered(asker, unanswered):
+        return ApiError("UNANSWERED_TOOL_CALL", "An assistant message with 'tool_calls' must be "
+                        "followed by tool messages responding to each 'tool_call_id'. The "
+                        "following tool_call_ids did not have response messages: "
+                        + ", ".join(sorted(map(str, unanswered))), f"messages.[{asker}].role")
 
     @staticmethod
     def tool_call(call, **fields):
