@@ -9232,6 +9232,7 @@ class ReadmeExamplesTest(unittest.TestCase):
         printed = Printed(name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)  # the example's clients, unclosed
+            warnings.simplefilter("ignore", DeprecationWarning)  # cohere 7's, of pydantic 2
             exec(compile(self.with_address(code), name, "exec"),
                  {"__name__": "readme", "print": printed})
             gc.collect()
