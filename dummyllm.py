@@ -6920,6 +6920,15 @@ class _BedrockInvoke(_BedrockErrors, _AnthropicMessages):
         return self.called(request, config, values, self.model(request),
                            request.route.path.endswith("-stream"))
 
+    @staticmethod
+    def check_conversation(messages, thinking, seed):
+        """Anthropic's refusals, which Bedrock passes on as the model's."""
+        try:
+            _AnthropicMessages.check_conversation(messages, thinking, seed)
+        except ApiError as error:
+            raise ApiError(error.code, "The model returned the following errors: "
+                           + error.message, error.field) from None
+
     routes = (
         _route("POST", "/model/{modelId}/invoke", _model_call, api=_model_api(
             "Bedrock InvokeModel: an Anthropic message", "BedrockInvokeRequest",

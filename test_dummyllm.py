@@ -6913,6 +6913,18 @@ class StrictConversationTest(VerdictTestCase):
         self.assertEqual(self.send("POST", path, {"messages": [
             question, uses, results("tooluse_2", "tooluse_1")]})[0], 200)
 
+    def test_bedrock_invoke_passes_on_anthropics(self):
+        status, headers, data = self.send(
+            "POST", "/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke", {
+                "anthropic_version": "bedrock-2023-05-31", "max_tokens": 10, "messages": [
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                  "content": "x"}]}]})
+        self.assertEqual((status, headers["x-amzn-errortype"]), (400, "ValidationException"))
+        self.assertEqual(json.loads(data)["message"], "The model returned the following errors: "
+                         "messages.0.content.0: unexpected `tool_use_id` found in "
+                         "`tool_result` blocks: t. Each `tool_result` block must have a "
+                         "corresponding `tool_use` block in the previous message.")
+
     def test_lenient_takes_them(self):
         lenient = self.connect(self.start({"latency_ms": 0, "lenient": True}))
         for path, body in (
