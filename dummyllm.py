@@ -11217,6 +11217,7 @@ class DummyLLMServer(_Application, ThreadingHTTPServer):
         # shutdown() writes to: socketserver's loop polls every 0.5 s (0.05
         # here before), and each stop() waited out a poll.
         self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_write.setblocking(False)  # a full pipe already holds a wake
         self._stop_asked, self._served = False, threading.Event()
         self._served.set()
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY)  # given up to refuse at the fd limit
@@ -11333,12 +11334,17 @@ class DummyLLMServer(_Application, ThreadingHTTPServer):
 
     def shutdown(self):
         """Stop serve_forever and wait until it has returned."""
+        self.ask_to_stop()
+        self._served.wait()
+
+    def ask_to_stop(self):
+        """Make serve_forever return at once.  It takes no lock, so a signal
+        handler may call it."""
         self._stop_asked = True
         try:
             self._wake_write.send(b"\0")
         except OSError:
-            pass  # closed already: nothing is served
-        self._served.wait()
+            pass  # closed already (nothing is served), or a wake already waits
 
     def start(self):
         """Serve from a daemon thread; returns self."""
@@ -12119,9 +12125,12 @@ def main(argv=None, environ=None):
         return 1
 
     def stop(signum, frame):
-        # shutdown() waits for serve_forever() to return, so it cannot run in
-        # the thread that serves; raising here instead could land anywhere.
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        # The handler runs in the thread that serves, between any two of its
+        # bytecodes: it takes no lock (starting a thread here, as before,
+        # waited for the threads' own lock when the signal came while the
+        # server started a handler's thread: now and then, under load, a
+        # server that never exited), and raising could land anywhere.
+        server.ask_to_stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

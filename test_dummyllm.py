@@ -9218,6 +9218,10 @@ class ReadmeExamplesTest(unittest.TestCase):
                                start_new_session=True, env=dict(os.environ, PATH=path))
         try:
             out, err = run.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            out, err = run.communicate()
+            self.fail(f"README line {line}: no end in 60 s; it wrote {out!r} and {err!r}")
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.pid, signal.SIGKILL)
