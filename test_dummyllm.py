@@ -9215,11 +9215,15 @@ class ReadmeExamplesTest(unittest.TestCase):
         path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
         run = subprocess.Popen(["bash", "-e", "-c", self.with_address(code)], cwd=HERE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env=dict(os.environ, PATH=path))
+                               start_new_session=True,
+                               env=dict(os.environ, PATH=path, PYTHONFAULTHANDLER="1"))
         try:
             out, err = run.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired:  # its Pythons print their threads' stacks on SIGABRT
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGABRT)
+                time.sleep(1)
+                os.killpg(run.pid, signal.SIGKILL)
             out, err = run.communicate()
             self.fail(f"README line {line}: no end in 60 s; it wrote {out!r} and {err!r}")
         finally:
