@@ -11337,6 +11337,11 @@ class DummyLLMServer(_Application, ThreadingHTTPServer):
         self.ask_to_stop()
         self._served.wait()
 
+    def wakeup_fd(self):
+        """A non-blocking descriptor whose every byte wakes serve_forever
+        (see signal.set_wakeup_fd)."""
+        return self._wake_write.fileno()
+
     def ask_to_stop(self):
         """Make serve_forever return at once.  It takes no lock, so a signal
         handler may call it."""
@@ -12125,15 +12130,17 @@ def main(argv=None, environ=None):
         return 1
 
     def stop(signum, frame):
-        # The handler runs in the thread that serves, between any two of its
-        # bytecodes: it takes no lock (starting a thread here, as before,
-        # waited for the threads' own lock when the signal came while the
-        # server started a handler's thread: now and then, under load, a
-        # server that never exited), and raising could land anywhere.
+        # Python runs a handler in the main thread, between two of its
+        # bytecodes: it takes no lock, and raising could land anywhere.
         server.ask_to_stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # The kernel gives a signal to any thread; one that went to another
+    # thread left the main one asleep in select(), the handler unrun: now
+    # and then, under load, a server that never exited.  The wake byte
+    # ends that sleep whichever thread the signal went to.
+    woken_by = signal.set_wakeup_fd(server.wakeup_fd())
     if warnings[0]:
         warnings[0] += f"; at most {server.max_connections} connections"
     for warning in filter(None, warnings):
@@ -12142,6 +12149,7 @@ def main(argv=None, environ=None):
         print(f"dummyLLM listening on {server.url}", flush=True)
         server.serve_forever()
     finally:
+        signal.set_wakeup_fd(woken_by)
         server.server_close()
     return 0
 

@@ -9018,6 +9018,24 @@ class CommandLineTest(unittest.TestCase):
     def test_sigint_exits_0_within_a_second(self):
         self.stop_quickly(signal.SIGINT)
 
+    def test_a_sigterm_the_kernel_gives_another_thread_stops_it_too(self):
+        """A process's signal goes to any of its threads; Python runs the
+        handler in the main thread, asleep in select() (under load, now and
+        then, a server that never exited)."""
+        run = ("import signal, sys, threading, time, dummyllm\n"
+               "def elsewhere():\n"
+               "    time.sleep(0.2)\n"
+               "    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)\n"
+               "threading.Thread(target=elsewhere, daemon=True).start()\n"
+               "sys.exit(dummyllm.main(sys.argv[1:]))\n")
+        proc = subprocess.Popen([sys.executable, "-c", run, "--port", "0", "--quiet"], cwd=HERE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        self.assertIn("listening on", proc.stdout.readline())
+        self.assertEqual(proc.wait(5), 0)
+
     def test_environment_sets_defaults_and_flags_win(self):
         proc, port = self.start_cli("--latency-ms", "7", "--quiet",
                                     env={"DUMMYLLM_MODE": "fail", "DUMMYLLM_LATENCY_MS": "5"})
