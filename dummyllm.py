@@ -2386,8 +2386,11 @@ def _amount(value, draws, purpose, most):
     u, v = _unit_draws(*draws, purpose)
     normal = math.sqrt(-2 * math.log(1 - u)) * math.cos(2 * math.pi * v)  # Box-Muller
     if value["dist"] == "lognormal" and mean > 0:
-        sigma = math.sqrt(math.log1p((stdev / mean) ** 2))
-        amount = mean * math.exp(sigma * normal - sigma * sigma / 2)
+        ratio = stdev / mean  # ** 2 raises past a float's range (a mean of 1e-215)
+        sigma = math.sqrt(math.log1p(ratio * ratio))
+        # As sigma grows the draws gather at 0: an infinite one is 0.
+        amount = mean * math.exp(sigma * normal - sigma * sigma / 2) if math.isfinite(
+            sigma) else 0.0
     else:
         amount = mean + stdev * normal
     return min(max(0.0, amount), most)

@@ -756,6 +756,10 @@ class SimulationTest(unittest.TestCase):
                                  50) for n in range(200)]
         self.assertEqual((min(wide), max(wide)), (0, 50))  # clamped at zero, and at the most
         self.assertEqual(dummyllm._amount(12, (7, "k", 0), "x", 50), 12)
+        for mean in (3.9e-215, 1e-300, 5e-324):  # a fuzzer's: its stdev ratio past a float
+            tiny = {"mean": mean, "stdev": 64, "dist": "lognormal"}
+            self.assertTrue(all(0 <= dummyllm._amount(tiny, (7, "k", n), "x", 50) <= 50
+                                for n in range(100)))
 
     def test_time_to_first_token_and_token_gaps_follow_their_profile(self):
         profile = {"ttft_ms": {"mean": 100, "stdev": 10, "dist": "normal"},
