@@ -7452,9 +7452,7 @@ class RecordReplayTest(Recordings, ServerTestCase):
                          r"request$")
 
     def test_an_upstream_out_of_reach_is_a_502_and_nothing_is_recorded(self):
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            port = free.getsockname()[1]
+        port = free_port()  # nothing listens there
         path = self.recording_path()
         url = self.start({"record": f"openai=http://127.0.0.1:{port}", "record_to": path}).url
         status, _, body = self.chat(url)
@@ -8609,9 +8607,7 @@ class WebDriver:
     ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 
     def __init__(self, chromium, driver):
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            self.port = free.getsockname()[1]
+        self.port = free_port()
         self.process = subprocess.Popen([driver, f"--port={self.port}"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.profile = tempfile.mkdtemp()
@@ -9134,9 +9130,7 @@ class ReadmeTest(AppTestCase):
         self.assertIn("FROM python:3-slim\nCOPY dummyllm.py /dummyllm.py\n", dockerfile)
         command = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))
         check = json.loads(re.search(r"^HEALTHCHECK .*?CMD (.+)$", dockerfile, re.M).group(1))
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            port = str(free.getsockname()[1])
+        port = str(free_port())
         command = [sys.executable if word == "python3" else SCRIPT if word == "/dummyllm.py"
                    else port if word == "8787" else word for word in command]
         server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
